@@ -1,0 +1,623 @@
+"""ConversationsApi: the composition root, the one place where the parts are wired."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import getpass
+import logging
+import os
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from subcog_crdt._bus import EventBus
+from subcog_crdt._core.document import NamespaceDoc
+from subcog_crdt._core.events import Captured, Conflict, Deleted, Event, Updated
+from subcog_crdt._core.hlc import Hlc, stamp_datetime
+from subcog_crdt._core.memory import Memory, find_conflicts, fold
+from subcog_crdt._core.schema import Write, check_namespace, check_session_id
+from subcog_crdt._errors import ClosedError, InvalidArgument, NotFound, ProtocolError
+from subcog_crdt._peering import F_PEERS, F_SESSIONS, PeerSync
+from subcog_crdt._session import Session, SyncBatch
+from subcog_crdt._sessions import SessionRegistry
+from subcog_crdt._storage.base import Durability, JournalRecord, Retention, Storage
+from subcog_crdt._storage.memory import MemoryStorage
+from subcog_crdt._transport.base import Hello, Link
+
+__all__ = ["ConversationsApi", "PeerInfo"]
+
+log = logging.getLogger(__name__)
+
+_KIND = {Captured: "captured", Updated: "updated", Deleted: "deleted", Conflict: "conflict"}
+_COMPACT_BYTES = 8 * 1024 * 1024
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """A connected peer."""
+
+    node_id: str
+    url: str | None
+    user_id: str
+    namespaces: tuple[str, ...]
+    """Namespaces synced with it."""
+
+
+class ConversationsApi:
+    """One node: documents, storage, transport and discovery for one agent process.
+
+    Use it as an async context manager; see the README for a quickstart.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str] | None = None,
+        user_id: str | None = None,
+        mesh_secret: str | bytes | None = None,
+        host: str | None = None,
+        port: int = 0,
+        peers: Sequence[str] = (),
+        discovery: Sequence[str] = ("local", "mdns"),
+        sync_namespaces: Iterable[str] | None = None,
+        private_namespaces: Iterable[str] = (),
+        relay: str | None = None,
+        durability: Durability = "process",
+        *,
+        listen: bool = True,
+        retention: Retention | None = None,
+        storage: Storage | None = None,
+        heartbeat: float = 1.0,
+        max_frame: int = 16 * 1024 * 1024,
+    ) -> None:
+        if durability not in ("process", "fsync"):
+            raise InvalidArgument(f"durability must be 'process' or 'fsync', not {durability!r}")
+        for d in discovery:
+            if d not in ("local", "mdns", "static"):
+                raise InvalidArgument(f"unknown discovery {d!r}: use 'local', 'mdns'")
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.user_id = user_id or _os_user()
+        if isinstance(mesh_secret, str):
+            mesh_secret = mesh_secret.encode()
+        if mesh_secret is not None and not mesh_secret:
+            raise InvalidArgument("mesh_secret is empty")
+        self._secret = mesh_secret
+        self._host = host
+        self._port = port
+        self._static_peers = tuple(peers)
+        self._discovery_kinds = tuple(discovery)
+        self._sync_filter = (
+            None if sync_namespaces is None else frozenset(check_namespace(n) for n in sync_namespaces)
+        )
+        self._private = frozenset(check_namespace(n) for n in private_namespaces)
+        self._relay = relay
+        self._durability = durability
+        self._listen = listen
+        self._retention = retention
+        self._heartbeat = heartbeat
+        self._max_frame = max_frame
+        if storage is not None:
+            self._storage: Storage = storage
+        elif self.data_dir is None:
+            self._storage = MemoryStorage(retention)
+        else:
+            from subcog_crdt._storage.sqlite import SqliteStorage
+
+            self._storage = SqliteStorage(self.data_dir, durability=durability, retention=retention)
+        self.node_id = secrets.token_hex(8)
+        self._hlc = Hlc()
+        self._cursor = 0
+        self._committed_cursor = 0
+        self._docs: dict[str, NamespaceDoc] = {}
+        self._bus = EventBus()
+        self.sessions = SessionRegistry()
+        self._links: dict[str, PeerSync] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._state = _State.NEW
+        self._saved_cursors: dict[str, int] = {}
+        self._transport: Any = None
+        self._discovery: list[Any] = []
+        self._relays: list[Any] = []
+        self.url: str | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> ConversationsApi:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def open(self) -> None:
+        if self._state is not _State.NEW:
+            raise ClosedError("a ConversationsApi can be opened once")
+        stored = await self._storage.open(self.node_id)
+        if stored.node_id:
+            self.node_id = stored.node_id
+        self._cursor = self._committed_cursor = stored.last_cursor
+        self._saved_cursors = dict(stored.cursors)
+        for ns, updates in stored.docs.items():
+            doc = self._new_doc(ns)
+            for u in updates:
+                doc.load(u)
+            for key_at in doc._mems.values():
+                if key_at.orders:
+                    self._hlc.observe(key_at.orders[-1][0])
+        self._state = _State.OPEN
+        try:
+            await self._start_network()
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def _start_network(self) -> None:
+        if self._listen:
+            from subcog_crdt._network import start_network
+
+            await start_network(self)
+
+    async def aclose(self) -> None:
+        """Shut down in order: stop accepting, close links, stop discovery, close storage.
+        Closing twice is harmless."""
+        if self._state is _State.CLOSED:
+            return
+        self._state = _State.CLOSED
+        for step, fn in (
+            ("discovery", self._close_discovery),
+            ("transport", self._close_transport),
+            ("links", self._close_links),
+            ("storage", self._storage.aclose),
+        ):
+            try:
+                await fn()
+            except Exception:
+                log.exception("closing %s failed", step)
+        self._bus.close()
+
+    async def _close_discovery(self) -> None:
+        for d in reversed(self._discovery):
+            await d.aclose()
+        self._discovery.clear()
+
+    async def _close_transport(self) -> None:
+        for r in self._relays:
+            await r.aclose()
+        if self._transport is not None:
+            await self._transport.__aexit__(None, None, None)
+            self._transport = None
+
+    async def _close_links(self) -> None:
+        for peer in list(self._links.values()):
+            await peer.link.close(1001, "node closing")
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            try:
+                await t
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("task failed at close")
+
+    def _check_open(self) -> None:
+        if self._state is not _State.OPEN:
+            raise ClosedError(f"node {self.node_id} is {self._state.value}")
+
+    # -- namespaces --------------------------------------------------------------------
+
+    def _next_cursor(self) -> int:
+        self._cursor += 1
+        return self._cursor
+
+    def _new_doc(self, ns: str) -> NamespaceDoc:
+        doc = NamespaceDoc(ns, node_id=self.node_id, hlc=self._hlc, next_cursor=self._next_cursor)
+        self._docs[ns] = doc
+        return doc
+
+    def _ensure_doc(self, ns: str) -> NamespaceDoc:
+        doc = self._docs.get(ns)
+        if doc is None:
+            doc = self._new_doc(check_namespace(ns))
+            if self._may_share(ns):
+                for peer in self._links.values():
+                    peer.announce_namespace(ns)
+        return doc
+
+    def _may_share(self, ns: str) -> bool:
+        if ns in self._private:
+            return False
+        return self._sync_filter is None or ns in self._sync_filter
+
+    def _shareable_namespaces(self) -> set[str]:
+        names = {ns for ns in self._docs if self._may_share(ns)}
+        if self._sync_filter is not None:
+            names |= {ns for ns in self._sync_filter if ns not in self._private}
+        return names
+
+    def namespaces(self) -> list[str]:
+        return sorted(self._docs)
+
+    # -- sessions ----------------------------------------------------------------------
+
+    async def register_session(
+        self, session_id: str, subscribe: Iterable[str] = (), *, user_id: str | None = None
+    ) -> Session:
+        """Register a session on this node. Registering an id again (for example after a
+        restart) resumes its ``sync(since="last")`` cursor."""
+        self._check_open()
+        check_session_id(session_id)
+        if isinstance(subscribe, str):
+            raise InvalidArgument("subscribe must be a list of namespaces, not a str")
+        subs = frozenset(check_namespace(n) for n in subscribe)
+        existing = self.sessions._local.get(session_id)
+        if existing is not None:
+            existing.subscriptions = subs
+            self._broadcast_sessions()
+            return existing
+        last = self._saved_cursors.get(session_id, self._committed_cursor)
+        s = Session(self, session_id, user_id or self.user_id, subs, last)
+        self.sessions._local[session_id] = s
+        if session_id not in self._saved_cursors:
+            self._saved_cursors[session_id] = last
+            await self._storage.save_cursor(session_id, last)
+        for ns in subs:
+            self._ensure_doc(ns)
+        self._broadcast_sessions()
+        return s
+
+    async def unregister_session(self, session_id: str) -> None:
+        self._check_open()
+        if self.sessions._local.pop(session_id, None) is None:
+            raise NotFound(f"no local session {session_id!r}")
+        self._broadcast_sessions()
+
+    def _broadcast_sessions(self) -> None:
+        wire = [s.info().to_wire() for s in self.sessions.local_sessions()]
+        for peer in self._links.values():
+            peer.send([F_SESSIONS, wire])
+
+    # -- writes ------------------------------------------------------------------------
+
+    async def _capture(
+        self, session: Session, namespace: str, content: str, fields: dict[str, Any]
+    ) -> Memory:
+        self._check_open()
+        doc = self._docs.get(namespace)
+        if doc is None:
+            doc = self._ensure_doc(namespace)
+        mem, events = doc.capture(session.id, content, fields)
+        await self._commit(doc, events)
+        return mem
+
+    async def _capture_many(
+        self, session: Session, namespace: str, items: Iterable[str | dict[str, Any]]
+    ) -> list[Memory]:
+        self._check_open()
+        pairs: list[tuple[str, dict[str, Any]]] = []
+        for item in items:
+            if isinstance(item, str):
+                pairs.append((item, {}))
+            elif isinstance(item, dict) and "content" in item:
+                rest = dict(item)
+                pairs.append((rest.pop("content"), rest))
+            else:
+                raise InvalidArgument("each item is a content str or a dict with 'content'")
+        doc = self._docs.get(namespace)
+        if doc is None:
+            doc = self._ensure_doc(namespace)
+        mems, events = doc.capture_many(session.id, pairs)
+        await self._commit(doc, events)
+        return mems
+
+    def _doc_of(self, memory_id: str) -> NamespaceDoc:
+        if not isinstance(memory_id, str):
+            raise InvalidArgument("memory_id must be a str")
+        for doc in self._docs.values():
+            if memory_id in doc._mems and doc._mems[memory_id].exists:
+                return doc
+        raise NotFound(f"no memory {memory_id!r}")
+
+    async def _update(
+        self,
+        session: Session,
+        memory_id: str,
+        fields: dict[str, Any],
+        expected_version: int | None,
+    ) -> Memory:
+        self._check_open()
+        doc = self._doc_of(memory_id)
+        mem, events = doc.update(session.id, memory_id, fields, expected_version)
+        await self._commit(doc, events)
+        return mem
+
+    async def _delete(
+        self, session: Session, memory_id: str, expected_version: int | None
+    ) -> Memory:
+        self._check_open()
+        doc = self._doc_of(memory_id)
+        mem, events = doc.delete(session.id, memory_id, expected_version)
+        await self._commit(doc, events)
+        return mem
+
+    async def _commit(
+        self,
+        doc: NamespaceDoc,
+        events: list[Event],
+        source: PeerSync | None = None,
+        origin: str | None = None,
+        raw: bytes | None = None,
+    ) -> None:
+        """Persist a transaction's updates and events, then publish and propagate."""
+        ns = doc.namespace
+        updates = doc.take_outbox()
+        records = [
+            JournalRecord(
+                cursor=ev.cursor,
+                at_ms=int(ev.at.timestamp() * 1000),
+                namespace=ns,
+                kind=_KIND[type(ev)],
+                write_id=ev.write_id,
+                session=ev.source_session,
+                other=ev.winner.key if isinstance(ev, Conflict) else "",
+            )
+            for ev in events
+        ]
+        if updates or records:
+            await self._storage.commit([(ns, u) for u in updates], records)
+        if records:
+            self._committed_cursor = max(self._committed_cursor, records[-1].cursor)
+        self._bus.publish(events)
+        if updates and self._may_share(ns):
+            if source is None:
+                for peer in self._links.values():
+                    for u in updates:
+                        peer.push_update(ns, self.node_id, u)
+            elif raw is not None and origin is not None:
+                for peer in self._links.values():
+                    if peer is source or peer.node_id == origin or origin in peer.peer_peers:
+                        continue
+                    peer.push_update(ns, origin, raw)
+        if self._storage.tail_bytes(ns) > _COMPACT_BYTES:
+            await self._compact(doc)
+
+    async def _compact(self, doc: NamespaceDoc) -> None:
+        seq = self._storage.tail_seq(doc.namespace)
+        snapshot = doc.diff()
+        await self._storage.compact(doc.namespace, snapshot, seq)
+
+    async def _apply_remote(
+        self, ns: str, origin: str, update: bytes, source: PeerSync, *, from_diff: bool
+    ) -> None:
+        self._check_open()
+        if not self._may_share(ns):
+            return
+        doc = self._ensure_doc(ns)
+        events = doc.apply_update(update)
+        if not doc.outbox and not events:
+            return  # nothing new: do not forward (this is what stops loops)
+        await self._commit(doc, events, source=source, origin=origin, raw=None if from_diff else update)
+
+    # -- links -------------------------------------------------------------------------
+
+    def _hello(self) -> Hello:
+        return Hello(
+            node_id=self.node_id,
+            url=self.url,
+            namespaces=None if self._sync_filter is None else tuple(sorted(self._sync_filter)),
+            user_id=self.user_id,
+        )
+
+    async def _on_link(self, link: Link) -> None:
+        """Run the sync protocol on a new link until it closes."""
+        if self._state is not _State.OPEN:
+            await link.close(1001, "node closing")
+            return
+        peer = PeerSync(self, link)
+        old = self._links.get(peer.node_id)
+        if old is not None:
+            await old.link.close(4010, "replaced by a newer link")
+        peer.send_hello()
+        self._links[peer.node_id] = peer
+        self._broadcast_peers()
+        try:
+            await peer.run()
+        finally:
+            if self._links.get(peer.node_id) is peer:
+                del self._links[peer.node_id]
+                self.sessions._drop_remote(peer.node_id)
+                if self._state is _State.OPEN:
+                    self._broadcast_peers()
+
+    def _broadcast_peers(self) -> None:
+        ids = sorted(self._links)
+        for peer in self._links.values():
+            peer.send([F_PEERS, ids])
+
+    def attach(self, link: Link) -> asyncio.Task[None]:
+        """Run the protocol on a link made elsewhere (an in-memory pair in tests)."""
+        self._check_open()
+        t = asyncio.get_running_loop().create_task(self._on_link(link))
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    async def connect(self, url: str) -> None:
+        """Dial a peer once and return when the link is up (its initial sync then runs in
+        the background)."""
+        self._check_open()
+        if self._transport is None:
+            raise ClosedError("this node has no network transport (listen=False)")
+        await self._transport.connect(url)
+
+    def peers(self) -> list[PeerInfo]:
+        """Connected peers."""
+        return [
+            PeerInfo(p.node_id, p.url, p.link.peer.user_id, tuple(sorted(p.shared)))
+            for p in self._links.values()
+        ]
+
+    # -- reading -----------------------------------------------------------------------
+
+    def get(self, memory_id: str) -> Memory:
+        """The current memory (deleted ones too, with ``deleted=True``)."""
+        self._check_open()
+        doc = self._doc_of(memory_id)
+        mem = doc.get(memory_id)
+        if mem is None:
+            raise NotFound(f"no memory {memory_id!r}")
+        return mem
+
+    def memories(self, namespace: str, *, include_deleted: bool = False) -> list[Memory]:
+        """Every memory of a namespace."""
+        doc = self._docs.get(check_namespace(namespace))
+        if doc is None:
+            return []
+        out = []
+        for mid in doc.memory_ids(include_deleted):
+            mem = doc.get(mid)
+            if mem is not None:
+                out.append(mem)
+        return out
+
+    def history(self, memory_id: str) -> list[Write]:
+        """Every write of a memory, in clock order, losers of conflicts included."""
+        doc = self._doc_of(memory_id)
+        return sorted(doc.writes(memory_id), key=lambda w: w.order)
+
+    def state_hash(self, namespace: str) -> str:
+        """Equal on two nodes iff they hold the same state of ``namespace``."""
+        doc = self._docs.get(check_namespace(namespace))
+        return doc.state_hash() if doc is not None else "0" * 64
+
+    def recall(
+        self,
+        query: str,
+        *,
+        namespaces: Iterable[str] | None = None,
+        tags: Iterable[str] = (),
+        limit: int = 10,
+    ) -> list[Memory]:
+        """Ranked full-text search over content and tags (BM25), best first."""
+        self._check_open()
+        if not isinstance(query, str):
+            raise InvalidArgument("query must be a str")
+        if not isinstance(limit, int) or limit < 1 or limit > 10_000:
+            raise InvalidArgument("limit must be an int in 1..10000")
+        names = list(self._docs) if namespaces is None else [check_namespace(n) for n in namespaces]
+        tagset = frozenset(tags)
+        scored: list[tuple[float, Memory]] = []
+        for ns in names:
+            doc = self._docs.get(ns)
+            if doc is not None:
+                scored.extend(doc.search(query, limit, tagset))
+        scored.sort(key=lambda sm: (-sm[0], sm[1].id))
+        return [m for _, m in scored[:limit]]
+
+    # -- sync since --------------------------------------------------------------------
+
+    async def _sync(
+        self, session: Session, since: str | int | datetime, include_own: bool, limit: int
+    ) -> SyncBatch:
+        self._check_open()
+        if not isinstance(limit, int) or limit < 1:
+            raise InvalidArgument("limit must be a positive int")
+        since_ms: int | None = None
+        if since == "last":
+            after = session.last_cursor
+        elif isinstance(since, bool):
+            raise InvalidArgument("since must be 'last', a cursor int or a datetime")
+        elif isinstance(since, int):
+            if since < 0:
+                raise InvalidArgument("a cursor is >= 0")
+            after = since
+        elif isinstance(since, datetime):
+            if since.tzinfo is None:
+                raise InvalidArgument("since datetime must be timezone-aware")
+            after = 0
+            since_ms = int(since.timestamp() * 1000)
+        else:
+            raise InvalidArgument("since must be 'last', a cursor int or a datetime")
+        horizon = self._committed_cursor
+        oldest = self._storage.oldest_cursor()
+        complete = after + 1 >= oldest
+        if since_ms is not None:
+            complete = oldest <= 1
+        records = await self._storage.read_journal(
+            after,
+            limit + 1,
+            namespaces=frozenset(session.subscriptions),
+            exclude_session=None if include_own else session.id,
+            since_ms=since_ms,
+        )
+        records = [r for r in records if r.cursor <= horizon]
+        more = len(records) > limit
+        records = records[:limit]
+        events = [ev for ev in (self._rebuild(r) for r in records) if ev is not None]
+        cursor = records[-1].cursor if more else max(horizon, after)
+        if since == "last":
+            session.last_cursor = cursor
+            session.last_sync = datetime.now(UTC)
+            self._saved_cursors[session.id] = cursor
+            await self._storage.save_cursor(session.id, cursor)
+        return SyncBatch(events=events, cursor=cursor, complete=complete, more=more)
+
+    def _rebuild(self, rec: JournalRecord) -> Event | None:
+        """An event as it was, from its journal row and the document."""
+        doc = self._docs.get(rec.namespace)
+        if doc is None:
+            return None
+        mid = rec.write_id.split("/", 1)[0]
+        writes = doc.writes(mid)
+        by_key = {w.key: w for w in writes}
+        w = by_key.get(rec.write_id)
+        if w is None:
+            return None
+        common: dict[str, Any] = {
+            "namespace": rec.namespace,
+            "cursor": rec.cursor,
+            "at": stamp_datetime(w.at),
+            "source_session": w.session,
+            "node_id": w.node,
+            "write_id": w.key,
+            "memory_id": mid,
+        }
+        if rec.kind == "captured":
+            mem = fold(rec.namespace, [x for x in writes if x.order <= w.order])
+            if mem is None:
+                return None
+            return Captured(memory=mem, **common)
+        if rec.kind == "updated":
+            return Updated(changes=w.changes, **common)
+        if rec.kind == "deleted":
+            return Deleted(**common)
+        winner = by_key.get(rec.other)
+        if winner is None:
+            return None
+        found = [c for c in find_conflicts(winner, [w]) if c.loser.key == w.key]
+        fields = found[0].fields if found else ()
+        common.update(
+            at=stamp_datetime(winner.at), source_session=winner.session, node_id=winner.node
+        )
+        return Conflict(winner=winner, loser=w, fields=fields, **common)
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "unknown"
+

@@ -1,0 +1,122 @@
+"""The event bus: fans events out to subscribers through bounded queues.
+
+A subscriber that falls behind never makes the node hold unbounded memory: past
+``maxsize`` queued events new ones are dropped and, once the consumer has read what was
+queued, it receives one :class:`Lagged` marker saying how many it missed and the cursor
+to resync from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from subcog_crdt._core.events import Event, Lagged
+
+__all__ = ["EventBus", "Subscription"]
+
+
+class Subscription:
+    """An async iterator of events (and :class:`Lagged` markers). Subscribed from creation,
+    not from the first iteration. ``close()`` ends the iteration."""
+
+    def __init__(
+        self, bus: EventBus, accept: Callable[[Event], bool], maxsize: int
+    ) -> None:
+        self._bus = bus
+        self._accept = accept
+        self._maxsize = maxsize
+        self._queue: deque[Event] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._dropped = 0
+        self._last_queued = 0
+        self._lag_cursor = 0
+        self._closed = False
+
+    def _push(self, event: Event) -> None:
+        if not self._accept(event):
+            return
+        if self._dropped or len(self._queue) >= self._maxsize:
+            if not self._dropped:
+                self._lag_cursor = self._last_queued
+            self._dropped += 1
+            return
+        self._queue.append(event)
+        self._last_queued = event.cursor
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def get_nowait(self) -> Event | Lagged | None:
+        """The next queued item, or None if there is none right now."""
+        if self._queue:
+            return self._queue.popleft()
+        if self._dropped:
+            marker = Lagged(cursor=self._lag_cursor, dropped=self._dropped)
+            self._dropped = 0
+            return marker
+        return None
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Event | Lagged:
+        while True:
+            item = self.get_nowait()
+            if item is not None:
+                return item
+            if self._closed:
+                raise StopAsyncIteration
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    async def next(self, timeout: float | None = None) -> Event | Lagged:
+        """The next item, waiting at most ``timeout`` seconds (TimeoutError)."""
+        async with asyncio.timeout(timeout):
+            return await self.__anext__()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._bus._subs.discard(self)
+            self._wake()
+
+    async def aclose(self) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EventBus:
+    """Delivers each published event to every subscription that accepts it."""
+
+    def __init__(self) -> None:
+        self._subs: set[Subscription] = set()
+
+    def subscribe(self, accept: Callable[[Event], bool], maxsize: int = 10_000) -> Subscription:
+        sub = Subscription(self, accept, maxsize)
+        self._subs.add(sub)
+        return sub
+
+    def publish(self, events: Iterable[Event]) -> None:
+        if not self._subs:
+            return
+        subs = list(self._subs)
+        for ev in events:
+            for sub in subs:
+                sub._push(ev)
+
+    def close(self) -> None:
+        for sub in list(self._subs):
+            sub.close()

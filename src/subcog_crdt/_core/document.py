@@ -1,0 +1,479 @@
+"""One namespace: its pycrdt document and the memories derived from it.
+
+Writes go in as new keys of the root map (see :mod:`subcog_crdt._core.schema`); what comes
+out is events. Local writes know what they wrote; remote updates are read with the small
+decoder in :mod:`subcog_crdt._core.ydecode` (pycrdt's observers would convert every value
+of every transaction, local ones included). The update bytes of every transaction are
+collected in :attr:`NamespaceDoc.outbox` for storage and peers to take.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from pycrdt import Doc, Map, TransactionEvent
+
+from subcog_crdt._core.events import Captured, Conflict, Deleted, Event, Updated
+from subcog_crdt._core.hlc import Hlc, stamp_datetime
+from subcog_crdt._core.memory import Memory, find_conflicts, fold
+from subcog_crdt._core.recall import RecallIndex, tokenize
+from subcog_crdt._core.schema import (
+    ENTRIES,
+    Write,
+    check_content,
+    decode_write,
+    encode_write,
+    memory_id_chain,
+    normalise,
+    prepare_fields,
+    write_key,
+)
+from subcog_crdt._core.ydecode import (
+    MapInsert,
+    UpdateDecodeError,
+    decode_state_vector,
+    read_map_inserts,
+)
+from subcog_crdt._errors import ConflictError, InvalidArgument, NotFound, ProtocolError
+
+__all__ = ["LOCAL", "NamespaceDoc"]
+
+log = logging.getLogger(__name__)
+
+LOCAL = "local"
+_MOD = 1 << 256
+
+
+class _Mem:
+    """What a node keeps in Python per memory: keys of its writes (sorted by order) and a
+    few derived flags. Values are read back from the document when needed."""
+
+    __slots__ = ("deferred", "deleted", "doc", "exists", "keys", "normh", "orders")
+
+    def __init__(self, doc: int) -> None:
+        self.keys: list[str] = []
+        self.orders: list[tuple[str, str, str]] = []
+        self.exists = False
+        self.deleted = False
+        self.normh = 0
+        self.doc = doc
+        self.deferred: list[Write] | None = None
+
+
+def _hash_entry(key: str, value: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{key}\x00{value}".encode()).digest()[:32], "big")
+
+
+class NamespaceDoc:
+    """A namespace's document, derived memories, recall index and update outbox."""
+
+    def __init__(
+        self,
+        namespace: str,
+        *,
+        node_id: str,
+        hlc: Hlc,
+        next_cursor: Callable[[], int],
+    ) -> None:
+        self.namespace = namespace
+        self.node_id = node_id
+        self._hlc = hlc
+        self._next_cursor = next_cursor
+        self.doc: Doc = Doc()
+        self.entries: Map[Any] = self.doc.get(ENTRIES, type=Map)
+        self.outbox: list[bytes] = []
+        self._mems: dict[str, _Mem] = {}
+        self._by_doc: list[str] = []
+        self._moved: dict[int, str] = {}
+        self._pending: list[MapInsert] = []
+        self._hash = 0
+        self._n_writes = 0
+        self.index = RecallIndex()
+        self._sub = self.doc.observe(self._on_transaction)
+
+    # -- document plumbing -------------------------------------------------------------
+
+    def _on_transaction(self, event: TransactionEvent) -> None:
+        update = event.update
+        if len(update) > 2:  # b"\x00\x00" is an empty update
+            self.outbox.append(update)
+
+    def take_outbox(self) -> list[bytes]:
+        out, self.outbox = self.outbox, []
+        return out
+
+    def state_vector(self) -> bytes:
+        return self.doc.get_state()
+
+    def diff(self, state_vector: bytes | None = None) -> bytes:
+        """The updates the holder of ``state_vector`` misses (everything if None)."""
+        if state_vector is None:
+            return self.doc.get_update()
+        return self.doc.get_update(state_vector)
+
+    def state_hash(self) -> str:
+        """Equal on two nodes iff they hold the same writes."""
+        return f"{self._hash:064x}"
+
+    @property
+    def write_count(self) -> int:
+        return self._n_writes
+
+    def live_count(self) -> int:
+        return sum(1 for m in self._mems.values() if m.exists and not m.deleted)
+
+    # -- reading -----------------------------------------------------------------------
+
+    def _read(self, key: str) -> Write | None:
+        return decode_write(key, self.entries.get(key))
+
+    def writes(self, memory_id: str) -> list[Write]:
+        m = self._mems.get(memory_id)
+        if m is None:
+            return []
+        out = []
+        for key in m.keys:
+            w = self._read(key)
+            if w is not None:
+                out.append(w)
+        return out
+
+    def get(self, memory_id: str) -> Memory | None:
+        m = self._mems.get(memory_id)
+        if m is None or not m.exists:
+            return None
+        return fold(self.namespace, self.writes(memory_id))
+
+    def memory_ids(self, include_deleted: bool = False) -> Iterator[str]:
+        for mid, m in self._mems.items():
+            if m.exists and (include_deleted or not m.deleted):
+                yield mid
+
+    def owns_doc(self, doc: int) -> str:
+        return self._by_doc[doc]
+
+    def is_live(self, memory_id: str) -> bool:
+        m = self._mems.get(memory_id)
+        return m is not None and m.exists and not m.deleted
+
+    def live_version(self, memory_id: str) -> tuple[Memory, list[Write]]:
+        m = self._mems.get(memory_id)
+        if m is None or not m.exists:
+            raise NotFound(f"no memory {memory_id!r} in namespace {self.namespace!r}")
+        writes = self.writes(memory_id)
+        mem = fold(self.namespace, writes)
+        if mem is None or mem.deleted:
+            raise NotFound(f"memory {memory_id!r} is deleted")
+        return mem, writes
+
+    # -- local writes ------------------------------------------------------------------
+
+    def capture(
+        self, session: str, content: str, fields: dict[str, Any]
+    ) -> tuple[Memory, list[Event]]:
+        changes = prepare_fields({"content": content, **fields})
+        return self._capture_prepared(session, changes)
+
+    def capture_many(
+        self, session: str, items: Iterable[tuple[str, dict[str, Any]]]
+    ) -> tuple[list[Memory], list[Event]]:
+        prepared = [prepare_fields({"content": c, **f}) for c, f in items]
+        memories: list[Memory] = []
+        events: list[Event] = []
+        with self.doc.transaction(origin=LOCAL):
+            for changes in prepared:
+                mem, evs = self._capture_prepared(session, changes)
+                memories.append(mem)
+                events.extend(evs)
+        return memories, events
+
+    def _capture_prepared(self, session: str, changes: dict[str, Any]) -> tuple[Memory, list[Event]]:
+        norm = normalise(changes["content"])
+        normh = hash(norm)
+        mid = self._moved.get(normh)
+        if mid is not None:
+            m = self._mems.get(mid)
+            if m is None or m.deleted or m.normh != normh:
+                mid = None
+        if mid is None:
+            for candidate in memory_id_chain(self.namespace, norm):
+                m = self._mems.get(candidate)
+                if m is None or not m.exists or m.deleted or m.normh == normh:
+                    mid = candidate
+                    break
+        m = self._mems.get(mid)
+        if m is not None and m.exists and not m.deleted:
+            # The same fact again: record who captured it, change nothing else.
+            claim = {"content": changes["content"]}
+            if changes.get("tags"):
+                claim["tags"] = changes["tags"]
+            changes = claim
+        return self._local_write(mid, "capture", session, changes)
+
+    def update(
+        self,
+        session: str,
+        memory_id: str,
+        fields: dict[str, Any],
+        expected_version: int | None = None,
+    ) -> tuple[Memory, list[Event]]:
+        if not fields:
+            raise InvalidArgument("update needs at least one field to change")
+        changes = prepare_fields(fields)
+        current, _ = self.live_version(memory_id)
+        if expected_version is not None and expected_version != current.version:
+            raise ConflictError(
+                f"memory {memory_id!r} is at version {current.version}, "
+                f"not {expected_version}",
+                memory_id=memory_id,
+                expected=expected_version,
+                actual=current.version,
+            )
+        return self._local_write(memory_id, "update", session, changes)
+
+    def delete(
+        self, session: str, memory_id: str, expected_version: int | None = None
+    ) -> tuple[Memory, list[Event]]:
+        current, _ = self.live_version(memory_id)
+        if expected_version is not None and expected_version != current.version:
+            raise ConflictError(
+                f"memory {memory_id!r} is at version {current.version}, "
+                f"not {expected_version}",
+                memory_id=memory_id,
+                expected=expected_version,
+                actual=current.version,
+            )
+        return self._local_write(memory_id, "delete", session, {})
+
+    def _local_write(
+        self, mid: str, op: str, session: str, changes: dict[str, Any]
+    ) -> tuple[Memory, list[Event]]:
+        m = self._mems.get(mid)
+        base = m.orders[-1][0] if m is not None and m.orders else ""
+        at = self._hlc.now()
+        key = write_key(mid, at, session, self.node_id)
+        value = encode_write(op, base, changes)
+        with self.doc.transaction(origin=LOCAL):
+            self.entries[key] = value
+        w = Write(key, mid, at, session, self.node_id, op, base, changes)
+        events, mem = self._integrate(w, value)
+        assert mem is not None  # a local write always applies to a known memory
+        return mem, events
+
+    # -- remote updates ----------------------------------------------------------------
+
+    def apply_update(self, update: bytes) -> list[Event]:
+        """Apply a Yjs update from a peer; return the events of the writes it brought.
+        Raises :class:`ProtocolError` (and changes nothing) if the bytes are not an update."""
+        try:
+            inserts, unknown = read_map_inserts(update, ENTRIES)
+        except UpdateDecodeError as exc:
+            raise ProtocolError(f"invalid Yjs update for {self.namespace!r}: {exc}") from exc
+        try:
+            self.doc.apply_update(update)
+        except Exception as exc:  # pycrdt raises plain exceptions for bad bytes
+            raise ProtocolError(f"invalid Yjs update for {self.namespace!r}: {exc}") from exc
+        return self._absorb(inserts, unknown)
+
+    def _absorb(self, inserts: list[MapInsert], unknown: bool) -> list[Event]:
+        if self._pending:
+            inserts = self._pending + inserts
+            self._pending = []
+        if not inserts and not unknown:
+            return []
+        sv = decode_state_vector(self.doc.get_state())
+        events: list[Event] = []
+        for ins in inserts:
+            if ins.clock >= sv.get(ins.client, 0):
+                self._pending.append(ins)  # waits for a missing earlier update
+                continue
+            events.extend(self._absorb_one(ins.key, ins.value))
+        if unknown:
+            events.extend(self.rescan())
+        return events
+
+    def _absorb_one(self, key: str, value: Any) -> list[Event]:
+        w = decode_write(key, value)
+        if w is None:
+            if isinstance(key, str):
+                log.debug("ignoring non-conforming entry %r in %s", key[:80], self.namespace)
+            return []
+        m = self._mems.get(w.memory_id)
+        if m is not None and key in m.keys:
+            return []  # duplicate delivery
+        current = self.entries.get(key)
+        if current != value:
+            return []  # overwritten or removed since: not a write of ours to trust
+        self._hlc.observe(w.at)
+        events, _ = self._integrate(w, value)
+        return events
+
+    def rescan(self) -> list[Event]:
+        """Find entries not yet integrated by reading every key (slow; only needed when a
+        non-conforming client wrote in a way the decoder cannot attribute)."""
+        events: list[Event] = []
+        for key, value in list(self.entries.items()):
+            mid = key.split("/", 1)[0] if isinstance(key, str) else ""
+            m = self._mems.get(mid)
+            if m is None or key not in m.keys:
+                events.extend(self._absorb_one(key, value))
+        return events
+
+    def load(self, state: bytes) -> None:
+        """Load stored state without emitting events (used at open)."""
+        with self.doc.transaction(origin="load"):
+            self.doc.apply_update(state)
+        self.outbox.clear()
+        for key, value in list(self.entries.items()):
+            w = decode_write(key, value)
+            if w is not None:
+                self._integrate(w, value, emit=False)
+
+    # -- integration -------------------------------------------------------------------
+
+    def _integrate(self, w: Write, value: str, emit: bool = True) -> tuple[list[Event], Memory | None]:
+        """Add one write to the derived state; return its events and the memory after."""
+        mid = w.memory_id
+        m = self._mems.get(mid)
+        if m is None:
+            doc = self.index.new_doc()
+            self._by_doc.append(mid)
+            m = self._mems[mid] = _Mem(doc)
+        self._hash = (self._hash + _hash_entry(w.key, value)) % _MOD
+        self._n_writes += 1
+        order = w.order
+        if not m.orders or order > m.orders[-1]:
+            m.keys.append(w.key)
+            m.orders.append(order)
+            previous = None if not m.keys[:-1] else self._writes_except(m, w.key)
+        else:
+            import bisect
+
+            i = bisect.bisect(m.orders, order)
+            m.orders.insert(i, order)
+            m.keys.insert(i, w.key)
+            previous = self._writes_except(m, w.key)
+        writes = [w] if previous is None else [*previous, w]
+        before_norm = m.normh
+        mem = fold(self.namespace, writes)
+        was_live = m.exists and not m.deleted
+        if mem is not None:
+            m.exists = True
+            m.deleted = mem.deleted
+            normh = hash(normalise(mem.content))
+            if normh != m.normh:
+                first = not m.normh
+                m.normh = normh
+                tokens = tokenize(mem.content)
+                for tag in mem.tags:
+                    tokens.extend(tokenize(tag))
+                if first and not m.keys[:-1]:
+                    self.index.add(m.doc, tokens)
+                else:
+                    self.index.replace(m.doc, tokens)
+                    if before_norm and self._moved.get(before_norm) == mid:
+                        del self._moved[before_norm]
+                    self._moved[normh] = mid
+            elif "tags" in w.changes and w.op != "delete":
+                tokens = tokenize(mem.content)
+                for tag in mem.tags:
+                    tokens.extend(tokenize(tag))
+                self.index.replace(m.doc, tokens)
+            self.index.set_live(m.doc, not mem.deleted)
+        _ = was_live
+        if not emit:
+            return [], mem
+        events: list[Event] = []
+        if mem is None:
+            # An update or delete whose capture has not arrived yet: hold its event so
+            # subscribers see Captured first.
+            if m.deferred is None:
+                m.deferred = []
+            m.deferred.append(w)
+            return [], None
+        if m.deferred:
+            held, m.deferred = m.deferred, None
+            ordered = sorted([*held, w], key=lambda x: x.order)
+            for x in ordered:
+                events.extend(self._events_for(x, mem, previous or []))
+            return events, mem
+        events.extend(self._events_for(w, mem, previous or []))
+        return events, mem
+
+    def _writes_except(self, m: _Mem, key: str) -> list[Write]:
+        out = []
+        for k in m.keys:
+            if k != key:
+                w = self._read(k)
+                if w is not None:
+                    out.append(w)
+        return out
+
+    def _events_for(self, w: Write, mem: Memory, others: list[Write]) -> list[Event]:
+        at = stamp_datetime(w.at)
+        common = {
+            "namespace": self.namespace,
+            "at": at,
+            "source_session": w.session,
+            "node_id": w.node,
+            "write_id": w.key,
+            "memory_id": w.memory_id,
+        }
+        out: list[Event] = []
+        if w.op == "capture":
+            out.append(Captured(cursor=self._next_cursor(), memory=mem, **common))
+        elif w.op == "update":
+            out.append(Updated(cursor=self._next_cursor(), changes=w.changes, **common))
+        else:
+            out.append(Deleted(cursor=self._next_cursor(), **common))
+        for c in find_conflicts(w, others):
+            out.append(
+                Conflict(
+                    cursor=self._next_cursor(),
+                    namespace=self.namespace,
+                    at=stamp_datetime(c.winner.at),
+                    source_session=c.winner.session,
+                    node_id=c.winner.node,
+                    write_id=c.loser.key,
+                    memory_id=w.memory_id,
+                    winner=c.winner,
+                    loser=c.loser,
+                    fields=c.fields,
+                )
+            )
+        return out
+
+    # -- recall ------------------------------------------------------------------------
+
+    def tokens_of(self, doc: int) -> list[str] | None:
+        mem = self.get(self._by_doc[doc])
+        if mem is None or mem.deleted:
+            return None
+        tokens = tokenize(mem.content)
+        for tag in mem.tags:
+            tokens.extend(tokenize(tag))
+        return tokens
+
+    def search(self, query: str, limit: int, tags: frozenset[str] = frozenset()) -> list[tuple[float, Memory]]:
+        accept: Callable[[int], bool] | None = None
+        cache: dict[int, Memory | None] = {}
+
+        def accept_tags(doc: int) -> bool:
+            mem = cache[doc] = self.get(self._by_doc[doc])
+            return mem is not None and not mem.deleted and tags.issubset(mem.tags)
+
+        if tags:
+            accept = accept_tags
+        hits = self.index.search(query, limit, self.tokens_of, accept)
+        out: list[tuple[float, Memory]] = []
+        for score, doc in hits:
+            mem = cache[doc] if doc in cache else self.get(self._by_doc[doc])
+            if mem is not None and not mem.deleted:
+                out.append((score, mem))
+        return out
+
+    def check_content(self, content: str) -> str:
+        return check_content(content)

@@ -1,0 +1,78 @@
+"""Events: what happened to a memory, naming the session that did it.
+
+Every write yields exactly one of :class:`Captured`, :class:`Updated`, :class:`Deleted`
+on every node that receives it (same ``write_id``, ``source_session`` and ``at`` as on the
+node where it was made); concurrent writes that overwrite each other also yield a
+:class:`Conflict` on every node. ``cursor`` is local to the node and increases by one per
+event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from subcog_crdt._core.memory import Memory
+from subcog_crdt._core.schema import Write
+
+__all__ = ["Captured", "Conflict", "Deleted", "Event", "Lagged", "Updated"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """Fields every event carries."""
+
+    namespace: str
+    cursor: int
+    at: datetime
+    """When the write was made (from its clock stamp), not when it arrived."""
+    source_session: str
+    node_id: str
+    """The node where the write was made."""
+    write_id: str
+    memory_id: str
+
+    @property
+    def kind(self) -> str:
+        return type(self).__name__.lower()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Captured(Event):
+    """A session captured a memory (new, revived, or the same fact again)."""
+
+    memory: Memory
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Updated(Event):
+    """A session changed fields of a memory; ``changes`` maps field to new value."""
+
+    changes: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Deleted(Event):
+    """A session deleted a memory (a tombstone)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Conflict(Event):
+    """Two concurrent writes set the same fields; the later one (by clock, then session id)
+    won. ``source_session`` is the winner's session; both writes stay in ``api.history``."""
+
+    winner: Write
+    loser: Write
+    fields: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class Lagged:
+    """Marker in an event stream: the subscriber fell behind and events were dropped.
+    Catch up with ``session.sync(since=cursor)`` (or read current memories)."""
+
+    cursor: int
+    """The last cursor delivered before the gap."""
+    dropped: int

@@ -1,0 +1,76 @@
+"""Hybrid logical clock.
+
+A stamp is a fixed-width string ``WWWWWWWWWWWWWCCCCCC``: 13 decimal digits of wall-clock
+milliseconds and 6 hex digits of a logical counter. Fixed width makes string order equal
+time order, which JavaScript clients can compare without parsing. The clock never goes
+backwards, and after :meth:`Hlc.observe` it is ahead of everything seen, so a write made
+after seeing another always sorts after it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from functools import lru_cache
+
+__all__ = ["STAMP_LEN", "Hlc", "stamp_datetime", "stamp_wall_ms", "valid_stamp"]
+
+STAMP_LEN = 19
+_COUNTER_MAX = 0xFFFFFF
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Hlc:
+    """A hybrid logical clock; ``now()`` returns strictly increasing stamps."""
+
+    __slots__ = ("_clock", "_counter", "_wall")
+
+    def __init__(self, clock: Callable[[], int] = _wall_ms) -> None:
+        self._clock = clock
+        self._wall = 0
+        self._counter = 0
+
+    def now(self) -> str:
+        wall = self._clock()
+        if wall > self._wall:
+            self._wall = wall
+            self._counter = 0
+        else:
+            self._counter += 1
+            if self._counter > _COUNTER_MAX:
+                self._wall += 1
+                self._counter = 0
+        return f"{self._wall:013d}{self._counter:06x}"
+
+    def observe(self, stamp: str) -> None:
+        """Move ahead of a stamp seen from elsewhere (never backwards)."""
+        if stamp > self.last():
+            self._wall = int(stamp[:13])
+            self._counter = int(stamp[13:], 16)
+
+    def last(self) -> str:
+        return f"{self._wall:013d}{self._counter:06x}"
+
+
+def valid_stamp(stamp: object) -> bool:
+    if not isinstance(stamp, str) or len(stamp) != STAMP_LEN:
+        return False
+    head, tail = stamp[:13], stamp[13:]
+    return head.isdigit() and all(c in "0123456789abcdef" for c in tail)
+
+
+def stamp_wall_ms(stamp: str) -> int:
+    return int(stamp[:13])
+
+
+@lru_cache(maxsize=4096)
+def _ms_datetime(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def stamp_datetime(stamp: str) -> datetime:
+    return _ms_datetime(int(stamp[:13]))

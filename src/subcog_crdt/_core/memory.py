@@ -1,0 +1,210 @@
+"""Memories and the rule that derives a memory from its writes.
+
+A memory is a pure function of its set of writes: sort them by ``(stamp, session, node)``
+and fold. Every node that holds the same writes therefore shows the same memory, in
+whatever order the writes arrived.
+
+Fold rules:
+
+- ``capture`` of an absent or deleted memory (re)creates it from the write's fields;
+  ``capture`` of a live memory adds the session to ``captured_by`` and its tags to ``tags``
+  (capturing the same fact twice never overwrites anything);
+- ``update`` sets the fields it names (later wins, field by field);
+- ``delete`` marks the memory deleted (a tombstone; a later capture revives it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import MappingProxyType
+from typing import Any
+
+from subcog_crdt._core.hlc import stamp_datetime
+from subcog_crdt._core.schema import FIELDS, Write, normalise
+
+__all__ = ["Memory", "WriteConflict", "find_conflicts", "first_capture", "fold"]
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    """One memory as every node derives it from its writes."""
+
+    id: str
+    namespace: str
+    content: str
+    tags: tuple[str, ...]
+    metadata: Mapping[str, Any]
+    source_session: str
+    """The session that captured it first."""
+    captured_by: tuple[str, ...]
+    """Every session that captured it, first capturer first."""
+    created_at: datetime
+    updated_at: datetime
+    updated_by: str
+    version: int
+    """The number of writes folded into this memory; use with ``expected_version=``."""
+    deleted: bool = False
+    domain: str | None = None
+    status: str | None = None
+    source: str | None = None
+    expires_at: datetime | None = None
+    clock: str = field(default="", repr=False)
+    """The stamp of the latest write (a hybrid-logical-clock string)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WriteConflict:
+    """Two concurrent writes set the same field to different values; ``winner`` is later."""
+
+    winner: Write
+    loser: Write
+    fields: tuple[str, ...]
+
+
+class _Fold:
+    __slots__ = (
+        "captured_by",
+        "created",
+        "deleted",
+        "exists",
+        "source_session",
+        "values",
+    )
+
+    def __init__(self) -> None:
+        self.exists = False
+        self.deleted = False
+        self.values: dict[str, Any] = {}
+        self.captured_by: list[str] = []
+        self.source_session = ""
+        self.created = ""
+
+
+def first_capture(namespace: str, w: Write) -> Memory:
+    """``fold(namespace, [w])`` for a single capture, without the general machinery."""
+    v = w.changes
+    at = stamp_datetime(w.at)
+    meta = v.get("metadata")
+    expires = v.get("expires_at")
+    return Memory(
+        w.memory_id,
+        namespace,
+        v["content"],
+        tuple(v.get("tags", ())),
+        MappingProxyType(meta) if meta else _EMPTY,
+        w.session,
+        (w.session,),
+        at,
+        at,
+        w.session,
+        1,
+        False,
+        v.get("domain"),
+        v.get("status"),
+        v.get("source"),
+        datetime.fromisoformat(expires) if expires else None,
+        w.at,
+    )
+
+
+def fold(namespace: str, writes: Iterable[Write]) -> Memory | None:
+    """Derive a memory from its writes (in any order); ``None`` if never captured."""
+    ordered = sorted(writes, key=lambda w: w.order)
+    if len(ordered) == 1 and ordered[0].op == "capture":
+        return first_capture(namespace, ordered[0])
+    st = _Fold()
+    last: Write | None = None
+    count = 0
+    for w in ordered:
+        count += 1
+        last = w
+        if w.op == "capture":
+            if not st.exists or st.deleted:
+                if not st.exists:
+                    st.created = w.at
+                    st.source_session = w.session
+                st.exists = True
+                st.deleted = False
+                st.values.update(w.changes)
+            elif "tags" in w.changes:
+                tags = list(st.values.get("tags", ()))
+                tags.extend(t for t in w.changes["tags"] if t not in tags)
+                st.values["tags"] = tags
+            if w.session not in st.captured_by:
+                st.captured_by.append(w.session)
+        elif w.op == "update":
+            if st.exists:
+                st.values.update(w.changes)
+        elif st.exists:
+            st.deleted = True
+    if not st.exists or last is None:
+        return None
+    v = st.values
+    expires = v.get("expires_at")
+    meta = v.get("metadata")
+    return Memory(
+        id=last.memory_id,
+        namespace=namespace,
+        content=v["content"],
+        tags=tuple(v.get("tags", ())),
+        metadata=MappingProxyType(meta) if meta else _EMPTY,
+        source_session=st.source_session,
+        captured_by=tuple(st.captured_by),
+        created_at=stamp_datetime(st.created),
+        updated_at=stamp_datetime(last.at),
+        updated_by=last.session,
+        version=count,
+        deleted=st.deleted,
+        domain=v.get("domain"),
+        status=v.get("status"),
+        source=v.get("source"),
+        expires_at=datetime.fromisoformat(expires) if expires else None,
+        clock=last.at,
+    )
+
+
+def _effect(w: Write) -> dict[str, Any]:
+    if w.op == "delete":
+        return {"deleted": True}
+    return w.changes
+
+
+def _differs(name: str, a: Any, b: Any) -> bool:
+    if name == "content":
+        return bool(normalise(a) != normalise(b))
+    return bool(a != b)
+
+
+def find_conflicts(new: Write, others: Iterable[Write]) -> list[WriteConflict]:
+    """Conflicts between ``new`` and earlier-known writes of the same memory.
+
+    Two writes are concurrent when neither writer had seen the other (each one's ``base``
+    is older than the other's stamp). Captures never conflict (they merge); a delete
+    conflicts with any concurrent update, since it hides that update's values.
+    """
+    if new.op == "capture":
+        return []
+    out: list[WriteConflict] = []
+    for old in others:
+        if old.op == "capture" or old.key == new.key:
+            continue
+        if not (new.base < old.at and old.base < new.at):
+            continue
+        a, b = _effect(new), _effect(old)
+        if new.op == "delete" or old.op == "delete":
+            if new.op == old.op:
+                continue
+            names = tuple(sorted(set(a) | set(b)))
+        else:
+            names = tuple(n for n in FIELDS if n in a and n in b and _differs(n, a[n], b[n]))
+        if not names:
+            continue
+        if new.order > old.order:
+            out.append(WriteConflict(new, old, names))
+        else:
+            out.append(WriteConflict(old, new, names))
+    return out

@@ -1,0 +1,240 @@
+"""The document schema: names, normalisation, memory ids and the entry codec.
+
+One pycrdt ``Doc`` per namespace holds one root ``Y.Map`` named ``entries``. Every write
+(capture, update, delete) is a new key ``<memory id>/<stamp>/<session>/<node>`` whose value
+is a JSON string. Keys never collide (a node's clock is strictly increasing), so Yjs never
+has to pick between two values for one key, which is how nested maps lose data. See
+``docs/schema.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+from subcog_crdt._core.hlc import valid_stamp
+from subcog_crdt._errors import InvalidArgument, InvalidNamespace
+
+__all__ = [
+    "ENTRIES",
+    "FIELDS",
+    "MAX_CONTENT",
+    "SCHEMA_VERSION",
+    "Write",
+    "check_content",
+    "check_namespace",
+    "check_session_id",
+    "check_tags",
+    "decode_write",
+    "encode_write",
+    "memory_id_chain",
+    "normalise",
+    "prepare_fields",
+    "write_key",
+]
+
+SCHEMA_VERSION: Final = 1
+ENTRIES: Final = "entries"
+MAX_CONTENT: Final = 256 * 1024
+MAX_TAGS: Final = 64
+MAX_TAG: Final = 128
+MAX_METADATA: Final = 64 * 1024
+OPS: Final = ("capture", "update", "delete")
+# Fields a write may set. ``deleted`` is derived from the op, never set directly.
+FIELDS: Final = (
+    "content",
+    "tags",
+    "metadata",
+    "domain",
+    "status",
+    "source",
+    "expires_at",
+)
+
+_NAMESPACE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}\Z")
+_SESSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127}\Z")
+_NODE = re.compile(r"[0-9a-f]{1,32}\Z")
+_ID = re.compile(r"[0-9a-f]{20}\Z")
+
+
+def check_namespace(name: object) -> str:
+    if not isinstance(name, str) or not _NAMESPACE.match(name):
+        raise InvalidNamespace(
+            f"invalid namespace {name!r}: expected [a-z0-9][a-z0-9_.-]{{0,63}}"
+        )
+    return name
+
+
+def check_session_id(session_id: object) -> str:
+    if not isinstance(session_id, str) or not _SESSION.match(session_id):
+        raise InvalidArgument(
+            f"invalid session id {session_id!r}: expected 1-128 of [A-Za-z0-9_.:@+-],"
+            " starting with a letter or digit"
+        )
+    return session_id
+
+
+def check_content(content: object) -> str:
+    if not isinstance(content, str):
+        raise InvalidArgument(f"content must be a str, not {type(content).__name__}")
+    if not content.strip():
+        raise InvalidArgument("content is empty")
+    if len(content) > MAX_CONTENT:
+        raise InvalidArgument(f"content is {len(content)} characters; the limit is {MAX_CONTENT}")
+    if "\x00" in content:
+        raise InvalidArgument("content contains a NUL character")
+    return content
+
+
+def check_tags(tags: object) -> list[str]:
+    if isinstance(tags, str) or not isinstance(tags, list | tuple | set | frozenset):
+        raise InvalidArgument("tags must be a list of strings")
+    out: list[str] = []
+    for tag in tags:
+        if not isinstance(tag, str) or not tag.strip() or len(tag) > MAX_TAG:
+            raise InvalidArgument(f"invalid tag {tag!r}: a non-empty str of at most {MAX_TAG}")
+        tag = tag.strip()
+        if tag not in out:
+            out.append(tag)
+    if len(out) > MAX_TAGS:
+        raise InvalidArgument(f"{len(out)} tags; the limit is {MAX_TAGS}")
+    return sorted(out) if isinstance(tags, set | frozenset) else out
+
+
+def _check_optional_str(name: str, value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 1024:
+        raise InvalidArgument(f"{name} must be a str of at most 1024 characters or None")
+    return value
+
+
+def prepare_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """Validate writable fields and bring them into their stored (JSON) form."""
+    out: dict[str, Any] = {}
+    for name, value in fields.items():
+        if name == "content":
+            out[name] = check_content(value)
+        elif name == "tags":
+            out[name] = check_tags(value)
+        elif name == "metadata":
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                raise InvalidArgument("metadata must be a dict")
+            try:
+                encoded = json.dumps(value, ensure_ascii=False, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise InvalidArgument(f"metadata is not JSON-serialisable: {exc}") from exc
+            if len(encoded) > MAX_METADATA:
+                raise InvalidArgument(f"metadata is {len(encoded)} bytes; limit {MAX_METADATA}")
+            out[name] = json.loads(encoded)  # a private copy, JSON-shaped
+        elif name == "expires_at":
+            if isinstance(value, datetime):
+                if value.tzinfo is None:
+                    raise InvalidArgument("expires_at must be timezone-aware")
+                out[name] = value.isoformat()
+            elif value is None:
+                out[name] = None
+            elif isinstance(value, str):
+                try:
+                    parsed = datetime.fromisoformat(value)
+                except ValueError as exc:
+                    raise InvalidArgument(f"expires_at {value!r} is not ISO 8601") from exc
+                if parsed.tzinfo is None:
+                    raise InvalidArgument("expires_at must be timezone-aware")
+                out[name] = parsed.isoformat()
+            else:
+                raise InvalidArgument("expires_at must be a datetime, an ISO string or None")
+        elif name in ("domain", "status", "source"):
+            out[name] = _check_optional_str(name, value)
+        else:
+            raise InvalidArgument(f"unknown field {name!r}; writable fields: {', '.join(FIELDS)}")
+    return out
+
+
+def normalise(content: str) -> str:
+    """The form used for dedupe: whitespace collapsed, case folded."""
+    return " ".join(content.split()).casefold()
+
+
+def memory_id_chain(namespace: str, norm: str) -> Any:
+    """Yield candidate ids for a normalised content: a deterministic chain of hashes, so
+    every node picks the same id for the same content without talking to the others."""
+    h = hashlib.blake2b(f"{namespace}\x00{norm}".encode(), digest_size=10).hexdigest()
+    while True:
+        yield h
+        h = hashlib.blake2b(f"{h}\x00{norm}".encode(), digest_size=10).hexdigest()
+
+
+def write_key(memory_id: str, at: str, by: str, node: str) -> str:
+    return f"{memory_id}/{at}/{by}/{node}"
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One write to a memory, as stored: the unit of history and of conflict resolution."""
+
+    key: str
+    memory_id: str
+    at: str
+    """The write's hybrid-logical-clock stamp."""
+    session: str
+    node: str
+    op: str
+    """``capture``, ``update`` or ``delete``."""
+    base: str
+    """The latest stamp of this memory that the writer had seen ("" for none)."""
+    changes: dict[str, Any]
+
+    @property
+    def order(self) -> tuple[str, str, str]:
+        """Later-by-clock wins; ties break by session id, then node id."""
+        return (self.at, self.session, self.node)
+
+
+def encode_write(op: str, base: str, changes: dict[str, Any]) -> str:
+    value: dict[str, Any] = {"v": SCHEMA_VERSION, "op": op, "set": changes}
+    if base:
+        value["base"] = base
+    return _ENCODER.encode(value)
+
+
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def decode_write(key: object, value: object) -> Write | None:
+    """Parse one stored entry; ``None`` if it is not a valid write (it is then ignored by
+    every node alike, so a hostile or buggy writer cannot make nodes disagree)."""
+    if not isinstance(key, str) or not isinstance(value, str):
+        return None
+    parts = key.split("/")
+    if len(parts) != 4:
+        return None
+    mid, at, by, node = parts
+    if not (_ID.match(mid) and valid_stamp(at) and _SESSION.match(by) and _NODE.match(node)):
+        return None
+    try:
+        obj = json.loads(value)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    op = obj.get("op")
+    changes = obj.get("set", {})
+    base = obj.get("base", "")
+    if op not in OPS or not isinstance(changes, dict) or not isinstance(base, str):
+        return None
+    if base and not valid_stamp(base):
+        return None
+    try:
+        changes = prepare_fields(changes) if changes else {}
+    except InvalidArgument:
+        return None
+    if op == "capture" and "content" not in changes:
+        return None
+    return Write(key, mid, at, by, node, op, base, changes)

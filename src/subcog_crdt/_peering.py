@@ -1,0 +1,349 @@
+"""The sync protocol spoken over one link (see docs/protocol.md).
+
+A WebSocket message carries one or more msgpack arrays back to back (coalescing: while a
+send is in flight, queued frames go out together in the next message). Frame types:
+
+``[0, namespaces, filter, sessions, peers]``  hello: what this node syncs and hosts
+``[1, ns, state_vector]``                       sync step 1: "this is what I have"
+``[2, ns, update, more]``                       sync step 2: what you miss (chunked)
+``[3, ns, origin_node, update]``                a live update
+``[4, sessions]``                               this node's sessions changed
+``[5, peers]``                                  the node ids this node is linked to
+``[6, ns]``                                     a namespace now exists here
+
+Live updates are never echoed to the link they came from, and forwarded to a linked peer
+only when that peer is not itself linked to the update's origin; anti-entropy (step 1/2 on
+every new link, and again after an overflow) repairs anything a topology change missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from subcog_crdt._core.schema import check_namespace
+from subcog_crdt._errors import ClosedError, InvalidNamespace, ProtocolError, SubcogError
+from subcog_crdt._transport.base import Link
+
+if TYPE_CHECKING:
+    from subcog_crdt._api import ConversationsApi
+
+__all__ = ["F_UPDATE", "PeerSync", "is_live_update"]
+
+log = logging.getLogger(__name__)
+
+F_HELLO, F_SV, F_DIFF, F_UPDATE, F_SESSIONS, F_PEERS, F_NAMESPACE = range(7)
+_MAX_DIFF = 1 << 30  # a reassembled step-2 larger than this is refused
+_QUEUE_FRAMES = 4096
+
+
+def is_live_update(message: bytes) -> bool:
+    """True if a message holds only live updates (safe to reorder or duplicate)."""
+    try:
+        frames = list(msgpack.Unpacker(_bytes(message), raw=False, use_list=True))
+    except Exception:
+        return False
+    return bool(frames) and all(isinstance(f, list) and f and f[0] == F_UPDATE for f in frames)
+
+
+def _bytes(b: bytes) -> Any:
+    import io
+
+    return io.BytesIO(b)
+
+
+def _pack(frame: list[Any]) -> bytes:
+    out: bytes = msgpack.packb(frame, use_bin_type=True)
+    return out
+
+
+class PeerSync:
+    """Runs the protocol on one link for the node that owns it."""
+
+    def __init__(self, api: ConversationsApi, link: Link) -> None:
+        self.api = api
+        self.link = link
+        self.node_id = link.peer.node_id
+        self.url = link.peer.url
+        self.peer_filter: frozenset[str] | None = None
+        self.peer_peers: frozenset[str] = frozenset()
+        self.shared: set[str] = set()
+        self._sent_sv: set[str] = set()
+        self._diff_parts: dict[str, list[bytes]] = {}
+        self._diff_size: dict[str, int] = {}
+        self._queue: list[bytes] = []
+        self._queued_bytes = 0
+        self._wake = asyncio.Event()
+        self._overflowed = False
+        self._hello_seen = False
+        self._closed = False
+        self.bytes_sent = 0
+        self.frames_sent = 0
+
+    # -- outgoing ----------------------------------------------------------------------
+
+    def send(self, frame: list[Any]) -> None:
+        self.enqueue(_pack(frame))
+
+    def enqueue(self, data: bytes) -> None:
+        if self._closed:
+            return
+        if len(self._queue) >= _QUEUE_FRAMES:
+            # The peer is slow: stop buffering live updates; resync (only what it misses)
+            # once the queue has drained.
+            self._overflowed = True
+            return
+        self._queue.append(data)
+        self._queued_bytes += len(data)
+        self._wake.set()
+
+    async def writer(self) -> None:
+        max_frame = getattr(self.link, "max_frame", 16 * 1024 * 1024)
+        while not self._closed:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                batch: list[bytes] = []
+                size = 0
+                while self._queue and (not batch or size + len(self._queue[0]) <= max_frame):
+                    item = self._queue.pop(0) if len(self._queue) < 64 else None
+                    if item is None:
+                        # pop many at once: list.pop(0) is O(n)
+                        take = 0
+                        for data in self._queue:
+                            if batch and size + len(data) > max_frame:
+                                break
+                            batch.append(data)
+                            size += len(data)
+                            take += 1
+                        del self._queue[:take]
+                        break
+                    batch.append(item)
+                    size += len(item)
+                self._queued_bytes -= size
+                message = batch[0] if len(batch) == 1 else b"".join(batch)
+                try:
+                    await self.link.send(message)
+                except ClosedError:
+                    return
+                self.bytes_sent += len(message)
+                self.frames_sent += len(batch)
+            if self._overflowed and not self._queue:
+                self._overflowed = False
+                for ns in sorted(self.shared):
+                    self._send_sv(ns)
+
+    def _send_sv(self, ns: str) -> None:
+        doc = self.api._docs.get(ns)
+        if doc is not None:
+            self._sent_sv.add(ns)
+            self.send([F_SV, ns, doc.state_vector()])
+
+    def send_hello(self) -> None:
+        api = self.api
+        self.send(
+            [
+                F_HELLO,
+                sorted(api._shareable_namespaces()),
+                None if api._sync_filter is None else sorted(api._sync_filter),
+                [s.info().to_wire() for s in api.sessions.local_sessions()],
+                sorted(api._links.keys()),
+            ]
+        )
+
+    def accepts(self, ns: str) -> bool:
+        """Whether live updates of ``ns`` go to this peer."""
+        return ns in self.shared
+
+    def push_update(self, ns: str, origin: str, update: bytes) -> None:
+        if ns in self.shared:
+            self.enqueue(_pack([F_UPDATE, ns, origin, update]))
+
+    def announce_namespace(self, ns: str) -> None:
+        if self._peer_wants(ns):
+            self.shared.add(ns)
+            self.send([F_NAMESPACE, ns])
+            self._send_sv(ns)
+
+    def _peer_wants(self, ns: str) -> bool:
+        return self.peer_filter is None or ns in self.peer_filter
+
+    # -- incoming ----------------------------------------------------------------------
+
+    async def reader(self) -> None:
+        try:
+            async for message in self.link:
+                if not isinstance(message, bytes | bytearray):
+                    raise ProtocolError("non-binary message")
+                unpacker = msgpack.Unpacker(
+                    raw=False,
+                    use_list=True,
+                    max_buffer_size=max(len(message), 1),
+                    strict_map_key=True,
+                )
+                unpacker.feed(message)
+                try:
+                    frames = list(unpacker)
+                except Exception as exc:
+                    raise ProtocolError(f"malformed msgpack: {exc}") from exc
+                if not frames:
+                    raise ProtocolError("empty message")
+                for frame in frames:
+                    await self._handle(frame)
+        except ProtocolError as exc:
+            log.warning("closing link to %s: %s", self.node_id, exc)
+            await self.link.close(4000, str(exc)[:120])
+
+    async def _handle(self, frame: Any) -> None:
+        if not isinstance(frame, list) or not frame or not isinstance(frame[0], int):
+            raise ProtocolError("frame is not a typed array")
+        kind = frame[0]
+        if kind != F_HELLO and not self._hello_seen:
+            raise ProtocolError("frame before hello")
+        if kind == F_HELLO:
+            self._on_hello(frame)
+        elif kind == F_SV:
+            ns, sv = self._ns_bytes(frame, 3)
+            self._on_sv(ns, sv)
+        elif kind == F_DIFF:
+            ns, part = self._ns_bytes(frame, 4)
+            more = frame[3]
+            if not isinstance(more, bool):
+                raise ProtocolError("bad step-2 frame")
+            await self._on_diff(ns, part, more)
+        elif kind == F_UPDATE:
+            if len(frame) != 4 or not isinstance(frame[2], str):
+                raise ProtocolError("bad update frame")
+            ns, update = self._ns_bytes([frame[0], frame[1], frame[3]], 3)
+            await self._on_update(ns, frame[2], update)
+        elif kind == F_SESSIONS:
+            if len(frame) != 2 or not isinstance(frame[1], list):
+                raise ProtocolError("bad sessions frame")
+            self.api.sessions._set_remote(self.node_id, frame[1])
+        elif kind == F_PEERS:
+            if len(frame) != 2 or not isinstance(frame[1], list):
+                raise ProtocolError("bad peers frame")
+            self.peer_peers = frozenset(x for x in frame[1] if isinstance(x, str))
+        elif kind == F_NAMESPACE:
+            if len(frame) != 2:
+                raise ProtocolError("bad namespace frame")
+            ns = self._check_ns(frame[1])
+            self._offer(ns)
+        else:
+            raise ProtocolError(f"unknown frame type {kind}")
+
+    @staticmethod
+    def _check_ns(ns: Any) -> str:
+        try:
+            return check_namespace(ns)
+        except InvalidNamespace as exc:
+            raise ProtocolError(str(exc)) from exc
+
+    def _ns_bytes(self, frame: list[Any], n: int) -> tuple[str, bytes]:
+        if len(frame) != n or not isinstance(frame[2], bytes):
+            raise ProtocolError("bad frame layout")
+        return self._check_ns(frame[1]), frame[2]
+
+    def _on_hello(self, frame: list[Any]) -> None:
+        if self._hello_seen:
+            raise ProtocolError("second hello")
+        if len(frame) != 5:
+            raise ProtocolError("bad hello frame")
+        _, names, filt, sessions, peers = frame
+        if not isinstance(names, list) or not isinstance(sessions, list):
+            raise ProtocolError("bad hello frame")
+        if filt is not None and not isinstance(filt, list):
+            raise ProtocolError("bad hello filter")
+        if not isinstance(peers, list):
+            raise ProtocolError("bad hello peers")
+        self._hello_seen = True
+        self.peer_filter = None if filt is None else frozenset(self._check_ns(x) for x in filt)
+        self.peer_peers = frozenset(x for x in peers if isinstance(x, str))
+        self.api.sessions._set_remote(self.node_id, sessions)
+        wanted = {self._check_ns(x) for x in names}
+        wanted |= self.api._shareable_namespaces()
+        for ns in sorted(wanted):
+            self._offer(ns)
+
+    def _offer(self, ns: str) -> None:
+        """Start syncing ``ns`` with this peer if both sides sync it."""
+        if not self.api._may_share(ns) or not self._peer_wants(ns):
+            return
+        self.api._ensure_doc(ns)
+        self.shared.add(ns)
+        if ns not in self._sent_sv:
+            self._send_sv(ns)
+
+    def _on_sv(self, ns: str, sv: bytes) -> None:
+        if not self.api._may_share(ns):
+            return  # never reveal a namespace we do not share (private, filtered)
+        self._offer(ns)
+        if ns not in self.shared:
+            return
+        doc = self.api._docs[ns]
+        try:
+            diff = doc.diff(sv)
+        except Exception as exc:
+            raise ProtocolError(f"invalid state vector for {ns!r}: {exc}") from exc
+        limit = max(1024, getattr(self.link, "max_frame", 16 * 1024 * 1024) - 1024)
+        if len(diff) <= limit:
+            self.send([F_DIFF, ns, diff, False])
+            return
+        for start in range(0, len(diff), limit):
+            end = start + limit
+            self.send([F_DIFF, ns, diff[start:end], end < len(diff)])
+
+    async def _on_diff(self, ns: str, part: bytes, more: bool) -> None:
+        if ns not in self.shared:
+            return
+        parts = self._diff_parts.setdefault(ns, [])
+        size = self._diff_size.get(ns, 0) + len(part)
+        if size > _MAX_DIFF:
+            raise ProtocolError(f"step-2 for {ns!r} exceeds {_MAX_DIFF} bytes")
+        parts.append(part)
+        self._diff_size[ns] = size
+        if more:
+            return
+        update = b"".join(parts)
+        del self._diff_parts[ns], self._diff_size[ns]
+        await self._apply(ns, self.node_id, update, from_diff=True)
+
+    async def _on_update(self, ns: str, origin: str, update: bytes) -> None:
+        if ns not in self.shared:
+            if not self.api._may_share(ns) or not self._peer_wants(ns):
+                return  # private or filtered here: drop without applying
+            self._offer(ns)
+        await self._apply(ns, origin, update, from_diff=False)
+
+    async def _apply(self, ns: str, origin: str, update: bytes, *, from_diff: bool) -> None:
+        try:
+            await self.api._apply_remote(ns, origin, update, self, from_diff=from_diff)
+        except ProtocolError:
+            raise
+        except SubcogError as exc:
+            raise ProtocolError(str(exc)) from exc
+
+    async def run(self) -> None:
+        """Drive the link until it closes (``send_hello`` must have been called)."""
+        writer = asyncio.get_running_loop().create_task(self.writer())
+        try:
+            await self.reader()
+        finally:
+            self._closed = True
+            self._wake.set()
+            writer.cancel()
+            try:
+                await writer
+            except asyncio.CancelledError:
+                if asyncio.current_task() is not None and asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    raise
+            except Exception:
+                log.exception("writer for %s failed", self.node_id)
+
+
+def chunks(data: bytes, size: int) -> Sequence[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]

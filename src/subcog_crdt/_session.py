@@ -1,0 +1,147 @@
+"""A local session: the handle an agent uses to capture, recall and follow memories."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from subcog_crdt._bus import Subscription
+from subcog_crdt._core.events import Event
+from subcog_crdt._core.memory import Memory
+from subcog_crdt._sessions import SessionInfo
+
+if TYPE_CHECKING:
+    from subcog_crdt._api import ConversationsApi
+
+__all__ = ["Session", "SyncBatch"]
+
+
+@dataclass(frozen=True, slots=True)
+class SyncBatch:
+    """What :meth:`Session.sync` returns."""
+
+    events: list[Event]
+    cursor: int
+    """Pass this as ``since=`` to continue from here (``"last"`` does it for you)."""
+    complete: bool
+    """False when events older than the journal's retention were asked for: some are gone,
+    so read current memories (``recall`` / ``api.get``) instead of relying on events."""
+    more: bool = False
+    """True when ``limit`` cut the batch short; call again to get the rest."""
+
+
+class Session:
+    """An agent session registered on a node (``api.register_session``)."""
+
+    def __init__(
+        self,
+        api: ConversationsApi,
+        session_id: str,
+        user_id: str,
+        subscriptions: frozenset[str],
+        last_cursor: int,
+    ) -> None:
+        self._api = api
+        self.id = session_id
+        self.user_id = user_id
+        self.subscriptions = subscriptions
+        self.last_cursor = last_cursor
+        """The cursor ``sync(since="last")`` continues from."""
+        self.last_sync: datetime | None = None
+
+    def info(self) -> SessionInfo:
+        return SessionInfo(
+            id=self.id,
+            user_id=self.user_id,
+            node_id=self._api.node_id,
+            subscriptions=tuple(sorted(self.subscriptions)),
+            is_local=True,
+            last_sync=self.last_sync,
+        )
+
+    async def capture(
+        self,
+        namespace: str,
+        content: str,
+        *,
+        tags: Iterable[str] = (),
+        metadata: dict[str, Any] | None = None,
+        domain: str | None = None,
+        status: str | None = None,
+        source: str | None = None,
+        expires_at: datetime | str | None = None,
+    ) -> Memory:
+        """Capture a memory. The same content (ignoring whitespace and case) already in the
+        namespace yields that memory, with this session added to ``captured_by``."""
+        fields: dict[str, Any] = {"tags": list(tags)}
+        if metadata:
+            fields["metadata"] = metadata
+        for name, value in (
+            ("domain", domain),
+            ("status", status),
+            ("source", source),
+            ("expires_at", expires_at),
+        ):
+            if value is not None:
+                fields[name] = value
+        return await self._api._capture(self, namespace, content, fields)
+
+    async def capture_many(
+        self, namespace: str, items: Iterable[str | dict[str, Any]]
+    ) -> list[Memory]:
+        """Capture several memories in one transaction and one durable commit. Each item
+        is a content string or a dict with ``content`` and optional fields."""
+        return await self._api._capture_many(self, namespace, items)
+
+    async def update(
+        self, memory_id: str, *, expected_version: int | None = None, **fields: Any
+    ) -> Memory:
+        """Change fields of a memory (``content``, ``tags``, ``metadata``, ``domain``,
+        ``status``, ``source``, ``expires_at``). With ``expected_version`` a stale version
+        raises :class:`ConflictError` and changes nothing."""
+        return await self._api._update(self, memory_id, fields, expected_version)
+
+    async def delete(self, memory_id: str, *, expected_version: int | None = None) -> Memory:
+        """Delete a memory (a tombstone; capturing the content again revives it)."""
+        return await self._api._delete(self, memory_id, expected_version)
+
+    def recall(
+        self,
+        query: str,
+        *,
+        namespace: str | None = None,
+        tags: Iterable[str] = (),
+        limit: int = 10,
+    ) -> list[Memory]:
+        """Ranked full-text search (BM25 over content and tags), best first. Without
+        ``namespace`` it searches this session's subscriptions."""
+        names = [namespace] if namespace is not None else sorted(self.subscriptions)
+        return self._api.recall(query, namespaces=names, tags=tags, limit=limit)
+
+    async def sync(
+        self,
+        since: str | int | datetime = "last",
+        *,
+        include_own: bool = False,
+        limit: int = 1000,
+    ) -> SyncBatch:
+        """Events in this session's subscriptions since ``"last"`` (what this session has
+        not yet seen; exactly once, also across restarts of a durable node), a cursor, or
+        a datetime. Own events are left out unless ``include_own``."""
+        return await self._api._sync(self, since, include_own, limit)
+
+    def events(self, *, include_own: bool = False, maxsize: int = 10_000) -> Subscription:
+        """Live events for this session's subscriptions, from now on (subscribed when
+        called, not at first iteration). Own events are left out unless ``include_own``."""
+        subs = self.subscriptions
+        me = self.id
+
+        def accept(ev: Event) -> bool:
+            return ev.namespace in subs and (include_own or ev.source_session != me)
+
+        return self._api._bus.subscribe(accept, maxsize)
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id!r} on {self._api.node_id} subscribed to {sorted(self.subscriptions)}>"

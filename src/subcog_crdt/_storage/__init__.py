@@ -1,0 +1,1 @@
+"""Storage: where a node keeps its documents, journal and session cursors."""

@@ -1,0 +1,103 @@
+"""The storage contract.
+
+Storage is dumb on purpose: it keeps opaque Yjs update bytes per namespace (a snapshot plus
+a tail of updates), the event journal as small rows, and per-session cursors. It knows
+nothing about memories; the node rebuilds everything else from the documents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+__all__ = ["Durability", "JournalRecord", "Retention", "Storage", "StoredState"]
+
+Durability = Literal["process", "fsync"]
+
+
+@dataclass(frozen=True, slots=True)
+class JournalRecord:
+    """One event as the journal keeps it; the event itself is rebuilt from the document."""
+
+    cursor: int
+    at_ms: int
+    """The write's wall-clock time in ms (for ``since=<datetime>``)."""
+    namespace: str
+    kind: str
+    """``captured``, ``updated``, ``deleted`` or ``conflict``."""
+    write_id: str
+    session: str
+    """The session that caused it (the winner's, for a conflict)."""
+    other: str = ""
+    """For a conflict: the losing write's id."""
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How much of the journal is kept: the newest ``max_events`` no older than ``max_age``
+    seconds (None: no age limit)."""
+
+    max_events: int = 100_000
+    max_age: float | None = 30 * 24 * 3600.0
+
+
+@dataclass
+class StoredState:
+    """What :meth:`Storage.open` returns."""
+
+    node_id: str | None = None
+    docs: dict[str, list[bytes]] = field(default_factory=dict)
+    """Per namespace, the updates to apply in order (snapshot first)."""
+    last_cursor: int = 0
+    cursors: dict[str, int] = field(default_factory=dict)
+    """Per session id, its ``last_sync`` cursor."""
+
+
+class Storage(Protocol):
+    """What the node needs from storage. All methods run on the event loop and must not
+    block it (implementations move disk work to their own thread)."""
+
+    async def open(self, node_id: str) -> StoredState:
+        """Open (creating if new) and load. ``node_id`` is stored if none is yet."""
+        ...
+
+    async def commit(
+        self, updates: Sequence[tuple[str, bytes]], journal: Sequence[JournalRecord]
+    ) -> None:
+        """Make these durable (per the durability setting) before returning. Concurrent
+        callers are grouped into one commit."""
+        ...
+
+    def tail_seq(self, namespace: str) -> int:
+        """Sequence number of the last committed update of ``namespace`` (0: none)."""
+        ...
+
+    def tail_bytes(self, namespace: str) -> int:
+        """Bytes of updates stored for ``namespace`` since its snapshot."""
+        ...
+
+    async def compact(self, namespace: str, snapshot: bytes, upto_seq: int) -> None:
+        """Replace the snapshot with ``snapshot``, which covers every update up to
+        ``upto_seq``; drop those updates."""
+        ...
+
+    async def save_cursor(self, session_id: str, cursor: int) -> None: ...
+
+    async def read_journal(
+        self,
+        after: int,
+        limit: int,
+        *,
+        namespaces: frozenset[str] | None = None,
+        exclude_session: str | None = None,
+        since_ms: int | None = None,
+    ) -> list[JournalRecord]:
+        """Records with ``cursor > after`` (and ``at_ms >= since_ms``), oldest first."""
+        ...
+
+    def oldest_cursor(self) -> int:
+        """The first cursor still kept (retention); 1 when nothing was ever dropped."""
+        ...
+
+    async def aclose(self) -> None: ...

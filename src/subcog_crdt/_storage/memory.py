@@ -1,0 +1,111 @@
+"""In-memory storage: nothing touches disk; the journal is bounded like the durable one."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Sequence
+
+from subcog_crdt._storage.base import JournalRecord, Retention, StoredState
+
+__all__ = ["MemoryStorage"]
+
+
+class MemoryStorage:
+    """Keeps everything in process memory (``data_dir=None``)."""
+
+    def __init__(self, retention: Retention | None = None) -> None:
+        self.retention = retention or Retention()
+        self._journal: deque[JournalRecord] = deque()
+        self._docs: dict[str, list[bytes]] = {}
+        self._seq: dict[str, int] = {}
+        self._tail_bytes: dict[str, int] = {}
+        self._cursors: dict[str, int] = {}
+        self._node_id: str | None = None
+        self._oldest = 1
+        self._last_cursor = 0
+
+    async def open(self, node_id: str) -> StoredState:
+        if self._node_id is None:
+            self._node_id = node_id
+        return StoredState(
+            node_id=self._node_id,
+            docs={ns: list(u) for ns, u in self._docs.items()},
+            last_cursor=self._last_cursor,
+            cursors=dict(self._cursors),
+        )
+
+    async def commit(
+        self, updates: Sequence[tuple[str, bytes]], journal: Sequence[JournalRecord]
+    ) -> None:
+        self.commit_nowait(updates, journal)
+
+    def commit_nowait(
+        self, updates: Sequence[tuple[str, bytes]], journal: Sequence[JournalRecord]
+    ) -> None:
+        for ns, update in updates:
+            self._docs.setdefault(ns, []).append(update)
+            self._seq[ns] = self._seq.get(ns, 0) + 1
+            self._tail_bytes[ns] = self._tail_bytes.get(ns, 0) + len(update)
+        if journal:
+            self._journal.extend(journal)
+            self._last_cursor = journal[-1].cursor
+            self._prune()
+
+    def _prune(self) -> None:
+        r = self.retention
+        j = self._journal
+        while len(j) > r.max_events:
+            self._oldest = j.popleft().cursor + 1
+        if r.max_age is not None:
+            limit = int((time.time() - r.max_age) * 1000)
+            while j and j[0].at_ms < limit:
+                self._oldest = j.popleft().cursor + 1
+
+    def tail_seq(self, namespace: str) -> int:
+        return self._seq.get(namespace, 0)
+
+    def tail_bytes(self, namespace: str) -> int:
+        return self._tail_bytes.get(namespace, 0)
+
+    async def compact(self, namespace: str, snapshot: bytes, upto_seq: int) -> None:
+        docs = self._docs.get(namespace, [])
+        # updates after upto_seq are the last (seq - upto_seq) entries
+        keep = self._seq.get(namespace, 0) - upto_seq
+        tail = docs[len(docs) - keep :] if keep > 0 else []
+        self._docs[namespace] = [snapshot, *tail]
+        self._tail_bytes[namespace] = sum(len(u) for u in tail)
+
+    async def save_cursor(self, session_id: str, cursor: int) -> None:
+        self._cursors[session_id] = cursor
+
+    async def read_journal(
+        self,
+        after: int,
+        limit: int,
+        *,
+        namespaces: frozenset[str] | None = None,
+        exclude_session: str | None = None,
+        since_ms: int | None = None,
+    ) -> list[JournalRecord]:
+        self._prune()
+        out: list[JournalRecord] = []
+        for rec in self._journal:
+            if rec.cursor <= after:
+                continue
+            if namespaces is not None and rec.namespace not in namespaces:
+                continue
+            if exclude_session is not None and rec.session == exclude_session:
+                continue
+            if since_ms is not None and rec.at_ms < since_ms:
+                continue
+            out.append(rec)
+            if len(out) >= limit:
+                break
+        return out
+
+    def oldest_cursor(self) -> int:
+        return self._oldest
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,57 @@
+"""The transport contract.
+
+A transport gives the node :class:`Link` objects: authenticated, ordered, bidirectional
+channels of binary frames to one peer each. What the frames mean (the sync protocol) is
+not the transport's business; it only moves ``bytes`` and enforces limits. The node hands
+every new link to one callback, whichever side dialled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+__all__ = ["DEFAULT_MAX_FRAME", "PROTOCOL_VERSION", "Hello", "Link", "LinkHandler"]
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_FRAME = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Hello:
+    """What a node says about itself when a link opens (after authentication)."""
+
+    node_id: str
+    url: str | None
+    """The URL this node accepts connections on (what peers dial), if it listens."""
+    protocol: int = PROTOCOL_VERSION
+    namespaces: tuple[str, ...] | None = None
+    """Namespaces it syncs (None: every namespace except its private ones)."""
+    user_id: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Link(Protocol):
+    """One authenticated connection to one peer."""
+
+    @property
+    def peer(self) -> Hello: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    async def send(self, frame: bytes) -> None:
+        """Send one frame; waits (backpressure) while the peer is slow. Raises
+        ``ClosedError`` when the link is closed, ``FrameTooLarge`` over the limit."""
+        ...
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        """Frames received, in order, until the link closes."""
+        ...
+
+    async def close(self, code: int = 1000, reason: str = "") -> None: ...
+
+
+LinkHandler = Callable[[Link], Awaitable[None]]
+"""Called once per established link; the link lives while the handler runs."""

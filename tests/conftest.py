@@ -1,0 +1,14 @@
+"""Shared fixtures. The zeroconf guard is autouse: no test may start zeroconf in the host's
+network namespace."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from support.netns import netns_lan  # noqa: E402
+from support.zeroconf_guard import zeroconf_guard  # noqa: E402
+
+__all__ = ["netns_lan", "zeroconf_guard"]
