@@ -285,8 +285,17 @@ class ConversationsApi:
             raise NotFound(f"no local session {session_id!r}")
         self._broadcast_sessions()
 
+    def _sessions_wire(self) -> list[dict[str, Any]]:
+        """Local sessions as peers see them: private namespaces are left out."""
+        out = []
+        for s in self.sessions.local_sessions():
+            wire = s.info().to_wire()
+            wire["subscriptions"] = [n for n in wire["subscriptions"] if self._may_share(n)]
+            out.append(wire)
+        return out
+
     def _broadcast_sessions(self) -> None:
-        wire = [s.info().to_wire() for s in self.sessions.local_sessions()]
+        wire = self._sessions_wire()
         for peer in self._links.values():
             peer.send([F_SESSIONS, wire])
 

@@ -150,7 +150,7 @@ class PeerSync:
                 F_HELLO,
                 sorted(api._shareable_namespaces()),
                 None if api._sync_filter is None else sorted(api._sync_filter),
-                [s.info().to_wire() for s in api.sessions.local_sessions()],
+                api._sessions_wire(),
                 sorted(api._links.keys()),
             ]
         )

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from subcog_crdt._bus import Subscription
-from subcog_crdt._core.events import Event
+from subcog_crdt._core.events import Conflict, Event
 from subcog_crdt._core.memory import Memory
 from subcog_crdt._sessions import SessionInfo
 
@@ -75,7 +75,7 @@ class Session:
     ) -> Memory:
         """Capture a memory. The same content (ignoring whitespace and case) already in the
         namespace yields that memory, with this session added to ``captured_by``."""
-        fields: dict[str, Any] = {"tags": list(tags)}
+        fields: dict[str, Any] = {"tags": tags if isinstance(tags, str) else list(tags)}
         if metadata:
             fields["metadata"] = metadata
         for name, value in (
@@ -139,7 +139,10 @@ class Session:
         me = self.id
 
         def accept(ev: Event) -> bool:
-            return ev.namespace in subs and (include_own or ev.source_session != me)
+            if ev.namespace not in subs:
+                return False
+            # A conflict concerns both writers, so it is never filtered out as "own".
+            return include_own or ev.source_session != me or isinstance(ev, Conflict)
 
         return self._api._bus.subscribe(accept, maxsize)
 

@@ -22,10 +22,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from dataclasses import dataclass
 from typing import Literal
 
 __all__ = [
     "NONCE_SIZE",
+    "Binding",
     "Role",
     "make_nonce",
     "make_proof",
@@ -53,61 +55,43 @@ def _field(data: bytes) -> bytes:
     return len(data).to_bytes(4, "big") + data
 
 
-def _transcript(
-    role: Role, client_nonce: bytes, server_nonce: bytes, client_id: str, server_id: str
-) -> bytes:
-    return b"".join(
-        (
-            _field(_PROOF_LABEL),
-            _field(role.encode()),
-            _field(client_nonce),
-            _field(server_nonce),
-            _field(client_id.encode()),
-            _field(server_id.encode()),
+@dataclass(frozen=True)
+class Binding:
+    """What one handshake's proofs are bound to: both nonces and both node ids."""
+
+    client_nonce: bytes
+    server_nonce: bytes
+    client_id: str
+    server_id: str
+
+    def transcript(self, role: Role) -> bytes:
+        """The bytes a ``role`` proof is computed over (unambiguous, length-prefixed)."""
+        return b"".join(
+            (
+                _field(_PROOF_LABEL),
+                _field(role.encode()),
+                _field(self.client_nonce),
+                _field(self.server_nonce),
+                _field(self.client_id.encode()),
+                _field(self.server_id.encode()),
+            )
         )
-    )
 
 
-def make_proof(
-    secret: bytes | None,
-    role: Role,
-    *,
-    client_nonce: bytes,
-    server_nonce: bytes,
-    client_id: str,
-    server_id: str,
-) -> bytes:
+def make_proof(secret: bytes | None, role: Role, binding: Binding) -> bytes:
     """The proof that ``role`` knows ``secret`` in this handshake (``b""`` without secret)."""
     if secret is None:
         return b""
-    message = _transcript(role, client_nonce, server_nonce, client_id, server_id)
-    return hmac.new(secret, message, hashlib.sha256).digest()
+    return hmac.new(secret, binding.transcript(role), hashlib.sha256).digest()
 
 
-def verify_proof(
-    secret: bytes | None,
-    role: Role,
-    proof: bytes,
-    *,
-    client_nonce: bytes,
-    server_nonce: bytes,
-    client_id: str,
-    server_id: str,
-) -> bool:
+def verify_proof(secret: bytes | None, role: Role, proof: bytes, binding: Binding) -> bool:
     """Check a peer's proof in constant time.
 
     Without a secret only an empty proof is accepted: a node that sends a proof expects a
     secret we do not have, and we must not pretend to share a mesh with it.
     """
-    expected = make_proof(
-        secret,
-        role,
-        client_nonce=client_nonce,
-        server_nonce=server_nonce,
-        client_id=client_id,
-        server_id=server_id,
-    )
-    return hmac.compare_digest(expected, proof)
+    return hmac.compare_digest(make_proof(secret, role, binding), proof)
 
 
 def mesh_tag(secret: bytes) -> str:

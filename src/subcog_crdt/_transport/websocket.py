@@ -1,0 +1,1066 @@
+"""The real transport: authenticated aiohttp WebSockets between nodes.
+
+One :class:`WebSocketTransport` per node runs an aiohttp server (the node may add its own
+routes through ``setup_app``) and dials peers with one shared ``ClientSession``. Each
+connection is authenticated by a four-message handshake before any application frame
+crosses, then becomes a :class:`WebSocketLink` handed to the node's ``on_link`` callback.
+
+Handshake (msgpack maps, each with a type tag ``t`` and the protocol version ``v``)::
+
+    client -> server  {t: "hello",     node_id, nonce}
+    server -> client  {t: "challenge", node_id, nonce, proof}   proof = HMAC(server role)
+    client -> server  {t: "auth",      proof, hello}            after verifying the server
+    server -> client  {t: "welcome",   hello}                   after verifying the client
+
+The proofs bind both fresh nonces and both node ids (see :mod:`.auth`), so a recorded
+handshake cannot be replayed. The :class:`~.base.Hello` (which names namespaces, user and
+URL) is only sent to a side that has already proven the secret.
+
+Close codes (also in :data:`CLOSE_CODES`)::
+
+    1000  normal              the link's handler returned, or ``close()`` was called
+    1001  going away          the node shuts down
+    1006  abnormal            the peer stopped answering pings (dead) or the TCP link broke
+    1011  handler error       the node's link handler raised
+    4000  protocol            garbage, a text frame, or a malformed handshake message
+    4001  version             the peer speaks another protocol version
+    4003  auth                the peer could not prove the mesh secret
+    4008  handshake timeout   the handshake did not complete in time
+    4009  too large           a frame over ``max_frame``
+    4010  duplicate           a link between these two nodes already exists (or wins a race)
+    4011  self                a node dialled itself
+
+One link per pair of nodes. A node refuses a new connection to a node it already has a link
+with. When both dial at once, the connection dialled by the node with the lower node id
+wins: the server side refuses an incoming connection while it has its own outgoing dial to
+the same peer under way *and* its own id is lower; a client aborts after the challenge when
+a link to that node appeared meanwhile. Both rules are decided on one event loop without an
+``await`` between check and registration, so exactly one connection survives and the
+surviving link is never touched.
+
+Liveness uses aiohttp's heartbeat: a ping after ``heartbeat`` seconds without traffic, and
+the link is declared dead if no pong arrives within half that interval. The interval is
+lowered if needed so that a frozen peer is detected within ``dead_after`` seconds.
+
+Received frames are read eagerly by one pump task per link into a byte-bounded inbox (so
+pings are answered while the node is busy); when the inbox is full the pump stops reading
+and TCP flow control slows the sender. A consumer that stalls longer than ``dead_after``
+with a full inbox therefore looks dead to its peer: by design, a node that cannot keep up
+for seconds is better resynchronised than buffered without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import ipaddress
+import logging
+import random
+import ssl as ssl_module
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any, Final
+
+import aiohttp
+import msgpack
+from aiohttp import WSMsgType, web
+from yarl import URL
+
+from .._errors import (
+    AuthError,
+    ClosedError,
+    FrameTooLarge,
+    InvalidArgument,
+    ProtocolError,
+    SubcogError,
+)
+from . import auth
+from .base import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, Hello, LinkHandler
+
+__all__ = [
+    "CLOSE_ABNORMAL",
+    "CLOSE_AUTH",
+    "CLOSE_CODES",
+    "CLOSE_DUPLICATE",
+    "CLOSE_GOING_AWAY",
+    "CLOSE_HANDLER_ERROR",
+    "CLOSE_HANDSHAKE_TIMEOUT",
+    "CLOSE_NORMAL",
+    "CLOSE_PROTOCOL",
+    "CLOSE_SELF",
+    "CLOSE_TOO_LARGE",
+    "CLOSE_VERSION",
+    "PATH",
+    "PeerUnreachable",
+    "WebSocketLink",
+    "WebSocketTransport",
+]
+
+log = logging.getLogger(__name__)
+
+PATH: Final = "/subcog/v1"
+"""The WebSocket endpoint of the node-to-node protocol on the node's HTTP server."""
+
+CLOSE_NORMAL: Final = 1000
+CLOSE_GOING_AWAY: Final = 1001
+CLOSE_ABNORMAL: Final = 1006
+CLOSE_HANDLER_ERROR: Final = 1011
+CLOSE_PROTOCOL: Final = 4000
+CLOSE_VERSION: Final = 4001
+CLOSE_AUTH: Final = 4003
+CLOSE_HANDSHAKE_TIMEOUT: Final = 4008
+CLOSE_TOO_LARGE: Final = 4009
+CLOSE_DUPLICATE: Final = 4010
+CLOSE_SELF: Final = 4011
+
+CLOSE_CODES: Final[dict[int, str]] = {
+    CLOSE_NORMAL: "normal",
+    CLOSE_GOING_AWAY: "going away",
+    CLOSE_ABNORMAL: "abnormal (peer dead or connection lost)",
+    CLOSE_HANDLER_ERROR: "link handler error",
+    CLOSE_PROTOCOL: "protocol error",
+    CLOSE_VERSION: "unsupported protocol version",
+    CLOSE_AUTH: "authentication failed",
+    CLOSE_HANDSHAKE_TIMEOUT: "handshake timeout",
+    CLOSE_TOO_LARGE: "frame too large",
+    CLOSE_DUPLICATE: "duplicate link",
+    CLOSE_SELF: "connection to self",
+}
+
+HANDSHAKE_TIMEOUT: Final = 5.0
+HANDSHAKE_MAX_FRAME: Final = 64 * 1024
+"""Handshake messages are tiny; anything bigger is hostile."""
+MAX_NODE_ID: Final = 256
+BACKOFF_START: Final = 0.1
+BACKOFF_CAP: Final = 5.0
+STABLE_LINK: Final = 5.0
+"""A link that lived this long resets the redial backoff (a flapping one does not)."""
+HANDLER_GRACE: Final = 2.0
+"""How long shutdown waits for link handlers to return after their links closed."""
+
+# aiohttp closes with RFC 6455 codes on parser errors; the mesh reports its own codes, so
+# the peer (and the logs) can tell an oversized frame from other faults.
+_AIOHTTP_CODE_MAP: Final[dict[int, int]] = {
+    aiohttp.WSCloseCode.MESSAGE_TOO_BIG: CLOSE_TOO_LARGE,
+    aiohttp.WSCloseCode.PROTOCOL_ERROR: CLOSE_PROTOCOL,
+    aiohttp.WSCloseCode.INVALID_TEXT: CLOSE_PROTOCOL,
+}
+
+
+class PeerUnreachable(SubcogError, ConnectionError):
+    """A peer could not be reached (refused, timed out, gone, or shutting down).
+
+    Also a :class:`ConnectionError`, so callers that treat network failures generically
+    keep working.
+    """
+
+
+class _ServerWs(web.WebSocketResponse):
+    """aiohttp's server WebSocket, reporting parser faults with the mesh's close codes."""
+
+    async def close(
+        self, *, code: int = aiohttp.WSCloseCode.OK, message: bytes = b"", drain: bool = True
+    ) -> bool:
+        mapped = _AIOHTTP_CODE_MAP.get(code)
+        if mapped is not None:
+            code, message = mapped, message or CLOSE_CODES[mapped].encode()
+        return await super().close(code=code, message=message, drain=drain)
+
+
+class _ClientWs(aiohttp.ClientWebSocketResponse):
+    """aiohttp's client WebSocket, reporting parser faults with the mesh's close codes."""
+
+    async def close(self, *, code: int = aiohttp.WSCloseCode.OK, message: bytes = b"") -> bool:
+        mapped = _AIOHTTP_CODE_MAP.get(code)
+        if mapped is not None:
+            code, message = mapped, message or CLOSE_CODES[mapped].encode()
+        return await super().close(code=code, message=message)
+
+
+_AnyWs = _ServerWs | _ClientWs
+
+
+def _reason_bytes(reason: str) -> bytes:
+    # A close frame carries at most 123 bytes of reason; cut on a character boundary.
+    return reason.encode()[:123].decode(errors="ignore").encode()
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` (an IP literal or ``localhost``) is a loopback address."""
+    if not host:
+        return False
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
+
+
+# --------------------------------------------------------------------------- handshake
+
+
+class _HandshakeFailure(Exception):
+    """The handshake cannot go on. ``remote``: the peer closed (we only report).
+    ``peer_id``: the other node, once the handshake revealed it."""
+
+    def __init__(self, code: int, reason: str, *, remote: bool = False) -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+        self.remote = remote
+        self.peer_id: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.code} ({CLOSE_CODES.get(self.code, 'closed')}): {self.reason}"
+
+
+def _pack(kind: str, **fields: Any) -> bytes:
+    data: bytes = msgpack.packb({"t": kind, "v": PROTOCOL_VERSION, **fields}, use_bin_type=True)
+    return data
+
+
+def _unpack(data: bytes, expected: str) -> dict[str, Any]:
+    """Decode one handshake message; every fault becomes a close code, never a crash."""
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises a zoo of types on garbage
+        raise _HandshakeFailure(CLOSE_PROTOCOL, f"malformed handshake message ({exc!r})") from exc
+    if not isinstance(obj, dict):
+        raise _HandshakeFailure(CLOSE_PROTOCOL, "handshake message is not a map")
+    version = obj.get("v")
+    if type(version) is not int:
+        raise _HandshakeFailure(CLOSE_PROTOCOL, "handshake message without a version")
+    if version != PROTOCOL_VERSION:
+        raise _HandshakeFailure(
+            CLOSE_VERSION,
+            f"protocol version {version!r} not supported (this node speaks {PROTOCOL_VERSION})",
+        )
+    if obj.get("t") != expected:
+        raise _HandshakeFailure(CLOSE_PROTOCOL, f"expected {expected!r}, got {obj.get('t')!r}")
+    return obj
+
+
+def _field(obj: dict[str, Any], key: str, kind: type[Any]) -> Any:
+    value = obj.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+        raise _HandshakeFailure(CLOSE_PROTOCOL, f"field {key!r} missing or not {kind.__name__}")
+    return value
+
+
+def _node_id(obj: dict[str, Any]) -> str:
+    node_id: str = _field(obj, "node_id", str)
+    if not 0 < len(node_id) <= MAX_NODE_ID:
+        raise _HandshakeFailure(CLOSE_PROTOCOL, "node_id empty or too long")
+    return node_id
+
+
+def _nonce(obj: dict[str, Any]) -> bytes:
+    nonce: bytes = _field(obj, "nonce", bytes)
+    if len(nonce) != auth.NONCE_SIZE:
+        raise _HandshakeFailure(CLOSE_PROTOCOL, f"nonce must be {auth.NONCE_SIZE} bytes")
+    return nonce
+
+
+def encode_hello(hello: Hello) -> dict[str, Any]:
+    """The wire form of a :class:`Hello`: a map of its dataclass fields."""
+    return {
+        "node_id": hello.node_id,
+        "url": hello.url,
+        "protocol": hello.protocol,
+        "namespaces": None if hello.namespaces is None else list(hello.namespaces),
+        "user_id": hello.user_id,
+        "extra": dict(hello.extra),
+    }
+
+
+def decode_hello(raw: object) -> Hello:
+    """Parse and type-check a peer's :class:`Hello`; unknown keys are ignored (newer peers)."""
+    if not isinstance(raw, dict):
+        raise _HandshakeFailure(CLOSE_PROTOCOL, "hello is not a map")
+    node_id = _node_id(raw)
+    url = raw.get("url")
+    protocol = raw.get("protocol", PROTOCOL_VERSION)
+    namespaces = raw.get("namespaces")
+    user_id = raw.get("user_id", "")
+    extra = raw.get("extra", {})
+    if url is not None and not isinstance(url, str):
+        raise _HandshakeFailure(CLOSE_PROTOCOL, "hello.url is not a string")
+    if type(protocol) is not int:
+        raise _HandshakeFailure(CLOSE_PROTOCOL, "hello.protocol is not an int")
+    if namespaces is not None and not (
+        isinstance(namespaces, list) and all(isinstance(n, str) for n in namespaces)
+    ):
+        raise _HandshakeFailure(CLOSE_PROTOCOL, "hello.namespaces is not a list of strings")
+    if not isinstance(user_id, str):
+        raise _HandshakeFailure(CLOSE_PROTOCOL, "hello.user_id is not a string")
+    if not isinstance(extra, dict):
+        raise _HandshakeFailure(CLOSE_PROTOCOL, "hello.extra is not a map")
+    return Hello(
+        node_id=node_id,
+        url=url,
+        protocol=protocol,
+        namespaces=None if namespaces is None else tuple(namespaces),
+        user_id=user_id,
+        extra=extra,
+    )
+
+
+async def _recv_handshake(ws: _AnyWs) -> bytes:
+    """The next handshake message, or a :class:`_HandshakeFailure` saying why not."""
+    msg = await ws.receive()
+    if msg.type is WSMsgType.BINARY:
+        data: bytes = msg.data
+        if len(data) > HANDSHAKE_MAX_FRAME:
+            raise _HandshakeFailure(CLOSE_TOO_LARGE, f"handshake message of {len(data)} bytes")
+        return data
+    if msg.type is WSMsgType.TEXT:
+        raise _HandshakeFailure(CLOSE_PROTOCOL, "text frame during handshake")
+    if msg.type is WSMsgType.ERROR:
+        code = getattr(msg.data, "code", CLOSE_PROTOCOL)
+        code = _AIOHTTP_CODE_MAP.get(code, code)
+        raise _HandshakeFailure(code, f"bad frame during handshake: {msg.data}")
+    code = ws.close_code if ws.close_code is not None else CLOSE_ABNORMAL
+    reason = msg.extra if isinstance(msg.extra, str) and msg.extra else "peer closed"
+    raise _HandshakeFailure(code, reason, remote=True)
+
+
+def _describe_self(hello: Callable[[], Hello]) -> dict[str, Any]:
+    try:
+        return encode_hello(hello())
+    except Exception as exc:
+        log.exception("cannot build this node's hello")
+        raise _HandshakeFailure(CLOSE_HANDLER_ERROR, "node cannot describe itself") from exc
+
+
+def _client_error(failure: _HandshakeFailure, url: str) -> SubcogError:
+    """Map a failed handshake to the most specific public error."""
+    who = "peer" if failure.remote else "we"
+    text = f"handshake with {url} failed ({who} closed with {failure})"
+    if failure.code == CLOSE_AUTH:
+        return AuthError(text)
+    if failure.code == CLOSE_SELF:
+        return InvalidArgument(f"{url} is this node itself")
+    if failure.code in (CLOSE_GOING_AWAY, CLOSE_ABNORMAL, CLOSE_DUPLICATE):
+        return PeerUnreachable(text)
+    return ProtocolError(text)
+
+
+# --------------------------------------------------------------------------- link
+
+
+class _Inbox:
+    """A FIFO of received frames bounded in bytes (one frame is always admitted)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._items: deque[bytes] = deque()
+        self._size = 0
+        self._closed = False
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    async def put(self, frame: bytes) -> None:
+        while self._items and self._size >= self._limit and not self._closed:
+            self._writable.clear()
+            await self._writable.wait()
+        if self._closed:
+            return
+        self._items.append(frame)
+        self._size += len(frame)
+        self._readable.set()
+
+    async def get(self) -> bytes | None:
+        while not self._items:
+            if self._closed:
+                return None
+            self._readable.clear()
+            await self._readable.wait()
+        frame = self._items.popleft()
+        self._size -= len(frame)
+        if self._size < self._limit:
+            self._writable.set()
+        return frame
+
+    def close(self) -> None:
+        """No more frames will be added; readers drain what is buffered, then stop."""
+        self._closed = True
+        self._readable.set()
+        self._writable.set()
+
+
+class WebSocketLink:
+    """One authenticated WebSocket to one peer (implements :class:`~.base.Link`).
+
+    Iteration yields the peer's frames in order and ends when the link closes, whatever
+    the reason; ``close_code`` and ``close_reason`` then say why (the reason is logged).
+    """
+
+    def __init__(
+        self,
+        ws: _AnyWs,
+        peer: Hello,
+        *,
+        dialled_by_us: bool,
+        max_frame: int,
+        recv_buffer: int,
+        ready: bool = True,
+    ) -> None:
+        self._ws = ws
+        self._peer = peer
+        self.dialled_by_us = dialled_by_us
+        """True if this node opened the connection (the client side)."""
+        self._max_frame = max_frame
+        self._inbox = _Inbox(recv_buffer)
+        self._send_lock = asyncio.Lock()
+        self._ready = asyncio.Event()
+        if ready:
+            self._ready.set()
+        self._done = asyncio.Event()
+        self._pump_started = False
+        self._closing = False
+        self._close_code: int | None = None
+        self._close_reason = ""
+        self.opened_at = time.monotonic()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<WebSocketLink peer={self._peer.node_id!r} {state}>"
+
+    @property
+    def peer(self) -> Hello:
+        return self._peer
+
+    @property
+    def closed(self) -> bool:
+        return self._closing or self._done.is_set()
+
+    @property
+    def close_code(self) -> int | None:
+        """Why the link closed (see the module's close codes); None while open."""
+        return self._close_code
+
+    @property
+    def close_reason(self) -> str:
+        return self._close_reason
+
+    async def send(self, frame: bytes) -> None:
+        if self.closed:
+            raise ClosedError(f"link to {self._peer.node_id} is closed")
+        size = len(frame)
+        if size > self._max_frame:
+            raise FrameTooLarge(f"frame of {size} bytes exceeds max_frame={self._max_frame}")
+        await self._ready.wait()
+        async with self._send_lock:
+            if self.closed:
+                raise ClosedError(f"link to {self._peer.node_id} is closed")
+            try:
+                # aiohttp writes, then awaits the socket's drain once its buffer passes
+                # the writer limit: that await is the backpressure.
+                await self._ws.send_bytes(bytes(frame))
+            except (ConnectionError, aiohttp.ClientError, RuntimeError) as exc:
+                raise ClosedError(f"link to {self._peer.node_id} broke: {exc}") from exc
+
+    def __aiter__(self) -> WebSocketLink:
+        return self
+
+    async def __anext__(self) -> bytes:
+        frame = await self._inbox.get()
+        if frame is None:
+            raise StopAsyncIteration
+        return frame
+
+    async def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
+        """Close the link (harmless when already closed) and wait until it has ended."""
+        self._record(code, reason or CLOSE_CODES.get(code, ""))
+        self._closing = True
+        self._ready.set()
+        self._inbox.close()
+        await self._ws.close(code=code, message=_reason_bytes(self._close_reason))
+        if self._pump_started:
+            await self._done.wait()
+        else:
+            self._finish()
+
+    async def wait_closed(self) -> None:
+        """Return once the link has ended."""
+        await self._done.wait()
+
+    def _record(self, code: int, reason: str) -> None:
+        if self._close_code is None:
+            self._close_code, self._close_reason = code, reason
+
+    async def _send_first(self, data: bytes) -> None:
+        """Send the handshake's last message before any application frame."""
+        try:
+            async with self._send_lock:
+                self._ready.set()
+                await self._ws.send_bytes(data)
+        except (ConnectionError, aiohttp.ClientError, RuntimeError) as exc:
+            raise _HandshakeFailure(CLOSE_ABNORMAL, f"welcome not sent: {exc}") from exc
+
+    async def _pump(self) -> None:
+        """Read frames into the inbox until the WebSocket closes; record why it closed."""
+        self._pump_started = True
+        try:
+            while True:
+                msg = await self._ws.receive()
+                kind = msg.type
+                if kind is WSMsgType.BINARY:
+                    await self._inbox.put(msg.data)
+                elif kind is WSMsgType.TEXT:
+                    self._record(CLOSE_PROTOCOL, "text frame received (frames are binary)")
+                    await self._ws.close(code=CLOSE_PROTOCOL, message=b"text frame")
+                elif kind is WSMsgType.ERROR:
+                    exc = msg.data
+                    code = getattr(exc, "code", None)
+                    if code is None:
+                        self._record(CLOSE_ABNORMAL, f"peer unresponsive or link broken: {exc}")
+                    else:
+                        code = _AIOHTTP_CODE_MAP.get(code, code)
+                        self._record(code, f"{CLOSE_CODES.get(code, 'error')}: {exc}")
+                elif kind is WSMsgType.CLOSE:
+                    reason = msg.extra if isinstance(msg.extra, str) else ""
+                    self._record(int(msg.data), f"peer closed: {reason}")
+                elif kind in (WSMsgType.CLOSING, WSMsgType.CLOSED):
+                    code = self._ws.close_code
+                    self._record(code if code is not None else CLOSE_ABNORMAL, "connection closed")
+                if self._ws.closed or kind in (WSMsgType.CLOSING, WSMsgType.CLOSED):
+                    return
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._done.is_set():
+            return
+        self._record(CLOSE_ABNORMAL, "connection lost")
+        self._inbox.close()
+        self._ready.set()
+        self._done.set()
+        level = (
+            logging.INFO
+            if self._close_code in (CLOSE_NORMAL, CLOSE_GOING_AWAY)
+            else (logging.WARNING)
+        )
+        log.log(
+            level,
+            "link to %s closed: %s (%s)",
+            self._peer.node_id,
+            self._close_code,
+            self._close_reason,
+        )
+
+
+# --------------------------------------------------------------------------- transport
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class WebSocketTransport:
+    """Accepts and dials authenticated WebSocket links; see the module docstring.
+
+    Without ``secret`` it listens on loopback only and refuses remote addresses both ways;
+    with a secret it listens on every interface by default and authenticates every peer.
+    """
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        hello: Callable[[], Hello],
+        on_link: LinkHandler,
+        secret: bytes | None = None,
+        host: str | None = None,
+        port: int = 0,
+        ssl: ssl_module.SSLContext | None = None,
+        client_ssl: ssl_module.SSLContext | None = None,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        heartbeat: float = 1.0,
+        dead_after: float = 3.0,
+        setup_app: Callable[[web.Application], None] | None = None,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        recv_buffer: int = 4 * 1024 * 1024,
+    ) -> None:
+        if not node_id or len(node_id) > MAX_NODE_ID:
+            raise InvalidArgument(f"node_id must be 1..{MAX_NODE_ID} characters")
+        if secret is not None and not secret:
+            raise InvalidArgument("secret must not be empty (use None for loopback only)")
+        if host is None:
+            host = "127.0.0.1" if secret is None else "0.0.0.0"
+        if secret is None and not is_loopback(host):
+            raise InvalidArgument(
+                f"without a mesh secret the node listens on loopback only, not {host!r}"
+            )
+        if max_frame <= 0 or heartbeat <= 0 or dead_after <= 0 or handshake_timeout <= 0:
+            raise InvalidArgument("max_frame, heartbeat, dead_after, handshake_timeout > 0")
+        self.node_id = node_id
+        self._hello = hello
+        self._on_link = on_link
+        self._secret = secret
+        self._host = host
+        self._port = port
+        self._ssl = ssl
+        self._client_ssl = client_ssl
+        self._max_frame = max_frame
+        # aiohttp declares a peer dead `heartbeat/2` after an unanswered ping that it sends
+        # `heartbeat` after the last traffic: 1.5 intervals in all.
+        self._heartbeat = min(heartbeat, dead_after / 1.5)
+        self._close_timeout = dead_after
+        self._handshake_timeout = handshake_timeout
+        self._recv_buffer = recv_buffer
+        self._setup_app = setup_app
+        self._state = _State.NEW
+        self._closed_event = asyncio.Event()
+        self._app = web.Application()
+        self._app.router.add_get(PATH, self._handle_ws)
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._url = ""
+        self._links: dict[str, WebSocketLink] = {}
+        self._dialling: dict[str, int] = {}
+        self._links_changed = asyncio.Event()
+        self._handshaking: set[_ServerWs] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._redialers: dict[str, asyncio.Task[None]] = {}
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def app(self) -> web.Application:
+        """The aiohttp application (add routes through ``setup_app`` before start)."""
+        return self._app
+
+    @property
+    def url(self) -> str:
+        """What a peer on this host dials: ``ws://127.0.0.1:PORT`` (``wss`` with TLS)."""
+        if self._state is _State.NEW:
+            raise ClosedError("transport not started")
+        return self._url
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port."""
+        return URL(self.url).port or 0
+
+    @property
+    def links(self) -> dict[str, WebSocketLink]:
+        """Open links by peer node id (a copy)."""
+        return {k: v for k, v in self._links.items() if not v.closed}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> WebSocketTransport:
+        if self._state is not _State.NEW:
+            raise ClosedError("a transport cannot be started twice")
+        self._state = _State.CLOSING  # not accepting until fully started
+        if self._setup_app is not None:
+            self._setup_app(self._app)
+        runner = web.AppRunner(
+            self._app, handle_signals=False, access_log=None, shutdown_timeout=HANDLER_GRACE
+        )
+        await runner.setup()
+        self._runner = runner
+        try:
+            site = web.TCPSite(runner, self._host, self._port, ssl_context=self._ssl)
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            self._state = _State.CLOSED
+            raise InvalidArgument(f"cannot listen on {self._host}:{self._port}: {exc}") from exc
+        bound = runner.addresses[0]
+        host = self._host
+        if host in ("0.0.0.0", ""):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        self._url = str(
+            URL.build(scheme="wss" if self._ssl else "ws", host=host.strip("[]"), port=bound[1])
+        )
+        self._session = aiohttp.ClientSession(
+            ws_response_class=_ClientWs,
+            timeout=aiohttp.ClientTimeout(total=None, connect=self._handshake_timeout),
+        )
+        self._state = _State.OPEN
+        log.info("node %s listening on %s%s", self.node_id, self._url, PATH)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop accepting, stop redialling, close links (1001), release the server.
+
+        Harmless when called twice or concurrently (later callers wait for the first).
+        """
+        if self._state is _State.NEW:
+            self._state = _State.CLOSED
+            self._closed_event.set()
+            return
+        if self._state is not _State.OPEN:
+            await self._closed_event.wait()
+            return
+        self._state = _State.CLOSING
+        try:
+            await self._shutdown()
+        finally:
+            self._state = _State.CLOSED
+            self._closed_event.set()
+
+    async def _shutdown(self) -> None:
+        runner, session = self._runner, self._session
+        assert runner is not None
+        assert session is not None
+        for site in list(runner.sites):
+            await self._step("stop listening", site.stop())
+        redialers = list(self._redialers.values())
+        self._redialers.clear()
+        for task in redialers:
+            task.cancel()
+        await asyncio.gather(*redialers, return_exceptions=True)
+        pending = [
+            ws.close(code=CLOSE_GOING_AWAY, message=b"node shutting down")
+            for ws in list(self._handshaking)
+        ]
+        closing = [
+            link.close(CLOSE_GOING_AWAY, "node shutting down")
+            for link in list(self._links.values())
+        ]
+        await self._step("close links", asyncio.gather(*pending, *closing, return_exceptions=True))
+        if self._tasks:
+            _done, still = await asyncio.wait(set(self._tasks), timeout=HANDLER_GRACE)
+            for task in still:
+                log.warning("cancelling %s: still running at shutdown", task.get_name())
+                task.cancel()
+            await asyncio.gather(*still, return_exceptions=True)
+        await self._step("close client session", session.close())
+        await self._step("stop server", runner.cleanup())
+        self._links.clear()
+        log.info("node %s transport closed", self.node_id)
+
+    @staticmethod
+    async def _step(what: str, aw: Coroutine[Any, Any, Any] | asyncio.Future[Any]) -> None:
+        """One guarded shutdown step: log a failure and go on with the next step."""
+        try:
+            await aw
+        except Exception:
+            log.exception("shutdown step %r failed", what)
+
+    def _check_open(self) -> None:
+        if self._state is not _State.OPEN:
+            raise ClosedError(f"transport is {self._state.value}")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    # ------------------------------------------------------------------ link registry
+
+    def _changed(self) -> None:
+        self._links_changed.set()
+        self._links_changed = asyncio.Event()
+
+    async def _wait_link(self, node_id: str, timeout: float) -> WebSocketLink | None:
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    link = self._links.get(node_id)
+                    if link is not None and not link.closed:
+                        return link
+                    await self._links_changed.wait()
+        except TimeoutError:
+            return None
+
+    def _register(self, link: WebSocketLink) -> None:
+        """Decide the one-link-per-pair rule and register; no ``await`` in here."""
+        if self._state is not _State.OPEN:
+            raise _HandshakeFailure(CLOSE_GOING_AWAY, "node shutting down")
+        peer = link.peer.node_id
+        existing = self._links.get(peer)
+        if existing is not None and not existing.closed:
+            raise _HandshakeFailure(CLOSE_DUPLICATE, f"already linked to {peer}")
+        if not link.dialled_by_us and self._dialling.get(peer) and self.node_id < peer:
+            raise _HandshakeFailure(CLOSE_DUPLICATE, f"simultaneous dial; {self.node_id} wins")
+        self._links[peer] = link
+        self._changed()
+
+    def _unregister(self, link: WebSocketLink) -> None:
+        if self._links.get(link.peer.node_id) is link:
+            del self._links[link.peer.node_id]
+            self._changed()
+
+    async def _run_link(self, link: WebSocketLink) -> None:
+        """Serve one link: the node's handler in a task, the read pump here."""
+        self._spawn(self._call_handler(link), name=f"subcog-link-handler-{link.peer.node_id}")
+        try:
+            await link._pump()
+        finally:
+            self._unregister(link)
+
+    async def _call_handler(self, link: WebSocketLink) -> None:
+        try:
+            await self._on_link(link)
+        except Exception:
+            log.exception("link handler for %s failed", link.peer.node_id)
+            await link.close(CLOSE_HANDLER_ERROR, "link handler error")
+            return
+        await link.close(CLOSE_NORMAL, "handler finished")
+
+    # ------------------------------------------------------------------ server side
+
+    async def _handle_ws(self, request: web.Request) -> web.StreamResponse:
+        if self._state is not _State.OPEN:
+            raise web.HTTPServiceUnavailable(text="node shutting down")
+        if self._secret is None and not is_loopback(request.remote):
+            log.warning("refused %s: loopback only without a mesh secret", request.remote)
+            raise web.HTTPForbidden(text="loopback only without a mesh secret")
+        ws = _ServerWs(
+            heartbeat=self._heartbeat,
+            max_msg_size=self._max_frame + 1,  # aiohttp rejects sizes >= its limit
+            timeout=self._close_timeout,
+            compress=False,
+        )
+        await ws.prepare(request)
+        self._handshaking.add(ws)
+        try:
+            async with asyncio.timeout(self._handshake_timeout):
+                link = await self._server_handshake(ws)
+        except _HandshakeFailure as failure:
+            if not failure.remote:
+                log.warning("handshake from %s refused: %s", request.remote, failure)
+                await ws.close(code=failure.code, message=_reason_bytes(failure.reason))
+            else:
+                log.info("handshake from %s ended by peer: %s", request.remote, failure)
+            return ws
+        except TimeoutError:
+            log.warning("handshake from %s timed out", request.remote)
+            await ws.close(code=CLOSE_HANDSHAKE_TIMEOUT, message=b"handshake timeout")
+            return ws
+        except (ConnectionError, aiohttp.ClientError) as exc:
+            log.info("handshake from %s: connection lost (%s)", request.remote, exc)
+            await ws.close(code=CLOSE_ABNORMAL, message=b"connection lost")
+            return ws
+        finally:
+            self._handshaking.discard(ws)
+        log.info("accepted link from %s (%s)", link.peer.node_id, request.remote)
+        await self._run_link(link)
+        return ws
+
+    async def _server_handshake(self, ws: _ServerWs) -> WebSocketLink:
+        first = _unpack(await _recv_handshake(ws), "hello")
+        client_id, client_nonce = _node_id(first), _nonce(first)
+        if client_id == self.node_id:
+            raise _HandshakeFailure(CLOSE_SELF, "a node cannot link to itself")
+        server_nonce = auth.make_nonce()
+        binding = auth.Binding(client_nonce, server_nonce, client_id, self.node_id)
+        proof = auth.make_proof(self._secret, "server", binding)
+        await ws.send_bytes(
+            _pack("challenge", node_id=self.node_id, nonce=server_nonce, proof=proof)
+        )
+        third = _unpack(await _recv_handshake(ws), "auth")
+        client_proof = _field(third, "proof", bytes)
+        if not auth.verify_proof(self._secret, "client", client_proof, binding):
+            raise _HandshakeFailure(CLOSE_AUTH, "client could not prove the mesh secret")
+        peer = decode_hello(third.get("hello"))
+        if peer.node_id != client_id:
+            raise _HandshakeFailure(CLOSE_PROTOCOL, "hello names another node than the handshake")
+        welcome = _pack("welcome", hello=_describe_self(self._hello))
+        link = WebSocketLink(
+            ws,
+            peer,
+            dialled_by_us=False,
+            max_frame=self._max_frame,
+            recv_buffer=self._recv_buffer,
+            ready=False,
+        )
+        self._register(link)
+        try:
+            await link._send_first(welcome)
+        except BaseException:
+            self._unregister(link)
+            raise
+        return link
+
+    # ------------------------------------------------------------------ client side
+
+    def _check_url(self, url: str) -> URL:
+        try:
+            parsed = URL(url)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"not a URL: {url!r}") from exc
+        if parsed.scheme not in ("ws", "wss") or not parsed.host:
+            raise InvalidArgument(f"peer URL must be ws://host:port or wss://..., not {url!r}")
+        if self._secret is None and not is_loopback(parsed.host):
+            raise InvalidArgument(f"without a mesh secret only loopback peers, not {url!r}")
+        if parsed.path in ("", "/"):
+            parsed = parsed.with_path(PATH)
+        return parsed
+
+    async def connect(self, url: str) -> WebSocketLink:
+        """Dial ``url`` once; return the link when established.
+
+        If a link to that node exists (or the peer's simultaneous dial wins), returns that
+        link instead. Raises :class:`AuthError`, :class:`ProtocolError`,
+        :class:`PeerUnreachable`, :class:`InvalidArgument` (bad URL, or this node itself),
+        :class:`ClosedError` (transport closed).
+        """
+        self._check_open()
+        target = self._check_url(url)
+        session = self._session
+        assert session is not None
+        try:
+            async with asyncio.timeout(self._handshake_timeout):
+                ws = await session.ws_connect(
+                    target,
+                    heartbeat=self._heartbeat,
+                    max_msg_size=self._max_frame + 1,
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=self._close_timeout),
+                    ssl=self._client_ssl if self._client_ssl is not None else True,
+                )
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status == 403:
+                raise AuthError(f"{url} refused us: {exc.message}") from exc
+            raise PeerUnreachable(f"{url} is no subcog-crdt node: {exc.status}") from exc
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise AuthError(f"{url}: TLS certificate rejected: {exc}") from exc
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise PeerUnreachable(f"cannot reach {url}: {exc or type(exc).__name__}") from exc
+        assert isinstance(ws, _ClientWs)
+        peer_id: str | None = None
+        try:
+            try:
+                async with asyncio.timeout(self._handshake_timeout):
+                    link, peer_id = await self._client_handshake(ws)
+            except TimeoutError:
+                raise _HandshakeFailure(CLOSE_HANDSHAKE_TIMEOUT, "handshake timeout") from None
+        except _HandshakeFailure as failure:
+            if not failure.remote:
+                await ws.close(code=failure.code, message=_reason_bytes(failure.reason))
+            if failure.code == CLOSE_DUPLICATE and failure.peer_id is not None:
+                existing = await self._wait_link(failure.peer_id, self._handshake_timeout)
+                if existing is not None:
+                    return existing
+            log.info("dialling %s failed: %s", url, failure)
+            raise _client_error(failure, url) from None
+        except BaseException:
+            await ws.close(code=CLOSE_GOING_AWAY, message=b"dial abandoned")
+            raise
+        if link is None:  # a link to that node exists already
+            assert peer_id is not None
+            existing = self._links.get(peer_id)
+            if existing is not None:
+                return existing
+            raise PeerUnreachable(f"link to {peer_id} vanished")
+        log.info("linked to %s at %s", link.peer.node_id, url)
+        self._spawn(self._run_link(link), name=f"subcog-link-pump-{link.peer.node_id}")
+        return link
+
+    async def _client_handshake(self, ws: _ClientWs) -> tuple[WebSocketLink | None, str]:
+        client_nonce = auth.make_nonce()
+        await ws.send_bytes(_pack("hello", node_id=self.node_id, nonce=client_nonce))
+        second = _unpack(await _recv_handshake(ws), "challenge")
+        server_id, server_nonce = _node_id(second), _nonce(second)
+        server_proof = _field(second, "proof", bytes)
+        if server_id == self.node_id:
+            raise _HandshakeFailure(CLOSE_SELF, "a node cannot link to itself")
+        binding = auth.Binding(client_nonce, server_nonce, self.node_id, server_id)
+        if not auth.verify_proof(self._secret, "server", server_proof, binding):
+            raise _HandshakeFailure(CLOSE_AUTH, "server could not prove the mesh secret")
+        existing = self._links.get(server_id)
+        if existing is not None and not existing.closed:
+            await ws.close(code=CLOSE_DUPLICATE, message=b"already linked")
+            return None, server_id
+        self._dialling[server_id] = self._dialling.get(server_id, 0) + 1
+        try:
+            return await self._client_finish(ws, server_id, binding), server_id
+        except _HandshakeFailure as failure:
+            failure.peer_id = server_id
+            raise
+        finally:
+            self._dialling[server_id] -= 1
+            if not self._dialling[server_id]:
+                del self._dialling[server_id]
+
+    async def _client_finish(
+        self, ws: _ClientWs, server_id: str, binding: auth.Binding
+    ) -> WebSocketLink:
+        """Handshake messages 3 and 4, while this dial counts as under way."""
+        proof = auth.make_proof(self._secret, "client", binding)
+        try:
+            await ws.send_bytes(_pack("auth", proof=proof, hello=_describe_self(self._hello)))
+        except (ConnectionError, aiohttp.ClientError) as exc:
+            raise _HandshakeFailure(CLOSE_ABNORMAL, f"peer went away: {exc}") from exc
+        fourth = _unpack(await _recv_handshake(ws), "welcome")
+        peer = decode_hello(fourth.get("hello"))
+        if peer.node_id != server_id:
+            raise _HandshakeFailure(CLOSE_PROTOCOL, "hello names another node")
+        link = WebSocketLink(
+            ws,
+            peer,
+            dialled_by_us=True,
+            max_frame=self._max_frame,
+            recv_buffer=self._recv_buffer,
+        )
+        self._register(link)
+        return link
+
+    # ------------------------------------------------------------------ redial
+
+    def add_peer(self, url: str) -> None:
+        """Keep a link to ``url``: dial now and redial (exponential backoff with jitter)
+        after failures or disconnects, until :meth:`remove_peer` or close."""
+        self._check_open()
+        self._check_url(url)
+        if url in self._redialers:
+            return
+        self._redialers[url] = asyncio.create_task(self._keep_peer(url), name=f"subcog-{url}")
+
+    async def remove_peer(self, url: str) -> None:
+        """Stop keeping a link to ``url`` (an existing link stays open)."""
+        task = self._redialers.pop(url, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _keep_peer(self, url: str) -> None:
+        delay = BACKOFF_START
+        node_id: str | None = None
+        while self._state is _State.OPEN:
+            link = self._links.get(node_id) if node_id is not None else None
+            if link is None or link.closed:
+                try:
+                    link = await self.connect(url)
+                except ClosedError:
+                    return
+                except InvalidArgument:
+                    log.exception("not redialling %s", url)
+                    return
+                except SubcogError as exc:
+                    level = logging.INFO if isinstance(exc, PeerUnreachable) else logging.WARNING
+                    log.log(level, "peer %s: %s; retry in ~%.1fs", url, exc, delay)
+                    await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                    delay = min(delay * 2, BACKOFF_CAP)
+                    continue
+            node_id = link.peer.node_id
+            await link.wait_closed()
+            if time.monotonic() - link.opened_at >= STABLE_LINK:
+                delay = BACKOFF_START
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, BACKOFF_CAP)

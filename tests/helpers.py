@@ -1,0 +1,36 @@
+"""Small helpers shared by tests: waiting on conditions with a deadline (never sleeping as
+synchronisation), and wiring in-memory nodes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from subcog_crdt import ConversationsApi
+from subcog_crdt._transport.memory import MemoryLink, memory_link_pair
+
+
+async def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
+    """Poll ``cond`` until truthy; fail with ``what`` after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what or cond}")
+        await asyncio.sleep(0.005)
+
+
+def link(a: ConversationsApi, b: ConversationsApi) -> tuple[MemoryLink, MemoryLink]:
+    """Connect two in-memory nodes."""
+    la, lb = memory_link_pair(a._hello(), b._hello())
+    a.attach(la)
+    b.attach(lb)
+    return la, lb
+
+
+def converged(nodes: list[ConversationsApi], ns: str) -> bool:
+    return len({n.state_hash(ns) for n in nodes}) == 1 and nodes[0].state_hash(ns) != "0" * 64

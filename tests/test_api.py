@@ -1,0 +1,321 @@
+"""The public API over in-memory nodes: sessions, events, conflicts, recall, sync."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from helpers import converged, link, wait_for
+from subcog_crdt import (
+    Captured,
+    ClosedError,
+    Conflict,
+    ConflictError,
+    ConversationsApi,
+    Deleted,
+    InvalidArgument,
+    InvalidNamespace,
+    Lagged,
+    NotFound,
+    Retention,
+    Updated,
+)
+from subcog_crdt._peering import is_live_update
+
+
+def node(**kw) -> ConversationsApi:
+    return ConversationsApi(listen=False, **kw)
+
+
+async def test_capture_update_delete_reach_other_node_as_events():
+    async with node() as a, node() as b:
+        sa = await a.register_session("claude-1", subscribe=["decisions"])
+        sb = await b.register_session("cursor-2", subscribe=["decisions"])
+        events = sb.events()
+        link(a, b)
+        m = await sa.capture("decisions", "Use SQLite WAL", tags=["storage"])
+        ev = await events.next(5)
+        assert isinstance(ev, Captured)
+        assert (ev.memory.id, ev.source_session, ev.node_id) == (m.id, "claude-1", a.node_id)
+        m2 = await sa.update(m.id, content="Use SQLite WAL + fsync", expected_version=m.version)
+        ev = await events.next(5)
+        assert isinstance(ev, Updated)
+        assert ev.changes == {"content": "Use SQLite WAL + fsync"}
+        assert ev.source_session == "claude-1"
+        await sa.delete(m2.id)
+        ev = await events.next(5)
+        assert isinstance(ev, Deleted) and ev.memory_id == m.id
+        assert b.get(m.id).deleted
+        cursors = []
+        async with sb.events(include_own=True) as own:
+            await sb.capture("decisions", "Tests live next to the code")
+            item = await own.next(5)
+            assert isinstance(item, Captured) and item.source_session == "cursor-2"
+            cursors.append(item.cursor)
+        await wait_for(lambda: converged([a, b], "decisions"))
+
+
+async def test_events_filtered_by_subscription_and_own_excluded():
+    async with node() as a:
+        s1 = await a.register_session("s1", subscribe=["decisions"])
+        s2 = await a.register_session("s2", subscribe=["patterns"])
+        e1, e2 = s1.events(), s2.events()
+        await s1.capture("patterns", "pattern by s1")
+        await s2.capture("decisions", "decision by s2")
+        got1 = await e1.next(5)
+        got2 = await e2.next(5)
+        assert got1.namespace == "decisions" and got1.source_session == "s2"
+        assert got2.namespace == "patterns" and got2.source_session == "s1"
+        assert e1.get_nowait() is None and e2.get_nowait() is None
+
+
+async def test_duplicate_capture_is_one_memory_with_all_capturers():
+    async with node() as a, node() as b:
+        sa = await a.register_session("a1", subscribe=["decisions"])
+        sb = await b.register_session("b1", subscribe=["decisions"])
+        ma = await sa.capture("decisions", "Use SQLite WAL")
+        mb = await sb.capture("decisions", "  use sqlite   WAL ")
+        link(a, b)
+        await wait_for(lambda: converged([a, b], "decisions"))
+        for n in (a, b):
+            mems = n.memories("decisions")
+            assert len(mems) == 1
+            assert set(mems[0].captured_by) == {"a1", "b1"}
+        assert ma.id == mb.id
+        again = await sa.capture("decisions", "USE SQLITE WAL")
+        assert again.id == ma.id and again.version == 3
+
+
+async def test_optimistic_locking_raises_and_changes_nothing():
+    async with node() as a:
+        s = await a.register_session("s", subscribe=["d"])
+        m = await s.capture("d", "one")
+        await s.update(m.id, content="two")
+        before = a.state_hash("d")
+        with pytest.raises(ConflictError) as info:
+            await s.update(m.id, content="three", expected_version=m.version)
+        assert info.value.expected == 1 and info.value.actual == 2
+        assert a.state_hash("d") == before
+        assert a.get(m.id).content == "two"
+        with pytest.raises(ConflictError):
+            await s.delete(m.id, expected_version=1)
+        assert not a.get(m.id).deleted
+
+
+async def test_delete_then_recapture_revives():
+    async with node() as a:
+        s = await a.register_session("s", subscribe=["d"])
+        m = await s.capture("d", "ephemeral fact")
+        await s.delete(m.id)
+        with pytest.raises(NotFound):
+            await s.update(m.id, content="x")
+        assert s.recall("ephemeral") == []
+        again = await s.capture("d", "Ephemeral fact")
+        assert again.id == m.id and not again.deleted and again.version == 3
+        assert [x.op for x in a.history(m.id)] == ["capture", "delete", "capture"]
+        assert [x.id for x in s.recall("ephemeral")] == [m.id]
+
+
+async def test_concurrent_updates_conflict_event_on_both_nodes():
+    async with node() as a, node() as b:
+        sa = await a.register_session("a1", subscribe=["d"])
+        sb = await b.register_session("b1", subscribe=["d"])
+        la, lb = link(a, b)
+        m = await sa.capture("d", "original")
+        await wait_for(lambda: converged([a, b], "d"))
+        ea, eb = sa.events(), sb.events()
+        # partition: stop delivery by closing the link, write on both sides, then heal
+        await la.close()
+        await wait_for(lambda: not a.peers() and not b.peers())
+        await sa.update(m.id, content="from a")
+        await sb.update(m.id, content="from b")
+        link(a, b)
+        await wait_for(lambda: converged([a, b], "d"))
+        winner = a.get(m.id)
+        assert winner.content == b.get(m.id).content
+        for ev in (ea, eb):
+            items = []
+            while len(items) < 2:
+                items.append(await ev.next(5))
+            conflicts = [x for x in items if isinstance(x, Conflict)]
+            assert len(conflicts) == 1
+            c = conflicts[0]
+            assert c.fields == ("content",)
+            assert winner.content == c.winner.changes["content"]
+            assert {x.key for x in a.history(m.id)} >= {c.winner.key, c.loser.key}
+
+
+async def test_recall_ranks_and_filters():
+    async with node() as a:
+        s = await a.register_session("s", subscribe=["d", "p"])
+        await s.capture("d", "SQLite WAL mode for the journal", tags=["storage"])
+        await s.capture("d", "SQLite SQLite SQLite everywhere", tags=["db"])
+        await s.capture("d", "Unrelated note about tests")
+        await s.capture("p", "SQLite in patterns too", tags=["storage"])
+        hits = s.recall("sqlite")
+        assert hits[0].content == "SQLite SQLite SQLite everywhere"
+        assert {h.namespace for h in hits} == {"d", "p"}
+        assert [h.content for h in s.recall("sqlite", namespace="p")] == ["SQLite in patterns too"]
+        tagged = s.recall("sqlite", tags=["storage"])
+        assert {h.content for h in tagged} == {"SQLite WAL mode for the journal", "SQLite in patterns too"}
+        m = s.recall("unrelated")[0]
+        await s.update(m.id, content="Now about msgpack framing")
+        assert s.recall("unrelated") == []
+        assert [h.id for h in s.recall("msgpack")] == [m.id]
+        with pytest.raises(InvalidArgument):
+            s.recall("x", limit=0)
+
+
+async def test_sync_since_exactly_once_and_filters():
+    async with node() as a:
+        s1 = await a.register_session("s1", subscribe=["d"])
+        s2 = await a.register_session("s2", subscribe=["d", "p"])
+        t0 = datetime.now(UTC) - timedelta(seconds=1)
+        await s1.capture("d", "first")
+        await s1.capture("p", "pattern")
+        await s2.capture("d", "second")
+        b = await s2.sync()
+        assert [e.memory.content for e in b.events if isinstance(e, Captured)] == ["first", "pattern"]
+        assert (await s2.sync()).events == []
+        await s1.capture("d", "third")
+        b2 = await s2.sync()
+        assert [e.memory.content for e in b2.events] == ["third"]
+        own = await s2.sync(since=0, include_own=True)
+        assert [e.memory.content for e in own.events] == ["first", "pattern", "second", "third"]
+        by_time = await s1.sync(since=t0, include_own=True)
+        assert [e.memory.content for e in by_time.events] == ["first", "second", "third"]
+        limited = await s2.sync(since=0, include_own=True, limit=2)
+        assert limited.more and len(limited.events) == 2
+        rest = await s2.sync(since=limited.cursor, include_own=True)
+        assert [e.memory.content for e in rest.events] == ["second", "third"]
+        with pytest.raises(InvalidArgument):
+            await s2.sync(since="yesterday")
+
+
+async def test_sync_past_retention_reports_incomplete():
+    async with node(retention=Retention(max_events=3)) as a:
+        s = await a.register_session("s", subscribe=["d"])
+        w = await a.register_session("w", subscribe=["d"])
+        for i in range(6):
+            await w.capture("d", f"fact {i}")
+        b = await s.sync()
+        assert not b.complete
+        assert [e.memory.content for e in b.events] == ["fact 3", "fact 4", "fact 5"]
+        assert (await s.sync()).complete
+
+
+async def test_slow_subscriber_gets_lagged_marker_not_unbounded_queue():
+    async with node() as a:
+        s = await a.register_session("s", subscribe=["d"])
+        w = await a.register_session("w", subscribe=["d"])
+        ev = s.events(maxsize=5)
+        for i in range(20):
+            await w.capture("d", f"fact {i}")
+        got = [ev.get_nowait() for _ in range(6)]
+        assert all(isinstance(x, Captured) for x in got[:5])
+        assert isinstance(got[5], Lagged) and got[5].dropped == 15
+        assert got[5].cursor == got[4].cursor
+        assert ev.get_nowait() is None
+        await w.capture("d", "after the gap")
+        nxt = await ev.next(5)
+        assert isinstance(nxt, Captured) and nxt.memory.content == "after the gap"
+        caught_up = await s.sync(since=got[5].cursor)
+        assert len(caught_up.events) == 16
+
+
+async def test_line_topology_converges_through_middle_node():
+    async with node() as a, node() as b, node() as c:
+        sa = await a.register_session("a1", subscribe=["d"])
+        sc = await c.register_session("c1", subscribe=["d"])
+        events = sc.events()
+        link(a, b)
+        link(b, c)
+        await wait_for(lambda: len(b.peers()) == 2 and len(a.peers()) == 1)
+        m = await sa.capture("d", "travels through b")
+        ev = await events.next(5)
+        assert isinstance(ev, Captured) and ev.source_session == "a1" and ev.memory.id == m.id
+        await wait_for(lambda: converged([a, b, c], "d"))
+        assert {s.id for s in c.sessions.list()} >= {"c1"}
+
+
+async def test_private_namespace_never_leaves_node():
+    async with node(private_namespaces=["secret"]) as a, node() as b:
+        sa = await a.register_session("a1", subscribe=["secret", "d"])
+        await b.register_session("b1", subscribe=["secret", "d"])
+        la, _ = link(a, b)
+        await sa.capture("secret", "MARKER-7f3a private")
+        await sa.capture("d", "public")
+        await wait_for(lambda: converged([a, b], "d"))
+        await sa.capture("secret", "MARKER-7f3a again")
+        await sa.capture("d", "public 2")
+        await wait_for(lambda: converged([a, b], "d"))
+        assert la.sent_frames
+        for frame in la.sent_frames:
+            assert b"MARKER-7f3a" not in frame
+            assert b"secret" not in frame
+        assert b.memories("secret") == []
+
+
+async def test_chaotic_links_converge():
+    async with node() as a, node() as b, node() as c:
+        sessions = [await n.register_session(f"s{i}", subscribe=["d"]) for i, n in enumerate((a, b, c))]
+        links = [*link(a, b), *link(b, c), *link(a, c)]
+        for i, lk in enumerate(links):
+            lk.rng.seed(i)
+            lk.reorder, lk.duplicate = 0.5, 0.3
+            lk.chaos_filter = is_live_update
+        mems = []
+        for i in range(30):
+            s = sessions[i % 3]
+            mems.append(await s.capture("d", f"fact {i % 10}"))
+            if i % 4 == 0:
+                await s.update(mems[-1].id, tags=[f"t{i}"])
+        await wait_for(lambda: converged([a, b, c], "d"), what="convergence")
+        for n in (a, b, c):
+            assert len(n.memories("d")) == 10
+
+
+async def test_bad_arguments_raise_documented_errors_and_change_nothing():
+    async with node() as a:
+        s = await a.register_session("s", subscribe=["d"])
+        with pytest.raises(InvalidNamespace):
+            await s.capture("Bad Name", "x")
+        with pytest.raises(InvalidArgument):
+            await s.capture("d", "   ")
+        with pytest.raises(InvalidArgument):
+            await s.capture("d", "x", tags="not-a-list")
+        with pytest.raises(InvalidArgument):
+            await s.capture("d", "x", metadata={"k": object()})
+        with pytest.raises(InvalidArgument):
+            await a.register_session("bad/id")
+        with pytest.raises(NotFound):
+            await s.update("00000000000000000000", content="x")
+        assert a.memories("d") == []
+        assert a.state_hash("d") == "0" * 64 or a.namespaces() == ["d"]
+    with pytest.raises(ClosedError):
+        await s.capture("d", "after close")
+
+
+async def test_remote_sessions_visible_and_gone_after_disconnect():
+    async with node() as a, node() as b:
+        await a.register_session("a1", subscribe=["d"])
+        la, _ = link(a, b)
+        await wait_for(lambda: any(x.id == "a1" and not x.is_local for x in b.sessions.list()))
+        info = b.sessions.get("a1")
+        assert info.node_id == a.node_id and info.subscriptions == ("d",)
+        await a.register_session("a2", subscribe=["p"])
+        await wait_for(lambda: any(x.id == "a2" for x in b.sessions.list()))
+        await la.close()
+        await wait_for(lambda: all(x.is_local for x in b.sessions.list()))
+
+
+async def test_close_twice_is_harmless_and_reopen_refused():
+    a = node()
+    await a.open()
+    await a.aclose()
+    await a.aclose()
+    with pytest.raises(ClosedError):
+        await a.open()
+    assert asyncio.get_running_loop()
