@@ -9,6 +9,7 @@ collected in :attr:`NamespaceDoc.outbox` for storage and peers to take.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator
@@ -18,7 +19,7 @@ from pycrdt import Doc, Map, TransactionEvent
 
 from subcog_crdt._core.events import Captured, Conflict, Deleted, Event, Updated
 from subcog_crdt._core.hlc import Hlc, stamp_datetime
-from subcog_crdt._core.memory import Memory, find_conflicts, fold
+from subcog_crdt._core.memory import Memory, find_conflicts, first_capture, fold
 from subcog_crdt._core.recall import RecallIndex, tokenize
 from subcog_crdt._core.schema import (
     ENTRIES,
@@ -26,6 +27,7 @@ from subcog_crdt._core.schema import (
     check_content,
     decode_write,
     encode_write,
+    first_memory_id,
     memory_id_chain,
     normalise,
     prepare_fields,
@@ -44,7 +46,6 @@ __all__ = ["LOCAL", "NamespaceDoc"]
 log = logging.getLogger(__name__)
 
 LOCAL = "local"
-_MOD = 1 << 256
 
 
 class _Mem:
@@ -61,10 +62,6 @@ class _Mem:
         self.normh = 0
         self.doc = doc
         self.deferred: list[Write] | None = None
-
-
-def _hash_entry(key: str, value: str) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{key}\x00{value}".encode()).digest()[:32], "big")
 
 
 class NamespaceDoc:
@@ -89,8 +86,10 @@ class NamespaceDoc:
         self._by_doc: list[str] = []
         self._moved: dict[int, str] = {}
         self._pending: list[MapInsert] = []
-        self._hash = 0
+        self._hash_cache: str | None = None
         self._n_writes = 0
+        self._to_index: list[tuple[int, str, Any]] = []
+        self._changed_docs: set[int] = set()
         self.index = RecallIndex()
         self._sub = self.doc.observe(self._on_transaction)
 
@@ -115,8 +114,17 @@ class NamespaceDoc:
         return self.doc.get_update(state_vector)
 
     def state_hash(self) -> str:
-        """Equal on two nodes iff they hold the same writes."""
-        return f"{self._hash:064x}"
+        """Equal on two nodes iff they hold the same entries (computed on demand: it reads
+        every entry, so it is for checks and diagnostics, not hot paths)."""
+        if self._hash_cache is None:
+            if not self._n_writes:
+                self._hash_cache = "0" * 64
+            else:
+                h = hashlib.blake2b(digest_size=32)
+                for key, value in sorted(self.entries.items()):
+                    h.update(f"{key}\x00{value}\x00".encode())
+                self._hash_cache = h.hexdigest()
+        return self._hash_cache
 
     @property
     def write_count(self) -> int:
@@ -193,12 +201,15 @@ class NamespaceDoc:
     def _capture_prepared(self, session: str, changes: dict[str, Any]) -> tuple[Memory, list[Event]]:
         norm = normalise(changes["content"])
         normh = hash(norm)
-        mid = self._moved.get(normh)
+        mid = self._moved.get(normh) if self._moved else None
         if mid is not None:
             m = self._mems.get(mid)
             if m is None or m.deleted or m.normh != normh:
                 mid = None
         if mid is None:
+            first = first_memory_id(self.namespace, norm)
+            if first not in self._mems:
+                return self._local_write(first, "capture", session, changes, normh)
             for candidate in memory_id_chain(self.namespace, norm):
                 m = self._mems.get(candidate)
                 if m is None or not m.exists or m.deleted or m.normh == normh:
@@ -249,7 +260,7 @@ class NamespaceDoc:
         return self._local_write(memory_id, "delete", session, {})
 
     def _local_write(
-        self, mid: str, op: str, session: str, changes: dict[str, Any]
+        self, mid: str, op: str, session: str, changes: dict[str, Any], normh: int = 0
     ) -> tuple[Memory, list[Event]]:
         m = self._mems.get(mid)
         base = m.orders[-1][0] if m is not None and m.orders else ""
@@ -259,7 +270,7 @@ class NamespaceDoc:
         with self.doc.transaction(origin=LOCAL):
             self.entries[key] = value
         w = Write(key, mid, at, session, self.node_id, op, base, changes)
-        events, mem = self._integrate(w, value)
+        events, mem = self._integrate(w, value, normh=normh)
         assert mem is not None  # a local write always applies to a known memory
         return mem, events
 
@@ -334,59 +345,60 @@ class NamespaceDoc:
 
     # -- integration -------------------------------------------------------------------
 
-    def _integrate(self, w: Write, value: str, emit: bool = True) -> tuple[list[Event], Memory | None]:
+    def _integrate(
+        self, w: Write, value: str, emit: bool = True, normh: int = 0
+    ) -> tuple[list[Event], Memory | None]:
         """Add one write to the derived state; return its events and the memory after."""
         mid = w.memory_id
         m = self._mems.get(mid)
+        self._n_writes += 1
+        self._hash_cache = None
+        order = (w.at, w.session, w.node)
         if m is None:
             doc = self.index.new_doc()
             self._by_doc.append(mid)
             m = self._mems[mid] = _Mem(doc)
-        self._hash = (self._hash + _hash_entry(w.key, value)) % _MOD
-        self._n_writes += 1
-        order = w.order
-        if not m.orders or order > m.orders[-1]:
             m.keys.append(w.key)
             m.orders.append(order)
-            previous = None if not m.keys[:-1] else self._writes_except(m, w.key)
+            if w.op == "capture":
+                # The common case, kept short: a brand-new memory.
+                mem: Memory | None = first_capture(self.namespace, w)
+                m.exists = True
+                m.normh = normh or hash(normalise(w.changes["content"]))
+                self._to_index.append((m.doc, w.changes["content"], w.changes.get("tags")))
+                if not emit:
+                    return [], mem
+                assert mem is not None
+                return self._events_for(w, mem, []), mem
+            previous: list[Write] = []
+        elif order > m.orders[-1]:
+            previous = self._writes_except(m, w.key)
+            m.keys.append(w.key)
+            m.orders.append(order)
         else:
-            import bisect
-
+            previous = self._writes_except(m, w.key)
             i = bisect.bisect(m.orders, order)
             m.orders.insert(i, order)
             m.keys.insert(i, w.key)
-            previous = self._writes_except(m, w.key)
-        writes = [w] if previous is None else [*previous, w]
-        before_norm = m.normh
-        mem = fold(self.namespace, writes)
-        was_live = m.exists and not m.deleted
+        mem = fold(self.namespace, [*previous, w])
         if mem is not None:
             m.exists = True
             m.deleted = mem.deleted
             normh = hash(normalise(mem.content))
             if normh != m.normh:
-                first = not m.normh
+                before = m.normh
                 m.normh = normh
-                tokens = tokenize(mem.content)
-                for tag in mem.tags:
-                    tokens.extend(tokenize(tag))
-                if first and not m.keys[:-1]:
-                    self.index.add(m.doc, tokens)
-                else:
-                    self.index.replace(m.doc, tokens)
-                    if before_norm and self._moved.get(before_norm) == mid:
-                        del self._moved[before_norm]
-                    self._moved[normh] = mid
+                if before and self._moved.get(before) == mid:
+                    del self._moved[before]
+                self._moved[normh] = mid
+                self._to_index.append((m.doc, mem.content, mem.tags))
+                self._changed_docs.add(m.doc)
             elif "tags" in w.changes and w.op != "delete":
-                tokens = tokenize(mem.content)
-                for tag in mem.tags:
-                    tokens.extend(tokenize(tag))
-                self.index.replace(m.doc, tokens)
+                self._to_index.append((m.doc, mem.content, mem.tags))
+                self._changed_docs.add(m.doc)
             self.index.set_live(m.doc, not mem.deleted)
-        _ = was_live
         if not emit:
             return [], mem
-        events: list[Event] = []
         if mem is None:
             # An update or delete whose capture has not arrived yet: hold its event so
             # subscribers see Captured first.
@@ -396,12 +408,35 @@ class NamespaceDoc:
             return [], None
         if m.deferred:
             held, m.deferred = m.deferred, None
-            ordered = sorted([*held, w], key=lambda x: x.order)
-            for x in ordered:
-                events.extend(self._events_for(x, mem, previous or []))
+            events: list[Event] = []
+            known = list(previous)
+            for x in sorted([*held, w], key=lambda x: x.order):
+                others = [y for y in known if y.key != x.key]
+                events.extend(self._events_for(x, mem, others))
             return events, mem
-        events.extend(self._events_for(w, mem, previous or []))
-        return events, mem
+        return self._events_for(w, mem, previous), mem
+
+    def flush_index(self, budget: int | None = None) -> int:
+        """Index pending memories (all, or at most ``budget``); return how many remain.
+        Indexing is deferred so a write does not pay for it; recall flushes first, so
+        results are always current."""
+        pending = self._to_index
+        if not pending:
+            return 0
+        take = len(pending) if budget is None else min(budget, len(pending))
+        batch, self._to_index = pending[:take], pending[take:]
+        index = self.index
+        changed = self._changed_docs
+        for doc, content, tags in batch:
+            tokens = tokenize(content)
+            if tags:
+                for tag in tags:
+                    tokens.extend(tokenize(tag))
+            if doc in changed:
+                index.replace(doc, tokens)
+            else:
+                index.add(doc, tokens)
+        return len(self._to_index)
 
     def _writes_except(self, m: _Mem, key: str) -> list[Write]:
         out = []
@@ -467,6 +502,7 @@ class NamespaceDoc:
 
         if tags:
             accept = accept_tags
+        self.flush_index()
         hits = self.index.search(query, limit, self.tokens_of, accept)
         out: list[tuple[float, Memory]] = []
         for score, doc in hits:

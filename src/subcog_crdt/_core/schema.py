@@ -12,9 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from subcog_crdt._core.hlc import valid_stamp
 from subcog_crdt._errors import InvalidArgument, InvalidNamespace
@@ -31,6 +30,7 @@ __all__ = [
     "check_tags",
     "decode_write",
     "encode_write",
+    "first_memory_id",
     "memory_id_chain",
     "normalise",
     "prepare_fields",
@@ -116,6 +116,15 @@ def _check_optional_str(name: str, value: object) -> str | None:
 def prepare_fields(fields: dict[str, Any]) -> dict[str, Any]:
     """Validate writable fields and bring them into their stored (JSON) form."""
     out: dict[str, Any] = {}
+    if len(fields) <= 2 and fields.keys() <= {"content", "tags"}:
+        # the common capture: content and a (usually short) list of tags
+        content = fields.get("content")
+        if content is not None:
+            out["content"] = check_content(content)
+        tags = fields.get("tags")
+        if tags is not None:
+            out["tags"] = [] if tags == [] else check_tags(tags)
+        return out
     for name, value in fields.items():
         if name == "content":
             out[name] = check_content(value)
@@ -162,6 +171,11 @@ def normalise(content: str) -> str:
     return " ".join(content.split()).casefold()
 
 
+def first_memory_id(namespace: str, norm: str) -> str:
+    """The first id of :func:`memory_id_chain` (what almost every capture uses)."""
+    return hashlib.blake2b(f"{namespace}\x00{norm}".encode(), digest_size=10).hexdigest()
+
+
 def memory_id_chain(namespace: str, norm: str) -> Any:
     """Yield candidate ids for a normalised content: a deterministic chain of hashes, so
     every node picks the same id for the same content without talking to the others."""
@@ -175,9 +189,9 @@ def write_key(memory_id: str, at: str, by: str, node: str) -> str:
     return f"{memory_id}/{at}/{by}/{node}"
 
 
-@dataclass(frozen=True, slots=True)
-class Write:
-    """One write to a memory, as stored: the unit of history and of conflict resolution."""
+class Write(NamedTuple):
+    """One write to a memory, as stored: the unit of history and of conflict resolution.
+    (A named tuple: writes are made at every capture, and tuples are cheap to build.)"""
 
     key: str
     memory_id: str
@@ -198,13 +212,25 @@ class Write:
 
 
 def encode_write(op: str, base: str, changes: dict[str, Any]) -> str:
-    value: dict[str, Any] = {"v": SCHEMA_VERSION, "op": op, "set": changes}
-    if base:
-        value["base"] = base
-    return _ENCODER.encode(value)
+    # Same bytes as json.dumps({"v":..,"op":..,"set":..,"base":..}) with compact
+    # separators, built by hand for the common field types: this runs on every write.
+    parts = []
+    for name, value in changes.items():
+        if isinstance(value, str):
+            enc = _encode_str(value)
+        elif value is None:
+            enc = "null"
+        elif isinstance(value, list) and all(isinstance(x, str) for x in value):
+            enc = "[" + ",".join(map(_encode_str, value)) + "]"
+        else:
+            enc = _ENCODER.encode(value)
+        parts.append(f'"{name}":{enc}')
+    tail = f',"base":"{base}"' if base else ""
+    return f'{{"v":{SCHEMA_VERSION},"op":"{op}","set":{{{",".join(parts)}}}{tail}}}'
 
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_encode_str: Any = getattr(json.encoder, "c_encode_basestring", None) or json.encoder.py_encode_basestring
 
 
 def decode_write(key: object, value: object) -> Write | None:

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 __all__ = ["Durability", "JournalRecord", "Retention", "Storage", "StoredState"]
 
 Durability = Literal["process", "fsync"]
 
 
-@dataclass(frozen=True, slots=True)
-class JournalRecord:
-    """One event as the journal keeps it; the event itself is rebuilt from the document."""
+class JournalRecord(NamedTuple):
+    """One event as the journal keeps it; the event itself is rebuilt from the document.
+    (A named tuple: one is made per event, and tuples are cheap to build.)"""
 
     cursor: int
     at_ms: int

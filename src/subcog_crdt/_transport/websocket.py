@@ -664,6 +664,19 @@ class WebSocketTransport:
         if self._state is not _State.NEW:
             raise ClosedError("a transport cannot be started twice")
         self._state = _State.CLOSING  # not accepting until fully started
+        try:
+            await self._start()
+        except BaseException:
+            self._state = _State.CLOSED
+            self._closed_event.set()
+            if self._runner is not None:
+                await self._step("stop server", self._runner.cleanup())
+            raise
+        self._state = _State.OPEN
+        log.info("node %s listening on %s%s", self.node_id, self._url, PATH)
+        return self
+
+    async def _start(self) -> None:
         if self._setup_app is not None:
             self._setup_app(self._app)
         runner = web.AppRunner(
@@ -675,8 +688,6 @@ class WebSocketTransport:
             site = web.TCPSite(runner, self._host, self._port, ssl_context=self._ssl)
             await site.start()
         except OSError as exc:
-            await runner.cleanup()
-            self._state = _State.CLOSED
             raise InvalidArgument(f"cannot listen on {self._host}:{self._port}: {exc}") from exc
         bound = runner.addresses[0]
         host = self._host
@@ -691,9 +702,6 @@ class WebSocketTransport:
             ws_response_class=_ClientWs,
             timeout=aiohttp.ClientTimeout(total=None, connect=self._handshake_timeout),
         )
-        self._state = _State.OPEN
-        log.info("node %s listening on %s%s", self.node_id, self._url, PATH)
-        return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()

@@ -1,0 +1,98 @@
+"""Core benchmark: captures/s (one per call and batched), recall latency on 100k memories,
+RSS per memory at 100k. One in-memory node, no peers, no disk.
+
+    .venv/bin/python benchmarks/bench_core.py [--memories 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import random
+import statistics
+import time
+
+from subcog_crdt import ConversationsApi
+
+
+def rss_bytes() -> int:
+    with open(f"/proc/{os.getpid()}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def corpus(n: int, seed: int = 7) -> list[str]:
+    """~300-byte memories drawn from a Zipf-like vocabulary of 5000 words."""
+    rng = random.Random(seed)
+    vocab = [f"w{i}{chr(97 + i % 26)}" for i in range(5000)]
+    weights = [1 / (i + 1) for i in range(len(vocab))]
+    out = []
+    for i in range(n):
+        words = rng.choices(vocab, weights, k=45)
+        out.append(f"memory {i}: " + " ".join(words))
+    return out
+
+
+async def bench(n_mem: int) -> dict[str, float]:
+    texts = corpus(n_mem)
+    results: dict[str, float] = {}
+    async with ConversationsApi(listen=False, discovery=()) as api:
+        s = await api.register_session("bench", subscribe=["single", "batched"])
+        # one capture per call
+        n1 = min(20_000, n_mem)
+        t = time.perf_counter()
+        for text in texts[:n1]:
+            await s.capture("single", text)
+        results["captures_per_s_single"] = n1 / (time.perf_counter() - t)
+        # batched, 256 per call, into a fresh namespace of n_mem memories
+        gc.collect()
+        rss0 = rss_bytes()
+        t = time.perf_counter()
+        for i in range(0, n_mem, 256):
+            await s.capture_many("batched", texts[i : i + 256])
+        results["captures_per_s_batched"] = n_mem / (time.perf_counter() - t)
+        # indexing is deferred off the write path; the first recall (or an idle tick)
+        # does it. Time it separately so it is not hidden.
+        t = time.perf_counter()
+        api._docs["batched"].flush_index()
+        results["index_flush_s"] = time.perf_counter() - t
+        gc.collect()
+        results["rss_bytes_per_memory"] = (rss_bytes() - rss0) / n_mem
+        # recall: 2-word queries of mid-frequency words
+        rng = random.Random(3)
+        lat = []
+        for _ in range(300):
+            q = f"w{rng.randint(50, 2000)} w{rng.randint(50, 2000)}"
+            q = " ".join(word + chr(97 + int(word[1:]) % 26) for word in q.split())
+            t0 = time.perf_counter()
+            hits = s.recall(q, namespace="batched", limit=10)
+            lat.append((time.perf_counter() - t0) * 1000)
+            assert isinstance(hits, list)
+        lat.sort()
+        results["recall_p50_ms"] = statistics.median(lat)
+        results["recall_p99_ms"] = lat[int(len(lat) * 0.99) - 1]
+        results["memories"] = n_mem
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--memories", type=int, default=100_000)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    r = asyncio.run(bench(args.memories))
+    if args.json:
+        print(json.dumps(r))
+        return
+    print(f"captures/s, one per call : {r['captures_per_s_single']:10.0f}   (target >= 30000)")
+    print(f"captures/s, batched (256): {r['captures_per_s_batched']:10.0f}   (target >= 100000)")
+    print(f"recall p50 / p99 at {r['memories']:.0f}: {r['recall_p50_ms']:.2f} / {r['recall_p99_ms']:.2f} ms"
+          "   (target p50 <= 2 ms)")
+    print(f"RSS per memory           : {r['rss_bytes_per_memory']:10.0f} B (target <= 2560)")
+    print(f"deferred index build     : {r['index_flush_s']:10.2f} s for {r['memories']:.0f} memories")
+
+
+if __name__ == "__main__":
+    main()
