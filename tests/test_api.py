@@ -122,7 +122,7 @@ async def test_concurrent_updates_conflict_event_on_both_nodes():
     async with node() as a, node() as b:
         sa = await a.register_session("a1", subscribe=["d"])
         sb = await b.register_session("b1", subscribe=["d"])
-        la, lb = link(a, b)
+        la, _ = link(a, b)
         m = await sa.capture("d", "original")
         await wait_for(lambda: converged([a, b], "d"))
         ea, eb = sa.events(), sb.events()
@@ -159,7 +159,10 @@ async def test_recall_ranks_and_filters():
         assert {h.namespace for h in hits} == {"d", "p"}
         assert [h.content for h in s.recall("sqlite", namespace="p")] == ["SQLite in patterns too"]
         tagged = s.recall("sqlite", tags=["storage"])
-        assert {h.content for h in tagged} == {"SQLite WAL mode for the journal", "SQLite in patterns too"}
+        assert {h.content for h in tagged} == {
+            "SQLite WAL mode for the journal",
+            "SQLite in patterns too",
+        }
         m = s.recall("unrelated")[0]
         await s.update(m.id, content="Now about msgpack framing")
         assert s.recall("unrelated") == []
@@ -177,7 +180,10 @@ async def test_sync_since_exactly_once_and_filters():
         await s1.capture("p", "pattern")
         await s2.capture("d", "second")
         b = await s2.sync()
-        assert [e.memory.content for e in b.events if isinstance(e, Captured)] == ["first", "pattern"]
+        assert [e.memory.content for e in b.events if isinstance(e, Captured)] == [
+            "first",
+            "pattern",
+        ]
         assert (await s2.sync()).events == []
         await s1.capture("d", "third")
         b2 = await s2.sync()
@@ -260,7 +266,9 @@ async def test_private_namespace_never_leaves_node():
 
 async def test_chaotic_links_converge():
     async with node() as a, node() as b, node() as c:
-        sessions = [await n.register_session(f"s{i}", subscribe=["d"]) for i, n in enumerate((a, b, c))]
+        sessions = [
+            await n.register_session(f"s{i}", subscribe=["d"]) for i, n in enumerate((a, b, c))
+        ]
         links = [*link(a, b), *link(b, c), *link(a, c)]
         for i, lk in enumerate(links):
             lk.rng.seed(i)

@@ -21,7 +21,7 @@ from subcog_crdt._core.events import Captured, Conflict, Deleted, Event, Updated
 from subcog_crdt._core.hlc import Hlc, stamp_datetime
 from subcog_crdt._core.memory import Memory, find_conflicts, fold
 from subcog_crdt._core.schema import Write, check_namespace, check_session_id
-from subcog_crdt._errors import ClosedError, InvalidArgument, NotFound, ProtocolError
+from subcog_crdt._errors import ClosedError, InvalidArgument, NotFound
 from subcog_crdt._peering import F_PEERS, F_SESSIONS, PeerSync
 from subcog_crdt._session import Session, SyncBatch
 from subcog_crdt._sessions import SessionRegistry
@@ -79,12 +79,17 @@ class ConversationsApi:
         storage: Storage | None = None,
         heartbeat: float = 1.0,
         max_frame: int = 16 * 1024 * 1024,
+        advertise_host: str | None = None,
+        mdns_interfaces: Sequence[str] | None = None,
+        discovery_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if durability not in ("process", "fsync"):
             raise InvalidArgument(f"durability must be 'process' or 'fsync', not {durability!r}")
+        if isinstance(discovery, str):
+            raise InvalidArgument("discovery is a sequence such as ('local', 'mdns') or ()")
         for d in discovery:
-            if d not in ("local", "mdns", "static"):
-                raise InvalidArgument(f"unknown discovery {d!r}: use 'local', 'mdns'")
+            if d not in ("local", "mdns"):
+                raise InvalidArgument(f"unknown discovery {d!r}: use 'local' and/or 'mdns'")
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.user_id = user_id or _os_user()
         if isinstance(mesh_secret, str):
@@ -97,7 +102,9 @@ class ConversationsApi:
         self._static_peers = tuple(peers)
         self._discovery_kinds = tuple(discovery)
         self._sync_filter = (
-            None if sync_namespaces is None else frozenset(check_namespace(n) for n in sync_namespaces)
+            None
+            if sync_namespaces is None
+            else frozenset(check_namespace(n) for n in sync_namespaces)
         )
         self._private = frozenset(check_namespace(n) for n in private_namespaces)
         self._relay = relay
@@ -106,6 +113,10 @@ class ConversationsApi:
         self._retention = retention
         self._heartbeat = heartbeat
         self._max_frame = max_frame
+        self._advertise_host = advertise_host
+        self._mdns_interfaces = None if mdns_interfaces is None else list(mdns_interfaces)
+        self._discovery_dir = Path(discovery_dir) if discovery_dir is not None else None
+        self._found_urls: dict[str, str] = {}
         if storage is not None:
             self._storage: Storage = storage
         elif self.data_dir is None:
@@ -196,7 +207,7 @@ class ConversationsApi:
         for r in self._relays:
             await r.aclose()
         if self._transport is not None:
-            await self._transport.__aexit__(None, None, None)
+            await self._transport.aclose()
             self._transport = None
 
     async def _close_links(self) -> None:
@@ -418,7 +429,9 @@ class ConversationsApi:
         events = doc.apply_update(update)
         if not doc.outbox and not events:
             return  # nothing new: do not forward (this is what stops loops)
-        await self._commit(doc, events, source=source, origin=origin, raw=None if from_diff else update)
+        await self._commit(
+            doc, events, source=source, origin=origin, raw=None if from_diff else update
+        )
 
     # -- links -------------------------------------------------------------------------
 
@@ -456,6 +469,16 @@ class ConversationsApi:
         for peer in self._links.values():
             peer.send([F_PEERS, ids])
 
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        t: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    def _setup_app(self, app: Any) -> None:
+        """Routes of the node's own HTTP surfaces (added before the server starts)."""
+        _ = app
+
     def attach(self, link: Link) -> asyncio.Task[None]:
         """Run the protocol on a link made elsewhere (an in-memory pair in tests)."""
         self._check_open()
@@ -471,6 +494,8 @@ class ConversationsApi:
         if self._transport is None:
             raise ClosedError("this node has no network transport (listen=False)")
         await self._transport.connect(url)
+        if url not in self._static_peers:
+            self._transport.add_peer(url)  # keep it: redial after a drop
 
     def peers(self) -> list[PeerInfo]:
         """Connected peers."""
@@ -629,4 +654,3 @@ def _os_user() -> str:
         return getpass.getuser()
     except Exception:
         return "unknown"
-

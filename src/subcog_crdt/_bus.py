@@ -21,9 +21,7 @@ class Subscription:
     """An async iterator of events (and :class:`Lagged` markers). Subscribed from creation,
     not from the first iteration. ``close()`` ends the iteration."""
 
-    def __init__(
-        self, bus: EventBus, accept: Callable[[Event], bool], maxsize: int
-    ) -> None:
+    def __init__(self, bus: EventBus, accept: Callable[[Event], bool], maxsize: int) -> None:
         self._bus = bus
         self._accept = accept
         self._maxsize = maxsize

@@ -7,6 +7,7 @@ SubcogError
 │   └── InvalidNamespace                name outside [a-z0-9][a-z0-9_.-]{0,63}
 ├── NotFound (also KeyError)            no such memory or session
 ├── ConflictError                       expected_version did not match; nothing was changed
+├── PeerUnreachable (also ConnectionError)  a peer could not be reached
 ├── AuthError                           a peer could not prove the mesh secret
 ├── ProtocolError                       a peer sent something outside the protocol
 │   └── FrameTooLarge                   a frame over the configured maximum
@@ -28,6 +29,7 @@ __all__ = [
     "InvalidArgument",
     "InvalidNamespace",
     "NotFound",
+    "PeerUnreachable",
     "ProtocolError",
     "StorageError",
     "StorageLocked",
@@ -62,6 +64,10 @@ class ConflictError(SubcogError):
         self.memory_id = memory_id
         self.expected = expected
         self.actual = actual
+
+
+class PeerUnreachable(SubcogError, ConnectionError):
+    """A peer could not be reached (refused, timed out, or shutting down)."""
 
 
 class AuthError(SubcogError):

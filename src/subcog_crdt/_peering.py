@@ -102,7 +102,7 @@ class PeerSync:
         self._wake.set()
 
     async def writer(self) -> None:
-        max_frame = getattr(self.link, "max_frame", 16 * 1024 * 1024)
+        max_frame = self.api._max_frame
         while not self._closed:
             await self._wake.wait()
             self._wake.clear()
@@ -289,7 +289,7 @@ class PeerSync:
             diff = doc.diff(sv)
         except Exception as exc:
             raise ProtocolError(f"invalid state vector for {ns!r}: {exc}") from exc
-        limit = max(1024, getattr(self.link, "max_frame", 16 * 1024 * 1024) - 1024)
+        limit = max(1024, self.api._max_frame - 1024)
         if len(diff) <= limit:
             self.send([F_DIFF, ns, diff, False])
             return

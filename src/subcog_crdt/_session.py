@@ -147,4 +147,5 @@ class Session:
         return self._api._bus.subscribe(accept, maxsize)
 
     def __repr__(self) -> str:
-        return f"<Session {self.id!r} on {self._api.node_id} subscribed to {sorted(self.subscriptions)}>"
+        subs = sorted(self.subscriptions)
+        return f"<Session {self.id!r} on {self._api.node_id} subscribed to {subs}>"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,7 +38,7 @@ class SessionRegistry:
         self._local: dict[str, Session] = {}
         self._remote: dict[str, tuple[SessionInfo, ...]] = {}
 
-    def list(self) -> list[SessionInfo]:
+    def list(self) -> builtins.list[SessionInfo]:
         """Every known session: local ones first, then those of connected peers."""
         out = [s.info() for s in self._local.values()]
         for infos in self._remote.values():
@@ -60,7 +61,7 @@ class SessionRegistry:
             raise NotFound(f"no local session {session_id!r}")
         return s
 
-    def local_sessions(self) -> list[Session]:
+    def local_sessions(self) -> builtins.list[Session]:
         return list(self._local.values())
 
     def _set_remote(self, node_id: str, sessions: Iterable[Any]) -> None:

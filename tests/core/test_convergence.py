@@ -167,10 +167,17 @@ def test_random_writes_converge_and_lose_nothing(n, steps, seed):
         mem = ref.get(mid)
         content_writes = [x for x in writes if x.op == "update" and "content" in x.changes]
         last_delete = max((x.order for x in writes if x.op == "delete"), default=None)
-        last_capture = max((x.order for x in writes if x.op == "capture"))
-        if content_writes and (last_delete is None or last_delete < content_writes[-1].order):
-            if last_delete is None or last_capture < last_delete or last_capture < content_writes[-1].order:
-                assert mem.content == content_writes[-1].changes["content"]
+        last_capture = max(x.order for x in writes if x.op == "capture")
+        if (
+            content_writes
+            and (last_delete is None or last_delete < content_writes[-1].order)
+            and (
+                last_delete is None
+                or last_capture < last_delete
+                or last_capture < content_writes[-1].order
+            )
+        ):
+            assert mem.content == content_writes[-1].changes["content"]
     # 6. every node emitted exactly one write event per write, naming its session,
     #    and the same conflicts
     conflict_sets = []

@@ -52,6 +52,7 @@ def test_exported_members_are_the_public_api():
         "Memory",
         "NotFound",
         "PeerInfo",
+        "PeerUnreachable",
         "ProtocolError",
         "Retention",
         "Session",

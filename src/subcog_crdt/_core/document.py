@@ -79,7 +79,7 @@ class NamespaceDoc:
         self.node_id = node_id
         self._hlc = hlc
         self._next_cursor = next_cursor
-        self.doc: Doc = Doc()
+        self.doc: Doc[Any] = Doc()
         self.entries: Map[Any] = self.doc.get(ENTRIES, type=Map)
         self.outbox: list[bytes] = []
         self._mems: dict[str, _Mem] = {}
@@ -198,7 +198,9 @@ class NamespaceDoc:
                 events.extend(evs)
         return memories, events
 
-    def _capture_prepared(self, session: str, changes: dict[str, Any]) -> tuple[Memory, list[Event]]:
+    def _capture_prepared(
+        self, session: str, changes: dict[str, Any]
+    ) -> tuple[Memory, list[Event]]:
         norm = normalise(changes["content"])
         normh = hash(norm)
         mid = self._moved.get(normh) if self._moved else None
@@ -215,6 +217,7 @@ class NamespaceDoc:
                 if m is None or not m.exists or m.deleted or m.normh == normh:
                     mid = candidate
                     break
+        assert mid is not None  # the chain is endless
         m = self._mems.get(mid)
         if m is not None and m.exists and not m.deleted:
             # The same fact again: record who captured it, change nothing else.
@@ -237,8 +240,7 @@ class NamespaceDoc:
         current, _ = self.live_version(memory_id)
         if expected_version is not None and expected_version != current.version:
             raise ConflictError(
-                f"memory {memory_id!r} is at version {current.version}, "
-                f"not {expected_version}",
+                f"memory {memory_id!r} is at version {current.version}, not {expected_version}",
                 memory_id=memory_id,
                 expected=expected_version,
                 actual=current.version,
@@ -251,8 +253,7 @@ class NamespaceDoc:
         current, _ = self.live_version(memory_id)
         if expected_version is not None and expected_version != current.version:
             raise ConflictError(
-                f"memory {memory_id!r} is at version {current.version}, "
-                f"not {expected_version}",
+                f"memory {memory_id!r} is at version {current.version}, not {expected_version}",
                 memory_id=memory_id,
                 expected=expected_version,
                 actual=current.version,
@@ -449,21 +450,46 @@ class NamespaceDoc:
 
     def _events_for(self, w: Write, mem: Memory, others: list[Write]) -> list[Event]:
         at = stamp_datetime(w.at)
-        common = {
-            "namespace": self.namespace,
-            "at": at,
-            "source_session": w.session,
-            "node_id": w.node,
-            "write_id": w.key,
-            "memory_id": w.memory_id,
-        }
+        ns, sid, node, key, mid = self.namespace, w.session, w.node, w.key, w.memory_id
         out: list[Event] = []
         if w.op == "capture":
-            out.append(Captured(cursor=self._next_cursor(), memory=mem, **common))
+            out.append(
+                Captured(
+                    namespace=ns,
+                    cursor=self._next_cursor(),
+                    at=at,
+                    source_session=sid,
+                    node_id=node,
+                    write_id=key,
+                    memory_id=mid,
+                    memory=mem,
+                )
+            )
         elif w.op == "update":
-            out.append(Updated(cursor=self._next_cursor(), changes=w.changes, **common))
+            out.append(
+                Updated(
+                    namespace=ns,
+                    cursor=self._next_cursor(),
+                    at=at,
+                    source_session=sid,
+                    node_id=node,
+                    write_id=key,
+                    memory_id=mid,
+                    changes=w.changes,
+                )
+            )
         else:
-            out.append(Deleted(cursor=self._next_cursor(), **common))
+            out.append(
+                Deleted(
+                    namespace=ns,
+                    cursor=self._next_cursor(),
+                    at=at,
+                    source_session=sid,
+                    node_id=node,
+                    write_id=key,
+                    memory_id=mid,
+                )
+            )
         for c in find_conflicts(w, others):
             out.append(
                 Conflict(
@@ -492,7 +518,9 @@ class NamespaceDoc:
             tokens.extend(tokenize(tag))
         return tokens
 
-    def search(self, query: str, limit: int, tags: frozenset[str] = frozenset()) -> list[tuple[float, Memory]]:
+    def search(
+        self, query: str, limit: int, tags: frozenset[str] = frozenset()
+    ) -> list[tuple[float, Memory]]:
         accept: Callable[[int], bool] | None = None
         cache: dict[int, Memory | None] = {}
 

@@ -63,9 +63,7 @@ _ID = re.compile(r"[0-9a-f]{20}\Z")
 
 def check_namespace(name: object) -> str:
     if not isinstance(name, str) or not _NAMESPACE.match(name):
-        raise InvalidNamespace(
-            f"invalid namespace {name!r}: expected [a-z0-9][a-z0-9_.-]{{0,63}}"
-        )
+        raise InvalidNamespace(f"invalid namespace {name!r}: expected [a-z0-9][a-z0-9_.-]{{0,63}}")
     return name
 
 
@@ -230,7 +228,9 @@ def encode_write(op: str, base: str, changes: dict[str, Any]) -> str:
 
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-_encode_str: Any = getattr(json.encoder, "c_encode_basestring", None) or json.encoder.py_encode_basestring
+_encode_str: Any = (
+    getattr(json.encoder, "c_encode_basestring", None) or json.encoder.py_encode_basestring
+)
 
 
 def decode_write(key: object, value: object) -> Write | None:

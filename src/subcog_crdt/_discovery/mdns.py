@@ -18,7 +18,6 @@ Registration (probing + announcing, about a second) runs in the background, so
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import ipaddress
 import logging
@@ -58,6 +57,13 @@ def _local_ipv4() -> list[tuple[str, str, ipaddress.IPv4Network]]:
     return out
 
 
+def _is_ipv6(text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == 6
+    except ValueError:
+        return False
+
+
 def _specific_ipv4(host: str) -> bool:
     try:
         return not ipaddress.IPv4Address(host).is_unspecified
@@ -83,9 +89,8 @@ class MdnsDiscovery:
             if not interfaces:
                 raise InvalidArgument("interfaces must not be empty (None means all)")
             for item in interfaces:
-                with contextlib.suppress(ValueError):
-                    if ipaddress.ip_address(item).version != 4:
-                        raise InvalidArgument(f"mDNS discovery is IPv4 only, not {item!r}")
+                if _is_ipv6(item):
+                    raise InvalidArgument(f"mDNS discovery is IPv4 only, not {item!r}")
         self._interfaces = list(interfaces) if interfaces is not None else None
         self._state = _State.NEW
         self._advert: Advert | None = None

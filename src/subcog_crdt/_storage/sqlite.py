@@ -68,6 +68,7 @@ import contextlib
 import enum
 import errno
 import fcntl
+import heapq
 import logging
 import os
 import queue
@@ -116,8 +117,10 @@ _NS_SHIFT: Final = 40
 ordered by seq, without a secondary index."""
 _SEQ_MASK: Final = (1 << _NS_SHIFT) - 1
 
-_LOG_TRUNCATE_AT: Final = 8 << 20
-"""Truncate the log once it is this large and fully applied: it is only a redo buffer."""
+_LOG_RETIRE_AT: Final = 32 << 20
+"""Once the log is this large, its live updates move into SQLite and it is emptied. Until
+then updates live only in the log (and in memory, for the thread): a compaction usually
+covers them first, so most updates are never written to SQLite at all."""
 _MAX_BACKLOG: Final = 64 << 20
 """commit() waits for the storage thread once this many written bytes are not yet in
 SQLite, so a thread that falls behind cannot grow memory and the log without bound."""
@@ -170,6 +173,7 @@ class _Loaded:
 class _Namespace:
     id: int
     snap_gen: int = 0
+    snap_seq: int = 0
 
 
 def _values_sql(prefix: str, width: int, rows: int) -> str:
@@ -297,6 +301,9 @@ class SqliteStorage:
         self._namespaces: dict[str, _Namespace] = {}
         self._journal_count = 0
         self._applied_lsn = 0
+        self._retired_lsn = 0
+        self._unretired: list[tuple[str, int, bytes]] = []
+        """Updates of applied frames that live only in the log (lsn > retired_lsn)."""
         self._last_age_prune = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -440,11 +447,12 @@ class SqliteStorage:
         log_fd = -1
         try:
             self._connect()
-            self._replay_log()
+            log_size = self._replay_log()
             log_fd = os.open(
                 self._log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
             )
             loaded = self._load(node_id, log_fd)
+            loaded.log_size = log_size
         except BaseException:
             if log_fd >= 0:
                 os.close(log_fd)
@@ -575,7 +583,14 @@ class SqliteStorage:
         try:
             db.executemany(
                 "INSERT INTO meta(key, value) VALUES (?, ?)",
-                [("format", FORMAT_VERSION), ("applied_lsn", 0), ("last_cursor", 0), ("oldest", 1)],
+                [
+                    ("format", FORMAT_VERSION),
+                    ("applied_lsn", 0),
+                    ("retired_lsn", 0),
+                    ("last_cursor", 0),
+                    ("oldest", 1),
+                    ("journal_count", 0),
+                ],
             )
             db.execute("COMMIT")
         except BaseException:
@@ -586,44 +601,54 @@ class SqliteStorage:
         row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return None if row is None else row[0]
 
-    def _replay_log(self) -> None:
-        """Apply frames the last run wrote but did not get into SQLite."""
+    def _replay_log(self) -> int:
+        """Read the log: apply the journal of frames the last run did not get into SQLite,
+        and keep the updates not yet retired into SQLite in memory. Returns the log size."""
         self._applied_lsn = int(self._meta("applied_lsn") or 0)
+        self._retired_lsn = int(self._meta("retired_lsn") or 0)
         self._oldest = int(self._meta("oldest") or 1)
+        self._journal_count = int(self._meta("journal_count") or 0)
         self._namespaces = {
-            name: _Namespace(id_, gen)
-            for id_, name, gen in self._db.execute("SELECT id, name, snap_gen FROM namespaces")
+            name: _Namespace(id_, gen, snap_seq)
+            for id_, name, gen, snap_seq in self._db.execute(
+                "SELECT id, name, snap_gen, snap_seq FROM namespaces"
+            )
         }
-        self._journal_count = self._db.execute("SELECT count(*) FROM journal").fetchone()[0]
         try:
             data = self._log_path.read_bytes()
         except FileNotFoundError:
-            return
+            return 0
         frames, damage = _parse_frames(data)
+        size = len(data)
         if damage is not None:
             if _valid_frame_after(data, damage.offset):
                 raise CorruptStorage(
                     f"{self._log_path} is damaged at offset {damage.offset} ({damage.reason}) "
-                    "and valid frames follow; not a torn tail, refusing to drop them "
-                    f"(move the file aside to start from {STORE_NAME} alone)",
+                    "and valid frames follow; not a torn tail, refusing to drop them",
                     path=str(self._log_path),
                 )
             log.warning(
                 "%s: dropping a torn last frame (%d bytes at offset %d: %s), left by a crash",
                 self._log_path,
-                len(data) - damage.offset,
+                size - damage.offset,
                 damage.offset,
                 damage.reason,
             )
-        newer = [f for f in frames if f.lsn > self._applied_lsn]
-        if newer:
-            self._apply(newer)
-        # Everything in the log is in SQLite now (durably, per the durability setting).
-        if data:
+            # Cut it off, so new frames follow the last complete one.
             with open(self._log_path, "r+b") as f:
-                f.truncate(0)
+                f.truncate(damage.offset)
                 if self.durability == "fsync":
                     os.fsync(f.fileno())
+            size = damage.offset
+        newer: list[_Pending] = []
+        for frame in frames:
+            if frame.lsn > self._applied_lsn:
+                newer.append(frame)
+            elif frame.lsn > self._retired_lsn:
+                self._unretired.extend(frame.updates)
+        if newer:
+            self._apply(newer)
+        return size
 
     def _load(self, node_id: str, log_fd: int) -> _Loaded:
         db = self._db
@@ -654,7 +679,19 @@ class SqliteStorage:
         expect = 0
         nbytes = 0
         name = ""
-        for key, data in db.execute("SELECT key, data FROM updates ORDER BY key"):
+        ids = {name: ns.id for name, ns in self._namespaces.items()}
+        # Retired updates come from SQLite in key order; the log's come after them (their
+        # seqs are higher), skipping any that a compaction covered.
+        live = [
+            ((ids[n] << _NS_SHIFT) | q, d)
+            for n, q, d in self._unretired
+            if q > self._namespaces[n].snap_seq
+        ]
+        live.sort(key=lambda row: row[0])
+        rows = heapq.merge(
+            db.execute("SELECT key, data FROM updates ORDER BY key"), live, key=_first
+        )
+        for key, data in rows:
             ns_id = key >> _NS_SHIFT
             seq = key & _SEQ_MASK
             if ns_id != current:
@@ -748,28 +785,29 @@ class SqliteStorage:
             ns = self._namespaces[name] = _Namespace(cur.lastrowid)
         return ns
 
-    def _apply(self, frames: list[_Pending]) -> None:
-        """Write frames to SQLite in one transaction."""
+    def _apply(self, frames: list[_Pending], *, retire: bool = False) -> None:
+        """Write the journal, cursors and sequence numbers of frames to SQLite in one
+        transaction. Their updates stay in the log (and in ``_unretired``) unless
+        ``retire``: then the live ones go into SQLite too."""
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            rows: list[Any] = []
-            last_seq: dict[int, int] = {}
+            last_seq: dict[str, int] = {}
             journal: list[Any] = []
             cursors: dict[str, int] = {}
+            updates: list[tuple[str, int, bytes]] = []
             last_cursor = 0
             for frame in frames:
-                for name, seq, data in frame.updates:
-                    ns_id = self._namespace(name).id
-                    rows.append((ns_id << _NS_SHIFT) | seq)
-                    rows.append(data)
-                    last_seq[ns_id] = seq
+                if frame.updates:
+                    updates.extend(frame.updates)
+                    for name, seq, _ in frame.updates:
+                        last_seq[name] = seq
                 for rec in frame.journal:
                     journal.extend(rec)
-                    last_cursor = max(last_cursor, rec[0])
+                    if rec[0] > last_cursor:
+                        last_cursor = rec[0]
                 for session, cursor in frame.cursors:
                     cursors[session] = cursor
-            self._insert_chunked("INSERT OR REPLACE INTO updates(key, data) VALUES ", 2, rows)
             if journal:
                 # A duplicate cursor is an upstream bug; the first record wins and the count
                 # that drives pruning stays exact.
@@ -791,21 +829,47 @@ class SqliteStorage:
             if last_seq:
                 db.executemany(
                     "UPDATE namespaces SET last_seq=? WHERE id=?",
-                    [(seq, ns_id) for ns_id, seq in last_seq.items()],
+                    [(seq, self._namespace(name).id) for name, seq in last_seq.items()],
                 )
+            if retire:
+                self._insert_updates([*self._unretired, *updates], frames[-1].lsn)
             db.execute("UPDATE meta SET value=? WHERE key='applied_lsn'", (frames[-1].lsn,))
             self._prune(exact=False)
+            db.execute("UPDATE meta SET value=? WHERE key='journal_count'", (self._journal_count,))
             db.execute("COMMIT")
         except BaseException:
             self._rollback()
-            # The namespace ids handed out in this transaction are gone with it.
-            self._namespaces = {
-                name: _Namespace(id_, gen)
-                for id_, name, gen in db.execute("SELECT id, name, snap_gen FROM namespaces")
-            }
-            self._journal_count = db.execute("SELECT count(*) FROM journal").fetchone()[0]
+            self._reload_thread_state()
             raise
         self._applied_lsn = frames[-1].lsn
+        if retire:
+            self._unretired = []
+            self._retired_lsn = self._applied_lsn
+        else:
+            self._unretired.extend(updates)
+
+    def _insert_updates(self, updates: list[tuple[str, int, bytes]], lsn: int) -> None:
+        """Retire updates into SQLite (inside a transaction), skipping any that a
+        compaction already covers, and record that the log is no longer needed for them."""
+        flat: list[Any] = []
+        for name, seq, data in updates:
+            ns = self._namespace(name)
+            if seq > ns.snap_seq:
+                flat.append((ns.id << _NS_SHIFT) | seq)
+                flat.append(data)
+        self._insert_chunked("INSERT OR REPLACE INTO updates(key, data) VALUES ", 2, flat)
+        self._db.execute("UPDATE meta SET value=? WHERE key='retired_lsn'", (lsn,))
+
+    def _reload_thread_state(self) -> None:
+        """After a rollback: the namespace ids and counts handed out in it are gone."""
+        db = self._db
+        self._namespaces = {
+            name: _Namespace(id_, gen, snap_seq)
+            for id_, name, gen, snap_seq in db.execute(
+                "SELECT id, name, snap_gen, snap_seq FROM namespaces"
+            )
+        }
+        self._journal_count = int(self._meta("journal_count") or 0)
 
     def _insert_chunked(self, prefix: str, width: int, flat: list[Any]) -> int:
         """Multi-row INSERTs: one sqlite3_step (one GIL release) per chunk, not per row."""
@@ -847,17 +911,37 @@ class SqliteStorage:
         # taken below or schedules a new job; none is left behind.
         self._drain_scheduled = False
         self._drain()
-        if self._log_size >= _LOG_TRUNCATE_AT:
-            self._truncate_log()
+        if self._log_size >= _LOG_RETIRE_AT:
+            self._retire()
 
-    def _truncate_log(self) -> None:
-        """Empty the log once everything in it is in SQLite. Under the writer lock nothing
-        new can be appended, so draining what is left makes the whole log redundant."""
+    def _retire(self) -> None:
+        """Move the live updates held only by the log into SQLite and empty the log.
+
+        The bulk goes in without the writer lock (the loop keeps committing); only the
+        last few frames are applied under it, so that nothing new can be appended between
+        "everything is in SQLite" and the truncation."""
+        db = self._db
+        if self._unretired:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                self._insert_updates(self._unretired, self._applied_lsn)
+                db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                self._reload_thread_state()
+                raise
+            self._unretired = []
+            self._retired_lsn = self._applied_lsn
         with self._wlock:
-            self._drain()
+            frames = self._take_pending()
+            if frames:
+                self._apply(frames, retire=True)
+                self._drained_bytes += sum(f.size for f in frames)
             if self._log_size and self._log_fd >= 0:
                 os.ftruncate(self._log_fd, 0)
                 self._log_size = 0
+        if frames:
+            self._wake_backlog()
 
     def _wake_backlog(self) -> None:
         fut = self._backlog_waiter
@@ -934,7 +1018,9 @@ class SqliteStorage:
             except BaseException:
                 self._rollback()
                 raise
-        sql = "SELECT cursor, at_ms, ns, kind, write_id, session, other FROM journal WHERE cursor > ?"
+        sql = (
+            "SELECT cursor, at_ms, ns, kind, write_id, session, other FROM journal WHERE cursor > ?"
+        )
         args: list[Any] = [after]
         if namespaces is not None:
             sql += f" AND ns IN ({','.join('?' * len(namespaces))})"
@@ -955,6 +1041,7 @@ class SqliteStorage:
     def _compact_sync(self, name: str, snapshot: bytes, upto_seq: int) -> int:
         self._drain()
         db = self._db
+        upto = min(max(upto_seq, 0), _SEQ_MASK)
         db.execute("BEGIN IMMEDIATE")
         try:
             ns = self._namespace(name)
@@ -962,30 +1049,38 @@ class SqliteStorage:
             path = self._snap_path(ns.id, gen)
             self._write_snapshot(path, snapshot)
             lo = ns.id << _NS_SHIFT
-            hi = lo | min(max(upto_seq, 0), _SEQ_MASK)
             dropped = db.execute(
                 "SELECT coalesce(sum(length(data)), 0) FROM updates WHERE key BETWEEN ? AND ?",
-                (lo, hi),
+                (lo, lo | upto),
             ).fetchone()[0]
-            db.execute("DELETE FROM updates WHERE key BETWEEN ? AND ?", (lo, hi))
+            db.execute("DELETE FROM updates WHERE key BETWEEN ? AND ?", (lo, lo | upto))
             db.execute(
-                "UPDATE namespaces SET snap_seq=?, snap_gen=?, snap_len=?, snap_crc=? "
-                "WHERE id=?",
-                (upto_seq, gen, len(snapshot), zlib.crc32(snapshot), ns.id),
+                "UPDATE namespaces SET snap_seq=?, snap_gen=?, snap_len=?, snap_crc=? WHERE id=?",
+                (upto, gen, len(snapshot), zlib.crc32(snapshot), ns.id),
             )
             db.execute("COMMIT")
         except BaseException:
             self._rollback()
-            self._namespaces.pop(name, None)
-            for id_, gen_ in db.execute("SELECT id, snap_gen FROM namespaces WHERE name=?", (name,)):
-                self._namespaces[name] = _Namespace(id_, gen_)
+            self._reload_thread_state()
             raise
         old = ns.snap_gen
         ns.snap_gen = gen
+        ns.snap_seq = upto
         if old:
             with contextlib.suppress(FileNotFoundError):
                 self._snap_path(ns.id, old).unlink()
-        self._truncate_log()
+        # Covered updates still only in the log are simply forgotten: from now on the
+        # snapshot has them, and a replay skips them (seq <= snap_seq).
+        kept: list[tuple[str, int, bytes]] = []
+        for item in self._unretired:
+            if item[0] == name and item[1] <= upto:
+                dropped += len(item[2])
+            else:
+                kept.append(item)
+        self._unretired = kept
+        # Move what is still live into SQLite and empty the log, so that the covered
+        # updates leave the disk now; then give the freed pages back.
+        self._retire()
         self._reclaim()
         return int(dropped)
 
@@ -1022,8 +1117,8 @@ class SqliteStorage:
     def _close_sync(self) -> None:
         try:
             if self._conn is not None and self._failure is None:
+                # The log keeps the unretired updates; the next open reads them from it.
                 self._drain()
-                self._truncate_log()
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         finally:
             self._close_db()
@@ -1202,6 +1297,10 @@ class SqliteStorage:
         useful for measurements and tests)."""
         self._check_open()
         await self._submit(self._drain)
+
+
+def _first(row: tuple[int, bytes]) -> int:
+    return row[0]
 
 
 def _resolve(fut: asyncio.Future[Any], exc: BaseException | None, result: Any) -> None:

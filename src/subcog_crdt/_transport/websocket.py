@@ -72,6 +72,7 @@ from .._errors import (
     ClosedError,
     FrameTooLarge,
     InvalidArgument,
+    PeerUnreachable,
     ProtocolError,
     SubcogError,
 )
@@ -148,12 +149,7 @@ _AIOHTTP_CODE_MAP: Final[dict[int, int]] = {
 }
 
 
-class PeerUnreachable(SubcogError, ConnectionError):
-    """A peer could not be reached (refused, timed out, gone, or shutting down).
-
-    Also a :class:`ConnectionError`, so callers that treat network failures generically
-    keep working.
-    """
+# PeerUnreachable lives in the exception tree (_errors); re-exported here for callers.
 
 
 class _ServerWs(web.WebSocketResponse):
@@ -1038,7 +1034,9 @@ class WebSocketTransport:
         self._check_url(url)
         if url in self._redialers:
             return
-        self._redialers[url] = asyncio.create_task(self._keep_peer(url), name=f"subcog-{url}")
+        task = asyncio.create_task(self._keep_peer(url), name=f"subcog-redial-{url}")
+        task.add_done_callback(self._task_done)  # logs an unexpected failure
+        self._redialers[url] = task
 
     async def remove_peer(self, url: str) -> None:
         """Stop keeping a link to ``url`` (an existing link stays open)."""

@@ -1,0 +1,86 @@
+"""Wires a node to the network: the WebSocket transport, static peers and discovery.
+
+Kept apart from :mod:`._api` so that an in-memory node (``listen=False``) never imports
+aiohttp or zeroconf.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from subcog_crdt._discovery.base import Advert, Found, mesh_tag
+from subcog_crdt._errors import InvalidArgument
+from subcog_crdt._transport.base import PROTOCOL_VERSION
+from subcog_crdt._transport.websocket import WebSocketTransport
+
+if TYPE_CHECKING:
+    from subcog_crdt._api import ConversationsApi
+
+__all__ = ["start_network"]
+
+log = logging.getLogger(__name__)
+
+
+async def start_network(api: ConversationsApi) -> None:
+    """Start listening, dial static peers, and start discovery. Undone by ``api.aclose``."""
+    if api._relay is not None:
+        raise InvalidArgument(
+            "relay= is not supported yet: connect to peers directly (peers=[...] or discovery)"
+        )
+    transport = WebSocketTransport(
+        node_id=api.node_id,
+        hello=api._hello,
+        on_link=api._on_link,
+        secret=api._secret,
+        host=api._host,
+        port=api._port,
+        max_frame=api._max_frame,
+        heartbeat=api._heartbeat,
+        setup_app=api._setup_app,
+    )
+    await transport.__aenter__()
+    api._transport = transport
+    api.url = transport.url
+    for url in api._static_peers:
+        transport.add_peer(url)
+    await _start_discovery(api, transport)
+
+
+async def _start_discovery(api: ConversationsApi, transport: WebSocketTransport) -> None:
+    kinds = set(api._discovery_kinds)
+    tag = mesh_tag(api._secret)
+    url = transport.url
+    if api._secret is not None and api._advertise_host:
+        url = f"ws://{api._advertise_host}:{transport.port}"
+    advert = Advert(node_id=api.node_id, url=url, protocol=PROTOCOL_VERSION, mesh_tag=tag)
+    mechanisms: list[Any] = []
+    if "local" in kinds:
+        from subcog_crdt._discovery.local import LocalDiscovery
+
+        mechanisms.append(LocalDiscovery(api._discovery_dir))
+    if "mdns" in kinds and api._secret is not None:
+        # mDNS only with a secret: without one the node is loopback-only by design.
+        from subcog_crdt._discovery.mdns import MdnsDiscovery
+
+        mechanisms.append(MdnsDiscovery(api._mdns_interfaces))
+
+    def on_found(found: Found) -> None:
+        if found.node_id == api.node_id or found.protocol != PROTOCOL_VERSION:
+            return
+        if found.mesh_tag != tag:
+            return  # another mesh: never dialled
+        try:
+            transport.add_peer(found.url)
+        except Exception as exc:  # a bad advert must not stop discovery
+            log.warning("not dialling %s: %s", found.url, exc)
+        api._found_urls[found.node_id] = found.url
+
+    def on_lost(node_id: str) -> None:
+        url = api._found_urls.pop(node_id, None)
+        if url is not None and url not in api._static_peers:
+            api._spawn(transport.remove_peer(url))
+
+    for mech in mechanisms:
+        await mech.start(advert, on_found, on_lost)
+        api._discovery.append(mech)
