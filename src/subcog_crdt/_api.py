@@ -381,9 +381,24 @@ class ConversationsApi:
         origin: str | None = None,
         raw: bytes | None = None,
     ) -> None:
-        """Persist a transaction's updates and events, then publish and propagate."""
+        """Propagate a transaction's updates and publish its events, then make both durable.
+
+        Peers get the update before the local commit finishes: their copy does not depend on
+        ours, and a peer that has it can only help us recover it. The caller returns only
+        after the commit, so an acknowledged write is durable here."""
         ns = doc.namespace
         updates = doc.take_outbox()
+        self._bus.publish(events)
+        if updates and self._may_share(ns):
+            if source is None:
+                for peer in self._links.values():
+                    for u in updates:
+                        peer.push_update(ns, self.node_id, u)
+            elif raw is not None and origin is not None:
+                for peer in self._links.values():
+                    if peer is source or peer.node_id == origin or origin in peer.peer_peers:
+                        continue
+                    peer.push_update(ns, origin, raw)
         records = [
             JournalRecord(
                 cursor=ev.cursor,
@@ -400,17 +415,6 @@ class ConversationsApi:
             await self._storage.commit([(ns, u) for u in updates], records)
         if records:
             self._committed_cursor = max(self._committed_cursor, records[-1].cursor)
-        self._bus.publish(events)
-        if updates and self._may_share(ns):
-            if source is None:
-                for peer in self._links.values():
-                    for u in updates:
-                        peer.push_update(ns, self.node_id, u)
-            elif raw is not None and origin is not None:
-                for peer in self._links.values():
-                    if peer is source or peer.node_id == origin or origin in peer.peer_peers:
-                        continue
-                    peer.push_update(ns, origin, raw)
         if self._storage.tail_bytes(ns) > _COMPACT_BYTES:
             await self._compact(doc)
 

@@ -1,0 +1,193 @@
+"""Sync benchmark: two subcog-crdt node processes on loopback, next to the anchors.
+
+Measures, in one run: propagation latency p50/p99 at 200 captures/s from a session on node
+A to an event on node B, and the sustained propagated captures/s, with durable storage on
+both nodes (``data_dir`` set, default durability); then the anchors from ``anchors.py``:
+the aiohttp round-trip floor, the pycrdt-websocket relay and the Node relay.
+
+    .venv/bin/python benchmarks/bench_sync.py [--rate 200] [--seconds 5] [--sustained-n 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import anchors  # noqa: E402
+from anchors import _Child, _emit, _latency_summary, _stdin_lines, _wait_stdin_eof  # noqa: E402
+
+from subcog_crdt import Captured, ConversationsApi  # noqa: E402
+
+PAD = "x" * 240
+
+
+async def _role_b(data_dir: str, n_lat: int, warmup: int, sustained_n: int) -> None:
+    async with ConversationsApi(data_dir=data_dir, discovery=()) as api:
+        s = await api.register_session("bench-b", subscribe=["bench"])
+        events = s.events(maxsize=1_000_000)
+        _emit("URL", api.url or "")
+        stdin = await _stdin_lines()
+        lat: list[int] = []
+        seen = {"w": 0, "l": 0, "s": 0}
+        last_ns = 0
+        while seen["w"] < warmup or seen["l"] < n_lat:
+            ev = await events.next(120)
+            now = time.monotonic_ns()
+            if isinstance(ev, Captured):
+                kind, _, stamp, _ = ev.memory.content.split("|", 3)
+                seen[kind] += 1
+                if kind == "l":
+                    lat.append(now - int(stamp))
+        _emit("LAT", _latency_summary(lat))
+        while seen["s"] < sustained_n:
+            ev = await events.next(300)
+            if isinstance(ev, Captured):
+                seen[ev.memory.content[0]] += 1
+                last_ns = time.monotonic_ns()
+        _emit("SUS", {"last_ns": last_ns})
+        await _wait_stdin_eof(stdin)
+
+
+async def _role_a(
+    url: str, data_dir: str, rate: float, n_lat: int, warmup: int, sustained_n: int
+) -> None:
+    stdin = await _stdin_lines()
+    async with ConversationsApi(data_dir=data_dir, discovery=()) as api:
+        s = await api.register_session("bench-a", subscribe=["bench"])
+        await api.connect(url)
+        while not api.peers() or "bench" not in api.peers()[0].namespaces:
+            await asyncio.sleep(0.01)  # bench setup: wait for the link's namespace exchange
+        _emit("READY")
+        if (await stdin.readline()).strip() != b"GO_LAT":
+            return
+
+        async def paced(kind: str, count: int) -> None:
+            start = time.monotonic()
+            for i in range(count):
+                delay = start + i / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)  # pacing, not synchronisation
+                await s.capture("bench", f"{kind}|{i}|{time.monotonic_ns()}|{PAD}")
+
+        await paced("w", warmup)
+        await paced("l", n_lat)
+        _emit("LAT_SENT")
+        if (await stdin.readline()).strip() != b"GO_SUS":
+            return
+        t0 = time.monotonic_ns()
+        for i in range(sustained_n):
+            await s.capture("bench", f"s|{i}|{time.monotonic_ns()}|{PAD}")
+            if i % 16 == 15:
+                await asyncio.sleep(0)
+        t1 = time.monotonic_ns()
+        _emit("SUS_SENT", {"t0_ns": t0, "t1_ns": t1})
+        await _wait_stdin_eof(stdin)
+
+
+async def subcog_pair(
+    rate: float, seconds: float, sustained_n: int, warmup: int = 100
+) -> dict[str, Any]:
+    n_lat = max(1, round(rate * seconds))
+    me = str(Path(__file__).resolve())
+    children: list[_Child] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            b = await _Child.start(
+                "subcog-b",
+                [sys.executable, me, "--role", "b", "--dir", f"{tmp}/b", "--n-lat", str(n_lat),
+                 "--warmup", str(warmup), "--sustained-n", str(sustained_n)],
+            )  # fmt: skip
+            children.append(b)
+            url = await b.expect("URL", 60)
+            a = await _Child.start(
+                "subcog-a",
+                [sys.executable, me, "--role", "a", "--url", url, "--dir", f"{tmp}/a",
+                 "--rate", str(rate), "--n-lat", str(n_lat), "--warmup", str(warmup),
+                 "--sustained-n", str(sustained_n)],
+            )  # fmt: skip
+            children.append(a)
+            await a.expect("READY", 60)
+            a.send_line("GO_LAT")
+            lat = json.loads(await b.expect("LAT", (warmup + n_lat) / rate + 60))
+            await a.expect("LAT_SENT", 30)
+            a.send_line("GO_SUS")
+            sent = json.loads(await a.expect("SUS_SENT", 600))
+            arrived = json.loads(await b.expect("SUS", 600))
+            return {
+                **lat,
+                "sustained_captures_per_s": round(
+                    sustained_n / ((arrived["last_ns"] - sent["t0_ns"]) / 1e9)
+                ),
+                "producer_captures_per_s": round(
+                    sustained_n / ((sent["t1_ns"] - sent["t0_ns"]) / 1e9)
+                ),
+            }
+        finally:
+            await anchors._stop_all(children)
+
+
+async def run_all(ns: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    out["subcog-crdt"] = await subcog_pair(ns.rate, ns.seconds, ns.sustained_n)
+    out["aiohttp floor"] = await anchors.aiohttp_roundtrip_floor()
+    out["pycrdt-websocket relay"] = await anchors.pycrdt_websocket_relay(
+        rate=ns.rate, seconds=ns.seconds, sustained_n=ns.sustained_n
+    )
+    try:
+        out["node relay"] = await anchors.node_relay(
+            rate=ns.rate, seconds=ns.seconds, sustained_n=ns.sustained_n
+        )
+    except Exception as exc:  # report, do not hide
+        out["node relay"] = {"skipped": f"{type(exc).__name__}: {exc}"}
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--role", choices=["a", "b"])
+    ap.add_argument("--url", default="")
+    ap.add_argument("--dir", default="")
+    ap.add_argument("--rate", type=float, default=200)
+    ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--n-lat", type=int, default=1000)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--sustained-n", type=int, default=20_000)
+    ap.add_argument("--json", action="store_true")
+    ns = ap.parse_args()
+    if ns.role == "b":
+        asyncio.run(_role_b(ns.dir, ns.n_lat, ns.warmup, ns.sustained_n))
+        return 0
+    if ns.role == "a":
+        asyncio.run(_role_a(ns.url, ns.dir, ns.rate, ns.n_lat, ns.warmup, ns.sustained_n))
+        return 0
+    results = asyncio.run(run_all(ns))
+    if ns.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    ours = results["subcog-crdt"]
+    print(f"{'':28} {'p50 ms':>8} {'p99 ms':>8} {'captures/s':>11}")
+    for name, r in results.items():
+        if "skipped" in r:
+            print(f"{name:28} skipped: {r['skipped']}")
+            continue
+        thr = r.get("sustained_captures_per_s") or r.get("stream_msgs_per_s") or ""
+        print(
+            f"{name:28} {r.get('p50_ms', float('nan')):8.3f} {r.get('p99_ms', float('nan')):8.3f} {thr!s:>11}"
+        )
+    for name in ("pycrdt-websocket relay", "node relay"):
+        r = results.get(name, {})
+        if "p50_ms" in r:
+            print(f"subcog p50 / {name} p50 = {ours['p50_ms'] / r['p50_ms']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
