@@ -88,10 +88,12 @@ def main() -> None:
         return
     print(f"captures/s, one per call : {r['captures_per_s_single']:10.0f}   (target >= 30000)")
     print(f"captures/s, batched (256): {r['captures_per_s_batched']:10.0f}   (target >= 100000)")
-    print(f"recall p50 / p99 at {r['memories']:.0f}: {r['recall_p50_ms']:.2f} / {r['recall_p99_ms']:.2f} ms"
-          "   (target p50 <= 2 ms)")
+    p50, p99 = r["recall_p50_ms"], r["recall_p99_ms"]
+    print(f"recall p50 / p99 at {r['memories']:.0f}: {p50:.2f} / {p99:.2f} ms (target p50 <= 2 ms)")
     print(f"RSS per memory           : {r['rss_bytes_per_memory']:10.0f} B (target <= 2560)")
-    print(f"deferred index build     : {r['index_flush_s']:10.2f} s for {r['memories']:.0f} memories")
+    print(
+        f"deferred index build     : {r['index_flush_s']:10.2f} s for {r['memories']:.0f} memories"
+    )
 
 
 if __name__ == "__main__":

@@ -21,10 +21,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import anchors  # noqa: E402
-from anchors import _Child, _emit, _latency_summary, _stdin_lines, _wait_stdin_eof  # noqa: E402
-
-from subcog_crdt import Captured, ConversationsApi  # noqa: E402
+import anchors
+from anchors import _Child, _emit, _latency_summary, _stdin_lines, _wait_stdin_eof
+from subcog_crdt import Captured, ConversationsApi
 
 PAD = "x" * 240
 
@@ -179,9 +178,8 @@ def main() -> int:
             print(f"{name:28} skipped: {r['skipped']}")
             continue
         thr = r.get("sustained_captures_per_s") or r.get("stream_msgs_per_s") or ""
-        print(
-            f"{name:28} {r.get('p50_ms', float('nan')):8.3f} {r.get('p99_ms', float('nan')):8.3f} {thr!s:>11}"
-        )
+        p50, p99 = r.get("p50_ms", float("nan")), r.get("p99_ms", float("nan"))
+        print(f"{name:28} {p50:8.3f} {p99:8.3f} {thr!s:>11}")
     for name in ("pycrdt-websocket relay", "node relay"):
         r = results.get(name, {})
         if "p50_ms" in r:

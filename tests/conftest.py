@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from support.netns import netns_lan  # noqa: E402
-from support.zeroconf_guard import zeroconf_guard  # noqa: E402
+from support.netns import netns_lan
+from support.zeroconf_guard import zeroconf_guard
 
 __all__ = ["netns_lan", "zeroconf_guard"]

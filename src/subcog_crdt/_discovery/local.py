@@ -310,7 +310,13 @@ class LocalDiscovery:
         own_seen = False
         live: dict[str, _Entry] = {}
         names: set[str] = set()
-        with os.scandir(self._directory) as it:
+        try:
+            it = os.scandir(self._directory)
+        except FileNotFoundError:  # someone removed the registry: build it again
+            _ensure_private_dir(self._directory)
+            self._write_own()
+            return live
+        with it:
             for de in it:
                 name = de.name
                 if name.startswith("."):
@@ -371,14 +377,21 @@ class LocalDiscovery:
     # -- event-loop side -----------------------------------------------------------------
 
     async def _run(self) -> None:
+        last_error = ""
         while True:
             try:
                 live = await asyncio.to_thread(self._scan)
-            except OSError as exc:
-                log.warning("scanning discovery registry %s failed: %s", self._directory, exc)
-            except Exception:
-                log.exception("scanning discovery registry %s failed", self._directory)
+            except Exception as exc:
+                if repr(exc) != last_error:  # log each new problem once, not every poll
+                    last_error = repr(exc)
+                    log.warning(
+                        "scanning discovery registry %s failed: %r",
+                        self._directory,
+                        exc,
+                        exc_info=not isinstance(exc, OSError),
+                    )
             else:
+                last_error = ""
                 if self._state is not _State.STARTED:
                     return
                 self._apply(live)

@@ -103,6 +103,7 @@ class MdnsDiscovery:
         self._registered = False
         self._resolving: dict[str, asyncio.Task[None]] = {}
         self._known: dict[str, Found] = {}  # node id -> last reported
+        self._names: dict[str, str] = {}  # lower-cased instance name -> node id reported
         self._networks: list[ipaddress.IPv4Network] = []
 
     @property
@@ -260,34 +261,31 @@ class MdnsDiscovery:
 
     # -- browsing (event loop) -------------------------------------------------------------
 
-    def _on_state_change(
-        self,
-        zeroconf: zeroconf.Zeroconf,
-        service_type: str,
-        name: str,
-        state_change: ServiceStateChange,
-    ) -> None:
+    def _on_state_change(self, *, name: str, state_change: ServiceStateChange, **_: object) -> None:
+        # Called by the browser on the event loop with zeroconf=, service_type=, name=,
+        # state_change= keywords.
         if self._state is not _State.STARTED:
             return
-        if state_change is ServiceStateChange.Removed:
-            task = self._resolving.pop(name, None)
-            if task is not None:
-                task.cancel()
-            node_id = name.removesuffix(f".{SERVICE_TYPE}")
-            if self._known.pop(node_id, None) is not None:
-                self._call(self._on_lost, node_id)
-            return
-        # Added or Updated: (re)resolve, replacing a resolution still under way.
-        old = self._resolving.pop(name, None)
+        key = name.lower()
+        old = self._resolving.pop(key, None)
         if old is not None:
             old.cancel()
+        if state_change is ServiceStateChange.Removed:
+            self._forget(key)
+            return
+        # Added or Updated: (re)resolve, replacing a resolution still under way.
         task = asyncio.create_task(self._resolve(name), name=f"MdnsDiscovery.resolve({name})")
-        self._resolving[name] = task
-        task.add_done_callback(functools.partial(self._resolved, name))
+        self._resolving[key] = task
+        task.add_done_callback(functools.partial(self._resolved, key))
 
-    def _resolved(self, name: str, task: asyncio.Task[None]) -> None:
-        if self._resolving.get(name) is task:
-            del self._resolving[name]
+    def _resolved(self, key: str, task: asyncio.Task[None]) -> None:
+        if self._resolving.get(key) is task:
+            del self._resolving[key]
+
+    def _forget(self, key: str) -> None:
+        node_id = self._names.pop(key, None)
+        if node_id is not None and self._known.pop(node_id, None) is not None:
+            self._call(self._on_lost, node_id)
 
     async def _resolve(self, name: str) -> None:
         aiozc, advert = self._aiozc, self._advert
@@ -301,9 +299,14 @@ class MdnsDiscovery:
             return
         if not ok or self._state is not _State.STARTED:
             return
+        key = name.lower()
         found = self._parse(name, info, advert)
         if found is None:
+            self._forget(key)  # e.g. its TXT now names another mesh
             return
+        if self._names.get(key, found.node_id) != found.node_id:
+            self._forget(key)
+        self._names[key] = found.node_id
         if self._known.get(found.node_id) != found:
             self._known[found.node_id] = found
             self._call(self._on_found, found)
@@ -315,7 +318,7 @@ class MdnsDiscovery:
             return None  # malformed, or ourselves
         if tag != advert.mesh_tag:
             return None  # another mesh: never dialled
-        if name != f"{node_id}.{SERVICE_TYPE}":
+        if name.lower() != f"{node_id}.{SERVICE_TYPE}".lower():
             log.debug("mDNS: %s announces id %r; ignored", name, node_id)
             return None
         try:

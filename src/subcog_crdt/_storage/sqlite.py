@@ -68,7 +68,6 @@ import contextlib
 import enum
 import errno
 import fcntl
-import heapq
 import logging
 import os
 import queue
@@ -617,7 +616,7 @@ class SqliteStorage:
         try:
             data = self._log_path.read_bytes()
         except FileNotFoundError:
-            return 0
+            data = b""
         frames, damage = _parse_frames(data)
         size = len(data)
         if damage is not None:
@@ -640,6 +639,15 @@ class SqliteStorage:
                 if self.durability == "fsync":
                     os.fsync(f.fileno())
             size = damage.offset
+        last_lsn = frames[-1].lsn if frames else 0
+        if self._retired_lsn < self._applied_lsn and last_lsn < self._applied_lsn:
+            # SQLite applied frames whose updates only the log held, and the log lost them:
+            # only possible after an OS crash or power loss with durability="process".
+            raise CorruptStorage(
+                f"{self._log_path} ends at frame {last_lsn} but {STORE_NAME} applied frames "
+                f"up to {self._applied_lsn}: the log lost updates",
+                path=str(self._log_path),
+            )
         newer: list[_Pending] = []
         for frame in frames:
             if frame.lsn > self._applied_lsn:
@@ -673,52 +681,43 @@ class SqliteStorage:
                 snap_path = self._snap_path(id_, gen)
                 referenced.add(snap_path.name)
                 docs[name].append(self._read_snapshot(snap_path, snap_len, snap_crc))
-        # One ordered scan: keys sort by namespace id, then seq.
-        current = -1
-        tail: list[bytes] = []
-        expect = 0
-        nbytes = 0
-        name = ""
-        ids = {name: ns.id for name, ns in self._namespaces.items()}
-        # Retired updates come from SQLite in key order; the log's come after them (their
-        # seqs are higher), skipping any that a compaction covered.
-        live = [
-            ((ids[n] << _NS_SHIFT) | q, d)
-            for n, q, d in self._unretired
-            if q > self._namespaces[n].snap_seq
-        ]
-        live.sort(key=lambda row: row[0])
-        rows = heapq.merge(
-            db.execute("SELECT key, data FROM updates ORDER BY key"), live, key=_first
-        )
-        for key, data in rows:
-            ns_id = key >> _NS_SHIFT
-            seq = key & _SEQ_MASK
-            if ns_id != current:
-                if current >= 0:
-                    self._check_tail(name, expect, by_id[current][2])
-                    tail_bytes[name] = nbytes
-                if ns_id not in by_id:
-                    raise CorruptStorage(
-                        f"{self._store_path}: updates of unknown namespace id {ns_id}",
-                        path=str(self._store_path),
-                    )
-                current = ns_id
-                name = by_id[ns_id][0]
-                tail = docs[name]
-                expect = seq
-                nbytes = 0
-            if seq != expect:
-                raise CorruptStorage(
-                    f"{self._store_path}: namespace {name!r} misses update {expect}",
-                    path=str(self._store_path),
+        # Per namespace: the retired tail from SQLite (one key range, in seq order), then
+        # the updates only the log holds (higher seqs), minus any a compaction covered.
+        live: dict[str, list[bytes]] = {}
+        live_first: dict[str, int] = {}
+        for name, seq, data in self._unretired:
+            if seq > self._namespaces[name].snap_seq:
+                live.setdefault(name, []).append(data)
+                live_first.setdefault(name, seq)
+        for id_, (name, snap_seq, last_seq) in by_id.items():
+            lo = id_ << _NS_SHIFT
+            span = (lo, lo | _SEQ_MASK)
+            tail = [
+                row[0]
+                for row in db.execute(
+                    "SELECT data FROM updates WHERE key BETWEEN ? AND ? ORDER BY key", span
                 )
-            expect = seq + 1
-            tail.append(data)
-            nbytes += len(data)
-        if current >= 0:
-            self._check_tail(name, expect, by_id[current][2])
-            tail_bytes[name] = nbytes
+            ]
+            first = snap_seq + 1
+            if tail:
+                first = (
+                    db.execute(
+                        "SELECT key FROM updates WHERE key BETWEEN ? AND ? ORDER BY key LIMIT 1",
+                        span,
+                    ).fetchone()[0]
+                    & _SEQ_MASK
+                )
+            if name in live:
+                # Keys are unique, so "count == last - first + 1" means no gaps.
+                if live_first[name] != first + len(tail):
+                    self._missing(name, first + len(tail))
+                tail += live[name]
+            if tail and first + len(tail) - 1 != last_seq:
+                self._missing(name, last_seq)
+            if not tail and last_seq > snap_seq:
+                self._missing(name, snap_seq + 1)
+            docs[name] += tail
+            tail_bytes[name] = sum(map(len, tail))
         cursors = dict(db.execute("SELECT session, cursor FROM cursors").fetchall())
         last_cursor = int(self._meta("last_cursor") or 0)
         self._remove_orphans(referenced)
@@ -734,13 +733,11 @@ class SqliteStorage:
             log_fd=log_fd,
         )
 
-    def _check_tail(self, name: str, expect: int, last_seq: int) -> None:
-        if expect - 1 != last_seq:
-            raise CorruptStorage(
-                f"{self._store_path}: namespace {name!r} ends at update {expect - 1}, "
-                f"expected {last_seq}",
-                path=str(self._store_path),
-            )
+    def _missing(self, name: str, seq: int) -> None:
+        raise CorruptStorage(
+            f"{self._store_path}: updates of namespace {name!r} are missing (near {seq})",
+            path=str(self._store_path),
+        )
 
     def _snap_path(self, ns_id: int, gen: int) -> Path:
         return self._snap_dir / f"{ns_id}-{gen}.snap"
@@ -897,9 +894,16 @@ class SqliteStorage:
             frames.append(pending.popleft())
         return frames
 
+    def _sync_before_apply(self) -> None:
+        """With fsync durability SQLite must never get ahead of the durable log: after a
+        power loss it would hold journal rows whose updates the log lost."""
+        if self.durability == "fsync" and self._log_fd >= 0:
+            os.fdatasync(self._log_fd)
+
     def _drain(self) -> None:
         frames = self._take_pending()
         if frames:
+            self._sync_before_apply()
             self._apply(frames)
             self._drained_bytes += sum(f.size for f in frames)
             self._wake_backlog()
@@ -935,6 +939,7 @@ class SqliteStorage:
         with self._wlock:
             frames = self._take_pending()
             if frames:
+                self._sync_before_apply()
                 self._apply(frames, retire=True)
                 self._drained_bytes += sum(f.size for f in frames)
             if self._log_size and self._log_fd >= 0:
@@ -1107,7 +1112,9 @@ class SqliteStorage:
     def _reclaim(self) -> None:
         """Give freed pages back to the file system and empty the WAL."""
         db = self._db
-        db.execute("PRAGMA incremental_vacuum").fetchall()
+        # execute() would step the pragma once, freeing one page; executescript() runs it
+        # to the end (we are in autocommit mode, so its implicit COMMIT is a no-op).
+        db.executescript("PRAGMA incremental_vacuum;")
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def _fsync_log(self) -> None:
@@ -1273,7 +1280,9 @@ class SqliteStorage:
 
     async def compact(self, namespace: str, snapshot: bytes, upto_seq: int) -> None:
         self._check_open()
-        dropped = await self._submit(self._compact_sync, namespace, bytes(snapshot), upto_seq)
+        # Never claim more than was committed: a later update would get a covered seq.
+        upto = min(upto_seq, self._seq.get(namespace, 0))
+        dropped = await self._submit(self._compact_sync, namespace, bytes(snapshot), upto)
         self._tail_bytes[namespace] = max(0, self._tail_bytes.get(namespace, 0) - dropped)
 
     async def read_journal(
@@ -1297,10 +1306,6 @@ class SqliteStorage:
         useful for measurements and tests)."""
         self._check_open()
         await self._submit(self._drain)
-
-
-def _first(row: tuple[int, bytes]) -> int:
-    return row[0]
 
 
 def _resolve(fut: asyncio.Future[Any], exc: BaseException | None, result: Any) -> None:
