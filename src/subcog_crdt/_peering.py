@@ -10,6 +10,7 @@ send is in flight, queued frames go out together in the next message). Frame typ
 ``[4, sessions]``                               this node's sessions changed
 ``[5, peers]``                                  the node ids this node is linked to
 ``[6, ns]``                                     a namespace now exists here
+``[7, ns]``                                     send me your state vector (resync)
 
 Live updates are never echoed to the link they came from, and forwarded to a linked peer
 only when that peer is not itself linked to the update's origin; anti-entropy (step 1/2 on
@@ -36,7 +37,7 @@ __all__ = ["F_UPDATE", "PeerSync", "is_live_update"]
 
 log = logging.getLogger(__name__)
 
-F_HELLO, F_SV, F_DIFF, F_UPDATE, F_SESSIONS, F_PEERS, F_NAMESPACE = range(7)
+F_HELLO, F_SV, F_DIFF, F_UPDATE, F_SESSIONS, F_PEERS, F_NAMESPACE, F_RESYNC = range(8)
 _MAX_DIFF = 1 << 30  # a reassembled step-2 larger than this is refused
 _QUEUE_FRAMES = 4096
 
@@ -133,9 +134,11 @@ class PeerSync:
                 self.bytes_sent += len(message)
                 self.frames_sent += len(batch)
             if self._overflowed and not self._queue:
+                # Live updates were dropped for this peer: ask for its state vectors and
+                # answer each with exactly what it misses.
                 self._overflowed = False
                 for ns in sorted(self.shared):
-                    self._send_sv(ns)
+                    self.send([F_RESYNC, ns])
 
     def _send_sv(self, ns: str) -> None:
         doc = self.api._docs.get(ns)
@@ -233,6 +236,12 @@ class PeerSync:
                 raise ProtocolError("bad namespace frame")
             ns = self._check_ns(frame[1])
             self._offer(ns)
+        elif kind == F_RESYNC:
+            if len(frame) != 2:
+                raise ProtocolError("bad resync frame")
+            ns = self._check_ns(frame[1])
+            if ns in self.shared:
+                self._send_sv(ns)
         else:
             raise ProtocolError(f"unknown frame type {kind}")
 

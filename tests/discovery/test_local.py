@@ -1,0 +1,423 @@
+"""LocalDiscovery: several nodes in one process share a registry directory (tmp_path).
+
+Also covers the small shared pieces of the discovery layer: :func:`mesh_tag` and
+:class:`StaticDiscovery`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from subcog_crdt._discovery import local as local_mod
+from subcog_crdt._discovery.base import Advert, Found, is_loopback_url, mesh_tag
+from subcog_crdt._discovery.local import LocalDiscovery, default_directory
+from subcog_crdt._discovery.static import StaticDiscovery
+from subcog_crdt._errors import ClosedError, InvalidArgument, StorageError
+
+DEADLINE = 5.0
+TAG_A = mesh_tag(b"secret-a")
+TAG_B = mesh_tag(b"secret-b")
+
+
+class Recorder:
+    """Collects the callbacks of one discovery instance."""
+
+    def __init__(self) -> None:
+        self.found: dict[str, Found] = {}
+        self.found_log: list[Found] = []
+        self.lost: list[str] = []
+
+    def on_found(self, found: Found) -> None:
+        self.found[found.node_id] = found
+        self.found_log.append(found)
+
+    def on_lost(self, node_id: str) -> None:
+        self.found.pop(node_id, None)
+        self.lost.append(node_id)
+
+
+async def eventually(pred: Callable[[], bool], timeout: float = DEADLINE, what: str = "") -> None:
+    """Poll ``pred`` until it holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout}s: {what or pred}")
+        await asyncio.sleep(0.01)
+
+
+async def scans(d: LocalDiscovery, n: int = 3) -> None:
+    """Let ``d`` complete at least ``n`` full polls (observable: its peer set is
+    recomputed every poll, so wait for time to pass in poll-sized steps)."""
+    await asyncio.sleep(d._poll * (n + 1) + 0.05)
+
+
+def finds(rec: Recorder, node_ids: set[str]) -> Callable[[], bool]:
+    return lambda: set(rec.found) == node_ids
+
+
+def advert(node_id: str, port: int, tag: str = "", host: str = "127.0.0.1") -> Advert:
+    return Advert(node_id=node_id, url=f"ws://{host}:{port}", protocol=1, mesh_tag=tag)
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.fixture
+def live_child() -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def write_entry(directory: Path, name: str, /, **fields: object) -> Path:
+    data: dict[str, object] = {
+        "node_id": name,
+        "url": "ws://127.0.0.1:9",
+        "pid": os.getpid(),
+        "protocol": 1,
+        "mesh_tag": "",
+    }
+    data.update(fields)
+    path = directory / f"{name}.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Path:
+    return tmp_path / "nodes"
+
+
+class Nodes:
+    """Starts LocalDiscovery instances and closes whatever is left at the end."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.open: list[LocalDiscovery] = []
+
+    async def start(self, adv: Advert) -> tuple[LocalDiscovery, Recorder]:
+        d, rec = LocalDiscovery(self.directory, poll=0.02), Recorder()
+        await d.start(adv, rec.on_found, rec.on_lost)
+        self.open.append(d)
+        return d, rec
+
+    async def close(self) -> None:
+        for d in self.open:
+            await d.aclose()
+
+
+@pytest.fixture
+async def nodes(registry: Path) -> AsyncIterator[Nodes]:
+    n = Nodes(registry)
+    try:
+        yield n
+    finally:
+        await n.close()
+
+
+# -- mesh_tag ----------------------------------------------------------------------------------
+
+
+def test_mesh_tag_is_one_way_and_stable() -> None:
+    assert mesh_tag(None) == ""
+    tag = mesh_tag(b"hunter2")
+    assert tag == mesh_tag(b"hunter2")
+    assert len(tag) == 16
+    assert all(c in "0123456789abcdef" for c in tag)
+    assert tag != mesh_tag(b"hunter3")
+    assert "hunter2" not in tag
+    assert b"hunter2".hex() not in tag
+
+
+def test_is_loopback_url() -> None:
+    assert is_loopback_url("ws://127.0.0.1:1")
+    assert is_loopback_url("ws://127.5.0.1:1")
+    assert is_loopback_url("ws://[::1]:1")
+    assert is_loopback_url("ws://localhost:1")
+    assert not is_loopback_url("ws://10.0.0.1:1")
+    assert not is_loopback_url("ws://0.0.0.0:1")
+    assert not is_loopback_url("not a url")
+
+
+# -- LocalDiscovery ----------------------------------------------------------------------------
+
+
+async def test_three_nodes_find_each_other(nodes: Nodes) -> None:
+    started = [await nodes.start(advert(f"n{i}", 9000 + i)) for i in range(3)]
+    for i, (_, rec) in enumerate(started):
+        others = {f"n{j}" for j in range(3) if j != i}
+        await eventually(finds(rec, others), what=f"n{i} finds {others}")
+    _, rec0 = started[0]
+    assert rec0.found["n1"] == Found("n1", "ws://127.0.0.1:9001", 1, "")
+    await scans(started[0][0])
+    for i, (_, rec) in enumerate(started):
+        assert f"n{i}" not in {f.node_id for f in rec.found_log}, "a node never finds itself"
+        assert len(rec.found_log) == 2, "each peer is reported once"
+        assert rec.lost == []
+    # The registry is private; entries are readable by the owner only.
+    assert stat.S_IMODE(nodes.directory.stat().st_mode) == 0o700
+    entry = nodes.directory / "n0.json"
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o600
+    data = json.loads(entry.read_text())
+    assert data["url"] == "ws://127.0.0.1:9000"
+    assert data["pid"] == os.getpid()
+    assert data["protocol"] == 1
+    assert data["mesh_tag"] == ""
+
+
+async def test_late_joiner_finds_running_nodes(nodes: Nodes) -> None:
+    _, rec_a = await nodes.start(advert("a", 1))
+    _, rec_b = await nodes.start(advert("b", 2))
+    await eventually(lambda: "b" in rec_a.found and "a" in rec_b.found)
+    _, rec_c = await nodes.start(advert("c", 3))
+    await eventually(lambda: set(rec_c.found) == {"a", "b"})
+    await eventually(lambda: "c" in rec_a.found and "c" in rec_b.found)
+
+
+async def test_stale_entry_of_dead_process_is_ignored_and_removed(nodes: Nodes) -> None:
+    nodes.directory.mkdir(mode=0o700)
+    ghost = write_entry(nodes.directory, "ghost", pid=dead_pid())
+    # A live pid whose process started at another time: the pid was reused.
+    reused = write_entry(nodes.directory, "reused", started=1)
+    _, rec = await nodes.start(advert("a", 1))
+    await eventually(lambda: not ghost.exists() and not reused.exists(), what="stale removed")
+    await nodes.start(advert("b", 2))
+    await eventually(lambda: "b" in rec.found)
+    assert "ghost" not in rec.found
+    assert "reused" not in rec.found
+    assert {f.node_id for f in rec.found_log} == {"b"}
+
+
+async def test_peer_that_dies_without_closing_is_lost(nodes: Nodes, registry: Path) -> None:
+    _, rec = await nodes.start(advert("a", 1))
+    registry.mkdir(exist_ok=True)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        write_entry(registry, "child", pid=child.pid, started=local_mod._proc_start_time(child.pid))
+        await eventually(lambda: "child" in rec.found)
+    finally:
+        child.kill()
+        child.wait()
+    await eventually(lambda: rec.lost == ["child"], what="kill -9'd peer lost")
+    await eventually(lambda: not (registry / "child.json").exists())
+
+
+async def test_aclose_removes_own_entry_and_peers_see_lost(nodes: Nodes) -> None:
+    a, rec_a = await nodes.start(advert("a", 1))
+    _, rec_b = await nodes.start(advert("b", 2))
+    _, rec_c = await nodes.start(advert("c", 3))
+    await eventually(lambda: set(rec_b.found) == {"a", "c"} and set(rec_c.found) == {"a", "b"})
+    await a.aclose()
+    assert not (nodes.directory / "a.json").exists()
+    await eventually(lambda: rec_b.lost == ["a"] and rec_c.lost == ["a"], what="a lost by b, c")
+    assert set(rec_b.found) == {"c"}
+    # Closing is idempotent and the closed instance reports nothing more.
+    await a.aclose()
+    events = len(rec_a.found_log), len(rec_a.lost)
+    await nodes.start(advert("d", 4))
+    await eventually(lambda: "d" in rec_b.found)
+    assert (len(rec_a.found_log), len(rec_a.lost)) == events
+
+
+async def test_other_mesh_is_ignored(nodes: Nodes) -> None:
+    _, rec_a1 = await nodes.start(advert("a1", 1, TAG_A, host="10.9.9.1"))
+    _, rec_a2 = await nodes.start(advert("a2", 2, TAG_A, host="10.9.9.2"))
+    b1, rec_b1 = await nodes.start(advert("b1", 3, TAG_B))
+    _, rec_open = await nodes.start(advert("open", 4))  # no secret
+    await eventually(lambda: set(rec_a1.found) == {"a2"} and set(rec_a2.found) == {"a1"})
+    assert rec_a1.found["a2"] == Found("a2", "ws://10.9.9.2:2", 1, TAG_A)
+    await scans(b1)
+    assert rec_b1.found_log == []
+    assert rec_open.found_log == []
+    assert {f.node_id for f in rec_a1.found_log} == {"a2"}
+    # Leaving does not reach another mesh either.
+    await b1.aclose()
+    await scans(b1)
+    assert rec_a1.lost == [] and rec_open.lost == []
+
+
+async def test_without_secret_only_loopback(nodes: Nodes) -> None:
+    d = LocalDiscovery(nodes.directory)
+    with pytest.raises(InvalidArgument, match="loopback"):
+        await d.start(advert("lan", 1, host="10.0.0.1"), Recorder().on_found, print)
+    # A planted entry without a tag and with a LAN url is not reported either.
+    nodes.directory.mkdir(mode=0o700, exist_ok=True)
+    write_entry(nodes.directory, "planted", url="ws://10.0.0.2:1")
+    a, rec = await nodes.start(advert("a", 1))
+    await nodes.start(advert("b", 2))
+    await eventually(lambda: "b" in rec.found)
+    await scans(a)
+    assert "planted" not in rec.found
+
+
+async def test_malformed_entries_are_ignored(nodes: Nodes) -> None:
+    nodes.directory.mkdir(mode=0o700)
+    (nodes.directory / "junk.json").write_text("{not json")
+    (nodes.directory / "list.json").write_text("[1, 2]")
+    write_entry(nodes.directory, "wrongname", node_id="someone-else")
+    write_entry(nodes.directory, "nopid", pid="1")
+    (nodes.directory / "huge.json").write_text(" " * 10_000)
+    (nodes.directory / "README").write_text("not an entry")
+    a, rec = await nodes.start(advert("a", 1))
+    await nodes.start(advert("b", 2))
+    await eventually(lambda: "b" in rec.found)
+    await scans(a)
+    assert {f.node_id for f in rec.found_log} == {"b"}
+    assert (nodes.directory / "junk.json").exists(), "unreadable entries are left alone"
+
+
+async def test_changed_entry_is_reported_again(nodes: Nodes) -> None:
+    _, rec = await nodes.start(advert("a", 1))
+    nodes.directory.mkdir(exist_ok=True)
+    write_entry(nodes.directory, "p", url="ws://127.0.0.1:5")
+    await eventually(lambda: "p" in rec.found)
+    write_entry(nodes.directory, "p", url="ws://127.0.0.1:6")
+    await eventually(lambda: rec.found.get("p", None) == Found("p", "ws://127.0.0.1:6", 1, ""))
+    (nodes.directory / "p.json").unlink()
+    await eventually(lambda: rec.lost == ["p"])
+
+
+async def test_own_entry_is_restored_if_deleted(nodes: Nodes) -> None:
+    await nodes.start(advert("a", 1))
+    own = nodes.directory / "a.json"
+    assert own.exists()
+    own.unlink()
+    await eventually(own.exists, what="own entry written again")
+
+
+async def test_registry_is_rebuilt_if_removed(nodes: Nodes) -> None:
+    _, rec_a = await nodes.start(advert("a", 1))
+    _, rec_b = await nodes.start(advert("b", 2))
+    await eventually(lambda: "b" in rec_a.found and "a" in rec_b.found)
+    shutil.rmtree(nodes.directory)
+    await eventually(
+        lambda: (
+            nodes.directory.is_dir() and sorted(os.listdir(nodes.directory)) == ["a.json", "b.json"]
+        )
+    )
+    assert stat.S_IMODE(nodes.directory.stat().st_mode) == 0o700
+    await eventually(lambda: "b" in rec_a.found and "a" in rec_b.found)
+
+
+async def test_node_id_announced_by_another_live_process_is_refused(
+    nodes: Nodes, live_child: subprocess.Popen[bytes]
+) -> None:
+    nodes.directory.mkdir(mode=0o700)
+    pid = live_child.pid
+    write_entry(nodes.directory, "dup", pid=pid, started=local_mod._proc_start_time(pid))
+    d = LocalDiscovery(nodes.directory)
+    with pytest.raises(InvalidArgument, match="already announced"):
+        await d.start(advert("dup", 1), Recorder().on_found, print)
+    assert json.loads((nodes.directory / "dup.json").read_text())["pid"] == pid
+
+
+async def test_lifecycle_and_bad_arguments(registry: Path) -> None:
+    rec = Recorder()
+    with pytest.raises(InvalidArgument):
+        LocalDiscovery(registry, poll=0)
+    d = LocalDiscovery(registry)
+    await d.aclose()  # before start: harmless
+    with pytest.raises(ClosedError):
+        await d.start(advert("a", 1), rec.on_found, rec.on_lost)
+    for bad in (
+        advert("../escape", 1),
+        advert(".hidden", 1),
+        advert("", 1),
+        Advert("a", "http://127.0.0.1:1", 1, ""),
+        Advert("a", "ws://127.0.0.1", 1, ""),
+        Advert("a", "ws://127.0.0.1:1", 1, "not-a-tag"),
+    ):
+        with pytest.raises(InvalidArgument):
+            await LocalDiscovery(registry).start(bad, rec.on_found, rec.on_lost)
+    async with LocalDiscovery(registry) as d2:
+        await d2.start(advert("a", 1), rec.on_found, rec.on_lost)
+        with pytest.raises(InvalidArgument, match="already started"):
+            await d2.start(advert("a", 1), rec.on_found, rec.on_lost)
+        assert (registry / "a.json").exists()
+    assert not (registry / "a.json").exists()
+    await d2.aclose()
+
+
+async def test_callback_errors_do_not_stop_discovery(nodes: Nodes) -> None:
+    seen: list[str] = []
+
+    def bad(found: Found) -> None:
+        seen.append(found.node_id)
+        raise RuntimeError("boom")
+
+    d = LocalDiscovery(nodes.directory, poll=0.02)
+    nodes.open.append(d)
+    await d.start(advert("a", 1), bad, print)
+    await nodes.start(advert("b", 2))
+    await eventually(lambda: seen == ["b"])
+    await nodes.start(advert("c", 3))
+    await eventually(lambda: seen == ["b", "c"])
+
+
+async def test_default_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert default_directory() == tmp_path / "subcog-crdt" / "nodes"
+    async with LocalDiscovery() as d:
+        assert d.directory == tmp_path / "subcog-crdt" / "nodes"
+        await d.start(advert("a", 1), Recorder().on_found, print)
+        assert (d.directory / "a.json").exists()
+        assert stat.S_IMODE(d.directory.stat().st_mode) == 0o700
+        assert stat.S_IMODE(d.directory.parent.stat().st_mode) == 0o700
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert default_directory() == Path(f"/tmp/subcog-crdt-{os.getuid()}/nodes")
+
+
+async def test_registry_owned_by_someone_else_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: os.getuid() + 4242)
+    with pytest.raises(StorageError, match="belongs to uid"):
+        await LocalDiscovery(tmp_path / "nodes").start(advert("a", 1), Recorder().on_found, print)
+
+
+# -- StaticDiscovery ---------------------------------------------------------------------------
+
+
+async def test_static_reports_each_url_once() -> None:
+    rec = Recorder()
+    urls = ["ws://10.0.0.1:1", "ws://10.0.0.2:2", "ws://10.0.0.1:1", "ws://127.0.0.1:9"]
+    async with StaticDiscovery(urls) as d:
+        assert d.urls == ("ws://10.0.0.1:1", "ws://10.0.0.2:2", "ws://127.0.0.1:9")
+        await d.start(advert("me", 9, TAG_A), rec.on_found, rec.on_lost)
+        assert rec.found_log == [
+            Found("", "ws://10.0.0.1:1", 1, TAG_A),
+            Found("", "ws://10.0.0.2:2", 1, TAG_A),
+        ]
+        with pytest.raises(InvalidArgument):
+            await d.start(advert("me", 9, TAG_A), rec.on_found, rec.on_lost)
+    assert rec.lost == []
+    with pytest.raises(ClosedError):
+        await d.start(advert("me", 9, TAG_A), rec.on_found, rec.on_lost)
+
+
+@pytest.mark.parametrize("bad", ["ws://host", "http://h:1", "h:1", "ws://:1"])
+def test_static_rejects_bad_urls(bad: str) -> None:
+    with pytest.raises(InvalidArgument):
+        StaticDiscovery([bad])
+
+
+def test_static_rejects_single_string() -> None:
+    with pytest.raises(InvalidArgument):
+        StaticDiscovery("ws://h:1")
