@@ -37,7 +37,7 @@ from subcog_crdt._core.ydecode import (
     MapInsert,
     UpdateDecodeError,
     decode_state_vector,
-    read_map_inserts,
+    read_update,
 )
 from subcog_crdt._errors import ConflictError, InvalidArgument, NotFound, ProtocolError
 
@@ -86,6 +86,10 @@ class NamespaceDoc:
         self._by_doc: list[str] = []
         self._moved: dict[int, str] = {}
         self._pending: list[MapInsert] = []
+        self._tainted = False
+        # The state vector as far as remote updates go, tracked from decoded updates so the
+        # common case need not ask pycrdt (None: unknown, ask).
+        self._sv: dict[int, int] | None = None
         self._hash_cache: str | None = None
         self._n_writes = 0
         self._to_index: list[tuple[int, str, Any]] = []
@@ -281,30 +285,57 @@ class NamespaceDoc:
         """Apply a Yjs update from a peer; return the events of the writes it brought.
         Raises :class:`ProtocolError` (and changes nothing) if the bytes are not an update."""
         try:
-            inserts, unknown = read_map_inserts(update, ENTRIES)
+            decoded = read_update(update, ENTRIES)
         except UpdateDecodeError as exc:
             raise ProtocolError(f"invalid Yjs update for {self.namespace!r}: {exc}") from exc
         try:
             self.doc.apply_update(update)
         except Exception as exc:  # pycrdt raises plain exceptions for bad bytes
             raise ProtocolError(f"invalid Yjs update for {self.namespace!r}: {exc}") from exc
-        return self._absorb(inserts, unknown)
+        sv = self._sv
+        if (
+            decoded.simple
+            and not self._pending
+            and sv is not None
+            and all(start <= sv.get(client, 0) for client, start, _ in decoded.blocks)
+        ):
+            # Every struct continues what we had and depends on nothing else, so all of it
+            # was integrated: no need to ask pycrdt for the state vector.
+            for client, _, end in decoded.blocks:
+                if end > sv.get(client, 0):
+                    sv[client] = end
+            return self._absorb(decoded.inserts, False, known_integrated=True)
+        self._sv = None
+        return self._absorb(decoded.inserts, decoded.unknown)
 
-    def _absorb(self, inserts: list[MapInsert], unknown: bool) -> list[Event]:
+    def _absorb(
+        self, inserts: list[MapInsert], unknown: bool, known_integrated: bool = False
+    ) -> list[Event]:
         if self._pending:
             inserts = self._pending + inserts
             self._pending = []
+        if unknown:
+            # Someone overwrote or removed entries: from now on check every value against
+            # the document instead of trusting the update's bytes.
+            self._tainted = True
         if not inserts and not unknown:
             return []
-        sv = decode_state_vector(self.doc.get_state())
         events: list[Event] = []
-        for ins in inserts:
-            if ins.clock >= sv.get(ins.client, 0):
-                self._pending.append(ins)  # waits for a missing earlier update
-                continue
-            events.extend(self._absorb_one(ins.key, ins.value))
-        if unknown:
-            events.extend(self.rescan())
+        if known_integrated:
+            for ins in inserts:
+                events.extend(self._absorb_one(ins.key, ins.value))
+            return events
+        with self.doc.transaction():  # one transaction for all reads below
+            sv = decode_state_vector(self.doc.get_state())
+            if not self._pending:
+                self._sv = dict(sv)  # our own client's clock is never consulted
+            for ins in inserts:
+                if ins.clock >= sv.get(ins.client, 0):
+                    self._pending.append(ins)  # waits for a missing earlier update
+                    continue
+                events.extend(self._absorb_one(ins.key, ins.value))
+            if unknown:
+                events.extend(self.rescan())
         return events
 
     def _absorb_one(self, key: str, value: Any) -> list[Event]:
@@ -316,9 +347,8 @@ class NamespaceDoc:
         m = self._mems.get(w.memory_id)
         if m is not None and key in m.keys:
             return []  # duplicate delivery
-        current = self.entries.get(key)
-        if current != value:
-            return []  # overwritten or removed since: not a write of ours to trust
+        if self._tainted and self.entries.get(key) != value:
+            return []  # overwritten or removed since: not a write to trust
         self._hlc.observe(w.at)
         events, _ = self._integrate(w, value)
         return events
@@ -336,6 +366,7 @@ class NamespaceDoc:
 
     def load(self, state: bytes) -> None:
         """Load stored state without emitting events (used at open)."""
+        self._sv = None
         with self.doc.transaction(origin="load"):
             self.doc.apply_update(state)
         self.outbox.clear()

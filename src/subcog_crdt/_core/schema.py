@@ -59,6 +59,9 @@ _NAMESPACE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}\Z")
 _SESSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127}\Z")
 _NODE = re.compile(r"[0-9a-f]{1,32}\Z")
 _ID = re.compile(r"[0-9a-f]{20}\Z")
+_KEY = re.compile(
+    r"([0-9a-f]{20})/([0-9]{13}[0-9a-f]{6})/([A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127})/([0-9a-f]{1,32})\Z"
+)
 
 
 def check_namespace(name: object) -> str:
@@ -238,12 +241,10 @@ def decode_write(key: object, value: object) -> Write | None:
     every node alike, so a hostile or buggy writer cannot make nodes disagree)."""
     if not isinstance(key, str) or not isinstance(value, str):
         return None
-    parts = key.split("/")
-    if len(parts) != 4:
+    km = _KEY.match(key)
+    if km is None:
         return None
-    mid, at, by, node = parts
-    if not (_ID.match(mid) and valid_stamp(at) and _SESSION.match(by) and _NODE.match(node)):
-        return None
+    mid, at, by, node = km.groups()
     try:
         obj = json.loads(value)
     except ValueError:

@@ -10,18 +10,23 @@ can fall back to a full rescan.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["MapInsert", "UpdateDecodeError", "decode_state_vector", "read_map_inserts"]
+__all__ = [
+    "Decoded",
+    "MapInsert",
+    "UpdateDecodeError",
+    "decode_state_vector",
+    "read_map_inserts",
+    "read_update",
+]
 
 
 class UpdateDecodeError(ValueError):
     """The bytes are not a well-formed Yjs v1 update."""
 
 
-@dataclass(frozen=True, slots=True)
-class MapInsert:
+class MapInsert(NamedTuple):
     """An item inserted under ``key`` of the root map ``root`` by ``(client, clock)``."""
 
     client: int
@@ -49,6 +54,13 @@ class _Reader:
     def varuint(self) -> int:
         buf = self.buf
         pos = self.pos
+        try:
+            b = buf[pos]
+        except IndexError:
+            raise UpdateDecodeError("unexpected end of update") from None
+        if b < 0x80:
+            self.pos = pos + 1
+            return b
         n = 0
         shift = 0
         while True:
@@ -88,8 +100,13 @@ class _Reader:
 
     def string(self) -> str:
         n = self.varuint()
+        start = self.pos
+        end = start + n
+        if end > len(self.buf):
+            raise UpdateDecodeError("unexpected end of update")
+        self.pos = end
         try:
-            return self.raw(n).decode("utf-8")
+            return str(self.buf[start:end], "utf-8")
         except UnicodeDecodeError as exc:
             raise UpdateDecodeError("invalid utf-8 in update") from exc
 
@@ -159,62 +176,102 @@ def _skip_content(r: _Reader, ref: int) -> int:
     raise UpdateDecodeError(f"unknown content type {ref}")
 
 
+class Decoded(NamedTuple):
+    """What :func:`read_update` found in an update."""
+
+    inserts: list[MapInsert]
+    unknown: bool
+    """Items that could touch the map without naming a key (an overwrite)."""
+    simple: bool
+    """Only root-map single-value insertions and no deletions: such an update has no
+    dependencies beyond each client's earlier clocks."""
+    blocks: list[tuple[int, int, int]]
+    """``(client, first clock, clock after the last struct)`` per client."""
+
+
 def read_map_inserts(update: bytes, root: str) -> tuple[list[MapInsert], bool]:
-    """Return the single-value insertions under root map ``root`` found in ``update``, and
-    whether the update holds other items that could touch that map (a value set under a key
-    that already had one carries no key in the update, only its left neighbour)."""
+    """The single-value insertions under root map ``root`` in ``update``, and whether the
+    update holds other items that could touch that map."""
+    d = read_update(update, root)
+    return d.inserts, d.unknown
+
+
+def read_update(update: bytes, root: str) -> Decoded:
+    """Decode ``update`` (Yjs v1) far enough to list its insertions under root map ``root``."""
     r = _Reader(update)
+    buf = r.buf
+    n = len(buf)
     inserts: list[MapInsert] = []
+    blocks: list[tuple[int, int, int]] = []
     unknown = False
-    for _ in range(r.varuint()):
-        n_structs = r.varuint()
-        client = r.varuint()
-        clock = r.varuint()
+    simple = True
+    varuint = r.varuint
+    for _ in range(varuint()):
+        n_structs = varuint()
+        client = varuint()
+        clock = start = varuint()
         for _ in range(n_structs):
-            info = r.u8()
+            pos = r.pos
+            if pos >= n:
+                raise UpdateDecodeError("unexpected end of update")
+            info = buf[pos]
+            r.pos = pos + 1
             ref = info & 0x1F
-            if ref == 0:  # GC
-                clock += r.varuint()
+            if ref == 0 or ref == 10:  # GC or skip
+                clock += varuint()
+                simple = False
                 continue
-            if ref == 10:  # skip
-                clock += r.varuint()
-                continue
-            has_origin = bool(info & 0x80)
-            has_right = bool(info & 0x40)
+            has_origin = info & 0x80
+            has_right = info & 0x40
             if has_origin:
-                r.varuint()
-                r.varuint()
+                varuint()
+                varuint()
             if has_right:
-                r.varuint()
-                r.varuint()
+                varuint()
+                varuint()
             parent_name: str | None = None
             parent_sub: str | None = None
             if not has_origin and not has_right:
-                if r.varuint() == 1:
+                if varuint() == 1:
                     parent_name = r.string()
                 else:
-                    r.varuint()
-                    r.varuint()
+                    varuint()
+                    varuint()
                 if info & 0x20:
                     parent_sub = r.string()
             if ref == 8 and parent_name == root and parent_sub is not None:
-                count = r.varuint()
-                values = [r.any() for _ in range(count)]
+                count = varuint()
                 if count == 1:
-                    inserts.append(MapInsert(client, clock, root, parent_sub, values[0]))
+                    # the common case: one string value
+                    pos = r.pos
+                    if pos < n and buf[pos] == 119:
+                        r.pos = pos + 1
+                        value: Any = r.string()
+                    else:
+                        value = r.any()
+                    inserts.append(MapInsert(client, clock, root, parent_sub, value))
+                else:
+                    for _ in range(count):
+                        r.any()
+                    simple = False
                 clock += count
                 continue
+            simple = False
             if parent_name is None and parent_sub is None and ref != 1:
                 # An item positioned by neighbours: could be an overwrite in our map.
                 unknown = True
             clock += _skip_content(r, ref)
-    # delete set follows; we do not need it, but check it parses
-    for _ in range(r.varuint()):
-        r.varuint()
-        for _ in range(r.varuint()):
-            r.varuint()
-            r.varuint()
-    return inserts, unknown
+        blocks.append((client, start, clock))
+    # the delete set
+    n_del = varuint()
+    if n_del:
+        simple = False
+    for _ in range(n_del):
+        varuint()
+        for _ in range(varuint()):
+            varuint()
+            varuint()
+    return Decoded(inserts, unknown, simple, blocks)
 
 
 def decode_state_vector(sv: bytes) -> dict[int, int]:
