@@ -6,8 +6,9 @@ Data directory layout
 ```
 <data_dir>/
   subcog.lock          flock()ed by the open storage; holds the owner's pid (informational)
-  updates.log          append-only redo log: every commit() / save_cursor() as one frame
-  store.sqlite3        SQLite (WAL mode): node id, namespaces, tail updates, journal, cursors
+  updates.log          append-only log: every commit() / save_cursor() as one CRC'd frame;
+                       holds the newest updates (until compacted or retired into SQLite)
+  store.sqlite3        SQLite (WAL mode): node id, namespaces, journal, cursors, older tail
   store.sqlite3-wal    SQLite's write-ahead log (empty after a clean close)
   store.sqlite3-shm    SQLite's WAL index
   snapshots/<id>-<gen>.snap
@@ -17,7 +18,7 @@ Data directory layout
 
 Write path. ``commit()`` encodes its updates, journal records and the new sequence numbers
 as one frame and appends it to ``updates.log`` with a single ``os.write`` on the calling
-(event-loop) thread. That is a page-cache write of a few hundred bytes (~2 us): once it
+(event-loop) thread. That is a page-cache write of a few hundred bytes (~2-5 us): once it
 returned, the data survives ``kill -9`` of the process, which is what
 ``durability="process"`` promises, so ``commit()`` returns right away. A SQLite commit on
 the storage thread costs ~23 us plus the thread hand-off (FIELD-NOTES, "Durability cost");
@@ -25,14 +26,18 @@ awaiting one per call cannot reach 20k commits/s one at a time. With
 ``durability="fsync"`` the caller also awaits an ``fdatasync`` of the log on the storage
 thread; callers that wrote while a sync was in flight share the next one (group commit).
 
-The storage thread drains the written frames into SQLite in batches (one transaction for
-everything pending, multi-row INSERTs so the GIL is released once per statement, not once
-per row) and records the last applied frame number (``applied_lsn``) in the same
-transaction. When the log has grown past a threshold and every frame in it is applied, the
-thread truncates it to zero under the writer lock. So the log only ever holds a few
-megabytes, and SQLite is the store at rest: per-namespace tail updates (row key
-``namespace_id << 40 | seq``, so a namespace's tail is one key range), the journal (row key
-= cursor), session cursors and metadata.
+The storage thread then drains the written frames in batches: one SQLite transaction for
+everything pending writes the journal rows, session cursors and per-namespace sequence
+numbers, and records the last applied frame (``applied_lsn``). The updates themselves stay
+in the log: the node compacts a namespace once its tail grows, and a compaction usually
+covers them before they would ever need a second home. Only when the log passes 32 MB, or
+at a compaction (which empties the log), do the updates still live move into SQLite
+(``retired_lsn`` marks how far), and the log is truncated under the writer lock. So SQLite
+holds the journal (row key = cursor), cursors, metadata and the retired tail (row key
+``namespace_id << 40 | seq``: one key range per namespace, in seq order); the log holds
+the newest updates; a namespace's tail is the retired rows followed by the log's.
+With ``"fsync"`` the thread syncs the log before applying frames, so SQLite never gets
+ahead of the durable log.
 
 Frame format (little endian): ``b"SCL1"``, payload length (u32), CRC32 of the payload (u32),
 then a msgpack array ``[lsn, [[ns, seq, update]...], [[cursor, at_ms, ns, kind, write_id,
@@ -47,12 +52,19 @@ covered tail rows, then removes the old file and reclaims space (``incremental_v
 ``wal_checkpoint(TRUNCATE)``). A crash in between leaves an unreferenced file, deleted at the
 next open.
 
-Opening: take the lock, ``PRAGMA quick_check``, replay log frames newer than
-``applied_lsn`` into SQLite (a torn last frame, i.e. a half-written tail from a crash, is
-dropped with a warning; a damaged frame followed by valid ones is corruption, not a torn
-tail, and raises :class:`CorruptStorage`), then load. A fresh (empty) ``store.sqlite3`` next
-to an existing log or snapshots also raises :class:`CorruptStorage`: the storage never
-starts empty over existing data.
+Opening: take the lock, ``PRAGMA quick_check``, read the log, apply the journal of frames
+newer than ``applied_lsn`` and keep the updates of frames newer than ``retired_lsn``, then
+load. A torn last frame (a half-written tail) is cut off with a warning and everything
+before it is kept; a damaged frame followed by valid ones is corruption, not a torn tail,
+and raises :class:`CorruptStorage` naming the log. So do a snapshot whose length or CRC
+does not match, SQLite damage (``quick_check``, or a namespace whose updates have a gap),
+a log that lost frames SQLite already applied (possible only after an OS crash or power
+loss with ``"process"``), and a fresh (empty) ``store.sqlite3`` next to an existing log
+or snapshots: the storage never starts empty over existing data. Tail rows in SQLite
+carry no checksum of their own; SQLite's page structure is checked, their content is not.
+
+The log is kept at a clean close (the next open reads it back); ``aclose()`` drains the
+journal into SQLite, checkpoints (the WAL ends empty), and releases the lock.
 
 Why not pycrdt-store: ``pycrdt.store`` (pycrdt-store 0.1.5) keeps one Yjs document per path
 and nothing else (no journal, no cursors), commits every write in its own transaction with
@@ -78,7 +90,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
@@ -165,7 +177,6 @@ class _Loaded:
     oldest: int
     log_fd: int
     log_size: int = 0
-    dropped: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -925,7 +936,7 @@ class SqliteStorage:
         last few frames are applied under it, so that nothing new can be appended between
         "everything is in SQLite" and the truncation."""
         db = self._db
-        if self._unretired:
+        if self._retired_lsn < self._applied_lsn:
             db.execute("BEGIN IMMEDIATE")
             try:
                 self._insert_updates(self._unretired, self._applied_lsn)
@@ -1282,8 +1293,16 @@ class SqliteStorage:
         self._check_open()
         # Never claim more than was committed: a later update would get a covered seq.
         upto = min(upto_seq, self._seq.get(namespace, 0))
-        dropped = await self._submit(self._compact_sync, namespace, bytes(snapshot), upto)
-        self._tail_bytes[namespace] = max(0, self._tail_bytes.get(namespace, 0) - dropped)
+        job = self._submit(self._compact_sync, namespace, bytes(snapshot), upto)
+
+        def adjust(job: asyncio.Future[int]) -> None:
+            # Runs even if the caller was cancelled meanwhile: the compaction itself went on.
+            if not job.cancelled() and job.exception() is None:
+                left = self._tail_bytes.get(namespace, 0) - job.result()
+                self._tail_bytes[namespace] = max(0, left)
+
+        job.add_done_callback(adjust)
+        await asyncio.shield(job)
 
     async def read_journal(
         self,

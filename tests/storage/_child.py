@@ -1,0 +1,63 @@
+"""Child process for the storage crash tests (run as ``python _child.py MODE DIR ...``).
+
+* ``hold DIR``: open the storage, print ``ready``, then wait until stdin closes.
+* ``commit DIR DURABILITY``: commit one update + one journal record at a time, forever;
+  after each ``commit()`` returned print its seq. Every 97 commits, compact with a fake
+  snapshot ``SNAP:<upto>`` (the storage does not look inside).
+* ``paused DIR N``: commit N updates without letting the storage thread apply them to
+  SQLite (a test-only switch), print ``done``, then SIGKILL itself: the log then holds
+  frames that SQLite does not know about.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+
+from subcog_crdt._storage.base import JournalRecord
+from subcog_crdt._storage.sqlite import SqliteStorage
+
+NS = "ns"
+
+
+def payload(seq: int) -> bytes:
+    return b"U:%d:" % seq + b"x" * 300
+
+
+async def main() -> None:
+    mode, data_dir = sys.argv[1], sys.argv[2]
+    if mode == "hold":
+        async with SqliteStorage(data_dir) as s:
+            await s.open("child")
+            print("ready", flush=True)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        return
+    if mode == "commit":
+        s = SqliteStorage(data_dir, durability=sys.argv[3])  # type: ignore[arg-type]
+        state = await s.open("child")
+        cursor = state.last_cursor
+        print("ready", flush=True)
+        while True:
+            seq = s.tail_seq(NS) + 1
+            cursor += 1
+            rec = JournalRecord(cursor, int(time.time() * 1000), NS, "captured", f"w{seq}", "s")
+            await s.commit([(NS, payload(seq))], [rec])
+            print(seq, flush=True)
+            if seq % 97 == 0:
+                await s.compact(NS, b"SNAP:%d" % seq, seq)
+    if mode == "paused":
+        s = SqliteStorage(data_dir)
+        await s.open("child")
+        s._drain_scheduled = True  # test-only: no drain job gets scheduled
+        for i in range(int(sys.argv[3])):
+            rec = JournalRecord(i + 1, int(time.time() * 1000), NS, "captured", f"w{i}", "s")
+            await s.commit([(NS, payload(i + 1))], [rec])
+        print("done", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

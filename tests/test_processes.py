@@ -1,0 +1,55 @@
+"""Separate node processes on one machine: local discovery, liveness, remote sessions."""
+
+from __future__ import annotations
+
+import pytest
+
+from support.nodeproc import NodeProc, stop_all
+
+
+@pytest.fixture
+def nodes():
+    started: list[NodeProc] = []
+    yield started
+    stop_all(started)
+
+
+def test_three_processes_find_each_other_locally_and_converge(nodes, tmp_path):
+    reg = str(tmp_path / "registry")
+    for i in range(3):
+        nodes.append(
+            NodeProc.start(
+                "--discovery", "local", "--discovery-dir", reg, "--session", f"s{i}",
+                "--subscribe", "d", name=f"n{i}",
+            )  # fmt: skip
+        )
+    ids = {n.node_id for n in nodes}
+    for n in nodes:
+        n.wait_until(lambda n=n: len(n.state("d")["peers"]) == 2, 20, "two peers")
+    for i, n in enumerate(nodes):
+        n.send(cmd="capture", ns="d", content=f"fact from process {i}")
+    for n in nodes:
+        others = [x for x in nodes if x is not n]
+        for o in others:
+            n.expect(
+                lambda m, o=o: m.get("event") == "captured" and m.get("node") == o.node_id,
+                20,
+                f"capture from {o.name}",
+            )
+    states = [n.state("d") for n in nodes]
+    assert len({s["hash"] for s in states}) == 1
+    assert states[0]["memories"] == [f"fact from process {i}" for i in range(3)]
+    assert set(states[0]["peers"]) == ids - {nodes[0].node_id}
+
+
+def test_killed_node_disappears_from_peers_and_sessions_within_3s(nodes, tmp_path):
+    reg = str(tmp_path / "registry")
+    a = NodeProc.start("--discovery", "local", "--discovery-dir", reg, "--session", "a1", name="a")
+    b = NodeProc.start("--discovery", "local", "--discovery-dir", reg, "--session", "b1", name="b")
+    nodes += [a, b]
+    a.wait_until(lambda: "b1@" + b.node_id in a.state("d")["sessions"], 20, "b's session on a")
+    b.kill()
+    # the contract: gone from peers and sessions within 3 s of dying
+    a.wait_until(
+        lambda: (s := a.state("d"))["peers"] == [] and s["sessions"] == [], 3.0, "b gone"
+    )
