@@ -8,6 +8,7 @@ import getpass
 import logging
 import os
 import secrets
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,7 +22,7 @@ from subcog_crdt._core.events import Captured, Conflict, Deleted, Event, Updated
 from subcog_crdt._core.hlc import Hlc, stamp_datetime
 from subcog_crdt._core.memory import Memory, find_conflicts, fold
 from subcog_crdt._core.schema import Write, check_namespace, check_session_id
-from subcog_crdt._errors import ClosedError, InvalidArgument, NotFound
+from subcog_crdt._errors import ClosedError, CorruptStorage, InvalidArgument, NotFound
 from subcog_crdt._peering import F_PEERS, F_SESSIONS, PeerSync
 from subcog_crdt._session import Session, SyncBatch
 from subcog_crdt._sessions import SessionRegistry
@@ -162,12 +163,19 @@ class ConversationsApi:
         self._saved_cursors = dict(stored.cursors)
         for ns, updates in stored.docs.items():
             doc = self._new_doc(ns)
-            for u in updates:
-                doc.load(u)
-            for key_at in doc._mems.values():
-                if key_at.orders:
-                    self._hlc.observe(key_at.orders[-1][0])
+            try:
+                doc.load(updates)
+            except Exception as exc:
+                raise CorruptStorage(
+                    f"stored state of namespace {ns!r} does not load: {exc}",
+                    path=str(self.data_dir or ""),
+                ) from exc
+            if doc.max_stamp:
+                self._hlc.observe(doc.max_stamp)
         self._state = _State.OPEN
+        self._index_wake = asyncio.Event()
+        self._index_task = asyncio.get_running_loop().create_task(self._index_in_background())
+        self._index_wake.set()
         try:
             await self._start_network()
         except BaseException:
@@ -197,6 +205,27 @@ class ConversationsApi:
             except Exception:
                 log.exception("closing %s failed", step)
         self._bus.close()
+        task = getattr(self, "_index_task", None)
+        if task is not None:
+            await _cancel_and_wait(task)
+
+    async def _index_in_background(self) -> None:
+        """Resolve lazily loaded memories and build the recall index in small slices while
+        the node is otherwise idle, so the first recall after a restart or a burst of
+        writes finds the work done. Recall still finishes whatever is left first."""
+        while True:
+            await self._index_wake.wait()
+            self._index_wake.clear()
+            started = time.monotonic()
+            done = 0
+            for doc in list(self._docs.values()):
+                while doc.background_work:
+                    doc.resolve_some(128)
+                    doc.flush_index(128)
+                    done += 128
+                    await asyncio.sleep(0)  # yield to the loop between slices
+            if done > 10_000:
+                log.info("indexed ~%d memories in %.1f s", done, time.monotonic() - started)
 
     async def _close_discovery(self) -> None:
         for d in reversed(self._discovery):
@@ -213,16 +242,8 @@ class ConversationsApi:
     async def _close_links(self) -> None:
         for peer in list(self._links.values()):
             await peer.link.close(1001, "node closing")
-        tasks = list(self._tasks)
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            try:
-                await t
-            except asyncio.CancelledError:
-                pass
-            except Exception:
-                log.exception("task failed at close")
+        for t in list(self._tasks):
+            await _cancel_and_wait(t)
 
     def _check_open(self) -> None:
         if self._state is not _State.OPEN:
@@ -347,7 +368,7 @@ class ConversationsApi:
         if not isinstance(memory_id, str):
             raise InvalidArgument("memory_id must be a str")
         for doc in self._docs.values():
-            if memory_id in doc._mems and doc._mems[memory_id].exists:
+            if doc.has(memory_id):
                 return doc
         raise NotFound(f"no memory {memory_id!r}")
 
@@ -415,6 +436,7 @@ class ConversationsApi:
             await self._storage.commit([(ns, u) for u in updates], records)
         if records:
             self._committed_cursor = max(self._committed_cursor, records[-1].cursor)
+        self._index_wake.set()
         if self._storage.tail_bytes(ns) > _COMPACT_BYTES:
             await self._compact(doc)
 
@@ -651,6 +673,19 @@ class ConversationsApi:
             at=stamp_datetime(winner.at), source_session=winner.session, node_id=winner.node
         )
         return Conflict(winner=winner, loser=w, fields=fields, **common)
+
+
+async def _cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel a task we own and wait for it, without swallowing our own cancellation."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+    except Exception:
+        log.exception("task %s failed at close", task.get_name())
 
 
 def _os_user() -> str:

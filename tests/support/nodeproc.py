@@ -84,9 +84,7 @@ class NodeProc:
                     )
                 self._cond.wait(min(left, 0.5))
 
-    def wait_until(
-        self, pred: Callable[[], bool], timeout: float = 15.0, what: str = ""
-    ) -> None:
+    def wait_until(self, pred: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
         """Re-evaluate ``pred`` (usually a ``state()`` round trip, which paces the loop)
         until it holds; fail after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout

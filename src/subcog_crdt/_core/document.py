@@ -18,7 +18,7 @@ from typing import Any
 from pycrdt import Doc, Map, TransactionEvent
 
 from subcog_crdt._core.events import Captured, Conflict, Deleted, Event, Updated
-from subcog_crdt._core.hlc import Hlc, stamp_datetime
+from subcog_crdt._core.hlc import STAMP_LEN, Hlc, stamp_datetime
 from subcog_crdt._core.memory import Memory, find_conflicts, first_capture, fold
 from subcog_crdt._core.recall import RecallIndex, tokenize
 from subcog_crdt._core.schema import (
@@ -52,11 +52,13 @@ class _Mem:
     """What a node keeps in Python per memory: keys of its writes (sorted by order) and a
     few derived flags. Values are read back from the document when needed."""
 
-    __slots__ = ("deferred", "deleted", "doc", "exists", "keys", "normh", "orders")
+    __slots__ = ("deferred", "deleted", "doc", "exists", "keys", "normh", "orders", "resolved")
 
-    def __init__(self, doc: int) -> None:
+    def __init__(self, doc: int, resolved: bool = True) -> None:
         self.keys: list[str] = []
         self.orders: list[tuple[str, str, str]] = []
+        self.resolved = resolved
+        """False after a fast load: only ``keys`` is known until :meth:`_resolve`."""
         self.exists = False
         self.deleted = False
         self.normh = 0
@@ -87,6 +89,9 @@ class NamespaceDoc:
         self._moved: dict[int, str] = {}
         self._pending: list[MapInsert] = []
         self._tainted = False
+        self._resolve_cursor = 0
+        self.max_stamp = ""
+        """The newest stamp seen at load (the clock resumes after it)."""
         # The state vector as far as remote updates go, tracked from decoded updates so the
         # common case need not ask pycrdt (None: unknown, ask).
         self._sv: dict[int, int] | None = None
@@ -135,15 +140,75 @@ class NamespaceDoc:
         return self._n_writes
 
     def live_count(self) -> int:
-        return sum(1 for m in self._mems.values() if m.exists and not m.deleted)
+        return sum(1 for mid in self.memory_ids())
 
     # -- reading -----------------------------------------------------------------------
 
     def _read(self, key: str) -> Write | None:
         return decode_write(key, self.entries.get(key))
 
-    def writes(self, memory_id: str) -> list[Write]:
+    def _mem(self, memory_id: str) -> _Mem | None:
+        """A memory's derived state, resolving it first if it was loaded lazily."""
         m = self._mems.get(memory_id)
+        if m is not None and not m.resolved:
+            self._resolve(memory_id, m)
+        return m
+
+    def has(self, memory_id: str) -> bool:
+        m = self._mem(memory_id)
+        return m is not None and m.exists
+
+    def _resolve(self, mid: str, m: _Mem) -> None:
+        """Derive a lazily loaded memory's flags from its writes in the document."""
+        m.resolved = True
+        entries = self.entries
+        writes = []
+        for key in m.keys:
+            w = decode_write(key, entries.get(key))
+            if w is not None:
+                writes.append(w)
+        writes.sort(key=lambda w: w.order)
+        m.keys = [w.key for w in writes]
+        m.orders = [w.order for w in writes]
+        mem = fold(self.namespace, writes)
+        if mem is None:
+            if writes:
+                m.deferred = writes  # orphans: their capture has not arrived
+            return
+        m.exists = True
+        m.deleted = mem.deleted
+        m.normh = hash(normalise(mem.content))
+        if any(w.op == "update" and "content" in w.changes for w in writes):
+            self._moved[m.normh] = mid
+        self._to_index.append((m.doc, mem.content, mem.tags))
+        self.index.set_live(m.doc, not mem.deleted)
+
+    def resolve_all(self) -> None:
+        self.resolve_some(None)
+
+    def resolve_some(self, budget: int | None) -> bool:
+        """Resolve lazily loaded memories (all, or about ``budget``); True when none is
+        left. Cheap to call repeatedly: it resumes where it stopped."""
+        mems = self._mems
+        order = self._by_doc
+        i = self._resolve_cursor
+        end = len(order) if budget is None else min(len(order), i + budget)
+        while i < end:
+            mid = order[i]
+            m = mems[mid]
+            if not m.resolved:
+                self._resolve(mid, m)
+            i += 1
+        self._resolve_cursor = i
+        return i >= len(order)
+
+    @property
+    def background_work(self) -> bool:
+        """Whether resolving or indexing is still pending."""
+        return bool(self._to_index) or self._resolve_cursor < len(self._by_doc)
+
+    def writes(self, memory_id: str) -> list[Write]:
+        m = self._mem(memory_id)
         if m is None:
             return []
         out = []
@@ -154,13 +219,15 @@ class NamespaceDoc:
         return out
 
     def get(self, memory_id: str) -> Memory | None:
-        m = self._mems.get(memory_id)
+        m = self._mem(memory_id)
         if m is None or not m.exists:
             return None
         return fold(self.namespace, self.writes(memory_id))
 
     def memory_ids(self, include_deleted: bool = False) -> Iterator[str]:
-        for mid, m in self._mems.items():
+        for mid in list(self._mems):
+            m = self._mem(mid)
+            assert m is not None
             if m.exists and (include_deleted or not m.deleted):
                 yield mid
 
@@ -168,11 +235,11 @@ class NamespaceDoc:
         return self._by_doc[doc]
 
     def is_live(self, memory_id: str) -> bool:
-        m = self._mems.get(memory_id)
+        m = self._mem(memory_id)
         return m is not None and m.exists and not m.deleted
 
     def live_version(self, memory_id: str) -> tuple[Memory, list[Write]]:
-        m = self._mems.get(memory_id)
+        m = self._mem(memory_id)
         if m is None or not m.exists:
             raise NotFound(f"no memory {memory_id!r} in namespace {self.namespace!r}")
         writes = self.writes(memory_id)
@@ -209,20 +276,20 @@ class NamespaceDoc:
         normh = hash(norm)
         mid = self._moved.get(normh) if self._moved else None
         if mid is not None:
-            m = self._mems.get(mid)
+            m = self._mem(mid)
             if m is None or m.deleted or m.normh != normh:
                 mid = None
         if mid is None:
             first = first_memory_id(self.namespace, norm)
-            if first not in self._mems:
+            if self._mem(first) is None:
                 return self._local_write(first, "capture", session, changes, normh)
             for candidate in memory_id_chain(self.namespace, norm):
-                m = self._mems.get(candidate)
+                m = self._mem(candidate)
                 if m is None or not m.exists or m.deleted or m.normh == normh:
                     mid = candidate
                     break
         assert mid is not None  # the chain is endless
-        m = self._mems.get(mid)
+        m = self._mem(mid)
         if m is not None and m.exists and not m.deleted:
             # The same fact again: record who captured it, change nothing else.
             claim = {"content": changes["content"]}
@@ -267,7 +334,7 @@ class NamespaceDoc:
     def _local_write(
         self, mid: str, op: str, session: str, changes: dict[str, Any], normh: int = 0
     ) -> tuple[Memory, list[Event]]:
-        m = self._mems.get(mid)
+        m = self._mem(mid)
         base = m.orders[-1][0] if m is not None and m.orders else ""
         at = self._hlc.now()
         key = write_key(mid, at, session, self.node_id)
@@ -344,7 +411,7 @@ class NamespaceDoc:
             if isinstance(key, str):
                 log.debug("ignoring non-conforming entry %r in %s", key[:80], self.namespace)
             return []
-        m = self._mems.get(w.memory_id)
+        m = self._mem(w.memory_id)
         if m is not None and key in m.keys:
             return []  # duplicate delivery
         if self._tainted and self.entries.get(key) != value:
@@ -359,21 +426,49 @@ class NamespaceDoc:
         events: list[Event] = []
         for key, value in list(self.entries.items()):
             mid = key.split("/", 1)[0] if isinstance(key, str) else ""
-            m = self._mems.get(mid)
+            m = self._mem(mid)
             if m is None or key not in m.keys:
                 events.extend(self._absorb_one(key, value))
         return events
 
-    def load(self, state: bytes) -> None:
-        """Load stored state without emitting events (used at open)."""
+    def load(self, updates: Iterable[bytes]) -> None:
+        """Load stored state (a snapshot and the updates after it) into a fresh document,
+        without emitting events. Used once, at open.
+
+        Only keys are read here; a memory written once is resolved (its value read and
+        checked) on first use, so a restart costs little more than pycrdt's own load.
+        Memories with several writes are resolved now, since an update may have moved
+        their content (which capture dedupe must know)."""
+        if self._n_writes:
+            raise RuntimeError("load() is for a fresh document")
         self._sv = None
         with self.doc.transaction(origin="load"):
-            self.doc.apply_update(state)
+            for update in updates:
+                self.doc.apply_update(update)
         self.outbox.clear()
-        for key, value in list(self.entries.items()):
-            w = decode_write(key, value)
-            if w is not None:
-                self._integrate(w, value, emit=False)
+        mems = self._mems
+        by_doc = self._by_doc
+        index = self.index
+        top = ""
+        n = 0
+        for key in self.entries.keys():
+            mid, sep, rest = key.partition("/")
+            if not sep:
+                continue
+            m = mems.get(mid)
+            if m is None:
+                m = mems[mid] = _Mem(index.new_doc(), resolved=False)
+                by_doc.append(mid)
+            m.keys.append(key)
+            n += 1
+            stamp = rest[:STAMP_LEN]
+            if stamp > top:
+                top = stamp
+        self._n_writes = n
+        self.max_stamp = top
+        for mid, m in mems.items():
+            if len(m.keys) > 1:
+                self._resolve(mid, m)
 
     # -- integration -------------------------------------------------------------------
 
@@ -382,7 +477,7 @@ class NamespaceDoc:
     ) -> tuple[list[Event], Memory | None]:
         """Add one write to the derived state; return its events and the memory after."""
         mid = w.memory_id
-        m = self._mems.get(mid)
+        m = self._mem(mid)
         self._n_writes += 1
         self._hash_cache = None
         order = (w.at, w.session, w.node)
@@ -459,7 +554,11 @@ class NamespaceDoc:
         batch, self._to_index = pending[:take], pending[take:]
         index = self.index
         changed = self._changed_docs
+        mems = self._mems
+        by_doc = self._by_doc
         for doc, content, tags in batch:
+            m = mems[by_doc[doc]]
+            index.set_live(doc, m.exists and not m.deleted)
             tokens = tokenize(content)
             if tags:
                 for tag in tags:
@@ -561,6 +660,7 @@ class NamespaceDoc:
 
         if tags:
             accept = accept_tags
+        self.resolve_all()
         self.flush_index()
         hits = self.index.search(query, limit, self.tokens_of, accept)
         out: list[tuple[float, Memory]] = []

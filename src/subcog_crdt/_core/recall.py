@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import heapq
 import math
-import re
 from array import array
 from collections.abc import Callable, Iterable
 
 __all__ = ["RecallIndex", "tokenize"]
 
-_WORD = re.compile(r"\w+")
 _K1 = 1.2
 _B = 0.75
+# ASCII punctuation and symbols separate words ("_" stays part of one, as in \w);
+# translate + split runs in C, several times faster than a regex here.
+_SEPARATORS = str.maketrans(dict.fromkeys("!\"#$%&'()*+,-./:;<=>?@[\\]^`{|}~", " "))
 
 
 def tokenize(text: str) -> list[str]:
-    return _WORD.findall(text.casefold())
+    """Words of ``text``: case folded, split on whitespace and ASCII punctuation."""
+    return text.casefold().translate(_SEPARATORS).split()
 
 
 class RecallIndex:
@@ -44,7 +46,8 @@ class RecallIndex:
         return len(self._lengths) - 1
 
     def add(self, doc: int, tokens: Iterable[str]) -> None:
-        """Index a document's tokens (first version of its text)."""
+        """Index a document's tokens (first version of its text). Whether it is searchable
+        is set separately (:meth:`set_live`)."""
         n = 0
         postings = self._postings
         for tok in tokens:
@@ -55,7 +58,6 @@ class RecallIndex:
             n += 1
         self._total_len += n - self._lengths[doc]
         self._lengths[doc] = n
-        self._live[doc] = 1
 
     def replace(self, doc: int, tokens: list[str]) -> None:
         """The document's text changed: index the new tokens, check it at query time."""
