@@ -18,9 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_core import corpus  # noqa: E402
-
-from subcog_crdt import ConversationsApi  # noqa: E402
+from bench_core import corpus
+from subcog_crdt import ConversationsApi
 
 
 def disk_bytes(path: str) -> int:

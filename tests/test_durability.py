@@ -51,7 +51,7 @@ def test_kill_9_never_loses_an_acknowledged_capture(tmp_path):
         acked |= {m["acked"] for m in child.lines if "acked" in m}
         child.stop()
 
-        async def check() -> None:
+        async def check(acked: set[str] = acked, round_no: int = round_no) -> None:
             async with durable(data) as api:
                 missing = [mid for mid in acked if not api._doc_of(mid).has(mid)]
                 assert not missing, f"round {round_no}: {len(missing)} acknowledged ids lost"
@@ -160,7 +160,9 @@ async def test_second_opener_is_refused(tmp_path):
             "import asyncio, sys; sys.path.insert(0, 'src');"
             "from subcog_crdt import ConversationsApi, StorageLocked\n"
             "async def main():\n"
-            f"    try:\n        async with ConversationsApi(data_dir={str(tmp_path)!r}, listen=False): pass\n"
+            "    try:\n"
+            f"        async with ConversationsApi(data_dir={str(tmp_path)!r}, listen=False):\n"
+            "            pass\n"
             "    except StorageLocked as exc:\n        print('LOCKED', exc)\n"
             "asyncio.run(main())"
         )

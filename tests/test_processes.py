@@ -17,12 +17,8 @@ def nodes():
 def test_three_processes_find_each_other_locally_and_converge(nodes, tmp_path):
     reg = str(tmp_path / "registry")
     for i in range(3):
-        nodes.append(
-            NodeProc.start(
-                "--discovery", "local", "--discovery-dir", reg, "--session", f"s{i}",
-                "--subscribe", "d", name=f"n{i}",
-            )  # fmt: skip
-        )
+        args = ["--discovery", "local", "--discovery-dir", reg, "--session", f"s{i}"]
+        nodes.append(NodeProc.start(*args, name=f"n{i}"))
     ids = {n.node_id for n in nodes}
     for n in nodes:
         n.wait_until(lambda n=n: len(n.state("d")["peers"]) == 2, 20, "two peers")
@@ -50,6 +46,4 @@ def test_killed_node_disappears_from_peers_and_sessions_within_3s(nodes, tmp_pat
     a.wait_until(lambda: "b1@" + b.node_id in a.state("d")["sessions"], 20, "b's session on a")
     b.kill()
     # the contract: gone from peers and sessions within 3 s of dying
-    a.wait_until(
-        lambda: (s := a.state("d"))["peers"] == [] and s["sessions"] == [], 3.0, "b gone"
-    )
+    a.wait_until(lambda: (s := a.state("d"))["peers"] == [] and s["sessions"] == [], 3.0, "b gone")

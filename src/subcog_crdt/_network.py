@@ -7,6 +7,7 @@ aiohttp or zeroconf.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from subcog_crdt._discovery.base import Advert, Found, mesh_tag
@@ -50,20 +51,26 @@ async def start_network(api: ConversationsApi) -> None:
 async def _start_discovery(api: ConversationsApi, transport: WebSocketTransport) -> None:
     kinds = set(api._discovery_kinds)
     tag = mesh_tag(api._secret)
-    url = transport.url
+    url = mdns_url = transport.url
     if api._secret is not None and api._advertise_host:
-        url = f"ws://{api._advertise_host}:{transport.port}"
+        url = mdns_url = _with_host(transport.url, api._advertise_host)
+    elif api._secret is not None and api._host in (None, "", "0.0.0.0"):
+        # Listening on every IPv4 interface: transport.url names loopback, which is right
+        # for same-machine peers but useless on the LAN. An unspecified host makes
+        # MdnsDiscovery advertise the addresses of the interfaces it runs on.
+        mdns_url = _with_host(transport.url, "0.0.0.0")
     advert = Advert(node_id=api.node_id, url=url, protocol=PROTOCOL_VERSION, mesh_tag=tag)
-    mechanisms: list[Any] = []
+    mdns_advert = replace(advert, url=mdns_url)
+    mechanisms: list[tuple[Any, Advert]] = []
     if "local" in kinds:
         from subcog_crdt._discovery.local import LocalDiscovery
 
-        mechanisms.append(LocalDiscovery(api._discovery_dir))
+        mechanisms.append((LocalDiscovery(api._discovery_dir), advert))
     if "mdns" in kinds and api._secret is not None:
         # mDNS only with a secret: without one the node is loopback-only by design.
         from subcog_crdt._discovery.mdns import MdnsDiscovery
 
-        mechanisms.append(MdnsDiscovery(api._mdns_interfaces))
+        mechanisms.append((MdnsDiscovery(api._mdns_interfaces), mdns_advert))
 
     def on_found(found: Found) -> None:
         if found.node_id == api.node_id or found.protocol != PROTOCOL_VERSION:
@@ -81,6 +88,15 @@ async def _start_discovery(api: ConversationsApi, transport: WebSocketTransport)
         if url is not None and url not in api._static_peers:
             api._spawn(transport.remove_peer(url))
 
-    for mech in mechanisms:
-        await mech.start(advert, on_found, on_lost)
+    for mech, mech_advert in mechanisms:
+        await mech.start(mech_advert, on_found, on_lost)
         api._discovery.append(mech)
+
+
+def _with_host(url: str, host: str) -> str:
+    """``url`` (``ws://`` or ``wss://``, with a port) with its host replaced by ``host``."""
+    scheme, _, rest = url.partition("://")
+    port = rest.rsplit(":", 1)[1].split("/", 1)[0]
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 literal
+    return f"{scheme}://{host}:{port}"

@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
-from subcog_crdt import Captured, ConversationsApi, Lagged  # noqa: E402
+from subcog_crdt import Captured, ConversationsApi, Lagged
 
 
 def emit(obj: dict[str, Any]) -> None:

@@ -451,7 +451,7 @@ class NamespaceDoc:
         index = self.index
         top = ""
         n = 0
-        for key in self.entries.keys():
+        for key in self.entries:
             mid, sep, rest = key.partition("/")
             if not sep:
                 continue
