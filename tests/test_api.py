@@ -327,3 +327,16 @@ async def test_close_twice_is_harmless_and_reopen_refused():
     with pytest.raises(ClosedError):
         await a.open()
     assert asyncio.get_running_loop()
+
+
+async def test_update_larger_than_a_frame_is_split_not_dropped():
+    limit = 64 * 1024
+    async with node(max_frame=limit) as a, node(max_frame=limit) as b:
+        s = await a.register_session("a1", subscribe=["d"])
+        la, _ = link(a, b)
+        await wait_for(lambda: a.peers() and b.peers())
+        mems = await s.capture_many("d", [f"big batch fact {i} " + "y" * 200 for i in range(2000)])
+        assert len(a._docs["d"].diff()) > 4 * limit
+        await wait_for(lambda: converged([a, b], "d"), what="convergence")
+        assert len(b.memories("d")) == len(mems)
+        assert max(len(f) for f in la.sent_frames) <= limit

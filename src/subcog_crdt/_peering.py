@@ -93,6 +93,13 @@ class PeerSync:
     def enqueue(self, data: bytes) -> None:
         if self._closed:
             return
+        if len(data) > self.api._max_frame:
+            # One live update larger than a frame (a huge batch): send it the way a
+            # catch-up goes instead, as a step 2 split into chunks.
+            log.info("update of %d bytes exceeds the frame limit; resyncing instead", len(data))
+            self._overflowed = True
+            self._wake.set()
+            return
         if len(self._queue) >= _QUEUE_FRAMES:
             # The peer is slow: stop buffering live updates; resync (only what it misses)
             # once the queue has drained.

@@ -38,6 +38,7 @@ async def main(ns: argparse.Namespace) -> None:
         "data_dir": ns.data_dir or None,
         "mesh_secret": ns.secret or None,
         "host": ns.host or None,
+        "port": ns.port,
         "discovery": tuple(x for x in ns.discovery.split(",") if x),
         "user_id": "test",
     }
@@ -143,6 +144,7 @@ if __name__ == "__main__":
     ap.add_argument("--data-dir", default="")
     ap.add_argument("--secret", default="")
     ap.add_argument("--host", default="")
+    ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--discovery", default="")
     ap.add_argument("--discovery-dir", default="")
     ap.add_argument("--advertise-host", default="")
