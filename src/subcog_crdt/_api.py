@@ -257,8 +257,14 @@ class ConversationsApi:
 
     def _new_doc(self, ns: str) -> NamespaceDoc:
         doc = NamespaceDoc(ns, node_id=self.node_id, hlc=self._hlc, next_cursor=self._next_cursor)
+        if self._may_share(ns):
+            doc.on_local_update = self._push_local
         self._docs[ns] = doc
         return doc
+
+    def _push_local(self, ns: str, update: bytes) -> None:
+        for peer in self._links.values():
+            peer.push_update(ns, self.node_id, update)
 
     def _ensure_doc(self, ns: str) -> NamespaceDoc:
         doc = self._docs.get(ns)
@@ -411,11 +417,8 @@ class ConversationsApi:
         updates = doc.take_outbox()
         self._bus.publish(events)
         if updates and self._may_share(ns):
-            if source is None:
-                for peer in self._links.values():
-                    for u in updates:
-                        peer.push_update(ns, self.node_id, u)
-            elif raw is not None and origin is not None:
+            # Local writes went to peers already (NamespaceDoc.on_local_update).
+            if source is not None and raw is not None and origin is not None:
                 for peer in self._links.values():
                     if peer is source or peer.node_id == origin or origin in peer.peer_peers:
                         continue

@@ -3,6 +3,7 @@ lose nothing (DESIGN.md, conflict handling)."""
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass, field
 
@@ -84,7 +85,7 @@ step = st.one_of(
 
 
 @settings(
-    max_examples=60,
+    max_examples=int(os.environ.get("SUBCOG_EXAMPLES", "60")),  # raise for a deeper hunt
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )

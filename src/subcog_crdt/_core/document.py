@@ -100,6 +100,10 @@ class NamespaceDoc:
         self._to_index: list[tuple[int, str, Any]] = []
         self._changed_docs: set[int] = set()
         self.index = RecallIndex()
+        self.on_local_update: Callable[[str, bytes], None] | None = None
+        """Called with every local transaction's update (during its commit: it must not
+        touch the document)."""
+        self._local_txn = 0
         self._sub = self.doc.observe(self._on_transaction)
 
     # -- document plumbing -------------------------------------------------------------
@@ -108,6 +112,10 @@ class NamespaceDoc:
         update = event.update
         if len(update) > 2:  # b"\x00\x00" is an empty update
             self.outbox.append(update)
+            if self._local_txn and self.on_local_update is not None:
+                # Hand a local write to peers the moment it exists, before the derived
+                # state and events are built: that work is off the propagation path.
+                self.on_local_update(self.namespace, update)
 
     def take_outbox(self) -> list[bytes]:
         out, self.outbox = self.outbox, []
@@ -262,11 +270,15 @@ class NamespaceDoc:
         prepared = [prepare_fields({"content": c, **f}) for c, f in items]
         memories: list[Memory] = []
         events: list[Event] = []
-        with self.doc.transaction(origin=LOCAL):
-            for changes in prepared:
-                mem, evs = self._capture_prepared(session, changes)
-                memories.append(mem)
-                events.extend(evs)
+        self._local_txn += 1
+        try:
+            with self.doc.transaction(origin=LOCAL):
+                for changes in prepared:
+                    mem, evs = self._capture_prepared(session, changes)
+                    memories.append(mem)
+                    events.extend(evs)
+        finally:
+            self._local_txn -= 1
         return memories, events
 
     def _capture_prepared(
@@ -283,9 +295,18 @@ class NamespaceDoc:
             first = first_memory_id(self.namespace, norm)
             if self._mem(first) is None:
                 return self._local_write(first, "capture", session, changes, normh)
+            # Walk the chain up to the first unused id: a live memory with this content
+            # anywhere on it wins; else the first deleted one is revived; else a new id.
+            revivable: str | None = None
             for candidate in memory_id_chain(self.namespace, norm):
                 m = self._mem(candidate)
-                if m is None or not m.exists or m.deleted or m.normh == normh:
+                if m is None or not m.exists:
+                    mid = revivable or candidate
+                    break
+                if m.deleted:
+                    if revivable is None:
+                        revivable = candidate
+                elif m.normh == normh:
                     mid = candidate
                     break
         assert mid is not None  # the chain is endless
@@ -339,8 +360,12 @@ class NamespaceDoc:
         at = self._hlc.now()
         key = write_key(mid, at, session, self.node_id)
         value = encode_write(op, base, changes)
-        with self.doc.transaction(origin=LOCAL):
-            self.entries[key] = value
+        self._local_txn += 1
+        try:
+            with self.doc.transaction(origin=LOCAL):
+                self.entries[key] = value
+        finally:
+            self._local_txn -= 1
         w = Write(key, mid, at, session, self.node_id, op, base, changes)
         events, mem = self._integrate(w, value, normh=normh)
         assert mem is not None  # a local write always applies to a known memory
