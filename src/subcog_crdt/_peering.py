@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,32 @@ def _pack(frame: list[Any]) -> bytes:
     return out
 
 
+class _Resume:
+    """Continue a coroutine that was started by hand (``coro.send(None)``) and suspended
+    on ``suspended_on``: awaiting this inside a task drives it to the end, passing results
+    and exceptions through, exactly as if the task had started it."""
+
+    def __init__(self, coro: Any, suspended_on: Any) -> None:
+        self._coro = coro
+        self._next = suspended_on
+
+    def __await__(self) -> Any:
+        coro, nxt = self._coro, self._next
+        while True:
+            try:
+                yield nxt
+            except BaseException as exc:
+                try:
+                    nxt = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    nxt = coro.send(None)
+                except StopIteration as stop:
+                    return stop.value
+
+
 class PeerSync:
     """Runs the protocol on one link for the node that owns it."""
 
@@ -76,8 +103,9 @@ class PeerSync:
         self._sent_sv: set[str] = set()
         self._diff_parts: dict[str, list[bytes]] = {}
         self._diff_size: dict[str, int] = {}
-        self._queue: list[bytes] = []
-        self._queued_bytes = 0
+        self._queue: deque[bytes] = deque()
+        self._busy = False
+        self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._overflowed = False
         self._hello_seen = False
@@ -105,42 +133,66 @@ class PeerSync:
             # once the queue has drained.
             self._overflowed = True
             return
+        if not self._queue and not self._busy:
+            self._send_eagerly(data)
+            return
         self._queue.append(data)
-        self._queued_bytes += len(data)
         self._wake.set()
+
+    def _send_eagerly(self, data: bytes) -> None:
+        """Start sending now, in the caller's turn of the loop, instead of waking the
+        writer task: a send usually completes without suspending (aiohttp writes to the
+        socket and only awaits when its buffer is full), and the hop to another task costs
+        more than the send. If it does suspend, a task finishes it and the writer waits."""
+        coro = self.link.send(data)
+        try:
+            suspended_on = coro.send(None)
+        except StopIteration:
+            self.bytes_sent += len(data)
+            self.frames_sent += 1
+            return
+        except ClosedError:
+            return  # the reader sees the close and ends the link
+        self._busy = True
+        task = asyncio.get_running_loop().create_task(self._finish(coro, suspended_on, len(data)))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _finish(self, coro: Any, suspended_on: Any, size: int) -> None:
+        try:
+            await _Resume(coro, suspended_on)
+            self.bytes_sent += size
+            self.frames_sent += 1
+        except ClosedError:
+            pass
+        finally:
+            self._busy = False
+            self._wake.set()
 
     async def writer(self) -> None:
         max_frame = self.api._max_frame
+        queue = self._queue
         while not self._closed:
             await self._wake.wait()
             self._wake.clear()
-            while self._queue:
-                batch: list[bytes] = []
-                size = 0
-                while self._queue and (not batch or size + len(self._queue[0]) <= max_frame):
-                    item = self._queue.pop(0) if len(self._queue) < 64 else None
-                    if item is None:
-                        # pop many at once: list.pop(0) is O(n)
-                        take = 0
-                        for data in self._queue:
-                            if batch and size + len(data) > max_frame:
-                                break
-                            batch.append(data)
-                            size += len(data)
-                            take += 1
-                        del self._queue[:take]
-                        break
+            while queue and not self._busy:
+                batch = [queue.popleft()]
+                size = len(batch[0])
+                while queue and size + len(queue[0]) <= max_frame:
+                    item = queue.popleft()
                     batch.append(item)
                     size += len(item)
-                self._queued_bytes -= size
                 message = batch[0] if len(batch) == 1 else b"".join(batch)
+                self._busy = True
                 try:
                     await self.link.send(message)
                 except ClosedError:
                     return
+                finally:
+                    self._busy = False
                 self.bytes_sent += len(message)
                 self.frames_sent += len(batch)
-            if self._overflowed and not self._queue:
+            if self._overflowed and not queue and not self._busy:
                 # Live updates were dropped for this peer: ask for its state vectors and
                 # answer each with exactly what it misses.
                 self._overflowed = False
@@ -351,6 +403,8 @@ class PeerSync:
         finally:
             self._closed = True
             self._wake.set()
+            for t in list(self._tasks):
+                t.cancel()
             writer.cancel()
             try:
                 await writer
