@@ -416,9 +416,10 @@ class ConversationsApi:
         ns = doc.namespace
         updates = doc.take_outbox()
         self._bus.publish(events)
-        if updates and self._may_share(ns):
-            # Local writes went to peers already (NamespaceDoc.on_local_update).
-            if source is not None and raw is not None and origin is not None:
+        # Local writes went to peers already (NamespaceDoc.on_local_update); a remote one
+        # that brought something new is forwarded to peers that cannot have it yet.
+        if updates and source is not None and raw is not None and origin is not None:
+            if self._may_share(ns):
                 for peer in self._links.values():
                     if peer is source or peer.node_id == origin or origin in peer.peer_peers:
                         continue

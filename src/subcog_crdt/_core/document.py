@@ -476,7 +476,7 @@ class NamespaceDoc:
         index = self.index
         top = ""
         n = 0
-        for key in self.entries:
+        for key in self.entries.keys():  # noqa: SIM118 (pycrdt's Map iterates keys only via keys())
             mid, sep, rest = key.partition("/")
             if not sep:
                 continue
