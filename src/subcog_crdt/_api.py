@@ -418,12 +418,12 @@ class ConversationsApi:
         self._bus.publish(events)
         # Local writes went to peers already (NamespaceDoc.on_local_update); a remote one
         # that brought something new is forwarded to peers that cannot have it yet.
-        if updates and source is not None and raw is not None and origin is not None:
-            if self._may_share(ns):
-                for peer in self._links.values():
-                    if peer is source or peer.node_id == origin or origin in peer.peer_peers:
-                        continue
-                    peer.push_update(ns, origin, raw)
+        forward = updates and source is not None and raw is not None and origin is not None
+        if forward and self._may_share(ns):
+            for peer in self._links.values():
+                if peer is source or peer.node_id == origin or origin in peer.peer_peers:
+                    continue
+                peer.push_update(ns, origin, raw)  # type: ignore[arg-type]
         records = [
             JournalRecord(
                 cursor=ev.cursor,
