@@ -54,6 +54,7 @@ async def _start_discovery(api: ConversationsApi, transport: WebSocketTransport)
     url = mdns_url = transport.url
     if api._secret is not None and api._advertise_host:
         url = mdns_url = _with_host(transport.url, api._advertise_host)
+        api.url = url  # what peers dial
     elif api._secret is not None and api._host in (None, "", "0.0.0.0"):
         # Listening on every IPv4 interface: transport.url names loopback, which is right
         # for same-machine peers but useless on the LAN. An unspecified host makes
