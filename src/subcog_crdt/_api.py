@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from ssl import SSLContext
 from types import TracebackType
 from typing import Any
 
@@ -58,7 +59,36 @@ class PeerInfo:
 class ConversationsApi:
     """One node: documents, storage, transport and discovery for one agent process.
 
-    Use it as an async context manager; see the README for a quickstart.
+    Use it as an async context manager (``async with ConversationsApi(...) as api``).
+
+    Args:
+        data_dir: ``None`` keeps everything in memory; a path makes the node durable and
+            offline-first (see *Storage*).
+        user_id: who runs the sessions (default: the OS user name).
+        mesh_secret: ``None`` keeps the node on this machine (listens on 127.0.0.1, local
+            discovery only); with a secret it listens on the LAN, finds peers by mDNS and
+            authenticates every link with it.
+        host, port: listen address (default 127.0.0.1, or 0.0.0.0 with a secret; port 0
+            picks a free one).
+        peers: static peer URLs (``ws://host:port``), kept connected.
+        discovery: ``("local", "mdns")`` by default; mDNS runs only with a secret; ``()``
+            disables discovery.
+        sync_namespaces: ``None`` replicates every namespace; a set replicates only those.
+        private_namespaces: never leave this node, whatever else is configured.
+        relay: a y-websocket server URL for peers beyond the LAN (not supported yet: a
+            value raises :class:`InvalidArgument`).
+        durability: ``"process"`` (an acknowledged write survives kill -9) or ``"fsync"``
+            (it also survives power loss).
+        listen: ``False`` starts no server and no discovery (link nodes with
+            :meth:`attach`, e.g. in tests).
+        retention: how much of the event journal to keep (:class:`Retention`).
+        heartbeat: seconds between pings; a silent peer is dropped within 3 s.
+        max_frame: the largest frame sent or accepted (default 16 MiB).
+        advertise_host: the address peers on the LAN should dial, if not the one mDNS sees.
+        mdns_interfaces: interface names or IPv4 addresses for mDNS (default: all).
+        discovery_dir: the same-machine registry directory (default under
+            ``$XDG_RUNTIME_DIR``).
+        ssl, client_ssl: TLS contexts for the server and for dialling (``wss://``).
     """
 
     def __init__(
@@ -83,6 +113,8 @@ class ConversationsApi:
         advertise_host: str | None = None,
         mdns_interfaces: Sequence[str] | None = None,
         discovery_dir: str | os.PathLike[str] | None = None,
+        ssl: SSLContext | None = None,
+        client_ssl: SSLContext | None = None,
     ) -> None:
         if durability not in ("process", "fsync"):
             raise InvalidArgument(f"durability must be 'process' or 'fsync', not {durability!r}")
@@ -118,6 +150,8 @@ class ConversationsApi:
         self._mdns_interfaces = None if mdns_interfaces is None else list(mdns_interfaces)
         self._discovery_dir = Path(discovery_dir) if discovery_dir is not None else None
         self._found_urls: dict[str, str] = {}
+        self._ssl = ssl
+        self._client_ssl = client_ssl
         if storage is not None:
             self._storage: Storage = storage
         elif self.data_dir is None:

@@ -39,6 +39,8 @@ async def start_network(api: ConversationsApi) -> None:
         max_frame=api._max_frame,
         heartbeat=api._heartbeat,
         setup_app=api._setup_app,
+        ssl=api._ssl,
+        client_ssl=api._client_ssl,
     )
     await transport.__aenter__()
     api._transport = transport
