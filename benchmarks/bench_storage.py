@@ -64,7 +64,7 @@ async def bench(n_mem: int, durability: str) -> dict[str, float]:
                 await asyncio.sleep(0.01)  # the node indexes in the background
             out["background_index_s"] = time.perf_counter() - t
             t = time.perf_counter()
-            api.recall("w10a", limit=10)
+            api.recall("w10k w200s", limit=10)
             out["first_recall_after_restart_s"] = time.perf_counter() - t
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -447,17 +447,28 @@ class ConversationsApi:
         Peers get the update before the local commit finishes: their copy does not depend on
         ours, and a peer that has it can only help us recover it. The caller returns only
         after the commit, so an acknowledged write is durable here."""
+        await self._persist([self._propagate(doc, events, source, origin, raw)])
+
+    def _propagate(
+        self,
+        doc: NamespaceDoc,
+        events: list[Event],
+        source: PeerSync | None = None,
+        origin: str | None = None,
+        raw: bytes | None = None,
+    ) -> tuple[NamespaceDoc, list[bytes], list[JournalRecord]]:
+        """Publish events and forward a remote update; return what must be persisted."""
         ns = doc.namespace
         updates = doc.take_outbox()
         self._bus.publish(events)
         # Local writes went to peers already (NamespaceDoc.on_local_update); a remote one
         # that brought something new is forwarded to peers that cannot have it yet.
-        forward = updates and source is not None and raw is not None and origin is not None
-        if forward and self._may_share(ns):
-            for peer in self._links.values():
-                if peer is source or peer.node_id == origin or origin in peer.peer_peers:
-                    continue
-                peer.push_update(ns, origin, raw)  # type: ignore[arg-type]
+        if updates and source is not None and raw is not None and origin is not None:
+            if self._may_share(ns):
+                for peer in self._links.values():
+                    if peer is source or peer.node_id == origin or origin in peer.peer_peers:
+                        continue
+                    peer.push_update(ns, origin, raw)
         records = [
             JournalRecord(
                 cursor=ev.cursor,
@@ -470,30 +481,41 @@ class ConversationsApi:
             )
             for ev in events
         ]
+        return doc, updates, records
+
+    async def _persist(
+        self, batches: list[tuple[NamespaceDoc, list[bytes], list[JournalRecord]]]
+    ) -> None:
+        """One durable commit for everything propagated (several updates, namespaces)."""
+        updates = [(doc.namespace, u) for doc, us, _ in batches for u in us]
+        records = [r for _, _, rs in batches for r in rs]
         if updates or records:
-            await self._storage.commit([(ns, u) for u in updates], records)
+            await self._storage.commit(updates, records)
         if records:
             self._committed_cursor = max(self._committed_cursor, records[-1].cursor)
         self._index_wake.set()
-        if self._storage.tail_bytes(ns) > _COMPACT_BYTES:
-            await self._compact(doc)
+        for doc in {id(d): d for d, _, _ in batches}.values():
+            if self._storage.tail_bytes(doc.namespace) > _COMPACT_BYTES:
+                await self._compact(doc)
 
     async def _compact(self, doc: NamespaceDoc) -> None:
         seq = self._storage.tail_seq(doc.namespace)
         snapshot = doc.diff()
         await self._storage.compact(doc.namespace, snapshot, seq)
 
-    async def _apply_remote(
+    def _apply_remote(
         self, ns: str, origin: str, update: bytes, source: PeerSync, *, from_diff: bool
-    ) -> None:
+    ) -> tuple[NamespaceDoc, list[bytes], list[JournalRecord]] | None:
+        """Apply a peer's update, publish its events and forward it; return what the
+        caller must persist (it batches all updates of one received message)."""
         self._check_open()
         if not self._may_share(ns):
-            return
+            return None
         doc = self._ensure_doc(ns)
         events = doc.apply_update(update)
         if not doc.outbox and not events:
-            return  # nothing new: do not forward (this is what stops loops)
-        await self._commit(
+            return None  # nothing new: do not forward (this is what stops loops)
+        return self._propagate(
             doc, events, source=source, origin=origin, raw=None if from_diff else update
         )
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 F_HELLO, F_SV, F_DIFF, F_UPDATE, F_SESSIONS, F_PEERS, F_NAMESPACE, F_RESYNC = range(8)
 _MAX_DIFF = 1 << 30  # a reassembled step-2 larger than this is refused
 _QUEUE_FRAMES = 4096
+_EAGER_GAP = 0.0005  # seconds: writes closer together than this are coalesced
 
 
 def is_live_update(message: bytes) -> bool:
@@ -105,10 +107,12 @@ class PeerSync:
         self._diff_size: dict[str, int] = {}
         self._queue: deque[bytes] = deque()
         self._busy = False
+        self._last_eager = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._overflowed = False
         self._hello_seen = False
+        self._to_persist: list[Any] = []
         self._closed = False
         self.bytes_sent = 0
         self.frames_sent = 0
@@ -134,8 +138,13 @@ class PeerSync:
             self._overflowed = True
             return
         if not self._queue and not self._busy:
-            self._send_eagerly(data)
-            return
+            now = time.monotonic()
+            if now - self._last_eager > _EAGER_GAP:
+                # Idle link: send now. Under a burst (writes closer together than
+                # _EAGER_GAP) queue instead, so the writer coalesces them into one message.
+                self._last_eager = now
+                self._send_eagerly(data)
+                return
         self._queue.append(data)
         self._wake.set()
 
@@ -254,13 +263,20 @@ class PeerSync:
                     raise ProtocolError(f"malformed msgpack: {exc}") from exc
                 if not frames:
                     raise ProtocolError("empty message")
-                for frame in frames:
-                    await self._handle(frame)
+                try:
+                    for frame in frames:
+                        self._handle(frame)
+                finally:
+                    if self._to_persist:
+                        # One durable commit per received message, however many updates;
+                        # also for what was applied before a bad frame in it.
+                        batch, self._to_persist = self._to_persist, []
+                        await self.api._persist(batch)
         except ProtocolError as exc:
             log.warning("closing link to %s: %s", self.node_id, exc)
             await self.link.close(4000, str(exc)[:120])
 
-    async def _handle(self, frame: Any) -> None:
+    def _handle(self, frame: Any) -> None:
         if not isinstance(frame, list) or not frame or not isinstance(frame[0], int):
             raise ProtocolError("frame is not a typed array")
         kind = frame[0]
@@ -276,12 +292,12 @@ class PeerSync:
             more = frame[3]
             if not isinstance(more, bool):
                 raise ProtocolError("bad step-2 frame")
-            await self._on_diff(ns, part, more)
+            self._on_diff(ns, part, more)
         elif kind == F_UPDATE:
             if len(frame) != 4 or not isinstance(frame[2], str):
                 raise ProtocolError("bad update frame")
             ns, update = self._ns_bytes([frame[0], frame[1], frame[3]], 3)
-            await self._on_update(ns, frame[2], update)
+            self._on_update(ns, frame[2], update)
         elif kind == F_SESSIONS:
             if len(frame) != 2 or not isinstance(frame[1], list):
                 raise ProtocolError("bad sessions frame")
@@ -365,7 +381,7 @@ class PeerSync:
             end = start + limit
             self.send([F_DIFF, ns, diff[start:end], end < len(diff)])
 
-    async def _on_diff(self, ns: str, part: bytes, more: bool) -> None:
+    def _on_diff(self, ns: str, part: bytes, more: bool) -> None:
         if ns not in self.shared:
             return
         parts = self._diff_parts.setdefault(ns, [])
@@ -378,22 +394,24 @@ class PeerSync:
             return
         update = b"".join(parts)
         del self._diff_parts[ns], self._diff_size[ns]
-        await self._apply(ns, self.node_id, update, from_diff=True)
+        self._apply(ns, self.node_id, update, from_diff=True)
 
-    async def _on_update(self, ns: str, origin: str, update: bytes) -> None:
+    def _on_update(self, ns: str, origin: str, update: bytes) -> None:
         if ns not in self.shared:
             if not self.api._may_share(ns) or not self._peer_wants(ns):
                 return  # private or filtered here: drop without applying
             self._offer(ns)
-        await self._apply(ns, origin, update, from_diff=False)
+        self._apply(ns, origin, update, from_diff=False)
 
-    async def _apply(self, ns: str, origin: str, update: bytes, *, from_diff: bool) -> None:
+    def _apply(self, ns: str, origin: str, update: bytes, *, from_diff: bool) -> None:
         try:
-            await self.api._apply_remote(ns, origin, update, self, from_diff=from_diff)
+            done = self.api._apply_remote(ns, origin, update, self, from_diff=from_diff)
         except ProtocolError:
             raise
         except SubcogError as exc:
             raise ProtocolError(str(exc)) from exc
+        if done is not None:
+            self._to_persist.append(done)
 
     async def run(self) -> None:
         """Drive the link until it closes (``send_hello`` must have been called)."""

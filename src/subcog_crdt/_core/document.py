@@ -473,22 +473,27 @@ class NamespaceDoc:
         self.outbox.clear()
         mems = self._mems
         by_doc = self._by_doc
-        index = self.index
+        groups: dict[str, list[str]] = {}
         top = ""
         n = 0
         for key in self.entries.keys():  # noqa: SIM118 (pycrdt's Map iterates keys only via keys())
-            mid, sep, rest = key.partition("/")
-            if not sep:
-                continue
-            m = mems.get(mid)
-            if m is None:
-                m = mems[mid] = _Mem(index.new_doc(), resolved=False)
-                by_doc.append(mid)
-            m.keys.append(key)
+            if key[20:21] != "/":
+                continue  # not a write key: ignored, as decode_write would
+            mid = key[:20]
+            ks = groups.get(mid)
+            if ks is None:
+                groups[mid] = [key]
+            else:
+                ks.append(key)
             n += 1
-            stamp = rest[:STAMP_LEN]
+            stamp = key[21 : 21 + STAMP_LEN]
             if stamp > top:
                 top = stamp
+        first = self.index.new_docs(len(groups))
+        for i, (mid, ks) in enumerate(groups.items(), first):
+            m = mems[mid] = _Mem(i, resolved=False)
+            m.keys = ks
+            by_doc.append(mid)
         self._n_writes = n
         self.max_stamp = top
         for mid, m in mems.items():

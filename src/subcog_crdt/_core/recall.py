@@ -40,6 +40,13 @@ class RecallIndex:
         self._dirty: set[int] = set()
         self._total_len = 0
 
+    def new_docs(self, count: int) -> int:
+        """Make ``count`` new (empty, not live) documents; return the first's number."""
+        first = len(self._lengths)
+        self._lengths.extend(array("I", bytes(4 * count)))
+        self._live.extend(bytes(count))
+        return first
+
     def new_doc(self) -> int:
         self._lengths.append(0)
         self._live.append(0)
