@@ -77,9 +77,7 @@ def test_offline_node_catches_up_after_restart(nodes, tmp_path):
     a.expect(lambda m: m.get("content") == "during the outage 2" and "captured" in m, 10)
     b2 = NodeProc.start(*b_args, name="b2")
     nodes.append(b2)
-    b2.wait_until(
-        lambda: len(b2.state("d")["memories"]) == 4, 20, "b caught up after restart"
-    )
+    b2.wait_until(lambda: len(b2.state("d")["memories"]) == 4, 20, "b caught up after restart")
     assert b2.state("d")["hash"] == a.state("d")["hash"]
     got = [m for m in b2.lines if m.get("event") == "captured"]
     assert sorted(m["content"] for m in got) == [f"during the outage {i}" for i in range(3)]

@@ -463,12 +463,13 @@ class ConversationsApi:
         self._bus.publish(events)
         # Local writes went to peers already (NamespaceDoc.on_local_update); a remote one
         # that brought something new is forwarded to peers that cannot have it yet.
-        if updates and source is not None and raw is not None and origin is not None:
-            if self._may_share(ns):
-                for peer in self._links.values():
-                    if peer is source or peer.node_id == origin or origin in peer.peer_peers:
-                        continue
-                    peer.push_update(ns, origin, raw)
+        remote = source is not None and raw is not None and origin is not None
+        if updates and remote and self._may_share(ns):
+            assert raw is not None and origin is not None
+            for peer in self._links.values():
+                if peer is source or peer.node_id == origin or origin in peer.peer_peers:
+                    continue
+                peer.push_update(ns, origin, raw)
         records = [
             JournalRecord(
                 cursor=ev.cursor,
