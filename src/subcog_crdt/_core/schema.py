@@ -174,16 +174,17 @@ def normalise(content: str) -> str:
 
 def first_memory_id(namespace: str, norm: str) -> str:
     """The first id of :func:`memory_id_chain` (what almost every capture uses)."""
-    return hashlib.blake2b(f"{namespace}\x00{norm}".encode(), digest_size=10).hexdigest()
+    return hashlib.sha256(f"{namespace}\x00{norm}".encode()).hexdigest()[:20]
 
 
 def memory_id_chain(namespace: str, norm: str) -> Any:
     """Yield candidate ids for a normalised content: a deterministic chain of hashes, so
     every node picks the same id for the same content without talking to the others."""
-    h = hashlib.blake2b(f"{namespace}\x00{norm}".encode(), digest_size=10).hexdigest()
+    # SHA-256 because every JavaScript runtime has it (WebCrypto, node:crypto).
+    h = first_memory_id(namespace, norm)
     while True:
         yield h
-        h = hashlib.blake2b(f"{h}\x00{norm}".encode(), digest_size=10).hexdigest()
+        h = hashlib.sha256(f"{h}\x00{norm}".encode()).hexdigest()[:20]
 
 
 def write_key(memory_id: str, at: str, by: str, node: str) -> str:
