@@ -20,7 +20,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks
 
 # Tests may leave functions unannotated and narrow unions by asserting on values.
-TEST_MYPY_FLAGS := --allow-untyped-defs --allow-incomplete-defs \
+TEST_MYPY_FLAGS := --allow-untyped-defs --allow-incomplete-defs --no-warn-unused-ignores \
 	--disable-error-code union-attr --disable-error-code attr-defined \
 	--disable-error-code var-annotated --disable-error-code index --disable-error-code arg-type
 

@@ -42,11 +42,10 @@ def test_kill_9_never_loses_an_acknowledged_capture(tmp_path):
             name=f"crash-{round_no}",
         )  # fmt: skip
         target = rng.randint(1, 300)
-        child.wait_until(
-            lambda child=child, target=target: sum("acked" in m for m in child.lines) >= target,
-            60,
-            f"{target} acks",
-        )
+        def enough(child: NodeProc = child, target: int = target) -> bool:
+            return sum("acked" in m for m in child.lines) >= target
+
+        child.wait_until(enough, 60, f"{target} acks")
         child.kill()  # mid-loop: the next capture may be half done
         acked |= {m["acked"] for m in child.lines if "acked" in m}
         child.stop()
