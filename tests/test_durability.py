@@ -42,6 +42,7 @@ def test_kill_9_never_loses_an_acknowledged_capture(tmp_path):
             name=f"crash-{round_no}",
         )  # fmt: skip
         target = rng.randint(1, 300)
+
         def enough(child: NodeProc = child, target: int = target) -> bool:
             return sum("acked" in m for m in child.lines) >= target
 
