@@ -12,12 +12,11 @@ import contextlib
 import json
 import secrets
 import signal
-import struct
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,31 +28,11 @@ from subcog_crdt._discovery.base import Advert, mesh_tag
 from subcog_crdt._discovery.mdns import SERVICE_TYPE, MdnsDiscovery
 from subcog_crdt._errors import InvalidArgument
 from support.netns import Host, NetnsLan
+from support.sniff import sniff
 
 PROBE = Path(__file__).with_name("mdns_probe.py")
 FIND_DEADLINE = 15.0
 LOST_DEADLINE = 5.0
-
-# Records every frame seen on any interface of the namespace it runs in, as
-# 4-byte big-endian length + frame, until SIGTERM or the time limit.
-SNIFFER = r"""
-import signal, socket, struct, sys, time
-out, seconds = sys.argv[1], float(sys.argv[2])
-stop = []
-signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
-s.settimeout(0.1)
-print("ready", flush=True)
-deadline = time.monotonic() + seconds
-with open(out, "wb") as f:
-    while not stop and time.monotonic() < deadline:
-        try:
-            frame = s.recv(65535)
-        except (socket.timeout, InterruptedError):
-            continue
-        f.write(struct.pack("!I", len(frame)) + frame)
-        f.flush()
-"""
 
 
 class Probe:
@@ -120,60 +99,6 @@ def wait_until(pred: Callable[[], bool], timeout: float, what: Callable[[], str]
         time.sleep(0.02)
 
 
-@contextlib.contextmanager
-def sniffer(lan: NetnsLan, out: Path) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(
-        ["ip", "netns", "exec", lan.bridge_netns, sys.executable, "-c", SNIFFER, str(out), "120"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.strip() == "ready", f"sniffer failed: {line!r} {proc.stderr}"
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=5.0)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
-
-
-def read_frames(path: Path) -> list[bytes]:
-    data, frames, i = path.read_bytes(), [], 0
-    while i + 4 <= len(data):
-        (n,) = struct.unpack_from("!I", data, i)
-        frames.append(data[i + 4 : i + 4 + n])
-        i += 4 + n
-    return frames
-
-
-def mdns_payloads(frames: list[bytes]) -> list[bytes]:
-    """UDP payloads to or from port 5353 in IPv4 Ethernet frames."""
-    out = []
-    for f in frames:
-        if len(f) < 14 + 20 + 8 or f[12:14] != b"\x08\x00":
-            continue
-        ip = f[14:]
-        ihl = (ip[0] & 0x0F) * 4
-        if ip[9] != 17:
-            continue
-        sport, dport = struct.unpack_from("!HH", ip, ihl)
-        if 5353 in (sport, dport):
-            out.append(ip[ihl + 8 :])
-    return out
-
-
 def txt_keys(payloads: list[bytes]) -> dict[str, set[str]]:
     """TXT keys announced per service instance name."""
     keys: dict[str, set[str]] = {}
@@ -201,7 +126,7 @@ def test_mdns_mesh_on_a_lan(netns_lan: NetnsLan, tmp_path: Path) -> None:
     run = secrets.token_hex(3)
     capture = tmp_path / "lan.frames"
 
-    with sniffer(lan, capture):
+    with sniff(lan.bridge_netns, capture) as cap:
         probes = [
             # all interfaces, explicit address in the url
             Probe(h1, f"n1-{run}", f"ws://{h1.address}:7001", secret, "--content", marker),
@@ -249,8 +174,8 @@ def test_mdns_mesh_on_a_lan(netns_lan: NetnsLan, tmp_path: Path) -> None:
                 with contextlib.suppress(Exception):
                     lan.kill(p.host)
 
-    frames = read_frames(capture)
-    payloads = mdns_payloads(frames)
+    frames = cap.frames()
+    payloads = cap.udp_payloads(5353)
     assert payloads, f"no mDNS captured ({len(frames)} frames)"
     wire = b"".join(frames)
     # Positive control: the capture does hold the announcements, tags and node ids...

@@ -609,47 +609,22 @@ class NamespaceDoc:
         return out
 
     def _events_for(self, w: Write, mem: Memory, others: list[Write]) -> list[Event]:
-        at = stamp_datetime(w.at)
-        ns, sid, node, key, mid = self.namespace, w.session, w.node, w.key, w.memory_id
+        common: dict[str, Any] = {
+            "namespace": self.namespace,
+            "cursor": self._next_cursor(),
+            "at": stamp_datetime(w.at),
+            "source_session": w.session,
+            "node_id": w.node,
+            "write_id": w.key,
+            "memory_id": w.memory_id,
+        }
         out: list[Event] = []
         if w.op == "capture":
-            out.append(
-                Captured(
-                    namespace=ns,
-                    cursor=self._next_cursor(),
-                    at=at,
-                    source_session=sid,
-                    node_id=node,
-                    write_id=key,
-                    memory_id=mid,
-                    memory=mem,
-                )
-            )
+            out.append(Captured(memory=mem, **common))
         elif w.op == "update":
-            out.append(
-                Updated(
-                    namespace=ns,
-                    cursor=self._next_cursor(),
-                    at=at,
-                    source_session=sid,
-                    node_id=node,
-                    write_id=key,
-                    memory_id=mid,
-                    changes=w.changes,
-                )
-            )
+            out.append(Updated(changes=w.changes, **common))
         else:
-            out.append(
-                Deleted(
-                    namespace=ns,
-                    cursor=self._next_cursor(),
-                    at=at,
-                    source_session=sid,
-                    node_id=node,
-                    write_id=key,
-                    memory_id=mid,
-                )
-            )
+            out.append(Deleted(**common))
         for c in find_conflicts(w, others):
             out.append(
                 Conflict(

@@ -31,8 +31,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
+
+from subcog_crdt._lifecycle import AsyncClosing
 
 from .._errors import InvalidArgument, StorageError
 from .base import (
@@ -149,7 +150,7 @@ def _make_private(path: Path) -> None:
         os.chmod(path, 0o700)
 
 
-class LocalDiscovery:
+class LocalDiscovery(AsyncClosing):
     """Discovery of the nodes on this machine through a shared registry directory.
 
     ``directory``: the registry (default: :func:`default_directory`). ``poll``: seconds
@@ -184,17 +185,6 @@ class LocalDiscovery:
     def peers(self) -> dict[str, Found]:
         """The peers reported as found and not lost since (a copy)."""
         return dict(self._known)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def start(
         self,

@@ -24,13 +24,13 @@ import logging
 import re
 import socket
 from collections.abc import Callable
-from types import TracebackType
-from typing import Self
 
 import ifaddr
 import zeroconf
 from zeroconf import IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+from subcog_crdt._lifecycle import AsyncClosing
 
 from .._errors import InvalidArgument, SubcogError
 from .base import Advert, Found, _check_advert, _check_startable, _State, _url_host_port
@@ -71,7 +71,7 @@ def _specific_ipv4(host: str) -> bool:
         return False
 
 
-class MdnsDiscovery:
+class MdnsDiscovery(AsyncClosing):
     """Announce this node and find the nodes of its mesh on the LAN by mDNS.
 
     ``interfaces``: ``None`` for every IPv4 interface (``InterfaceChoice.All``), or a list
@@ -110,17 +110,6 @@ class MdnsDiscovery:
     def peers(self) -> dict[str, Found]:
         """The peers reported as found and not lost since (a copy)."""
         return dict(self._known)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     # -- lifecycle -------------------------------------------------------------------------
 

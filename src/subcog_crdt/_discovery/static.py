@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from types import TracebackType
-from typing import Self
+
+from subcog_crdt._lifecycle import AsyncClosing
 
 from .._errors import InvalidArgument
 from .base import Advert, Found, _check_advert, _check_startable, _State, _url_host_port
@@ -12,7 +12,7 @@ from .base import Advert, Found, _check_advert, _check_startable, _State, _url_h
 __all__ = ["StaticDiscovery"]
 
 
-class StaticDiscovery:
+class StaticDiscovery(AsyncClosing):
     """Reports each configured URL once, at :meth:`start`, and never loses one.
 
     The node id behind a static URL is unknown (``Found.node_id == ""``): the caller dials
@@ -37,17 +37,6 @@ class StaticDiscovery:
     def urls(self) -> tuple[str, ...]:
         """The configured URLs, deduplicated, in order."""
         return self._urls
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def start(
         self,

@@ -92,8 +92,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Final, TypeVar
 
 import msgpack
 
@@ -104,6 +103,7 @@ from subcog_crdt._errors import (
     StorageLocked,
     SubcogError,
 )
+from subcog_crdt._lifecycle import AsyncClosing
 from subcog_crdt._storage.base import Durability, JournalRecord, Retention, StoredState
 
 __all__ = ["SqliteStorage"]
@@ -255,7 +255,7 @@ def _valid_frame_after(data: bytes, start: int) -> bool:
     return False
 
 
-class SqliteStorage:
+class SqliteStorage(AsyncClosing):
     """Durable storage in ``data_dir`` (see the module docstring for the layout).
 
     All SQLite and file work except the log append runs on one thread owned by the storage;
@@ -317,17 +317,6 @@ class SqliteStorage:
         self._last_age_prune = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def open(self, node_id: str) -> StoredState:
         """Lock the directory, check and load it (creating it if new)."""
