@@ -329,28 +329,25 @@ class NamespaceDoc:
         if not fields:
             raise InvalidArgument("update needs at least one field to change")
         changes = prepare_fields(fields)
-        current, _ = self.live_version(memory_id)
-        if expected_version is not None and expected_version != current.version:
-            raise ConflictError(
-                f"memory {memory_id!r} is at version {current.version}, not {expected_version}",
-                memory_id=memory_id,
-                expected=expected_version,
-                actual=current.version,
-            )
+        self._check_version(memory_id, expected_version)
         return self._local_write(memory_id, "update", session, changes)
 
     def delete(
         self, session: str, memory_id: str, expected_version: int | None = None
     ) -> tuple[Memory, list[Event]]:
+        self._check_version(memory_id, expected_version)
+        return self._local_write(memory_id, "delete", session, {})
+
+    def _check_version(self, memory_id: str, expected: int | None) -> None:
+        """NotFound unless live; ConflictError if ``expected`` is given and stale."""
         current, _ = self.live_version(memory_id)
-        if expected_version is not None and expected_version != current.version:
+        if expected is not None and expected != current.version:
             raise ConflictError(
-                f"memory {memory_id!r} is at version {current.version}, not {expected_version}",
+                f"memory {memory_id!r} is at version {current.version}, not {expected}",
                 memory_id=memory_id,
-                expected=expected_version,
+                expected=expected,
                 actual=current.version,
             )
-        return self._local_write(memory_id, "delete", session, {})
 
     def _local_write(
         self, mid: str, op: str, session: str, changes: dict[str, Any], normh: int = 0
