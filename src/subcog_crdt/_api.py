@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import gc
 import getpass
 import logging
 import os
@@ -195,7 +196,31 @@ class ConversationsApi:
             self.node_id = stored.node_id
         self._cursor = self._committed_cursor = stored.last_cursor
         self._saved_cursors = dict(stored.cursors)
-        for ns, updates in stored.docs.items():
+        # Loading makes ~10 objects per memory and no reference cycles: pausing the cyclic
+        # collector meanwhile saves a third of a 100k-memory restart.
+        gc_was_on = gc.isenabled()
+        gc.disable()
+        try:
+            self._load_docs(stored.docs)
+        except BaseException:
+            self._state = _State.CLOSED
+            await self._storage.aclose()  # release the data directory
+            raise
+        finally:
+            if gc_was_on:
+                gc.enable()
+        self._state = _State.OPEN
+        self._index_wake = asyncio.Event()
+        self._index_task = asyncio.get_running_loop().create_task(self._index_in_background())
+        self._index_wake.set()
+        try:
+            await self._start_network()
+        except BaseException:
+            await self.aclose()
+            raise
+
+    def _load_docs(self, docs: dict[str, list[bytes]]) -> None:
+        for ns, updates in docs.items():
             doc = self._new_doc(ns)
             try:
                 doc.load(updates)
@@ -206,15 +231,6 @@ class ConversationsApi:
                 ) from exc
             if doc.max_stamp:
                 self._hlc.observe(doc.max_stamp)
-        self._state = _State.OPEN
-        self._index_wake = asyncio.Event()
-        self._index_task = asyncio.get_running_loop().create_task(self._index_in_background())
-        self._index_wake.set()
-        try:
-            await self._start_network()
-        except BaseException:
-            await self.aclose()
-            raise
 
     async def _start_network(self) -> None:
         if self._listen:
