@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 _KIND = {Captured: "captured", Updated: "updated", Deleted: "deleted", Conflict: "conflict"}
 _COMPACT_BYTES = 8 * 1024 * 1024
+MAX_NAMESPACES = 10_000
 
 
 class _State(enum.Enum):
@@ -319,6 +320,11 @@ class ConversationsApi:
     def _ensure_doc(self, ns: str) -> NamespaceDoc:
         doc = self._docs.get(ns)
         if doc is None:
+            if len(self._docs) >= MAX_NAMESPACES:
+                # A bound on what a peer's announcements can make this node allocate.
+                raise InvalidArgument(
+                    f"this node already holds {MAX_NAMESPACES} namespaces; not creating {ns!r}"
+                )
             doc = self._new_doc(check_namespace(ns))
             if self._may_share(ns):
                 for peer in self._links.values():

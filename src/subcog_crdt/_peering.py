@@ -29,7 +29,13 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from subcog_crdt._core.schema import check_namespace
-from subcog_crdt._errors import ClosedError, InvalidNamespace, ProtocolError, SubcogError
+from subcog_crdt._errors import (
+    ClosedError,
+    InvalidArgument,
+    InvalidNamespace,
+    ProtocolError,
+    SubcogError,
+)
 from subcog_crdt._transport.base import Link
 
 if TYPE_CHECKING:
@@ -357,7 +363,11 @@ class PeerSync:
         """Start syncing ``ns`` with this peer if both sides sync it."""
         if not self.api._may_share(ns) or not self._peer_wants(ns):
             return
-        self.api._ensure_doc(ns)
+        try:
+            self.api._ensure_doc(ns)
+        except InvalidArgument as exc:
+            log.warning("not syncing %r with %s: %s", ns, self.node_id, exc)
+            return
         self.shared.add(ns)
         if ns not in self._sent_sv:
             self._send_sv(ns)
