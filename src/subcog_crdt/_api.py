@@ -157,7 +157,7 @@ class ConversationsApi:
         if storage is not None:
             self._storage: Storage = storage
         elif self.data_dir is None:
-            self._storage = MemoryStorage(retention)
+            self._storage = MemoryStorage(retention, keep_documents=False)
         else:
             from subcog_crdt._storage.sqlite import SqliteStorage
 

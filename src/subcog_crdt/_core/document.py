@@ -48,15 +48,21 @@ log = logging.getLogger(__name__)
 LOCAL = "local"
 
 
+def _key_order(key: str) -> tuple[str, str, str]:
+    """A write key's ``(stamp, session, node)``: the order writes are folded in. Keys are
+    kept sorted by it, so a memory needs no second list."""
+    _, at, session, node = key.split("/", 3)
+    return (at, session, node)
+
+
 class _Mem:
     """What a node keeps in Python per memory: keys of its writes (sorted by order) and a
     few derived flags. Values are read back from the document when needed."""
 
-    __slots__ = ("deferred", "deleted", "doc", "exists", "keys", "normh", "orders", "resolved")
+    __slots__ = ("deferred", "deleted", "doc", "exists", "keys", "normh", "resolved")
 
     def __init__(self, doc: int, resolved: bool = True) -> None:
         self.keys: list[str] = []
-        self.orders: list[tuple[str, str, str]] = []
         self.resolved = resolved
         """False after a fast load: only ``keys`` is known until :meth:`_resolve`."""
         self.exists = False
@@ -177,7 +183,6 @@ class NamespaceDoc:
                 writes.append(w)
         writes.sort(key=lambda w: w.order)
         m.keys = [w.key for w in writes]
-        m.orders = [w.order for w in writes]
         mem = fold(self.namespace, writes)
         if mem is None:
             if writes:
@@ -353,14 +358,13 @@ class NamespaceDoc:
         self, mid: str, op: str, session: str, changes: dict[str, Any], normh: int = 0
     ) -> tuple[Memory, list[Event]]:
         m = self._mem(mid)
-        base = m.orders[-1][0] if m is not None and m.orders else ""
+        base = _key_order(m.keys[-1])[0] if m is not None and m.keys else ""
         at = self._hlc.now()
         key = write_key(mid, at, session, self.node_id)
         value = encode_write(op, base, changes)
         self._local_txn += 1
         try:
-            with self.doc.transaction(origin=LOCAL):
-                self.entries[key] = value
+            self.entries[key] = value  # pycrdt wraps it in a transaction (nested in a batch)
         finally:
             self._local_txn -= 1
         w = Write(key, mid, at, session, self.node_id, op, base, changes)
@@ -513,7 +517,6 @@ class NamespaceDoc:
             self._by_doc.append(mid)
             m = self._mems[mid] = _Mem(doc)
             m.keys.append(w.key)
-            m.orders.append(order)
             if w.op == "capture":
                 # The common case, kept short: a brand-new memory.
                 mem: Memory | None = first_capture(self.namespace, w)
@@ -525,14 +528,12 @@ class NamespaceDoc:
                 assert mem is not None
                 return self._events_for(w, mem, []), mem
             previous: list[Write] = []
-        elif order > m.orders[-1]:
+        elif order > _key_order(m.keys[-1]):
             previous = self._writes_except(m, w.key)
             m.keys.append(w.key)
-            m.orders.append(order)
         else:
             previous = self._writes_except(m, w.key)
-            i = bisect.bisect(m.orders, order)
-            m.orders.insert(i, order)
+            i = bisect.bisect([_key_order(k) for k in m.keys], order)
             m.keys.insert(i, w.key)
         mem = fold(self.namespace, [*previous, w])
         if mem is not None:

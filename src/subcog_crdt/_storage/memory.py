@@ -14,8 +14,12 @@ __all__ = ["MemoryStorage"]
 class MemoryStorage:
     """Keeps everything in process memory (``data_dir=None``)."""
 
-    def __init__(self, retention: Retention | None = None) -> None:
+    def __init__(self, retention: Retention | None = None, *, keep_documents: bool = True) -> None:
+        """``keep_documents=False`` drops document updates instead of keeping them: a node
+        without a data directory holds its documents itself and never reopens storage, so
+        a second copy would only cost memory (and compaction work)."""
         self.retention = retention or Retention()
+        self._keep_documents = keep_documents
         self._journal: deque[JournalRecord] = deque()
         self._docs: dict[str, list[bytes]] = {}
         self._seq: dict[str, int] = {}
@@ -44,6 +48,8 @@ class MemoryStorage:
         self, updates: Sequence[tuple[str, bytes]], journal: Sequence[JournalRecord]
     ) -> None:
         for ns, update in updates:
+            if not self._keep_documents:
+                continue
             self._docs.setdefault(ns, []).append(update)
             self._seq[ns] = self._seq.get(ns, 0) + 1
             self._tail_bytes[ns] = self._tail_bytes.get(ns, 0) + len(update)
