@@ -495,7 +495,12 @@ class ConversationsApi:
         records = [
             JournalRecord(
                 cursor=ev.cursor,
-                at_ms=int(ev.at.timestamp() * 1000),
+                # the write's own stamp (a conflict's is the winner's, as its ``at``)
+                at_ms=int(
+                    (ev.winner.at if isinstance(ev, Conflict) else ev.write_id.split("/", 2)[1])[
+                        :13
+                    ]
+                ),
                 namespace=ns,
                 kind=_KIND[type(ev)],
                 write_id=ev.write_id,
@@ -510,14 +515,20 @@ class ConversationsApi:
         self, batches: list[tuple[NamespaceDoc, list[bytes], list[JournalRecord]]]
     ) -> None:
         """One durable commit for everything propagated (several updates, namespaces)."""
-        updates = [(doc.namespace, u) for doc, us, _ in batches for u in us]
-        records = [r for _, _, rs in batches for r in rs]
+        if len(batches) == 1:  # the common case: one write
+            doc, us, records = batches[0]
+            updates = [(doc.namespace, u) for u in us]
+            docs = [doc]
+        else:
+            updates = [(doc.namespace, u) for doc, us, _ in batches for u in us]
+            records = [r for _, _, rs in batches for r in rs]
+            docs = list({id(d): d for d, _, _ in batches}.values())
         if updates or records:
             await self._storage.commit(updates, records)
         if records:
             self._committed_cursor = max(self._committed_cursor, records[-1].cursor)
         self._index_wake.set()
-        for doc in {id(d): d for d, _, _ in batches}.values():
+        for doc in docs:
             if self._storage.tail_bytes(doc.namespace) > _COMPACT_BYTES:
                 await self._compact(doc)
 
