@@ -223,3 +223,16 @@ def test_env_has_no_stray_data_dir_locks(tmp_path):
     asyncio.run(run())
     assert (tmp_path / "subcog.lock").exists()
     assert os.access(tmp_path, os.W_OK)
+
+
+async def test_since_datetime_after_pruned_events_is_complete(tmp_path):
+    async with durable(tmp_path, retention=Retention(max_events=3)) as api:
+        r = await api.register_session("r", subscribe=["d"])
+        w = await api.register_session("w", subscribe=["d"])
+        for i in range(6):
+            await w.capture("d", f"fact {i}")
+        long_ago = datetime.now(UTC) - timedelta(days=1)
+        assert (await r.sync(since=long_ago)).complete is False
+        kept = await r.sync(since=0)
+        newest_kept = kept.events[0].at
+        assert (await r.sync(since=newest_kept + timedelta(milliseconds=1))).complete

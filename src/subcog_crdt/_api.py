@@ -706,10 +706,6 @@ class ConversationsApi:
         else:
             raise InvalidArgument("since must be 'last', a cursor int or a datetime")
         horizon = self._committed_cursor
-        oldest = self._storage.oldest_cursor()
-        complete = after + 1 >= oldest
-        if since_ms is not None:
-            complete = oldest <= 1
         records = await self._storage.read_journal(
             after,
             limit + 1,
@@ -717,6 +713,14 @@ class ConversationsApi:
             exclude_session=None if include_own else session.id,
             since_ms=since_ms,
         )
+        # Reading applies retention first, so the oldest kept cursor is exact only now.
+        oldest = self._storage.oldest_cursor()
+        complete = after + 1 >= oldest
+        if since_ms is not None and oldest > 1:
+            # Something was pruned; it only matters if it could be newer than ``since``,
+            # i.e. if even the oldest event still kept is newer than ``since``.
+            first = await self._storage.read_journal(0, 1)
+            complete = bool(first) and first[0].at_ms <= since_ms
         records = [r for r in records if r.cursor <= horizon]
         more = len(records) > limit
         records = records[:limit]
