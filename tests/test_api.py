@@ -340,3 +340,52 @@ async def test_update_larger_than_a_frame_is_split_not_dropped():
         await wait_for(lambda: converged([a, b], "d"), what="convergence")
         assert len(b.memories("d")) == len(mems)
         assert max(len(f) for f in la.sent_frames) <= limit
+
+
+async def test_catch_up_is_forwarded_to_nodes_beyond_the_link():
+    """A writes while alone; B and D are linked; when A links to B, D gets A's writes
+    through B (catch-up is forwarded), and A's later live writes too."""
+    async with node() as a, node() as b, node() as d:
+        sa = await a.register_session("a1", subscribe=["d"])
+        await d.register_session("d1", subscribe=["d"])
+        await sa.capture("d", "written while alone")
+        link(b, d)
+        await wait_for(lambda: b.peers() and d.peers())
+        link(a, b)
+        await wait_for(lambda: len(d.memories("d")) == 1, what="catch-up reaches D")
+        await sa.capture("d", "written once linked")
+        await wait_for(lambda: converged([a, b, d], "d"), what="live write reaches D")
+
+
+async def test_sync_includes_conflicts_this_session_won():
+    async with node() as a, node() as b:
+        sa = await a.register_session("a1", subscribe=["d"])
+        sb = await b.register_session("b1", subscribe=["d"])
+        la, _ = link(a, b)
+        m = await sa.capture("d", "original")
+        await wait_for(lambda: converged([a, b], "d"))
+        await sa.sync()
+        await sb.sync()
+        await la.close()
+        await wait_for(lambda: not a.peers())
+        await sa.update(m.id, content="from a")
+        await sb.update(m.id, content="from b")
+        link(a, b)
+        await wait_for(lambda: converged([a, b], "d"))
+        winner = a.get(m.id).updated_by
+        sessions = {"a1": sa, "b1": sb}
+        for sid in (winner, *(set(sessions) - {winner})):
+            kinds = {type(e).__name__ for e in (await sessions[sid].sync()).events}
+            assert "Conflict" in kinds, sid  # the winner hears of it too
+
+
+async def test_concurrent_syncs_of_one_session_do_not_repeat_events(tmp_path):
+    async with node(data_dir=tmp_path) as a:
+        r = await a.register_session("r", subscribe=["d"])
+        w = await a.register_session("w", subscribe=["d"])
+        for i in range(5):
+            await w.capture("d", f"fact {i}")
+        b1, b2 = await asyncio.gather(r.sync(), r.sync())
+        ids = [e.write_id for e in b1.events + b2.events]
+        assert len(ids) == 5
+        assert len(set(ids)) == 5

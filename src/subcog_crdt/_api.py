@@ -462,14 +462,13 @@ class ConversationsApi:
         events: list[Event],
         source: PeerSync | None = None,
         origin: str | None = None,
-        raw: bytes | None = None,
     ) -> None:
         """Propagate a transaction's updates and publish its events, then make both durable.
 
         Peers get the update before the local commit finishes: their copy does not depend on
         ours, and a peer that has it can only help us recover it. The caller returns only
         after the commit, so an acknowledged write is durable here."""
-        await self._persist([self._propagate(doc, events, source, origin, raw)])
+        await self._persist([self._propagate(doc, events, source, origin)])
 
     def _propagate(
         self,
@@ -477,21 +476,21 @@ class ConversationsApi:
         events: list[Event],
         source: PeerSync | None = None,
         origin: str | None = None,
-        raw: bytes | None = None,
     ) -> tuple[NamespaceDoc, list[bytes], list[JournalRecord]]:
         """Publish events and forward a remote update; return what must be persisted."""
         ns = doc.namespace
         updates = doc.take_outbox()
         self._bus.publish(events)
-        # Local writes went to peers already (NamespaceDoc.on_local_update); a remote one
-        # that brought something new is forwarded to peers that cannot have it yet.
-        remote = source is not None and raw is not None and origin is not None
-        if updates and remote and self._may_share(ns):
-            assert raw is not None and origin is not None
+        # Local writes went to peers already (NamespaceDoc.on_local_update). What a remote
+        # update or catch-up changed here is forwarded as the document saw it (not the
+        # bytes received: those can be a duplicate, or unblock earlier pending items) to
+        # peers that cannot have it yet.
+        if updates and source is not None and origin is not None and self._may_share(ns):
             for peer in self._links.values():
                 if peer is source or peer.node_id == origin or origin in peer.peer_peers:
                     continue
-                peer.push_update(ns, origin, raw)
+                for u in updates:
+                    peer.push_update(ns, origin, u)
         records = [
             JournalRecord(
                 cursor=ev.cursor,
@@ -504,7 +503,9 @@ class ConversationsApi:
                 namespace=ns,
                 kind=_KIND[type(ev)],
                 write_id=ev.write_id,
-                session=ev.source_session,
+                # A conflict concerns both writers: no session, so no one filters it out
+                # as their own.
+                session="" if isinstance(ev, Conflict) else ev.source_session,
                 other=ev.winner.key if isinstance(ev, Conflict) else "",
             )
             for ev in events
@@ -549,9 +550,7 @@ class ConversationsApi:
         events = doc.apply_update(update)
         if not doc.outbox and not events:
             return None  # nothing new: do not forward (this is what stops loops)
-        return self._propagate(
-            doc, events, source=source, origin=origin, raw=None if from_diff else update
-        )
+        return self._propagate(doc, events, source=source, origin=origin)
 
     # -- links -------------------------------------------------------------------------
 
@@ -687,6 +686,14 @@ class ConversationsApi:
         self, session: Session, since: str | int | datetime, include_own: bool, limit: int
     ) -> SyncBatch:
         self._check_open()
+        # One sync per session at a time: two concurrent "last" calls must not both read
+        # the same cursor (and return the same events twice).
+        async with session._sync_lock:
+            return await self._sync_locked(session, since, include_own, limit)
+
+    async def _sync_locked(
+        self, session: Session, since: str | int | datetime, include_own: bool, limit: int
+    ) -> SyncBatch:
         if not isinstance(limit, int) or limit < 1:
             raise InvalidArgument("limit must be a positive int")
         since_ms: int | None = None

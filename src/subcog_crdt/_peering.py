@@ -46,7 +46,9 @@ __all__ = ["F_UPDATE", "PeerSync", "is_live_update"]
 log = logging.getLogger(__name__)
 
 F_HELLO, F_SV, F_DIFF, F_UPDATE, F_SESSIONS, F_PEERS, F_NAMESPACE, F_RESYNC = range(8)
-_MAX_DIFF = 1 << 30  # a reassembled step-2 larger than this is refused
+_MAX_DIFF = 1 << 30  # step-2 bytes being reassembled per link, all namespaces together
+_QUEUE_BYTES = 64 << 20  # past this, live updates are dropped and the peer resynced
+_QUEUE_HARD_BYTES = 512 << 20  # past this even control frames: the peer is disconnected
 _QUEUE_FRAMES = 4096
 _EAGER_GAP = 0.0005  # seconds: writes closer together than this are coalesced
 
@@ -113,6 +115,7 @@ class PeerSync:
         self._diff_size: dict[str, int] = {}
         self._queue: deque[bytes] = deque()
         self._busy = False
+        self._queued_bytes = 0
         self._last_eager = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -126,19 +129,32 @@ class PeerSync:
     # -- outgoing ----------------------------------------------------------------------
 
     def send(self, frame: list[Any]) -> None:
-        self.enqueue(_pack(frame))
+        """Queue a control frame (never dropped; a peer that lets them pile up past
+        :data:`_QUEUE_HARD_BYTES` is disconnected)."""
+        data = _pack(frame)
+        if self._queued_bytes + len(data) > _QUEUE_HARD_BYTES:
+            log.warning("closing link to %s: it does not read what it asks for", self.node_id)
+            self._closed = True
+            self._wake.set()
+            task = asyncio.get_running_loop().create_task(self.link.close(4000, "queue full"))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        self.enqueue(data, live=False)
 
-    def enqueue(self, data: bytes) -> None:
+    def enqueue(self, data: bytes, live: bool = True) -> None:
+        """Queue one frame. Live updates may be dropped when the peer is slow (it is then
+        resynced); control frames never are."""
         if self._closed:
             return
-        if len(data) > self.api._max_frame:
+        if live and len(data) > self.api._max_frame:
             # One live update larger than a frame (a huge batch): send it the way a
             # catch-up goes instead, as a step 2 split into chunks.
             log.info("update of %d bytes exceeds the frame limit; resyncing instead", len(data))
             self._overflowed = True
             self._wake.set()
             return
-        if len(self._queue) >= _QUEUE_FRAMES:
+        if live and (len(self._queue) >= _QUEUE_FRAMES or self._queued_bytes >= _QUEUE_BYTES):
             # The peer is slow: stop buffering live updates; resync (only what it misses)
             # once the queue has drained.
             self._overflowed = True
@@ -152,6 +168,7 @@ class PeerSync:
                 self._send_eagerly(data)
                 return
         self._queue.append(data)
+        self._queued_bytes += len(data)
         self._wake.set()
 
     def _send_eagerly(self, data: bytes) -> None:
@@ -197,6 +214,7 @@ class PeerSync:
                     item = queue.popleft()
                     batch.append(item)
                     size += len(item)
+                self._queued_bytes -= size
                 message = batch[0] if len(batch) == 1 else b"".join(batch)
                 self._busy = True
                 try:
@@ -396,8 +414,8 @@ class PeerSync:
             return
         parts = self._diff_parts.setdefault(ns, [])
         size = self._diff_size.get(ns, 0) + len(part)
-        if size > _MAX_DIFF:
-            raise ProtocolError(f"step-2 for {ns!r} exceeds {_MAX_DIFF} bytes")
+        if sum(self._diff_size.values()) + len(part) > _MAX_DIFF:
+            raise ProtocolError(f"step-2 being reassembled exceeds {_MAX_DIFF} bytes")
         parts.append(part)
         self._diff_size[ns] = size
         if more:

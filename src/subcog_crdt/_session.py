@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -50,6 +51,7 @@ class Session:
         self.last_cursor = last_cursor
         """The cursor ``sync(since="last")`` continues from."""
         self.last_sync: datetime | None = None
+        self._sync_lock = asyncio.Lock()
 
     def info(self) -> SessionInfo:
         return SessionInfo(

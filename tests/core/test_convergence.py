@@ -184,17 +184,18 @@ def test_random_writes_converge_and_lose_nothing(n, steps, seed):
     conflict_sets = []
     for node in w.nodes:
         seen: dict[str, int] = {}
-        conflicts = set()
+        conflicts: list[tuple[str, str]] = []
         for ev in node.events:
             if isinstance(ev, Captured | Updated | Deleted):
                 seen[ev.write_id] = seen.get(ev.write_id, 0) + 1
                 assert ev.source_session == w.writes[ev.write_id][1]
             elif isinstance(ev, Conflict):
-                conflicts.add((ev.winner.key, ev.loser.key))
+                conflicts.append((ev.winner.key, ev.loser.key))
                 assert ev.loser.key in w.writes
                 assert ev.winner.order > ev.loser.order
         assert seen == dict.fromkeys(w.writes, 1)
-        conflict_sets.append(conflicts)
+        assert len(conflicts) == len(set(conflicts)), "a conflict reported twice"
+        conflict_sets.append(sorted(conflicts))
     assert all(c == conflict_sets[0] for c in conflict_sets)
     cursors = [ev.cursor for ev in w.nodes[0].events]
     assert cursors == sorted(cursors) and len(set(cursors)) == len(cursors)
@@ -266,3 +267,75 @@ def test_ties_break_by_session_id():
     w.deliver(0, 1, 0, dup=False)
     w.deliver(1, 0, 0, dup=False)
     assert a.doc.get(m.id).status == b.doc.get(m.id).status == "a"  # "zed" > "amy"
+
+
+def test_orphan_updates_report_each_conflict_once():
+    """Two concurrent updates that arrive before their capture: the conflict is reported
+    once, exactly as on a node that received everything in order."""
+    w = make_world(3)
+    a, b, c = w.nodes
+    m, _ = a.doc.capture("s1", "base fact", {})
+    w.flush(0)
+    w.deliver(0, 1, 0, dup=False)
+    capture_for_c = w.queues[(0, 2)].pop()
+    a.doc.update("s1", m.id, {"status": "x"})
+    b.doc.update("s2", m.id, {"status": "y"})
+    w.flush(0)
+    w.flush(1)
+    for i, j in ((0, 2), (1, 2), (0, 1), (1, 0)):
+        while w.queues[(i, j)]:
+            w.deliver(i, j, 0, dup=False)
+    c.events.extend(c.doc.apply_update(capture_for_c))  # the capture last
+    for node in (a, b, c):
+        kinds = [type(e).__name__ for e in node.events if type(e).__name__ == "Conflict"]
+        assert kinds == ["Conflict"], (node.name, kinds)
+
+
+def test_far_future_stamp_does_not_break_the_clock():
+    w = make_world(2)
+    _, b = w.nodes
+    from pycrdt import Doc, Map
+
+    hostile = Doc()
+    hostile.get("entries", type=Map)["0123456789abcdef0123/9999999999999ffffff/evil/ee"] = (
+        '{"v":1,"op":"capture","set":{"content":"from the far future"}}'
+    )
+    b.doc.apply_update(hostile.get_update())
+    mem, evs = b.doc.capture("s2", "written after seeing it", {})
+    assert b.doc.get(mem.id) == mem  # a valid key: the local clock stayed sane
+    assert len(evs[0].write_id.split("/")[1]) == 19
+
+
+def test_deeply_nested_value_is_ignored_not_fatal():
+    from pycrdt import Doc, Map
+
+    src = Doc()
+    entries = src.get("entries", type=Map)
+    entries["0123456789abcdef0123/1700000000000000001/evil/ee"] = "[" * 100_000 + "]" * 100_000
+    entries["0123456789abcdef0124/1700000000000000002/good/ee"] = (
+        '{"v":1,"op":"capture","set":{"content":"legit"}}'
+    )
+    w = make_world(1)
+    doc = w.nodes[0].doc
+    events = doc.apply_update(src.get_update())
+    assert [e.memory.content for e in events] == ["legit"]
+    fresh = make_world(1).nodes[0].doc
+    fresh.load([doc.diff()])
+    assert [fresh.get(i).content for i in fresh.memory_ids()] == ["legit"]
+
+
+def test_an_item_claiming_an_id_we_hold_is_not_integrated():
+    from pycrdt import Doc, Map
+
+    honest = Doc(client_id=4242)
+    honest.get("entries", type=Map)["0123456789abcdef0123/1700000000000000002/good/ee"] = (
+        '{"v":1,"op":"capture","set":{"content":"honest"}}'
+    )
+    forged = Doc(client_id=4242)  # same client id and clock, other content
+    forged.get("entries", type=Map)["fedcba9876543210fedc/1700000000000000003/forged/ee"] = (
+        '{"v":1,"op":"capture","set":{"content":"phantom"}}'
+    )
+    doc = make_world(1).nodes[0].doc
+    doc.apply_update(honest.get_update())
+    assert doc.apply_update(forged.get_update()) == []
+    assert list(doc.memory_ids()) == ["0123456789abcdef0123"]

@@ -27,7 +27,6 @@ from subcog_crdt._core.schema import (
     check_content,
     decode_write,
     encode_write,
-    first_memory_id,
     memory_id_chain,
     normalise,
     prepare_fields,
@@ -192,9 +191,19 @@ class NamespaceDoc:
         m.deleted = mem.deleted
         m.normh = hash(normalise(mem.content))
         if any(w.op == "update" and "content" in w.changes for w in writes):
-            self._moved[m.normh] = mid
+            self._note_moved(m.normh, mid)
         self._to_index.append((m.doc, mem.content, mem.tags))
         self.index.set_live(m.doc, not mem.deleted)
+
+    def _note_moved(self, normh: int, mid: str) -> None:
+        """Remember that an update gave ``mid`` this content. With several such memories
+        the smallest live id is kept, so the choice does not depend on arrival order."""
+        cur = self._moved.get(normh)
+        if cur is not None and cur < mid:
+            m = self._mems.get(cur)
+            if m is not None and m.exists and not m.deleted and m.normh == normh:
+                return
+        self._moved[normh] = mid
 
     def resolve_all(self) -> None:
         self.resolve_some(None)
@@ -291,30 +300,33 @@ class NamespaceDoc:
     ) -> tuple[Memory, list[Event]]:
         norm = normalise(changes["content"])
         normh = hash(norm)
-        mid = self._moved.get(normh) if self._moved else None
-        if mid is not None:
-            m = self._mem(mid)
-            if m is None or m.deleted or m.normh != normh:
-                mid = None
+        # Walk the id chain up to the first unused id: a live memory with this content on
+        # it wins; else one whose content an update moved here (smallest id: the same on
+        # every node); else the first deleted one on the chain is revived; else a new id.
+        mid: str | None = None
+        revivable: str | None = None
+        unused = ""
+        for candidate in memory_id_chain(self.namespace, norm):
+            m = self._mem(candidate)
+            if m is None or not m.exists:
+                unused = candidate
+                break
+            if m.deleted:
+                if revivable is None:
+                    revivable = candidate
+            elif m.normh == normh:
+                mid = candidate
+                break
+        if mid is None and self._moved:
+            moved = self._moved.get(normh)
+            if moved is not None:
+                m = self._mem(moved)
+                if m is not None and m.exists and not m.deleted and m.normh == normh:
+                    mid = moved
         if mid is None:
-            first = first_memory_id(self.namespace, norm)
-            if self._mem(first) is None:
-                return self._local_write(first, "capture", session, changes, normh)
-            # Walk the chain up to the first unused id: a live memory with this content
-            # anywhere on it wins; else the first deleted one is revived; else a new id.
-            revivable: str | None = None
-            for candidate in memory_id_chain(self.namespace, norm):
-                m = self._mem(candidate)
-                if m is None or not m.exists:
-                    mid = revivable or candidate
-                    break
-                if m.deleted:
-                    if revivable is None:
-                        revivable = candidate
-                elif m.normh == normh:
-                    mid = candidate
-                    break
-        assert mid is not None  # the chain is endless
+            if revivable is None:
+                return self._local_write(unused, "capture", session, changes, normh)
+            mid = revivable
         m = self._mem(mid)
         if m is not None and m.exists and not m.deleted:
             # The same fact again: record who captured it, change nothing else.
@@ -381,47 +393,60 @@ class NamespaceDoc:
             decoded = read_update(update, ENTRIES)
         except UpdateDecodeError as exc:
             raise ProtocolError(f"invalid Yjs update for {self.namespace!r}: {exc}") from exc
-        try:
-            self.doc.apply_update(update)
-        except Exception as exc:  # pycrdt raises plain exceptions for bad bytes
-            raise ProtocolError(f"invalid Yjs update for {self.namespace!r}: {exc}") from exc
         sv = self._sv
-        if (
+        fast = (
             decoded.simple
             and not self._pending
             and sv is not None
             and all(start <= sv.get(client, 0) for client, start, _ in decoded.blocks)
-        ):
+        )
+        # What we held before: an item at a clock below it is one we have (a duplicate),
+        # or a different item claiming the same id, which Yjs ignores and so must we.
+        if fast:
+            assert sv is not None
+            before = {client: sv.get(client, 0) for client, _, _ in decoded.blocks}
+        else:
+            before = decode_state_vector(self.doc.get_state())
+        try:
+            self.doc.apply_update(update)
+        except Exception as exc:  # pycrdt raises plain exceptions for bad bytes
+            raise ProtocolError(f"invalid Yjs update for {self.namespace!r}: {exc}") from exc
+        fresh = [i for i in decoded.inserts if i.clock >= before.get(i.client, 0)]
+        if fast:
             # Every struct continues what we had and depends on nothing else, so all of it
             # was integrated: no need to ask pycrdt for the state vector.
+            assert sv is not None
             for client, _, end in decoded.blocks:
                 if end > sv.get(client, 0):
                     sv[client] = end
-            return self._absorb(decoded.inserts, False, known_integrated=True)
+            return self._absorb(fresh, False, known_integrated=True)
         self._sv = None
-        return self._absorb(decoded.inserts, decoded.unknown)
+        return self._absorb(fresh, decoded.unknown)
 
     def _absorb(
         self, inserts: list[MapInsert], unknown: bool, known_integrated: bool = False
     ) -> list[Event]:
-        if self._pending:
-            inserts = self._pending + inserts
-            self._pending = []
         if unknown:
             # Someone overwrote or removed entries: from now on check every value against
             # the document instead of trusting the update's bytes.
             self._tainted = True
-        if not inserts and not unknown:
+        if not inserts and not unknown and not self._pending:
             return []
         events: list[Event] = []
         if known_integrated:
             for ins in inserts:
                 events.extend(self._absorb_one(ins.key, ins.value))
             return events
+        held, self._pending = self._pending, []
         with self.doc.transaction():  # one transaction for all reads below
             sv = decode_state_vector(self.doc.get_state())
-            if not self._pending:
-                self._sv = dict(sv)  # our own client's clock is never consulted
+            self._sv = dict(sv)  # our own client's clock is never consulted
+            for ins in held:
+                if ins.clock >= sv.get(ins.client, 0):
+                    self._pending.append(ins)
+                else:
+                    # integrated since: but was it this item? check the document
+                    events.extend(self._absorb_one(ins.key, ins.value, verify=True))
             for ins in inserts:
                 if ins.clock >= sv.get(ins.client, 0):
                     self._pending.append(ins)  # waits for a missing earlier update
@@ -429,9 +454,11 @@ class NamespaceDoc:
                 events.extend(self._absorb_one(ins.key, ins.value))
             if unknown:
                 events.extend(self.rescan())
+        if self._pending:
+            self._sv = None
         return events
 
-    def _absorb_one(self, key: str, value: Any) -> list[Event]:
+    def _absorb_one(self, key: str, value: Any, verify: bool = False) -> list[Event]:
         w = decode_write(key, value)
         if w is None:
             if isinstance(key, str):
@@ -440,8 +467,8 @@ class NamespaceDoc:
         m = self._mem(w.memory_id)
         if m is not None and key in m.keys:
             return []  # duplicate delivery
-        if self._tainted and self.entries.get(key) != value:
-            return []  # overwritten or removed since: not a write to trust
+        if (verify or self._tainted) and self.entries.get(key) != value:
+            return []  # overwritten, removed or never this value: not a write to trust
         self._hlc.observe(w.at)
         events, _ = self._integrate(w, value)
         return events
@@ -545,7 +572,7 @@ class NamespaceDoc:
                 m.normh = normh
                 if before and self._moved.get(before) == mid:
                     del self._moved[before]
-                self._moved[normh] = mid
+                self._note_moved(normh, mid)
                 self._to_index.append((m.doc, mem.content, mem.tags))
                 self._changed_docs.add(m.doc)
             elif "tags" in w.changes and w.op != "delete":
@@ -564,10 +591,12 @@ class NamespaceDoc:
         if m.deferred:
             held, m.deferred = m.deferred, None
             events: list[Event] = []
-            known = list(previous)
+            # Compare each pair of writes once, as a node that got them in order would.
+            held_keys = {h.key for h in held}
+            seen = [y for y in previous if y.key not in held_keys]
             for x in sorted([*held, w], key=lambda x: x.order):
-                others = [y for y in known if y.key != x.key]
-                events.extend(self._events_for(x, mem, others))
+                events.extend(self._events_for(x, mem, seen))
+                seen.append(x)
             return events, mem
         return self._events_for(w, mem, previous), mem
 

@@ -18,6 +18,8 @@ __all__ = ["STAMP_LEN", "Hlc", "stamp_datetime", "stamp_wall_ms", "valid_stamp"]
 
 STAMP_LEN = 19
 _COUNTER_MAX = 0xFFFFFF
+MAX_DRIFT_MS = 3_600_000
+"""How far ahead of local time an observed stamp may pull the clock (one hour)."""
 
 
 def _wall_ms() -> int:
@@ -47,8 +49,11 @@ class Hlc:
         return f"{self._wall:013d}{self._counter:06x}"
 
     def observe(self, stamp: str) -> None:
-        """Move ahead of a stamp seen from elsewhere (never backwards)."""
-        if stamp > self.last():
+        """Move ahead of a stamp seen from elsewhere (never backwards). A stamp more than
+        :data:`MAX_DRIFT_MS` ahead of our wall clock is not followed: one bad clock (or a
+        hostile peer) must not drag every node's clock into the far future, where its
+        stamps would stop fitting the fixed width."""
+        if stamp > self.last() and int(stamp[:13]) <= self._clock() + MAX_DRIFT_MS:
             self._wall = int(stamp[:13])
             self._counter = int(stamp[13:], 16)
 

@@ -43,6 +43,7 @@ MAX_CONTENT: Final = 256 * 1024
 MAX_TAGS: Final = 64
 MAX_TAG: Final = 128
 MAX_METADATA: Final = 64 * 1024
+MAX_ENTRY: Final = 4 * MAX_CONTENT + MAX_METADATA  # generous: JSON escaping can grow text
 OPS: Final = ("capture", "update", "delete")
 # Fields a write may set. ``deleted`` is derived from the op, never set directly.
 FIELDS: Final = (
@@ -138,7 +139,7 @@ def prepare_fields(fields: dict[str, Any]) -> dict[str, Any]:
                 raise InvalidArgument("metadata must be a dict")
             try:
                 encoded = json.dumps(value, ensure_ascii=False, allow_nan=False)
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, RecursionError) as exc:
                 raise InvalidArgument(f"metadata is not JSON-serialisable: {exc}") from exc
             if len(encoded) > MAX_METADATA:
                 raise InvalidArgument(f"metadata is {len(encoded)} bytes; limit {MAX_METADATA}")
@@ -246,9 +247,11 @@ def decode_write(key: object, value: object) -> Write | None:
     if km is None:
         return None
     mid, at, by, node = km.groups()
+    if len(value) > MAX_ENTRY:
+        return None
     try:
         obj = json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting raises RecursionError
         return None
     if not isinstance(obj, dict):
         return None
@@ -261,7 +264,7 @@ def decode_write(key: object, value: object) -> Write | None:
         return None
     try:
         changes = prepare_fields(changes) if changes else {}
-    except InvalidArgument:
+    except (InvalidArgument, RecursionError):
         return None
     if op == "capture" and "content" not in changes:
         return None
