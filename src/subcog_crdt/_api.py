@@ -125,7 +125,7 @@ class ConversationsApi:
         for d in discovery:
             if d not in ("local", "mdns"):
                 raise InvalidArgument(f"unknown discovery {d!r}: use 'local' and/or 'mdns'")
-        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.data_dir = Path(data_dir).expanduser() if data_dir is not None else None
         self.user_id = user_id or _os_user()
         if isinstance(mesh_secret, str):
             mesh_secret = mesh_secret.encode()
