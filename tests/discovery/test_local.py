@@ -56,10 +56,11 @@ async def eventually(pred: Callable[[], bool], timeout: float = DEADLINE, what: 
         await asyncio.sleep(0.01)
 
 
-async def scans(d: LocalDiscovery, n: int = 3) -> None:
-    """Let ``d`` complete at least ``n`` full polls (observable: its peer set is
-    recomputed every poll, so wait for time to pass in poll-sized steps)."""
-    await asyncio.sleep(d._poll * (n + 1) + 0.05)
+async def scans(*ds: LocalDiscovery, n: int = 3) -> None:
+    """Wait until each of ``ds`` has completed ``n`` more scans of the registry, so a
+    negative assertion afterwards is about what those scans saw."""
+    targets = [(d, d.scans_done + n) for d in ds]
+    await eventually(lambda: all(d.scans_done >= t for d, t in targets), what=f"{n} more scans")
 
 
 def finds(rec: Recorder, node_ids: set[str]) -> Callable[[], bool]:
@@ -237,10 +238,10 @@ async def test_aclose_removes_own_entry_and_peers_see_lost(nodes: Nodes) -> None
 
 
 async def test_other_mesh_is_ignored(nodes: Nodes) -> None:
-    _, rec_a1 = await nodes.start(advert("a1", 1, TAG_A, host="10.9.9.1"))
+    a1, rec_a1 = await nodes.start(advert("a1", 1, TAG_A, host="10.9.9.1"))
     _, rec_a2 = await nodes.start(advert("a2", 2, TAG_A, host="10.9.9.2"))
     b1, rec_b1 = await nodes.start(advert("b1", 3, TAG_B))
-    _, rec_open = await nodes.start(advert("open", 4))  # no secret
+    open_d, rec_open = await nodes.start(advert("open", 4))  # no secret
     await eventually(lambda: set(rec_a1.found) == {"a2"} and set(rec_a2.found) == {"a1"})
     assert rec_a1.found["a2"] == Found("a2", "ws://10.9.9.2:2", 1, TAG_A)
     await scans(b1)
@@ -249,7 +250,7 @@ async def test_other_mesh_is_ignored(nodes: Nodes) -> None:
     assert {f.node_id for f in rec_a1.found_log} == {"a2"}
     # Leaving does not reach another mesh either.
     await b1.aclose()
-    await scans(b1)
+    await scans(a1, open_d)
     assert rec_a1.lost == [] and rec_open.lost == []
 
 

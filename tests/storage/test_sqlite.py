@@ -253,7 +253,7 @@ async def test_kill_9_loses_no_returned_commit(tmp_path: Path, durability: str) 
             stream = p.stdout
             reader = threading.Thread(target=lines.extend, args=(stream,), daemon=True)
             reader.start()
-            time.sleep(rng.uniform(0.05, 0.4))
+            time.sleep(rng.uniform(0.05, 0.4))  # the random kill moment, not a wait on anything
             os.killpg(p.pid, signal.SIGKILL)
             p.wait(timeout=10)
             reader.join(timeout=10)

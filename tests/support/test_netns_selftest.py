@@ -181,7 +181,10 @@ def _body_that_raises(lan: NetnsLan, procs: list[subprocess.Popen[bytes]]) -> No
         procs.extend(h.popen(["sleep", "300"]) for h in lan.hosts)
         # A child that leaves the process group (setsid) is found by `ip netns pids`.
         procs.append(lan.hosts[0].popen(["sh", "-c", "setsid sleep 300 & wait"]))
-        time.sleep(0.2)
+        deadline = time.monotonic() + 5  # until the setsid child exists, so teardown must find it
+        while len(lan.hosts[0].pids()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(lan.hosts[0].pids()) >= 3
         assert len(lan.namespaces) == 3
         assert len(_ours(lan.prefix)) == 3
         raise RuntimeError("boom")

@@ -162,6 +162,8 @@ class LocalDiscovery(AsyncClosing):
             raise InvalidArgument("poll must be between 0.001 and 60 seconds")
         self._directory = Path(directory) if directory is not None else default_directory()
         self._poll = float(poll)
+        self.scans_done = 0
+        """Completed scans of the registry (observable progress, e.g. for tests)."""
         self._state = _State.NEW
         self._advert: Advert | None = None
         self._on_found: Callable[[Found], None] | None = None
@@ -385,7 +387,8 @@ class LocalDiscovery(AsyncClosing):
                 if self._state is not _State.STARTED:
                     return
                 self._apply(live)
-            await asyncio.sleep(self._poll)
+                self.scans_done += 1
+            await asyncio.sleep(self._poll)  # the polling interval, not a wait for anyone
 
     def _apply(self, live: dict[str, _Entry]) -> None:
         assert self._advert is not None
