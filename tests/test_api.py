@@ -326,7 +326,6 @@ async def test_close_twice_is_harmless_and_reopen_refused():
     await a.aclose()
     with pytest.raises(ClosedError):
         await a.open()
-    assert asyncio.get_running_loop()
 
 
 async def test_update_larger_than_a_frame_is_split_not_dropped():

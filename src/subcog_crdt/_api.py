@@ -25,6 +25,7 @@ from subcog_crdt._core.hlc import Hlc, stamp_datetime
 from subcog_crdt._core.memory import Memory, find_conflicts, fold
 from subcog_crdt._core.schema import Write, check_namespace, check_session_id
 from subcog_crdt._errors import ClosedError, CorruptStorage, InvalidArgument, NotFound
+from subcog_crdt._lifecycle import cancel_and_wait
 from subcog_crdt._peering import F_PEERS, F_SESSIONS, PeerSync
 from subcog_crdt._session import Session, SyncBatch
 from subcog_crdt._sessions import SessionRegistry
@@ -258,7 +259,7 @@ class ConversationsApi:
         self._bus.close()
         task = getattr(self, "_index_task", None)
         if task is not None:
-            await _cancel_and_wait(task)
+            await cancel_and_wait(task)
 
     async def _index_in_background(self) -> None:
         """Resolve lazily loaded memories and build the recall index in small slices while
@@ -294,7 +295,7 @@ class ConversationsApi:
         for peer in list(self._links.values()):
             await peer.link.close(1001, "node closing")
         for t in list(self._tasks):
-            await _cancel_and_wait(t)
+            await cancel_and_wait(t)
 
     def _check_open(self) -> None:
         if self._state is not _State.OPEN:
@@ -778,19 +779,6 @@ class ConversationsApi:
             at=stamp_datetime(winner.at), source_session=winner.session, node_id=winner.node
         )
         return Conflict(winner=winner, loser=w, fields=fields, **common)
-
-
-async def _cancel_and_wait(task: asyncio.Task[Any]) -> None:
-    """Cancel a task we own and wait for it, without swallowing our own cancellation."""
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise
-    except Exception:
-        log.exception("task %s failed at close", task.get_name())
 
 
 def _os_user() -> str:

@@ -1,11 +1,16 @@
-"""A base for long-lived objects: ``async with`` closes them with ``aclose()``."""
+"""Lifecycle helpers: ``async with`` closing for long-lived objects, and cancelling a
+owned task without swallowing our own cancellation."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
-__all__ = ["AsyncClosing"]
+__all__ = ["AsyncClosing", "cancel_and_wait"]
+
+log = logging.getLogger(__name__)
 
 
 class AsyncClosing:
@@ -24,3 +29,16 @@ class AsyncClosing:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel a task we own and wait for it, without swallowing our own cancellation."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+    except Exception:
+        log.exception("task %s failed at close", task.get_name())

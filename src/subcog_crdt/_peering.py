@@ -20,10 +20,10 @@ every new link, and again after an overflow) repairs anything a topology change 
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -36,6 +36,7 @@ from subcog_crdt._errors import (
     ProtocolError,
     SubcogError,
 )
+from subcog_crdt._lifecycle import cancel_and_wait
 from subcog_crdt._transport.base import Link
 
 if TYPE_CHECKING:
@@ -56,16 +57,10 @@ _EAGER_GAP = 0.0005  # seconds: writes closer together than this are coalesced
 def is_live_update(message: bytes) -> bool:
     """True if a message holds only live updates (safe to reorder or duplicate)."""
     try:
-        frames = list(msgpack.Unpacker(_bytes(message), raw=False, use_list=True))
+        frames = list(msgpack.Unpacker(io.BytesIO(message), raw=False, use_list=True))
     except Exception:
         return False
     return bool(frames) and all(isinstance(f, list) and f and f[0] == F_UPDATE for f in frames)
-
-
-def _bytes(b: bytes) -> Any:
-    import io
-
-    return io.BytesIO(b)
 
 
 def _pack(frame: list[Any]) -> bytes:
@@ -449,17 +444,5 @@ class PeerSync:
         finally:
             self._closed = True
             self._wake.set()
-            for t in list(self._tasks):
-                t.cancel()
-            writer.cancel()
-            try:
-                await writer
-            except asyncio.CancelledError:
-                if asyncio.current_task() is not None and asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                    raise
-            except Exception:
-                log.exception("writer for %s failed", self.node_id)
-
-
-def chunks(data: bytes, size: int) -> Sequence[bytes]:
-    return [data[i : i + size] for i in range(0, len(data), size)]
+            for t in [*self._tasks, writer]:
+                await cancel_and_wait(t)

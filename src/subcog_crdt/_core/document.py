@@ -24,7 +24,6 @@ from subcog_crdt._core.recall import RecallIndex, tokenize
 from subcog_crdt._core.schema import (
     ENTRIES,
     Write,
-    check_content,
     decode_write,
     encode_write,
     memory_id_chain,
@@ -148,13 +147,6 @@ class NamespaceDoc:
                 self._hash_cache = h.hexdigest()
         return self._hash_cache
 
-    @property
-    def write_count(self) -> int:
-        return self._n_writes
-
-    def live_count(self) -> int:
-        return sum(1 for mid in self.memory_ids())
-
     # -- reading -----------------------------------------------------------------------
 
     def _read(self, key: str) -> Write | None:
@@ -252,13 +244,6 @@ class NamespaceDoc:
             assert m is not None
             if m.exists and (include_deleted or not m.deleted):
                 yield mid
-
-    def owns_doc(self, doc: int) -> str:
-        return self._by_doc[doc]
-
-    def is_live(self, memory_id: str) -> bool:
-        m = self._mem(memory_id)
-        return m is not None and m.exists and not m.deleted
 
     def live_version(self, memory_id: str) -> tuple[Memory, list[Write]]:
         m = self._mem(memory_id)
@@ -701,6 +686,3 @@ class NamespaceDoc:
             if mem is not None and not mem.deleted:
                 out.append((score, mem))
         return out
-
-    def check_content(self, content: str) -> str:
-        return check_content(content)

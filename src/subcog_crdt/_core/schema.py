@@ -59,7 +59,6 @@ FIELDS: Final = (
 _NAMESPACE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}\Z")
 _SESSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127}\Z")
 _NODE = re.compile(r"[0-9a-f]{1,32}\Z")
-_ID = re.compile(r"[0-9a-f]{20}\Z")
 _KEY = re.compile(
     r"([0-9a-f]{20})/([0-9]{13}[0-9a-f]{6})/([A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127})/([0-9a-f]{1,32})\Z"
 )
