@@ -6,19 +6,18 @@ Also covers the small shared pieces of the discovery layer: :func:`mesh_tag` and
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from helpers import wait_for
 from subcog_crdt._discovery import local as local_mod
 from subcog_crdt._discovery.base import Advert, Found, is_loopback_url, mesh_tag
 from subcog_crdt._discovery.local import LocalDiscovery, default_directory
@@ -49,11 +48,7 @@ class Recorder:
 
 async def eventually(pred: Callable[[], bool], timeout: float = DEADLINE, what: str = "") -> None:
     """Poll ``pred`` until it holds; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout}s: {what or pred}")
-        await asyncio.sleep(0.01)
+    await wait_for(pred, timeout, what)
 
 
 async def scans(*ds: LocalDiscovery, n: int = 3) -> None:

@@ -29,6 +29,7 @@ from aiohttp.test_utils import make_mocked_request
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import wait_for
 from subcog_crdt._errors import (
     AuthError,
     ClosedError,
@@ -161,12 +162,7 @@ def other_tasks() -> set[asyncio.Task[Any]]:
 
 async def eventually(check: Callable[[], bool], what: str) -> None:
     """Wait (yielding to the loop, with a deadline) until ``check()`` holds."""
-    try:
-        async with asyncio.timeout(DEADLINE):
-            while not check():
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        pytest.fail(f"timed out waiting for: {what}")
+    await wait_for(check, DEADLINE, what)
 
 
 # --------------------------------------------------------------------------- auth helpers
