@@ -29,24 +29,33 @@ def _wall_ms() -> int:
 class Hlc:
     """A hybrid logical clock; ``now()`` returns strictly increasing stamps."""
 
-    __slots__ = ("_clock", "_counter", "_wall")
+    __slots__ = ("_clock", "_counter", "_prefix", "_wall")
 
     def __init__(self, clock: Callable[[], int] = _wall_ms) -> None:
         self._clock = clock
         self._wall = 0
         self._counter = 0
+        self._prefix = "0" * 13
+        """``_wall`` formatted (it changes at most once per millisecond; stamps are made
+        for every write, so it is formatted once, not per stamp)."""
+
+    def _set(self, wall: int, counter: int) -> None:
+        if wall != self._wall:
+            self._wall = wall
+            self._prefix = f"{wall:013d}"
+        self._counter = counter
 
     def now(self) -> str:
         wall = self._clock()
         if wall > self._wall:
-            self._wall = wall
-            self._counter = 0
-        else:
-            self._counter += 1
-            if self._counter > _COUNTER_MAX:
-                self._wall += 1
-                self._counter = 0
-        return f"{self._wall:013d}{self._counter:06x}"
+            self._set(wall, 0)
+            return self._prefix + "000000"
+        counter = self._counter + 1
+        if counter > _COUNTER_MAX:
+            self._set(self._wall + 1, 0)
+            return self._prefix + "000000"
+        self._counter = counter
+        return self._prefix + f"{counter:06x}"
 
     def observe(self, stamp: str) -> None:
         """Move ahead of a stamp seen from elsewhere (never backwards). A stamp more than
@@ -54,11 +63,10 @@ class Hlc:
         hostile peer) must not drag every node's clock into the far future, where its
         stamps would stop fitting the fixed width."""
         if stamp > self.last() and int(stamp[:13]) <= self._clock() + MAX_DRIFT_MS:
-            self._wall = int(stamp[:13])
-            self._counter = int(stamp[13:], 16)
+            self._set(int(stamp[:13]), int(stamp[13:], 16))
 
     def last(self) -> str:
-        return f"{self._wall:013d}{self._counter:06x}"
+        return f"{self._prefix}{self._counter:06x}"
 
 
 def valid_stamp(stamp: object) -> bool:

@@ -167,8 +167,32 @@ def prepare_fields(fields: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _collapsed_ascii(s: str) -> bool:
+    """An ASCII string with single spaces as its only whitespace, none at either end.
+    (``in`` is a memchr per character: ~0.3 us in all, against ~1 us for isprintable().)"""
+    return (
+        "  " not in s
+        and s[:1] != " "
+        and s[-1:] != " "
+        # ASCII whitespace as str.split() sees it, besides the space
+        and "\n" not in s
+        and "\t" not in s
+        and "\r" not in s
+        and "\x0b" not in s
+        and "\x0c" not in s
+        and "\x1c" not in s
+        and "\x1d" not in s
+        and "\x1e" not in s
+        and "\x1f" not in s
+    )
+
+
 def normalise(content: str) -> str:
     """The form used for dedupe: whitespace collapsed, case folded."""
+    if content.isascii() and _collapsed_ascii(content):
+        # casefold() is lower() on ASCII: this skips splitting the text into words (the
+        # slow part, ~2.5 us for 300 bytes) when that would change nothing.
+        return content.lower()
     return " ".join(content.split()).casefold()
 
 
@@ -177,11 +201,12 @@ def first_memory_id(namespace: str, norm: str) -> str:
     return hashlib.sha256(f"{namespace}\x00{norm}".encode()).hexdigest()[:20]
 
 
-def memory_id_chain(namespace: str, norm: str) -> Any:
+def memory_id_chain(namespace: str, norm: str, first: str | None = None) -> Any:
     """Yield candidate ids for a normalised content: a deterministic chain of hashes, so
-    every node picks the same id for the same content without talking to the others."""
+    every node picks the same id for the same content without talking to the others.
+    ``first`` is :func:`first_memory_id` if the caller has it already."""
     # SHA-256 because every JavaScript runtime has it (WebCrypto, node:crypto).
-    h = first_memory_id(namespace, norm)
+    h = first or first_memory_id(namespace, norm)
     while True:
         yield h
         h = hashlib.sha256(f"{h}\x00{norm}".encode()).hexdigest()[:20]
