@@ -59,6 +59,20 @@ class PeerInfo:
     """Namespaces synced with it."""
 
 
+def _journal_record(ns: str, ev: Event) -> JournalRecord:
+    if type(ev) is Conflict:
+        # A conflict concerns both writers: no session, so no one filters it out as their
+        # own; its time is the winner's stamp, as its ``at``.
+        return JournalRecord(
+            ev.cursor, int(ev.winner.at[:13]), ns, "conflict", ev.write_id, "", ev.winner.key
+        )
+    # The write's own stamp: a write id is "<20 hex id>/<stamp>/...", ms first in the stamp.
+    wid = ev.write_id
+    return JournalRecord(
+        ev.cursor, int(wid[21:34]), ns, _KIND[type(ev)], wid, ev.source_session, ""
+    )
+
+
 class ConversationsApi:
     """One node: documents, storage, transport and discovery for one agent process.
 
@@ -492,25 +506,7 @@ class ConversationsApi:
                     continue
                 for u in updates:
                     peer.push_update(ns, origin, u)
-        records = [
-            JournalRecord(
-                cursor=ev.cursor,
-                # the write's own stamp (a conflict's is the winner's, as its ``at``)
-                at_ms=int(
-                    (ev.winner.at if isinstance(ev, Conflict) else ev.write_id.split("/", 2)[1])[
-                        :13
-                    ]
-                ),
-                namespace=ns,
-                kind=_KIND[type(ev)],
-                write_id=ev.write_id,
-                # A conflict concerns both writers: no session, so no one filters it out
-                # as their own.
-                session="" if isinstance(ev, Conflict) else ev.source_session,
-                other=ev.winner.key if isinstance(ev, Conflict) else "",
-            )
-            for ev in events
-        ]
+        records = [_journal_record(ns, ev) for ev in events]
         return doc, updates, records
 
     async def _persist(

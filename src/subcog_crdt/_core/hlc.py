@@ -85,5 +85,17 @@ def _ms_datetime(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
+_last_datetime: tuple[str, datetime] = ("", datetime.min)
+
+
 def stamp_datetime(stamp: str) -> datetime:
-    return _ms_datetime(int(stamp[:13]))
+    """The wall-clock time of a stamp (to the millisecond)."""
+    global _last_datetime
+    # Consecutive writes mostly fall in the same millisecond: compare the digits first.
+    head = stamp[:13]
+    last = _last_datetime
+    if last[0] == head:
+        return last[1]
+    dt = _ms_datetime(int(head))
+    _last_datetime = (head, dt)
+    return dt

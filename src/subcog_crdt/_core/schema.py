@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Final, NamedTuple
 
@@ -241,6 +242,10 @@ class Write(NamedTuple):
 def encode_write(op: str, base: str, changes: dict[str, Any]) -> str:
     # Same bytes as json.dumps({"v":..,"op":..,"set":..,"base":..}) with compact
     # separators, built by hand for the common field types: this runs on every write.
+    if not base and len(changes) == 1 and op == "capture":
+        content = changes.get("content")
+        if isinstance(content, str):  # a first capture of bare content
+            return _CAPTURE_HEAD + _encode_str(content) + "}}"
     parts = []
     for name, value in changes.items():
         if isinstance(value, str):
@@ -256,8 +261,9 @@ def encode_write(op: str, base: str, changes: dict[str, Any]) -> str:
     return f'{{"v":{SCHEMA_VERSION},"op":"{op}","set":{{{",".join(parts)}}}{tail}}}'
 
 
+_CAPTURE_HEAD = f'{{"v":{SCHEMA_VERSION},"op":"capture","set":{{"content":'
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-_encode_str: Any = (
+_encode_str: Callable[[str], str] = (
     getattr(json.encoder, "c_encode_basestring", None) or json.encoder.py_encode_basestring
 )
 
