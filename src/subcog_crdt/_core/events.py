@@ -9,15 +9,15 @@ event.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
 from subcog_crdt._core.memory import Memory
 from subcog_crdt._core.schema import Write
 
-__all__ = ["Captured", "Conflict", "Deleted", "Event", "Lagged", "Updated"]
+__all__ = ["Captured", "Conflict", "Deleted", "Event", "Lagged", "Updated", "new_captured"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,6 +66,49 @@ class Conflict(Event):
     winner: Write
     loser: Write
     fields: tuple[str, ...] = field(default=())
+
+
+def _slot_setters(cls: type) -> list[Callable[[Any, Any], None]]:
+    return [getattr(cls, f.name).__set__ for f in fields(cls)]
+
+
+(
+    _set_namespace,
+    _set_cursor,
+    _set_at,
+    _set_source_session,
+    _set_node_id,
+    _set_write_id,
+    _set_memory_id,
+    _set_memory,
+) = _slot_setters(Captured)
+
+
+def new_captured(
+    namespace: str,
+    cursor: int,
+    at: datetime,
+    source_session: str,
+    node_id: str,
+    write_id: str,
+    memory_id: str,
+    memory: Memory,
+) -> Captured:
+    """``Captured(...)`` with positional arguments, filling the slots directly.
+
+    A frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``:
+    ~3 us for a Captured against ~1 us here, on a path taken once per write on every
+    node. The object is the same (frozen, equal to one built the usual way)."""
+    ev: Captured = object.__new__(Captured)
+    _set_namespace(ev, namespace)
+    _set_cursor(ev, cursor)
+    _set_at(ev, at)
+    _set_source_session(ev, source_session)
+    _set_node_id(ev, node_id)
+    _set_write_id(ev, write_id)
+    _set_memory_id(ev, memory_id)
+    _set_memory(ev, memory)
+    return ev
 
 
 @dataclass(frozen=True, slots=True)

@@ -242,10 +242,14 @@ class Write(NamedTuple):
 def encode_write(op: str, base: str, changes: dict[str, Any]) -> str:
     # Same bytes as json.dumps({"v":..,"op":..,"set":..,"base":..}) with compact
     # separators, built by hand for the common field types: this runs on every write.
-    if not base and len(changes) == 1 and op == "capture":
+    if not base and op == "capture":
+        # a first capture of bare content (Session.capture sends tags=[] along)
         content = changes.get("content")
-        if isinstance(content, str):  # a first capture of bare content
-            return _CAPTURE_HEAD + _encode_str(content) + "}}"
+        if type(content) is str and next(iter(changes)) == "content":
+            if len(changes) == 1:
+                return _CAPTURE_HEAD + _encode_str(content) + "}}"
+            if len(changes) == 2 and changes.get("tags") == []:
+                return _CAPTURE_HEAD + _encode_str(content) + ',"tags":[]}}'
     parts = []
     for name, value in changes.items():
         if isinstance(value, str):

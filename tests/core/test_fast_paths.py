@@ -1,13 +1,16 @@
-"""Schema helpers whose fast paths must agree with their plain definitions."""
+"""Hot-path shortcuts must agree with the plain definitions they replace."""
 
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from subcog_crdt._core.events import Captured, new_captured
 from subcog_crdt._core.schema import SCHEMA_VERSION, encode_write, normalise
 
 # Text that hits both paths: ASCII with every kind of whitespace, and some non-ASCII.
@@ -32,7 +35,7 @@ def test_normalise_fast_path_cases() -> None:
 _changes = st.fixed_dictionaries(
     {"content": st.text(max_size=30)},
     optional={
-        "tags": st.lists(st.text(max_size=5), max_size=3),
+        "tags": st.lists(st.text(max_size=5), max_size=3) | st.just([]),
         "metadata": st.dictionaries(st.text(max_size=5), st.integers() | st.text(max_size=5)),
         "status": st.none() | st.text(max_size=5),
     },
@@ -51,3 +54,23 @@ def test_encode_write_is_compact_json(op: str, base: str, changes: dict[str, Any
     assert encode_write(op, base, changes) == json.dumps(
         expected, ensure_ascii=False, separators=(",", ":")
     )
+
+
+def test_new_captured_builds_the_same_frozen_event() -> None:
+    at = datetime(2026, 1, 2, tzinfo=UTC)
+    fast = new_captured("ns", 7, at, "sess", "n1", "w", "m", None)  # type: ignore[arg-type]
+    plain = Captured(
+        namespace="ns",
+        cursor=7,
+        at=at,
+        source_session="sess",
+        node_id="n1",
+        write_id="w",
+        memory_id="m",
+        memory=None,  # type: ignore[arg-type]
+    )
+    assert fast == plain
+    assert repr(fast) == repr(plain)
+    assert fast.kind == "captured"
+    with pytest.raises(AttributeError):
+        fast.cursor = 8  # type: ignore[misc]
