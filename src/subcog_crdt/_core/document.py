@@ -61,7 +61,9 @@ class _Mem:
     __slots__ = ("deferred", "deleted", "doc", "exists", "keys", "normh", "resolved")
 
     def __init__(self, doc: int, resolved: bool = True) -> None:
-        self.keys: list[str] = []
+        # A tuple, not a list: a tuple of str is untracked by the cyclic GC, and with
+        # 100k memories every object the collector must walk costs on every full pass.
+        self.keys: tuple[str, ...] = ()
         self.resolved = resolved
         """False after a fast load: only ``keys`` is known until :meth:`_resolve`."""
         self.exists = False
@@ -176,7 +178,7 @@ class NamespaceDoc:
             if w is not None:
                 writes.append(w)
         writes.sort(key=lambda w: w.order)
-        m.keys = [w.key for w in writes]
+        m.keys = tuple(w.key for w in writes)
         mem = fold(self.namespace, writes)
         if mem is None:
             if writes:
@@ -532,7 +534,7 @@ class NamespaceDoc:
         first = self.index.new_docs(len(groups))
         for i, (mid, ks) in enumerate(groups.items(), first):
             m = mems[mid] = _Mem(i, resolved=False)
-            m.keys = ks
+            m.keys = tuple(ks)
             by_doc.append(mid)
         self._n_writes = n
         self.max_stamp = top
@@ -555,7 +557,7 @@ class NamespaceDoc:
             doc = self.index.new_doc()
             self._by_doc.append(mid)
             m = self._mems[mid] = _Mem(doc)
-            m.keys.append(w.key)
+            m.keys = (w.key,)
             if w.op == "capture":
                 # The common case, kept short: a brand-new memory.
                 mem: Memory | None = first_capture(self.namespace, w)
@@ -569,11 +571,11 @@ class NamespaceDoc:
             previous: list[Write] = []
         elif order > _key_order(m.keys[-1]):
             previous = self._writes_except(m, w.key)
-            m.keys.append(w.key)
+            m.keys = (*m.keys, w.key)
         else:
             previous = self._writes_except(m, w.key)
             i = bisect.bisect([_key_order(k) for k in m.keys], order)
-            m.keys.insert(i, w.key)
+            m.keys = (*m.keys[:i], w.key, *m.keys[i:])
         mem = fold(self.namespace, [*previous, w])
         if mem is not None:
             m.exists = True

@@ -5,10 +5,14 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Sequence
+from typing import Any
 
 from subcog_crdt._storage.base import JournalRecord, Retention, StoredState
 
 __all__ = ["MemoryStorage"]
+
+_CURSOR = JournalRecord._fields.index("cursor")
+_AT_MS = JournalRecord._fields.index("at_ms")
 
 
 class MemoryStorage:
@@ -20,7 +24,9 @@ class MemoryStorage:
         a second copy would only cost memory (and compaction work)."""
         self.retention = retention or Retention()
         self._keep_documents = keep_documents
-        self._journal: deque[JournalRecord] = deque()
+        # Plain tuples, not JournalRecords: a tuple of ints and strs is untracked by the
+        # cyclic GC (a NamedTuple instance is not), so a long journal costs no GC time.
+        self._journal: deque[tuple[Any, ...]] = deque()
         self._docs: dict[str, list[bytes]] = {}
         self._seq: dict[str, int] = {}
         self._tail_bytes: dict[str, int] = {}
@@ -54,7 +60,7 @@ class MemoryStorage:
             self._seq[ns] = self._seq.get(ns, 0) + 1
             self._tail_bytes[ns] = self._tail_bytes.get(ns, 0) + len(update)
         if journal:
-            self._journal.extend(journal)
+            self._journal.extend(map(tuple, journal))
             self._last_cursor = journal[-1].cursor
             self._prune()
 
@@ -62,11 +68,11 @@ class MemoryStorage:
         r = self.retention
         j = self._journal
         while len(j) > r.max_events:
-            self._oldest = j.popleft().cursor + 1
+            self._oldest = j.popleft()[_CURSOR] + 1
         if r.max_age is not None:
             limit = int((time.time() - r.max_age) * 1000)
-            while j and j[0].at_ms < limit:
-                self._oldest = j.popleft().cursor + 1
+            while j and j[0][_AT_MS] < limit:
+                self._oldest = j.popleft()[_CURSOR] + 1
 
     def tail_seq(self, namespace: str) -> int:
         return self._seq.get(namespace, 0)
@@ -96,7 +102,8 @@ class MemoryStorage:
     ) -> list[JournalRecord]:
         self._prune()
         out: list[JournalRecord] = []
-        for rec in self._journal:
+        for row in self._journal:
+            rec = JournalRecord._make(row)
             if rec.cursor <= after:
                 continue
             if namespaces is not None and rec.namespace not in namespaces:
