@@ -22,8 +22,10 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import time
 from collections import deque
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -94,6 +96,11 @@ class _Resume:
                     return stop.value
 
 
+async def _raise_after(pending: Awaitable[None], exc: Exception) -> None:
+    await pending
+    raise exc
+
+
 class PeerSync:
     """Runs the protocol on one link for the node that owns it."""
 
@@ -118,6 +125,7 @@ class PeerSync:
         self._hello_seen = False
         self._to_persist: list[Any] = []
         self._closed = False
+        self._yield_after_send = getattr(link, "same_host", False)
         self.bytes_sent = 0
         self.frames_sent = 0
 
@@ -177,6 +185,8 @@ class PeerSync:
         except StopIteration:
             self.bytes_sent += len(data)
             self.frames_sent += 1
+            if self._yield_after_send:
+                os.sched_yield()
             return
         except ClosedError:
             return  # the reader sees the close and ends the link
@@ -264,41 +274,68 @@ class PeerSync:
 
     # -- incoming ----------------------------------------------------------------------
 
-    async def reader(self) -> None:
+    def on_message(self, message: bytes) -> Awaitable[None] | None:
+        """Handle one received message (the link's consumer: called in the turn that
+        received it). Returns the durable commit still under way, if it had to wait."""
         try:
-            async for message in self.link:
-                if not isinstance(message, bytes | bytearray):
-                    raise ProtocolError("non-binary message")
-                unpacker = msgpack.Unpacker(
-                    raw=False,
-                    use_list=True,
-                    max_buffer_size=max(len(message), 1),
-                    strict_map_key=True,
-                )
-                unpacker.feed(message)
-                try:
-                    frames = list(unpacker)
-                except Exception as exc:
-                    raise ProtocolError(f"malformed msgpack: {exc}") from exc
-                if not frames:
-                    raise ProtocolError("empty message")
-                try:
-                    for frame in frames:
-                        self._handle(frame)
-                finally:
-                    if self._to_persist:
-                        # One durable commit per received message, however many updates;
-                        # also for what was applied before a bad frame in it.
-                        batch, self._to_persist = self._to_persist, []
-                        await self.api._persist(batch)
-        except ProtocolError as exc:
-            log.warning("closing link to %s: %s", self.node_id, exc)
-            await self.link.close(4000, str(exc)[:120])
+            # The common case: one frame per message, decoded without a streaming unpacker.
+            frames = [msgpack.unpackb(message, raw=False, use_list=True, strict_map_key=True)]
+        except msgpack.ExtraData:
+            frames = self._unpack_all(message)  # several frames back to back
+        except Exception as exc:
+            raise ProtocolError(f"malformed msgpack: {exc}") from exc
+        try:
+            for frame in frames:
+                self._handle(frame)
+        except Exception as exc:
+            if not self._to_persist:
+                raise
+            # What was applied before the bad frame is still persisted, then the error
+            # ends the link.
+            pending = self._persist_applied()
+            if pending is None:
+                raise
+            return _raise_after(pending, exc)
+        return self._persist_applied() if self._to_persist else None
+
+    @staticmethod
+    def _unpack_all(message: bytes) -> list[Any]:
+        unpacker = msgpack.Unpacker(
+            raw=False, use_list=True, max_buffer_size=max(len(message), 1), strict_map_key=True
+        )
+        unpacker.feed(message)
+        try:
+            return list(unpacker)
+        except Exception as exc:
+            raise ProtocolError(f"malformed msgpack: {exc}") from exc
+
+    def _persist_applied(self) -> Awaitable[None] | None:
+        """One durable commit per received message, however many updates it held.
+
+        Started at once, so that the commit joins the storage log in the order the
+        updates were applied (before any other write can slip in); only a commit that
+        must wait (an fsync) is finished by the link, which hands over no further
+        message meanwhile."""
+        batch, self._to_persist = self._to_persist, []
+        coro = self.api._persist(batch)
+        try:
+            suspended_on = coro.send(None)
+        except StopIteration:
+            return None
+        return _Resume(coro, suspended_on)
 
     def _handle(self, frame: Any) -> None:
         if not isinstance(frame, list) or not frame or not isinstance(frame[0], int):
             raise ProtocolError("frame is not a typed array")
         kind = frame[0]
+        if kind == F_UPDATE and self._hello_seen:  # the hot path: a live update
+            if len(frame) != 4 or not isinstance(frame[2], str) or type(frame[3]) is not bytes:
+                raise ProtocolError("bad update frame")
+            ns = frame[1]
+            if type(ns) is not str or ns not in self.shared:
+                ns = self._check_ns(ns)
+            self._on_update(ns, frame[2], frame[3])
+            return
         if kind != F_HELLO and not self._hello_seen:
             raise ProtocolError("frame before hello")
         if kind == F_HELLO:
@@ -312,11 +349,6 @@ class PeerSync:
             if not isinstance(more, bool):
                 raise ProtocolError("bad step-2 frame")
             self._on_diff(ns, part, more)
-        elif kind == F_UPDATE:
-            if len(frame) != 4 or not isinstance(frame[2], str):
-                raise ProtocolError("bad update frame")
-            ns, update = self._ns_bytes([frame[0], frame[1], frame[3]], 3)
-            self._on_update(ns, frame[2], update)
         elif kind == F_SESSIONS:
             if len(frame) != 2 or not isinstance(frame[1], list):
                 raise ProtocolError("bad sessions frame")
@@ -440,7 +472,11 @@ class PeerSync:
         """Drive the link until it closes (``send_hello`` must have been called)."""
         writer = asyncio.get_running_loop().create_task(self.writer())
         try:
-            await self.reader()
+            try:
+                await self.link.consume(self.on_message)
+            except ProtocolError as exc:
+                log.warning("closing link to %s: %s", self.node_id, exc)
+                await self.link.close(4000, str(exc)[:120])
         finally:
             self._closed = True
             self._wake.set()

@@ -7,6 +7,7 @@ timing contract asserted is the 3 s dead-peer detection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -737,3 +738,101 @@ async def test_wss_with_secret(tls: tuple[ssl.SSLContext, ssl.SSLContext]) -> No
         link = await a.connect(b.url)
         await link.send(b"over tls")
         assert await rb.next_frame("a") == b"over tls"
+
+
+# --------------------------------------------------------------------------- consume()
+
+
+class Consumer:
+    """A link handler that hands the link to ``consume()`` once ``go`` is set."""
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+        self.link: WebSocketLink | None = None
+        self.seen: list[bytes] = []
+        self.gate: asyncio.Future[None] | None = None
+        self.gate_at = b""
+        self.fail_at = b""
+        self.early: list[bytes] = []  # frames handed over while the gate was still shut
+        self.error: BaseException | None = None
+        self.returned = asyncio.Event()
+
+    def __call__(self, frame: bytes) -> asyncio.Future[None] | None:
+        if self.gate is not None and not self.gate.done():
+            self.early.append(frame)
+        self.seen.append(frame)
+        if frame == self.fail_at:
+            raise ProtocolError("refused")
+        if frame == self.gate_at:
+            self.gate = asyncio.get_running_loop().create_future()
+            return self.gate
+        return None
+
+    async def handler(self, link: Link) -> None:
+        assert isinstance(link, WebSocketLink)
+        self.link = link
+        await self.go.wait()
+        try:
+            await link.consume(self)
+        except ProtocolError as exc:
+            self.error = exc
+            await link.close(CLOSE_PROTOCOL, "refused")
+        finally:
+            self.returned.set()
+
+
+async def test_consume_hands_over_every_frame_in_order_and_stops_at_a_failure() -> None:
+    c = Consumer()
+    frames = [i.to_bytes(2, "big") for i in range(30)]
+    c.gate_at, c.fail_at = frames[10], frames[20]
+    async with (
+        make("a", Recorder()) as a,
+        WebSocketTransport(
+            node_id="b", hello=lambda: Hello(node_id="b", url=None), on_link=c.handler
+        ) as b,
+    ):
+        link = await a.connect(b.url)
+        for f in frames[:5]:  # before consume(): buffered, handed over first
+            await link.send(f)
+        await eventually(lambda: c.link is not None and bool(c.link._inbox), "frames buffered")
+        c.go.set()
+        for f in frames[5:11]:  # frame 10 returns an awaitable that stays pending
+            await link.send(f)
+        await eventually(lambda: len(c.seen) == 11, "frames 0-10 handed over")
+        for f in frames[11:20]:  # they wait behind it
+            await link.send(f)
+        await eventually(lambda: c.link is not None and bool(c.link._inbox), "later frames held")
+        assert c.gate is not None
+        c.gate.set_result(None)
+        await eventually(lambda: len(c.seen) == 20, "frames 11-19 handed over")
+        for f in frames[20:]:  # frame 20 raises: nothing after it is handed over
+            with contextlib.suppress(ClosedError):
+                await link.send(f)
+        async with asyncio.timeout(DEADLINE):
+            await c.returned.wait()
+            await link.wait_closed()
+        assert c.seen == frames[:21]
+        assert c.early == []
+        assert isinstance(c.error, ProtocolError)
+        assert link.close_code == CLOSE_PROTOCOL
+
+
+async def test_consume_after_the_link_closed_still_hands_over_what_arrived() -> None:
+    c = Consumer()
+    frames = [b"one", b"two", b"three"]
+    async with (
+        make("a", Recorder()) as a,
+        WebSocketTransport(
+            node_id="b", hello=lambda: Hello(node_id="b", url=None), on_link=c.handler
+        ) as b,
+    ):
+        link = await a.connect(b.url)
+        for f in frames:
+            await link.send(f)
+        await link.close()
+        await eventually(lambda: c.link is not None and c.link.closed, "closed at b")
+        c.go.set()
+        async with asyncio.timeout(DEADLINE):
+            await c.returned.wait()
+        assert c.seen == frames
+        assert c.error is None

@@ -4,6 +4,10 @@ A transport gives the node :class:`Link` objects: authenticated, ordered, bidire
 channels of binary frames to one peer each. What the frames mean (the sync protocol) is
 not the transport's business; it only moves ``bytes`` and enforces limits. The node hands
 every new link to one callback, whichever side dialled.
+
+A link's frames are read either by iterating it or, on the hot path, by
+:meth:`Link.consume`: a synchronous callback run for each frame as soon as it arrives,
+without a hand-off to another task.
 """
 
 from __future__ import annotations
@@ -12,7 +16,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-__all__ = ["DEFAULT_MAX_FRAME", "PROTOCOL_VERSION", "Hello", "Link", "LinkHandler"]
+__all__ = [
+    "DEFAULT_MAX_FRAME",
+    "PROTOCOL_VERSION",
+    "FrameConsumer",
+    "Hello",
+    "Link",
+    "LinkHandler",
+]
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
@@ -32,6 +43,10 @@ class Hello:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+FrameConsumer = Callable[[bytes], Awaitable[None] | None]
+"""Called with each received frame; returns None, or an awaitable to finish first."""
+
+
 class Link(Protocol):
     """One authenticated connection to one peer."""
 
@@ -48,6 +63,18 @@ class Link(Protocol):
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         """Frames received, in order, until the link closes."""
+        ...
+
+    async def consume(self, consumer: FrameConsumer) -> None:
+        """Hand every frame received, in order, to ``consumer`` (instead of iterating;
+        once per link), until the link closes and the frames received before have been
+        handed over; then return.
+
+        ``consumer`` runs synchronously, as soon as the frame is there when nothing is
+        waiting. If it returns an awaitable, later frames wait until that is done (they
+        are buffered meanwhile, within the receive limit; past it the sender is slowed).
+        If it (or that awaitable) raises, no further frame is handed over and the
+        exception is raised here; the caller then closes the link."""
         ...
 
     async def close(self, code: int = 1000, reason: str = "") -> None: ...

@@ -9,7 +9,7 @@ import random
 from collections.abc import AsyncIterator, Callable
 
 from subcog_crdt._errors import ClosedError, FrameTooLarge
-from subcog_crdt._transport.base import DEFAULT_MAX_FRAME, Hello
+from subcog_crdt._transport.base import DEFAULT_MAX_FRAME, FrameConsumer, Hello
 
 __all__ = ["MemoryLink", "memory_link_pair"]
 
@@ -80,6 +80,12 @@ class MemoryLink:
                 return
             assert isinstance(item, bytes)
             yield item
+
+    async def consume(self, consumer: FrameConsumer) -> None:
+        async for frame in self:
+            pending = consumer(frame)
+            if pending is not None:
+                await pending
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         if self._closed:

@@ -59,7 +59,7 @@ import random
 import ssl as ssl_module
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final
 
 import aiohttp
@@ -76,8 +76,9 @@ from .._errors import (
     ProtocolError,
     SubcogError,
 )
+from .._lifecycle import cancel_and_wait
 from . import auth
-from .base import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, Hello, LinkHandler
+from .base import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, FrameConsumer, Hello, LinkHandler
 
 __all__ = [
     "CLOSE_ABNORMAL",
@@ -384,6 +385,19 @@ class _Inbox:
             self._writable.set()
         return frame
 
+    def pop_nowait(self) -> bytes | None:
+        """The next buffered frame, or None when there is none right now."""
+        if not self._items:
+            return None
+        frame = self._items.popleft()
+        self._size -= len(frame)
+        if self._size < self._limit:
+            self._writable.set()
+        return frame
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
     def close(self) -> None:
         """No more frames will be added; readers drain what is buffered, then stop."""
         self._closed = True
@@ -419,11 +433,17 @@ class WebSocketLink:
         if ready:
             self._ready.set()
         self._done = asyncio.Event()
+        self._consumer: FrameConsumer | None = None
+        self._drainer: asyncio.Task[None] | None = None
+        self._consumed: asyncio.Future[None] | None = None
         self._pump_started = False
         self._closing = False
         self._close_code: int | None = None
         self._close_reason = ""
         self.opened_at = time.monotonic()
+        peername = ws.get_extra_info("peername")
+        self.same_host = isinstance(peername, tuple) and is_loopback(str(peername[0]))
+        """True if the peer connected over loopback (it runs on this machine)."""
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
@@ -472,6 +492,66 @@ class WebSocketLink:
             raise StopAsyncIteration
         return frame
 
+    async def consume(self, consumer: FrameConsumer) -> None:
+        """See :meth:`.base.Link.consume`. Frames are handed over by the read pump itself,
+        in the event-loop turn that parsed them (no task hand-off); only while the
+        consumer is busy with an awaitable are they buffered in the inbox and handed over
+        by a drain task (the pump keeps reading, so pings are still answered)."""
+        if self._consumed is not None:
+            raise RuntimeError("a link is consumed once")
+        self._consumer = consumer
+        consumed = self._consumed = asyncio.get_running_loop().create_future()
+        if self._inbox:
+            self._drainer = asyncio.get_running_loop().create_task(self._drain(None))
+        elif self._done.is_set():
+            consumed.set_result(None)
+        try:
+            await consumed
+        finally:
+            self._consumer = None  # cancelled or failed: hand nothing over any more
+            if self._drainer is not None:
+                await cancel_and_wait(self._drainer)
+
+    def _hand_over(self, frame: bytes) -> None:
+        """Give one frame to the consumer now (the pump's fast path)."""
+        consumer = self._consumer
+        assert consumer is not None
+        try:
+            pending = consumer(frame)
+        except Exception as exc:
+            self._consumer_failed(exc)
+            return
+        if pending is not None:
+            self._drainer = asyncio.get_running_loop().create_task(self._drain(pending))
+
+    async def _drain(self, pending: Awaitable[None] | None) -> None:
+        """Finish what the consumer started, then hand over what was buffered meanwhile;
+        the pump hands frames over directly again once this has emptied the inbox."""
+        try:
+            if pending is not None:
+                await pending
+            inbox = self._inbox
+            while (consumer := self._consumer) is not None:
+                frame = inbox.pop_nowait()
+                if frame is None:
+                    break
+                pending = consumer(frame)
+                if pending is not None:
+                    await pending
+        except Exception as exc:
+            self._consumer_failed(exc)
+        finally:
+            self._drainer = None
+        consumed = self._consumed
+        if self._done.is_set() and consumed is not None and not consumed.done():
+            consumed.set_result(None)
+
+    def _consumer_failed(self, exc: BaseException) -> None:
+        self._consumer = None
+        consumed = self._consumed
+        if consumed is not None and not consumed.done():
+            consumed.set_exception(exc)
+
     async def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
         """Close the link (harmless when already closed) and wait until it has ended."""
         self._record(code, reason or CLOSE_CODES.get(code, ""))
@@ -509,7 +589,13 @@ class WebSocketLink:
                 msg = await self._ws.receive()
                 kind = msg.type
                 if kind is WSMsgType.BINARY:
-                    await self._inbox.put(msg.data)
+                    if self._consumer is not None and self._drainer is None:
+                        self._hand_over(msg.data)
+                    elif self._consumed is None:
+                        await self._inbox.put(msg.data)  # for iteration, or consume() later
+                    elif self._consumer is not None:
+                        await self._inbox.put(msg.data)  # behind frames still being drained
+                    # else: the consumer failed; the link is being closed
                 elif kind is WSMsgType.TEXT:
                     self._record(CLOSE_PROTOCOL, "text frame received (frames are binary)")
                     await self._ws.close(code=CLOSE_PROTOCOL, message=b"text frame")
@@ -539,6 +625,9 @@ class WebSocketLink:
         self._inbox.close()
         self._ready.set()
         self._done.set()
+        consumed = self._consumed
+        if consumed is not None and self._drainer is None and not consumed.done():
+            consumed.set_result(None)
         level = (
             logging.INFO
             if self._close_code in (CLOSE_NORMAL, CLOSE_GOING_AWAY)
