@@ -244,9 +244,25 @@ async def _role_echo_server(lifetime: float) -> None:
                 count = 0
         return ws
 
+    async def oneway(request: web.Request) -> web.WebSocketResponse:
+        # Each binary message starts with the sender's monotonic_ns (little endian); the
+        # latency is taken where an application would see the message.
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        samples: list[int] = []
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                samples.append(time.monotonic_ns() - int.from_bytes(msg.data[:8], "little"))
+            elif msg.type == aiohttp.WSMsgType.TEXT:
+                warmup = int(msg.data)
+                await ws.send_str(json.dumps(_latency_summary(samples[warmup:])))
+                samples.clear()
+        return ws
+
     app = web.Application()
     app.router.add_get("/echo", echo)
     app.router.add_get("/sink", sink)
+    app.router.add_get("/oneway", oneway)
     await _serve_until_stdin_eof(app, lifetime)
 
 
@@ -265,9 +281,16 @@ async def _serve_until_stdin_eof(app: web.Application, lifetime: float) -> None:
 
 
 async def aiohttp_roundtrip_floor(
-    n: int = 2000, size: int = 300, stream_n: int = 50_000, warmup: int = 200
+    n: int = 2000,
+    size: int = 300,
+    stream_n: int = 50_000,
+    warmup: int = 200,
+    oneway_n: int = 1000,
+    oneway_rate: float = 200.0,
 ) -> dict[str, Any]:
-    """Round trip p50/p99 (ms) and one-way stream rate over an aiohttp WebSocket on loopback.
+    """Round trip p50/p99 (ms), one-way latency at ``oneway_rate`` messages/s (what a
+    sync at that rate can at best reach), and one-way stream rate over an aiohttp
+    WebSocket on loopback.
 
     The echo server runs in a child process; this process is the client.
     """
@@ -290,6 +313,19 @@ async def aiohttp_roundtrip_floor(
                         raise RuntimeError(f"unexpected echo reply: {reply.type!r}")
                     if i >= warmup:
                         samples.append(t1 - t0)
+            async with session.ws_connect(f"ws://{HOST}:{port}/oneway", timeout=timeout) as ws:
+                start = time.monotonic()
+                for i in range(warmup + oneway_n):
+                    delay = start + i / oneway_rate - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)  # pacing, not synchronisation
+                    stamp = time.monotonic_ns().to_bytes(8, "little")
+                    await ws.send_bytes(stamp + payload[8:])
+                await ws.send_str(str(warmup))
+                reply = await ws.receive()
+                if reply.type != aiohttp.WSMsgType.TEXT:
+                    raise RuntimeError(f"unexpected one-way reply: {reply.type!r}")
+                oneway = json.loads(reply.data)
             async with session.ws_connect(f"ws://{HOST}:{port}/sink", timeout=timeout) as ws:
                 for _ in range(warmup):
                     await ws.send_bytes(payload)
@@ -310,6 +346,10 @@ async def aiohttp_roundtrip_floor(
             "rtt_p50_ms": lat["p50_ms"],
             "rtt_p99_ms": lat["p99_ms"],
             "rtt_n": n,
+            "oneway_p50_ms": oneway["p50_ms"],
+            "oneway_p99_ms": oneway["p99_ms"],
+            "oneway_rate": oneway_rate,
+            "oneway_n": oneway["n"],
             "stream_msgs_per_s": round(stream_n / ((t1 - t0) / 1e9)),
             "stream_n": stream_n,
         }
@@ -719,6 +759,13 @@ def _print_table(results: dict[str, dict[str, Any]]) -> None:
             _fmt(floor["rtt_p99_ms"]),
             _fmt(floor["stream_msgs_per_s"]) + " msgs",
             f"n={floor['rtt_n']:,}, stream n={floor['stream_n']:,}",
+        ))  # fmt: skip
+        rows.append((
+            f"{floor['transport']} one way at {floor['oneway_rate']:g}/s",
+            _fmt(floor["oneway_p50_ms"]),
+            _fmt(floor["oneway_p99_ms"]),
+            "-",
+            f"n={floor['oneway_n']:,}",
         ))  # fmt: skip
     for key in ("pycrdt_websocket", "node"):
         res = results.get(key)

@@ -1,9 +1,10 @@
 """Sync benchmark: two subcog-crdt node processes on loopback, next to the anchors.
 
 Measures, in one run: propagation latency p50/p99 at 200 captures/s from a session on node
-A to an event on node B, and the sustained propagated captures/s, with durable storage on
-both nodes (``data_dir`` set, default durability); then the anchors from ``anchors.py``:
-the aiohttp round-trip floor, the pycrdt-websocket relay and the Node relay.
+A to an event on node B (and how long A's capture call took meanwhile), and the sustained
+propagated captures/s, with durable storage on both nodes (``data_dir`` set, default
+durability); then the anchors from ``anchors.py``: the aiohttp floor (one way at the same
+rate, and the round trip), the pycrdt-websocket relay and the Node relay.
 
     .venv/bin/python benchmarks/bench_sync.py [--rate 200] [--seconds 5] [--sustained-n 20000]
 """
@@ -68,17 +69,22 @@ async def _role_a(
         if (await stdin.readline()).strip() != b"GO_LAT":
             return
 
+        call_ns: list[int] = []
+
         async def paced(kind: str, count: int) -> None:
             start = time.monotonic()
             for i in range(count):
                 delay = start + i / rate - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)  # pacing, not synchronisation
-                await s.capture("bench", f"{kind}|{i}|{time.monotonic_ns()}|{PAD}")
+                t0 = time.monotonic_ns()
+                await s.capture("bench", f"{kind}|{i}|{t0}|{PAD}")
+                call_ns.append(time.monotonic_ns() - t0)
 
         await paced("w", warmup)
+        call_ns.clear()
         await paced("l", n_lat)
-        _emit("LAT_SENT")
+        _emit("LAT_SENT", _latency_summary(call_ns))
         if (await stdin.readline()).strip() != b"GO_SUS":
             return
         t0 = time.monotonic_ns()
@@ -116,12 +122,14 @@ async def subcog_pair(
             await a.expect("READY", 60)
             a.send_line("GO_LAT")
             lat = json.loads(await b.expect("LAT", (warmup + n_lat) / rate + 60))
-            await a.expect("LAT_SENT", 30)
+            calls = json.loads(await a.expect("LAT_SENT", 30))
             a.send_line("GO_SUS")
             sent = json.loads(await a.expect("SUS_SENT", 600))
             arrived = json.loads(await b.expect("SUS", 600))
             return {
                 **lat,
+                "capture_call_p50_ms": calls["p50_ms"],
+                "capture_call_p99_ms": calls["p99_ms"],
                 "sustained_captures_per_s": round(
                     sustained_n / ((arrived["last_ns"] - sent["t0_ns"]) / 1e9)
                 ),
@@ -172,14 +180,27 @@ def main() -> int:
         print(json.dumps(results, indent=2))
         return 0
     ours = results["subcog-crdt"]
+    floor = results["aiohttp floor"]
+    rows = {
+        **results,
+        "aiohttp floor": {  # one way at the same rate; throughput: a one-way stream
+            "p50_ms": floor["oneway_p50_ms"],
+            "p99_ms": floor["oneway_p99_ms"],
+            "stream_msgs_per_s": floor["stream_msgs_per_s"],
+        },
+    }
     print(f"{'':28} {'p50 ms':>8} {'p99 ms':>8} {'captures/s':>11}")
-    for name, r in results.items():
+    for name, r in rows.items():
         if "skipped" in r:
             print(f"{name:28} skipped: {r['skipped']}")
             continue
         thr = r.get("sustained_captures_per_s") or r.get("stream_msgs_per_s") or ""
         p50, p99 = r.get("p50_ms", float("nan")), r.get("p99_ms", float("nan"))
         print(f"{name:28} {p50:8.3f} {p99:8.3f} {thr!s:>11}")
+    print(
+        f"subcog capture call on A (p50 / p99 ms): {ours['capture_call_p50_ms']:.3f} / "
+        f"{ours['capture_call_p99_ms']:.3f}; aiohttp round trip p50 {floor['rtt_p50_ms']:.3f}"
+    )
     for name in ("pycrdt-websocket relay", "node relay"):
         r = results.get(name, {})
         if "p50_ms" in r:
