@@ -62,8 +62,12 @@ class Hlc:
         :data:`MAX_DRIFT_MS` ahead of our wall clock is not followed: one bad clock (or a
         hostile peer) must not drag every node's clock into the far future, where its
         stamps would stop fitting the fixed width."""
-        if stamp > self.last() and int(stamp[:13]) <= self._clock() + MAX_DRIFT_MS:
-            self._set(int(stamp[:13]), int(stamp[13:], 16))
+        wall = int(stamp[:13])
+        if wall < self._wall:
+            return  # the common case: a stamp from the past
+        counter = int(stamp[13:], 16)
+        if (wall, counter) > (self._wall, self._counter) and wall <= self._clock() + MAX_DRIFT_MS:
+            self._set(wall, counter)
 
     def last(self) -> str:
         return f"{self._prefix}{self._counter:06x}"
