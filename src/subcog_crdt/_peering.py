@@ -44,7 +44,7 @@ from subcog_crdt._transport.base import Link
 if TYPE_CHECKING:
     from subcog_crdt._api import ConversationsApi
 
-__all__ = ["F_UPDATE", "PeerSync", "is_live_update"]
+__all__ = ["F_UPDATE", "YIELD_TO_LOCAL_PEERS", "PeerSync", "is_live_update"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,16 @@ _QUEUE_BYTES = 64 << 20  # past this, live updates are dropped and the peer resy
 _QUEUE_HARD_BYTES = 512 << 20  # past this even control frames: the peer is disconnected
 _QUEUE_FRAMES = 4096
 _EAGER_GAP = 0.0005  # seconds: writes closer together than this are coalesced
+YIELD_TO_LOCAL_PEERS = True
+"""After an eager send to a peer on this machine, give up the CPU (``sched_yield``).
+
+Linux wakes the receiving process on the sender's CPU (a socket wake-up is a "sync"
+wake-up: the kernel expects the sender to sleep soon), so a peer process waits until this
+node finishes the write that produced the update (its durable commit, its events) and goes
+idle: ~0.3 ms here. Yielding lets it apply the update at once. The cost is borne by the
+writer: the ``capture()`` that triggered the send returns after the peer's turn instead of
+before it (measured in ``benchmarks/bench_sync.py``). Only the idle-link path yields, never
+a coalesced burst, and never for remote peers."""
 
 
 def is_live_update(message: bytes) -> bool:
@@ -125,7 +135,7 @@ class PeerSync:
         self._hello_seen = False
         self._to_persist: list[Any] = []
         self._closed = False
-        self._yield_after_send = getattr(link, "same_host", False)
+        self._yield_after_send = YIELD_TO_LOCAL_PEERS and getattr(link, "same_host", False)
         self.bytes_sent = 0
         self.frames_sent = 0
 
@@ -178,7 +188,8 @@ class PeerSync:
         """Start sending now, in the caller's turn of the loop, instead of waking the
         writer task: a send usually completes without suspending (aiohttp writes to the
         socket and only awaits when its buffer is full), and the hop to another task costs
-        more than the send. If it does suspend, a task finishes it and the writer waits."""
+        more than the send. If it does suspend, a task finishes it and the writer waits.
+        See :data:`YIELD_TO_LOCAL_PEERS` for what follows a completed send."""
         coro = self.link.send(data)
         try:
             suspended_on = coro.send(None)

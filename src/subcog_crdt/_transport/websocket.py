@@ -42,11 +42,15 @@ Liveness uses aiohttp's heartbeat: a ping after ``heartbeat`` seconds without tr
 the link is declared dead if no pong arrives within half that interval. The interval is
 lowered if needed so that a frozen peer is detected within ``dead_after`` seconds.
 
-Received frames are read eagerly by one pump task per link into a byte-bounded inbox (so
-pings are answered while the node is busy); when the inbox is full the pump stops reading
-and TCP flow control slows the sender. A consumer that stalls longer than ``dead_after``
-with a full inbox therefore looks dead to its peer: by design, a node that cannot keep up
-for seconds is better resynchronised than buffered without bound.
+Received frames are read eagerly by one pump task per link. With a consumer
+(:meth:`WebSocketLink.consume`, the node's hot path) the pump hands each frame over in the
+same turn of the event loop that parsed it: no queue, no wake-up of another task. Frames
+that arrive while the consumer is still finishing an awaitable (a durable commit that must
+wait for an fsync), or before it is attached, go to a byte-bounded inbox, as they do for
+links that are iterated; pings are answered meanwhile. When the inbox is full the pump
+stops reading and TCP flow control slows the sender. A consumer that stalls longer than
+``dead_after`` with a full inbox therefore looks dead to its peer: by design, a node that
+cannot keep up for seconds is better resynchronised than buffered without bound.
 """
 
 from __future__ import annotations
