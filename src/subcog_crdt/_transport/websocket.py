@@ -476,7 +476,8 @@ class WebSocketLink:
         size = len(frame)
         if size > self._max_frame:
             raise FrameTooLarge(f"frame of {size} bytes exceeds max_frame={self._max_frame}")
-        await self._ready.wait()
+        if not self._ready.is_set():
+            await self._ready.wait()
         async with self._send_lock:
             if self.closed:
                 raise ClosedError(f"link to {self._peer.node_id} is closed")
