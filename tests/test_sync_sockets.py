@@ -265,3 +265,20 @@ async def test_hostile_frames_never_crash_or_change_a_node():
         async with node() as b:
             await b.connect(a.url)
             await wait_for(lambda: converged([a, b], "d"))
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+async def test_an_eager_send_to_a_local_peer_yields_the_cpu(monkeypatch, enabled):
+    from subcog_crdt import _peering
+
+    yields: list[int] = []
+    monkeypatch.setattr(_peering, "YIELD_TO_LOCAL_PEERS", enabled)
+    monkeypatch.setattr(_peering.os, "sched_yield", lambda: yields.append(1))
+    async with node() as a, node() as b:
+        await b.connect(a.url)
+        await wait_for(lambda: a.peers() and b.peers())
+        events = (await b.register_session("b1", subscribe=["d"])).events()
+        s = await a.register_session("a1", subscribe=["d"])
+        await s.capture("d", "one fact")
+        assert isinstance(await events.next(5), Captured)
+    assert bool(yields) == enabled
