@@ -11,7 +11,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from subcog_crdt._core.events import Captured, new_captured
-from subcog_crdt._core.schema import SCHEMA_VERSION, encode_write, normalise
+from subcog_crdt._core.schema import (
+    _CAPTURE_HEAD,
+    SCHEMA_VERSION,
+    _decode_json,
+    decode_write,
+    encode_write,
+    normalise,
+)
 
 # Text that hits both paths: ASCII with every kind of whitespace, and some non-ASCII.
 _text = st.text(
@@ -74,3 +81,42 @@ def test_new_captured_builds_the_same_frozen_event() -> None:
     assert fast.kind == "captured"
     with pytest.raises(AttributeError):
         fast.cursor = 8  # type: ignore[misc]
+
+
+_KEY = "0123456789abcdef0123/1795649794389000196/sess/ab"
+
+
+def _slow(value: str) -> object:
+    mid, at, by, node = _KEY.split("/")
+    return _decode_json(_KEY, mid, at, by, node, value)
+
+
+@given(st.sampled_from(["capture", "update"]), _changes)
+def test_decode_write_reads_what_encode_write_wrote(op: str, changes: dict[str, Any]) -> None:
+    value = encode_write(op, "", changes)
+    assert decode_write(_KEY, value) == _slow(value)
+
+
+# Values that start like the plain form but are not it (or are invalid) must be decided
+# exactly as the general parser decides them.
+_MIDDLES = [
+    '"a"',
+    '""',
+    '" "',
+    '"a\\u0000"',
+    '"a"},"op":"delete","x":{"y":"b',
+    "1",
+    "null",
+    '"a","tags":["x"]',
+    '"a","status":"s"',
+]
+_tricky = st.builds(
+    lambda middle, tail: _CAPTURE_HEAD + middle + tail,
+    st.sampled_from(_MIDDLES) | st.text(max_size=12),
+    st.sampled_from(["}}", ',"tags":[]}}', "}", ',"tags":[]}', "}},", ""]),
+)
+
+
+@given(_tricky)
+def test_decode_write_fast_path_agrees_with_the_general_parser(value: str) -> None:
+    assert decode_write(_KEY, value) == _slow(value)

@@ -266,6 +266,7 @@ def encode_write(op: str, base: str, changes: dict[str, Any]) -> str:
 
 
 _CAPTURE_HEAD = f'{{"v":{SCHEMA_VERSION},"op":"capture","set":{{"content":'
+_TAGS_TAIL = ',"tags":[]}}'
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _encode_str: Callable[[str], str] = (
     getattr(json.encoder, "c_encode_basestring", None) or json.encoder.py_encode_basestring
@@ -280,9 +281,43 @@ def decode_write(key: object, value: object) -> Write | None:
     km = _KEY.match(key)
     if km is None:
         return None
-    mid, at, by, node = km.groups()
     if len(value) > MAX_ENTRY:
         return None
+    mid, at, by, node = km.groups()
+    changes = _plain_capture(value)
+    if changes is not None:
+        return Write(key, mid, at, by, node, "capture", "", changes)
+    return _decode_json(key, mid, at, by, node, value)
+
+
+def _plain_capture(value: str) -> dict[str, Any] | None:
+    """The fields of a first capture of bare content in the exact form encode_write makes
+    (most entries), without building the whole object; ``None`` for anything else.
+
+    Safe on any input: the part between the fixed head and tail must parse as exactly one
+    JSON string, so the whole value is then exactly that canonical object."""
+    if not value.startswith(_CAPTURE_HEAD):
+        return None
+    if value.endswith(_TAGS_TAIL):
+        end, tags = len(value) - len(_TAGS_TAIL), True
+    elif value.endswith("}}"):
+        end, tags = len(value) - 2, False
+    else:
+        return None
+    try:
+        content = json.loads(value[len(_CAPTURE_HEAD) : end])
+    except ValueError:
+        return None
+    if type(content) is not str:
+        return None
+    try:
+        check_content(content)
+    except InvalidArgument:
+        return None  # invalid: the general path rejects it the same way
+    return {"content": content, "tags": []} if tags else {"content": content}
+
+
+def _decode_json(key: str, mid: str, at: str, by: str, node: str, value: str) -> Write | None:
     try:
         obj = json.loads(value)
     except (ValueError, RecursionError):  # deep nesting raises RecursionError
