@@ -53,7 +53,11 @@ async def bench(n_mem: int, durability: str) -> dict[str, float]:
             for i in range(0, n_mem, 256):
                 await s.capture_many("batched", texts[i : i + 256])
             out["captures_per_s_batched"] = n_mem / (time.perf_counter() - t)
+            # Compaction runs in the background (when the loop is idle); do it now, timed
+            # apart, so the disk figure is the compacted one.
+            t = time.perf_counter()
             await api._compact(api._docs["batched"])
+            out["compaction_s"] = time.perf_counter() - t
         out["disk_bytes_per_memory"] = disk_bytes(batch_dir) / n_mem
         t = time.perf_counter()
         async with ConversationsApi(data_dir=batch_dir, listen=False) as api:
@@ -86,6 +90,7 @@ def main() -> None:
     print(
         f"captures/s, batched (256)        : {r['captures_per_s_batched']:9.0f} (target >= 100000)"
     )
+    print(f"compaction after the batched load: {r['compaction_s']:9.2f} s (in the background)")
     print(f"restart                          : {r['restart_s']:9.2f} s (target <= 1.0 s)")
     print(f"disk after compaction            : {r['disk_bytes_per_memory']:9.0f} B/memory (<= 600)")
     print(f"background resolve+index         : {r['background_index_s']:9.2f} s after restart")

@@ -4,6 +4,7 @@ is detected and named, a second opener is refused (DESIGN items 4 and 6)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 import subprocess
@@ -236,3 +237,49 @@ async def test_since_datetime_after_pruned_events_is_complete(tmp_path):
         kept = await r.sync(since=0)
         newest_kept = kept.events[0].at
         assert (await r.sync(since=newest_kept + timedelta(milliseconds=1))).complete
+
+
+async def test_compaction_runs_in_the_background_and_keeps_everything(tmp_path, monkeypatch):
+    """Writes never wait for a compaction; each one shrinks the files to about the
+    encoded state; the threshold grows with the snapshot; a restart sees every memory."""
+    import subcog_crdt._api as api_module
+    from helpers import wait_for
+
+    monkeypatch.setattr(api_module, "_COMPACT_BYTES", 16_000)
+    pad = "x" * 300
+    async with durable(tmp_path) as api:
+        s = await api.register_session("s", subscribe=["d"])
+        snapshot_sizes: list[int] = []
+        for i in range(600):
+            await s.capture("d", f"fact {i} {pad}")
+            if api._compacting:  # a capture never waits for it; here we let it finish
+                await wait_for(lambda: not api._compacting, what="a compaction")
+            size = api._snapshot_bytes.get("d", 0)
+            if size and (not snapshot_sizes or size != snapshot_sizes[-1]):
+                snapshot_sizes.append(size)
+        await wait_for(lambda: not api._compacting, what="the last compaction")
+        # compacted more than once, each time only after the tail outgrew the snapshot
+        # ~240 KB of writes: a fixed 16 KB threshold would compact ~15 times; growing it
+        # with the snapshot, each snapshot is about twice the one before
+        assert 3 <= len(snapshot_sizes) <= 7
+        assert all(b >= 1.5 * a for a, b in itertools.pairwise(snapshot_sizes))
+        state = len(api._docs["d"].diff())
+        snaps = list((tmp_path / "snapshots").glob("*.snap"))
+        assert len(snaps) == 1
+        assert snaps[0].stat().st_size <= 1.5 * state
+        ids = {m.id for m in api.memories("d")}
+    assert len(ids) == 600
+    async with durable(tmp_path) as api:
+        assert {m.id for m in api.memories("d")} == ids
+
+
+async def test_closing_while_compacting_loses_nothing(tmp_path, monkeypatch):
+    import subcog_crdt._api as api_module
+
+    monkeypatch.setattr(api_module, "_COMPACT_BYTES", 4_000)
+    async with durable(tmp_path) as api:
+        s = await api.register_session("s", subscribe=["d"])
+        mems = await s.capture_many("d", [f"fact {i} " + "y" * 100 for i in range(100)])
+        assert api._compacting  # the commit started one; closing now must not lose data
+    async with durable(tmp_path) as api:
+        assert {m.id for m in api.memories("d")} == {m.id for m in mems}

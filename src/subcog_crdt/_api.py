@@ -24,7 +24,13 @@ from subcog_crdt._core.events import Captured, Conflict, Deleted, Event, Updated
 from subcog_crdt._core.hlc import Hlc, stamp_datetime
 from subcog_crdt._core.memory import Memory, find_conflicts, fold
 from subcog_crdt._core.schema import Write, check_namespace, check_session_id
-from subcog_crdt._errors import ClosedError, CorruptStorage, InvalidArgument, NotFound
+from subcog_crdt._errors import (
+    ClosedError,
+    CorruptStorage,
+    InvalidArgument,
+    NotFound,
+    SubcogError,
+)
 from subcog_crdt._lifecycle import cancel_and_wait
 from subcog_crdt._peering import F_PEERS, F_SESSIONS, PeerSync
 from subcog_crdt._session import Session, SyncBatch
@@ -186,6 +192,8 @@ class ConversationsApi:
         self.sessions = SessionRegistry()
         self._links: dict[str, PeerSync] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._compacting: dict[str, asyncio.Task[None]] = {}
+        self._snapshot_bytes: dict[str, int] = {}
         self._state = _State.NEW
         self._saved_cursors: dict[str, int] = {}
         self._transport: Any = None
@@ -264,6 +272,7 @@ class ConversationsApi:
             ("discovery", self._close_discovery),
             ("transport", self._close_transport),
             ("links", self._close_links),
+            ("compaction", self._stop_compactions),
             ("storage", self._storage.aclose),
         ):
             try:
@@ -527,13 +536,40 @@ class ConversationsApi:
             self._committed_cursor = max(self._committed_cursor, records[-1].cursor)
         self._index_wake.set()
         for doc in docs:
-            if self._storage.tail_bytes(doc.namespace) > _COMPACT_BYTES:
-                await self._compact(doc)
+            self._maybe_compact(doc)
+
+    def _maybe_compact(self, doc: NamespaceDoc) -> None:
+        """Start compacting a namespace in the background once its tail outgrows both
+        :data:`_COMPACT_BYTES` and its last snapshot. Growing the threshold with the
+        snapshot keeps the total work linear in the number of writes (a fixed 8 MB made
+        compaction ~40 % of a 100k-memory bulk load), and no write waits for it."""
+        ns = doc.namespace
+        if ns in self._compacting:
+            return
+        if self._storage.tail_bytes(ns) <= max(_COMPACT_BYTES, self._snapshot_bytes.get(ns, 0)):
+            return
+        task = asyncio.get_running_loop().create_task(self._compact_in_background(doc))
+        self._compacting[ns] = task
+
+    async def _compact_in_background(self, doc: NamespaceDoc) -> None:
+        try:
+            await self._compact(doc)
+        except SubcogError as exc:
+            # Nothing is lost (the tail still holds every update); a broken store fails
+            # the next commit loudly.
+            log.warning("compacting %r failed: %s", doc.namespace, exc)
+        finally:
+            self._compacting.pop(doc.namespace, None)
 
     async def _compact(self, doc: NamespaceDoc) -> None:
         seq = self._storage.tail_seq(doc.namespace)
         snapshot = doc.diff()
+        self._snapshot_bytes[doc.namespace] = len(snapshot)
         await self._storage.compact(doc.namespace, snapshot, seq)
+
+    async def _stop_compactions(self) -> None:
+        for task in list(self._compacting.values()):
+            await cancel_and_wait(task)
 
     def _apply_remote(
         self, ns: str, origin: str, update: bytes, source: PeerSync, *, from_diff: bool
