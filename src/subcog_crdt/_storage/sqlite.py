@@ -296,6 +296,9 @@ class SqliteStorage(AsyncClosing):
         # the log" and "queue the frame for SQLite" one step, so the thread can tell when
         # everything in the log is applied.
         self._wlock = threading.Lock()
+        # One packer, reused under _wlock: msgpack.packb() builds a Packer (and its
+        # buffer) per call, twice the cost of packing a small frame.
+        self._packer = msgpack.Packer(use_bin_type=True)
         self._log_fd = -1
         self._log_size = 0
         self._lsn = 0
@@ -1180,7 +1183,7 @@ class SqliteStorage(AsyncClosing):
         cur = [(s, int(c)) for s, c in cursors]
         with self._wlock:
             lsn = self._lsn + 1
-            payload = msgpack.packb((lsn, ups, jrn, cur), use_bin_type=True)
+            payload = self._packer.pack((lsn, ups, jrn, cur))
             header = _encode_frame(payload)
             size = len(header) + len(payload)
             self._write_log(header, payload, size)
