@@ -282,3 +282,34 @@ async def test_an_eager_send_to_a_local_peer_yields_the_cpu(monkeypatch, enabled
         await s.capture("d", "one fact")
         assert isinstance(await events.next(5), Captured)
     assert bool(yields) == enabled
+
+
+async def test_fsync_receiver_under_backpressure_gets_every_write(tmp_path, monkeypatch):
+    """A receiver whose commits wait for fsync, with a tiny receive buffer, interleaved
+    updates and control frames: every write still arrives (frames are never reordered
+    or dropped while the consumer is busy)."""
+    from subcog_crdt._transport import websocket as ws_module
+
+    class SmallInbox(ws_module._Inbox):
+        def __init__(self, limit: int) -> None:
+            super().__init__(256)
+
+    monkeypatch.setattr(ws_module, "_Inbox", SmallInbox)
+    async with (
+        ConversationsApi(discovery=(), host="127.0.0.1") as a,
+        ConversationsApi(
+            discovery=(), host="127.0.0.1", data_dir=tmp_path / "b", durability="fsync"
+        ) as b,
+    ):
+        await b.connect(a.url)
+        await wait_for(lambda: a.peers() and b.peers(), 5)
+        sa = await a.register_session("sa", subscribe=["d"])
+        await b.register_session("sb", subscribe=["d"])
+        await sa.capture("d", "first")
+        await wait_for(lambda: len(b.memories("d")) == 1, 5)
+        for i in range(200):
+            await sa.capture("d", f"fact number {i} " + "p" * 300)
+            await a.register_session(f"extra-{i}")  # a control frame: no commit at b
+            if i % 5 == 0:
+                await asyncio.sleep(0)  # let the link run now and then
+        await wait_for(lambda: len(b.memories("d")) == 201, 20, "b to have every write")

@@ -836,3 +836,39 @@ async def test_consume_after_the_link_closed_still_hands_over_what_arrived() -> 
             await c.returned.wait()
         assert c.seen == frames
         assert c.error is None
+
+
+async def test_consume_keeps_order_when_the_inbox_filled_during_a_drain() -> None:
+    """The pump waits for room in a full inbox while the consumer is busy; the drain task
+    empties the inbox and ends; the frame the pump was holding must still come next."""
+    c = Consumer()
+    frames = [i.to_bytes(2, "big") for i in range(12)]
+    c.gate_at = frames[0]
+    async with (
+        make("a", Recorder()) as a,
+        WebSocketTransport(
+            node_id="b",
+            hello=lambda: Hello(node_id="b", url=None),
+            on_link=c.handler,
+            recv_buffer=4,
+        ) as b,
+    ):
+        c.go.set()
+        link = await a.connect(b.url)
+        await link.send(frames[0])
+        await eventually(lambda: len(c.seen) == 1, "frame 0 handed over")
+        for f in frames[1:4]:
+            await link.send(f)
+
+        def inbox() -> Any:
+            assert c.link is not None
+            return c.link._inbox
+
+        await eventually(lambda: c.link is not None and inbox()._size >= 4, "inbox full")
+        await eventually(lambda: not inbox()._writable.is_set(), "the pump waiting for room")
+        assert c.gate is not None
+        c.gate.set_result(None)
+        for f in frames[4:]:
+            await link.send(f)
+        await eventually(lambda: len(c.seen) == len(frames), "every frame handed over")
+        assert c.seen == frames

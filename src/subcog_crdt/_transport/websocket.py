@@ -594,12 +594,18 @@ class WebSocketLink:
                 msg = await self._ws.receive()
                 kind = msg.type
                 if kind is WSMsgType.BINARY:
-                    if self._consumer is not None and self._drainer is None:
+                    if self._consumer is not None and self._drainer is None and not self._inbox:
                         self._hand_over(msg.data)
                     elif self._consumed is None:
                         await self._inbox.put(msg.data)  # for iteration, or consume() later
                     elif self._consumer is not None:
                         await self._inbox.put(msg.data)  # behind frames still being drained
+                        if self._drainer is None and self._consumer is not None:
+                            # The drain task emptied the inbox and ended while we waited
+                            # for room: this frame (and any after it) must follow in order.
+                            self._drainer = asyncio.get_running_loop().create_task(
+                                self._drain(None)
+                            )
                     # else: the consumer failed; the link is being closed
                 elif kind is WSMsgType.TEXT:
                     self._record(CLOSE_PROTOCOL, "text frame received (frames are binary)")
