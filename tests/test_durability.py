@@ -283,3 +283,41 @@ async def test_closing_while_compacting_loses_nothing(tmp_path, monkeypatch):
         assert api._compacting  # the commit started one; closing now must not lose data
     async with durable(tmp_path) as api:
         assert {m.id for m in api.memories("d")} == {m.id for m in mems}
+
+
+def _plant(api: ConversationsApi, key: str, value: str) -> None:
+    """Write a raw entry into a node's document as if its own code had (a hostile or
+    buggy peer's entry), so that it propagates like any local update."""
+    doc = api._docs["d"]
+    doc._local_txn += 1
+    try:
+        doc.entries[key] = value
+    finally:
+        doc._local_txn -= 1
+
+
+async def test_a_hostile_entry_from_a_peer_cannot_make_the_store_unopenable(tmp_path):
+    """Found in review: a deeply nested value crashed decoding, and a junk stamp in a key
+    crashed the clock at the next open."""
+    from helpers import link, wait_for
+    from subcog_crdt._core.schema import _CAPTURE_HEAD
+
+    async with (
+        durable(tmp_path / "v", discovery=()) as victim,
+        ConversationsApi(listen=False, discovery=()) as evil,
+    ):
+        sv = await victim.register_session("sv", subscribe=["d"])
+        await evil.register_session("se", subscribe=["d"])
+        fact = await sv.capture("d", "a fact")
+        link(victim, evil)
+        await wait_for(lambda: len(evil.memories("d")) == 1, 5)
+        deep = f"{fact.id}/0000000000001000000/evil/ab"  # a second write of that memory
+        junk = "0123456789abcdef0123/9999999999999zzzzzz/evil/ab"
+        _plant(evil, deep, _CAPTURE_HEAD + "[" * 5000 + "}}")
+        _plant(evil, junk, "not a write")
+        entries = victim._docs["d"].entries
+        await wait_for(lambda: deep in entries and junk in entries, 5)
+        after = await sv.capture("d", "a fact after the attack")  # commits what arrived
+        assert {m.id for m in victim.memories("d")} == {fact.id, after.id}
+    async with durable(tmp_path / "v", discovery=()) as again:
+        assert {m.id for m in again.memories("d")} == {fact.id, after.id}

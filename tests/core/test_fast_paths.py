@@ -120,3 +120,9 @@ _tricky = st.builds(
 @given(_tricky)
 def test_decode_write_fast_path_agrees_with_the_general_parser(value: str) -> None:
     assert decode_write(_KEY, value) == _slow(value)
+
+
+def test_decode_write_never_raises_on_deep_nesting() -> None:
+    # found in review: the plain-capture shortcut let RecursionError through
+    assert decode_write(_KEY, _CAPTURE_HEAD + "[" * 5000 + "}}") is None
+    assert decode_write(_KEY, _CAPTURE_HEAD + '"a"' + "}" * 5000) is None

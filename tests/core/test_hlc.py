@@ -44,3 +44,13 @@ def test_observe_moves_ahead_of_what_it_saw_unless_too_far_ahead(
     else:
         assert hlc.last() == after and before < after < seen  # not dragged into the future
     assert after > before
+
+
+def test_observe_ignores_junk_stamps() -> None:
+    # found in review: the counter was parsed before the drift guard
+    arabic = "".join(chr(0x660 + int(d)) for d in "1795000000000") + "000001"
+    hlc = Hlc(clock=lambda: 1_795_000_000_000)
+    for junk in ["9999999999999zzzzzz", "1795000000000-00001", arabic, "x", ""]:
+        hlc.observe(junk)
+        assert hlc.last() == "0000000000000000000"
+    assert not valid_stamp(arabic)  # other scripts' digits: int() reads them, sorting not

@@ -18,7 +18,7 @@ from typing import Any
 from pycrdt import Doc, Map, TransactionEvent
 
 from subcog_crdt._core.events import Conflict, Deleted, Event, Updated, new_captured
-from subcog_crdt._core.hlc import STAMP_LEN, Hlc, stamp_datetime
+from subcog_crdt._core.hlc import STAMP_LEN, Hlc, stamp_datetime, valid_stamp
 from subcog_crdt._core.memory import Memory, find_conflicts, first_capture, fold
 from subcog_crdt._core.recall import RecallIndex, tokenize
 from subcog_crdt._core.schema import (
@@ -534,7 +534,7 @@ class NamespaceDoc:
                 ks.append(key)
             n += 1
             stamp = key[21 : 21 + STAMP_LEN]
-            if stamp > top:
+            if stamp > top and valid_stamp(stamp):  # raw keys: junk must not count
                 top = stamp
         first = self.index.new_docs(len(groups))
         for i, (mid, ks) in enumerate(groups.items(), first):

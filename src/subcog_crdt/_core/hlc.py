@@ -9,6 +9,7 @@ after seeing another always sorts after it.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -62,22 +63,26 @@ class Hlc:
         :data:`MAX_DRIFT_MS` ahead of our wall clock is not followed: one bad clock (or a
         hostile peer) must not drag every node's clock into the far future, where its
         stamps would stop fitting the fixed width."""
+        if not valid_stamp(stamp):
+            return
         wall = int(stamp[:13])
-        if wall < self._wall:
-            return  # the common case: a stamp from the past
+        if wall < self._wall or wall > self._clock() + MAX_DRIFT_MS:
+            return  # from the past (the common case), or too far ahead
         counter = int(stamp[13:], 16)
-        if (wall, counter) > (self._wall, self._counter) and wall <= self._clock() + MAX_DRIFT_MS:
+        if (wall, counter) > (self._wall, self._counter):
             self._set(wall, counter)
 
     def last(self) -> str:
         return f"{self._prefix}{self._counter:06x}"
 
 
+_STAMP = re.compile(r"[0-9]{13}[0-9a-f]{6}\Z")
+
+
 def valid_stamp(stamp: object) -> bool:
-    if not isinstance(stamp, str) or len(stamp) != STAMP_LEN:
-        return False
-    head, tail = stamp[:13], stamp[13:]
-    return head.isdigit() and all(c in "0123456789abcdef" for c in tail)
+    # ASCII digits only: str.isdigit() would also accept other scripts' digits, which
+    # int() reads but which do not sort like ASCII ones.
+    return isinstance(stamp, str) and _STAMP.match(stamp) is not None
 
 
 def stamp_wall_ms(stamp: str) -> int:

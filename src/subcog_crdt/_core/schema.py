@@ -306,7 +306,7 @@ def _plain_capture(value: str) -> dict[str, Any] | None:
         return None
     try:
         content = json.loads(value[len(_CAPTURE_HEAD) : end])
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting raises RecursionError
         return None
     if type(content) is not str:
         return None
