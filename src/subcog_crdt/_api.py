@@ -558,14 +558,16 @@ class ConversationsApi:
             # Nothing is lost (the tail still holds every update); a broken store fails
             # the next commit loudly.
             log.warning("compacting %r failed: %s", doc.namespace, exc)
+        except Exception:
+            log.exception("compacting %r failed", doc.namespace)
         finally:
             self._compacting.pop(doc.namespace, None)
 
     async def _compact(self, doc: NamespaceDoc) -> None:
         seq = self._storage.tail_seq(doc.namespace)
         snapshot = doc.diff()
-        self._snapshot_bytes[doc.namespace] = len(snapshot)
         await self._storage.compact(doc.namespace, snapshot, seq)
+        self._snapshot_bytes[doc.namespace] = len(snapshot)
 
     async def _stop_compactions(self) -> None:
         for task in list(self._compacting.values()):

@@ -126,3 +126,23 @@ def test_decode_write_never_raises_on_deep_nesting() -> None:
     # found in review: the plain-capture shortcut let RecursionError through
     assert decode_write(_KEY, _CAPTURE_HEAD + "[" * 5000 + "}}") is None
     assert decode_write(_KEY, _CAPTURE_HEAD + '"a"' + "}" * 5000) is None
+
+
+def test_memory_built_fast_is_the_same_frozen_dataclass() -> None:
+    import dataclasses
+
+    from subcog_crdt._core.memory import Memory, _new_memory
+
+    at = datetime(2026, 1, 2, tzinfo=UTC)
+    values: tuple[Any, ...] = (
+        "m", "ns", "c", ("t",), {}, "s", ("s",), at, at, "s", 1, False,
+        "d", None, None, None, "1795649794389000196",
+    )  # fmt: skip
+    fast, plain = _new_memory(*values), Memory(*values)
+    assert fast == plain and repr(fast) == repr(plain)
+    assert dataclasses.is_dataclass(fast)
+    assert dataclasses.replace(fast, content="x").content == "x"
+    assert fast != values  # type: ignore[comparison-overlap]  # not a tuple
+    assert "clock=" not in repr(fast)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.content = "y"  # type: ignore[misc]

@@ -9,7 +9,7 @@ event.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
@@ -68,20 +68,17 @@ class Conflict(Event):
     fields: tuple[str, ...] = field(default=())
 
 
-def _slot_setters(cls: type) -> list[Callable[[Any, Any], None]]:
-    return [getattr(cls, f.name).__set__ for f in fields(cls)]
-
-
-(
-    _set_namespace,
-    _set_cursor,
-    _set_at,
-    _set_source_session,
-    _set_node_id,
-    _set_write_id,
-    _set_memory_id,
-    _set_memory,
-) = _slot_setters(Captured)
+_set = {f.name: getattr(Captured, f.name).__set__ for f in fields(Captured)}
+_set_namespace = _set["namespace"]
+_set_cursor = _set["cursor"]
+_set_at = _set["at"]
+_set_source_session = _set["source_session"]
+_set_node_id = _set["node_id"]
+_set_write_id = _set["write_id"]
+_set_memory_id = _set["memory_id"]
+_set_memory = _set["memory"]
+if len(_set) != 8:  # pragma: no cover
+    raise ImportError("Captured's fields changed: update new_captured")
 
 
 def new_captured(

@@ -16,10 +16,10 @@ Fold rules:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any
 
 from subcog_crdt._core.hlc import stamp_datetime
 from subcog_crdt._core.schema import FIELDS, Write, normalise
@@ -29,11 +29,9 @@ __all__ = ["Memory", "WriteConflict", "find_conflicts", "first_capture", "fold"]
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
-class Memory(NamedTuple):
-    """One memory as every node derives it from its writes (immutable).
-
-    A named tuple rather than a frozen dataclass: one is built for every capture, and a
-    tuple is built ~6x faster (0.8 us against 4.6 us for these 17 fields, measured)."""
+@dataclass(frozen=True, slots=True)
+class Memory:
+    """One memory as every node derives it from its writes."""
 
     id: str
     namespace: str
@@ -54,8 +52,57 @@ class Memory(NamedTuple):
     status: str | None = None
     source: str | None = None
     expires_at: datetime | None = None
-    clock: str = ""
+    clock: str = field(default="", repr=False)
     """The stamp of the latest write (a hybrid-logical-clock string)."""
+
+
+_s = {f.name: getattr(Memory, f.name).__set__ for f in fields(Memory)}
+if len(_s) != 17:  # pragma: no cover
+    raise ImportError("Memory's fields changed: update _new_memory")
+
+
+def _new_memory(
+    id: str,
+    namespace: str,
+    content: str,
+    tags: tuple[str, ...],
+    metadata: Mapping[str, Any],
+    source_session: str,
+    captured_by: tuple[str, ...],
+    created_at: datetime,
+    updated_at: datetime,
+    updated_by: str,
+    version: int,
+    deleted: bool,
+    domain: str | None,
+    status: str | None,
+    source: str | None,
+    expires_at: datetime | None,
+    clock: str,
+) -> Memory:
+    """``Memory(...)`` filling the slots directly: a frozen dataclass's ``__init__`` sets
+    each field through ``object.__setattr__`` (4.6 us for these 17 fields), this takes
+    ~1.5 us, on a path taken for every capture. The object is the same."""
+    m: Memory = object.__new__(Memory)
+    s = _s
+    s["id"](m, id)
+    s["namespace"](m, namespace)
+    s["content"](m, content)
+    s["tags"](m, tags)
+    s["metadata"](m, metadata)
+    s["source_session"](m, source_session)
+    s["captured_by"](m, captured_by)
+    s["created_at"](m, created_at)
+    s["updated_at"](m, updated_at)
+    s["updated_by"](m, updated_by)
+    s["version"](m, version)
+    s["deleted"](m, deleted)
+    s["domain"](m, domain)
+    s["status"](m, status)
+    s["source"](m, source)
+    s["expires_at"](m, expires_at)
+    s["clock"](m, clock)
+    return m
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +139,7 @@ def first_capture(namespace: str, w: Write) -> Memory:
     at = stamp_datetime(w.at)
     meta = v.get("metadata")
     expires = v.get("expires_at")
-    return Memory(
+    return _new_memory(
         w.memory_id,
         namespace,
         v["content"],
