@@ -16,13 +16,14 @@ Fold rules:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
 from typing import Any
 
 from subcog_crdt._core.hlc import stamp_datetime
 from subcog_crdt._core.schema import FIELDS, Write, normalise
+from subcog_crdt._core.slots import slot_setters
 
 __all__ = ["Memory", "WriteConflict", "find_conflicts", "first_capture", "fold"]
 
@@ -56,9 +57,7 @@ class Memory:
     """The stamp of the latest write (a hybrid-logical-clock string)."""
 
 
-_s = {f.name: getattr(Memory, f.name).__set__ for f in fields(Memory)}
-if len(_s) != 17:  # pragma: no cover
-    raise ImportError("Memory's fields changed: update _new_memory")
+_s = slot_setters(Memory, 17)
 
 
 def _new_memory(

@@ -11,8 +11,9 @@ from subcog_crdt._storage.base import JournalRecord, Retention, StoredState
 
 __all__ = ["MemoryStorage"]
 
-_CURSOR = JournalRecord._fields.index("cursor")
-_AT_MS = JournalRecord._fields.index("at_ms")
+_CURSOR, _AT_MS, _NAMESPACE, _SESSION = (
+    JournalRecord._fields.index(name) for name in ("cursor", "at_ms", "namespace", "session")
+)
 
 
 class MemoryStorage:
@@ -103,16 +104,15 @@ class MemoryStorage:
         self._prune()
         out: list[JournalRecord] = []
         for row in self._journal:
-            rec = JournalRecord._make(row)
-            if rec.cursor <= after:
+            if row[_CURSOR] <= after:
                 continue
-            if namespaces is not None and rec.namespace not in namespaces:
+            if namespaces is not None and row[_NAMESPACE] not in namespaces:
                 continue
-            if exclude_session is not None and rec.session == exclude_session:
+            if exclude_session is not None and row[_SESSION] == exclude_session:
                 continue
-            if since_ms is not None and rec.at_ms < since_ms:
+            if since_ms is not None and row[_AT_MS] < since_ms:
                 continue
-            out.append(rec)
+            out.append(JournalRecord._make(row))
             if len(out) >= limit:
                 break
         return out
