@@ -7,6 +7,10 @@
 * ``paused DIR N``: commit N updates without letting the storage thread apply them to
   SQLite (a test-only switch), print ``done``, then SIGKILL itself: the log then holds
   frames that SQLite does not know about.
+* ``fsize DIR``: like ``paused``, but the middle commits run against a file-size limit
+  (``RLIMIT_FSIZE``) that cuts a log frame in half and then refuses writes: a full disk.
+  Prints ``failed LABEL`` for each refused commit, ``acked LABEL...`` at the end, then
+  SIGKILLs itself.
 """
 
 from __future__ import annotations
@@ -57,6 +61,41 @@ async def main() -> None:
             await s.commit([(NS, payload(i + 1))], [rec])
         print("done", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+    if mode == "fsize":
+        await full_disk(data_dir)
+
+
+async def full_disk(data_dir: str) -> None:
+    import resource
+
+    from subcog_crdt._errors import StorageError
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of dying
+    s = SqliteStorage(data_dir)
+    await s.open("child")
+    s._drain_scheduled = True  # test-only: SQLite stays out of it, only the log is written
+    acked: list[int] = []
+
+    async def one(label: int) -> None:
+        rec = JournalRecord(label, int(time.time() * 1000), NS, "captured", f"w{label}", "s")
+        await s.commit([(NS, payload(label))], [rec])
+        acked.append(label)
+
+    for label in range(1, 6):
+        await one(label)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    # Room for half a frame: the next write is cut short, the one after refused.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (s._log_size + 150, hard))
+    for label in range(6, 9):
+        try:
+            await one(label)
+        except StorageError as exc:
+            print("failed", label, exc, flush=True)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    for label in range(9, 13):
+        await one(label)
+    print("acked", *acked, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 if __name__ == "__main__":

@@ -177,6 +177,31 @@ async def test_torn_tail_is_dropped_and_the_rest_kept(tmp_path: Path) -> None:
         assert len(state.docs[NS]) == 20
 
 
+async def test_full_disk_refuses_the_commit_and_loses_nothing_acknowledged(
+    tmp_path: Path,
+) -> None:
+    """A log write cut short by a full disk fails that commit with a clear error and
+    leaves no half frame behind: the commits acknowledged after the disk has room again
+    must still load (a half frame before them would read as corruption)."""
+    p = child("fsize", str(tmp_path))
+    try:
+        assert p.stdout is not None
+        out = p.stdout.read().splitlines()
+        p.wait(timeout=10)
+    finally:
+        reap(p)
+    failed = [line for line in out if line.startswith("failed")]
+    assert [line.split()[1] for line in failed] == ["6", "7", "8"]
+    assert all("cannot write" in line for line in failed)
+    acked = [int(x) for x in out[-1].split()[1:]]
+    assert out[-1].startswith("acked") and acked == [1, 2, 3, 4, 5, 9, 10, 11, 12]
+    async with SqliteStorage(tmp_path) as s:
+        state = await s.open("n")
+        assert state.docs[NS] == [b"U:%d:" % i + b"x" * 300 for i in acked]
+        assert [r.cursor for r in await s.read_journal(0, 100)] == acked
+        assert s.tail_seq(NS) == len(acked)
+
+
 async def test_damage_before_valid_frames_is_corruption(tmp_path: Path) -> None:
     p = child("paused", str(tmp_path), "20")
     try:

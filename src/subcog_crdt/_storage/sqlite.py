@@ -105,6 +105,7 @@ from subcog_crdt._errors import (
 )
 from subcog_crdt._lifecycle import AsyncClosing
 from subcog_crdt._storage.base import Durability, JournalRecord, Retention, StoredState
+from subcog_crdt._storage.gilwrite import write_all
 
 __all__ = ["SqliteStorage"]
 
@@ -1186,7 +1187,7 @@ class SqliteStorage(AsyncClosing):
             payload = self._packer.pack((lsn, ups, jrn, cur))
             header = _encode_frame(payload)
             size = len(header) + len(payload)
-            self._write_log(header, payload, size)
+            self._write_log(header + payload)
             self._lsn = lsn
             self._log_size += size
             self._pending.append(_Pending(lsn, size, ups, jrn, cur))
@@ -1201,16 +1202,13 @@ class SqliteStorage(AsyncClosing):
             self._drain_scheduled = True
             self._jobs.put((self._drain_job, (), None))
 
-    def _write_log(self, header: bytes, payload: bytes, size: int) -> None:
+    def _write_log(self, frame: bytes) -> None:
         # A page-cache write of a few hundred bytes: cheap enough for the event loop, and
-        # once it returned the frame survives kill -9 (durability="process").
+        # once it returned the frame survives kill -9 (durability="process"). It keeps the
+        # GIL (see gilwrite) so that the storage thread cannot take it at every commit.
         fd = self._log_fd
         try:
-            written = os.writev(fd, (header, payload))
-            if written != size:  # short write (a signal, a full disk): finish it
-                rest = memoryview(header + payload)[written:]
-                while rest:
-                    rest = rest[os.write(fd, rest) :]
+            write_all(fd, frame)
         except OSError as exc:
             # Cut off the partial frame so it cannot look like damage before later frames.
             with contextlib.suppress(OSError):
