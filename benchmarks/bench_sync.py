@@ -3,8 +3,10 @@
 Measures, in one run: propagation latency p50/p99 at 200 captures/s from a session on node
 A to an event on node B (and how long A's capture call took meanwhile), and the sustained
 propagated captures/s, with durable storage on both nodes (``data_dir`` set, default
-durability); then the anchors from ``anchors.py``: the aiohttp floor (one way at the same
-rate, and the round trip), the pycrdt-websocket relay and the Node relay.
+durability): first one capture per call, as the anchors do, then with ``capture_many``
+batches on A (what the link and B carry when A's per-call cost is not the limit); then the
+anchors from ``anchors.py``: the aiohttp floor (one way at the same rate, and the round
+trip), the pycrdt-websocket relay and the Node relay.
 
     .venv/bin/python benchmarks/bench_sync.py [--rate 200] [--seconds 5] [--sustained-n 20000]
 """
@@ -27,6 +29,9 @@ from anchors import _Child, _emit, _latency_summary, _stdin_lines, _wait_stdin_e
 from subcog_crdt import Captured, ConversationsApi
 
 PAD = "x" * 240
+MANY = 64
+"""Batch size of the second sustained phase (``capture_many``): what the link and B
+carry when A's per-call cost is not the limit."""
 
 
 async def _role_b(data_dir: str, n_lat: int, warmup: int, sustained_n: int) -> None:
@@ -36,7 +41,7 @@ async def _role_b(data_dir: str, n_lat: int, warmup: int, sustained_n: int) -> N
         _emit("URL", api.url or "")
         stdin = await _stdin_lines()
         lat: list[int] = []
-        seen = {"w": 0, "l": 0, "s": 0}
+        seen = {"w": 0, "l": 0, "s": 0, "m": 0}
         last_ns = 0
         while seen["w"] < warmup or seen["l"] < n_lat:
             ev = await events.next(120)
@@ -53,6 +58,12 @@ async def _role_b(data_dir: str, n_lat: int, warmup: int, sustained_n: int) -> N
                 seen[ev.memory.content[0]] += 1
                 last_ns = time.monotonic_ns()
         _emit("SUS", {"last_ns": last_ns})
+        while seen["m"] < sustained_n:
+            ev = await events.next(300)
+            if isinstance(ev, Captured):
+                seen[ev.memory.content[0]] += 1
+                last_ns = time.monotonic_ns()
+        _emit("SUS_MANY", {"last_ns": last_ns})
         await _wait_stdin_eof(stdin)
 
 
@@ -94,6 +105,15 @@ async def _role_a(
                 await asyncio.sleep(0)
         t1 = time.monotonic_ns()
         _emit("SUS_SENT", {"t0_ns": t0, "t1_ns": t1})
+        if (await stdin.readline()).strip() != b"GO_MANY":
+            return
+        t0 = time.monotonic_ns()
+        for start in range(0, sustained_n, MANY):
+            stop = min(sustained_n, start + MANY)
+            now = time.monotonic_ns()
+            await s.capture_many("bench", [f"m|{i}|{now}|{PAD}" for i in range(start, stop)])
+        t1 = time.monotonic_ns()
+        _emit("MANY_SENT", {"t0_ns": t0, "t1_ns": t1})
         await _wait_stdin_eof(stdin)
 
 
@@ -126,6 +146,9 @@ async def subcog_pair(
             a.send_line("GO_SUS")
             sent = json.loads(await a.expect("SUS_SENT", 600))
             arrived = json.loads(await b.expect("SUS", 600))
+            a.send_line("GO_MANY")
+            many_sent = json.loads(await a.expect("MANY_SENT", 600))
+            many_arrived = json.loads(await b.expect("SUS_MANY", 600))
             return {
                 **lat,
                 "capture_call_p50_ms": calls["p50_ms"],
@@ -135,6 +158,12 @@ async def subcog_pair(
                 ),
                 "producer_captures_per_s": round(
                     sustained_n / ((sent["t1_ns"] - sent["t0_ns"]) / 1e9)
+                ),
+                "sustained_many_captures_per_s": round(
+                    sustained_n / ((many_arrived["last_ns"] - many_sent["t0_ns"]) / 1e9)
+                ),
+                "producer_many_captures_per_s": round(
+                    sustained_n / ((many_sent["t1_ns"] - many_sent["t0_ns"]) / 1e9)
                 ),
             }
         finally:
@@ -200,6 +229,11 @@ def main() -> int:
     print(
         f"subcog capture call on A (p50 / p99 ms): {ours['capture_call_p50_ms']:.3f} / "
         f"{ours['capture_call_p99_ms']:.3f}; aiohttp round trip p50 {floor['rtt_p50_ms']:.3f}"
+    )
+    print(
+        f"subcog sustained with capture_many({MANY}) on A: "
+        f"{ours['sustained_many_captures_per_s']} captures/s arrived at B "
+        f"(A produced {ours['producer_many_captures_per_s']}/s)"
     )
     for name in ("pycrdt-websocket relay", "node relay"):
         r = results.get(name, {})

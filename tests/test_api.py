@@ -231,6 +231,22 @@ async def test_slow_subscriber_gets_lagged_marker_not_unbounded_queue():
         assert len(caught_up.events) == 16
 
 
+async def test_next_returns_what_is_queued_and_times_out_when_nothing_is():
+    async with node() as a:
+        s = await a.register_session("s", subscribe=["d"])
+        w = await a.register_session("w", subscribe=["d"])
+        ev = s.events()
+        with pytest.raises(TimeoutError):
+            await ev.next(0.01)
+        await w.capture("d", "one")
+        await w.capture("d", "two")
+        got = [await ev.next(0), await ev.next(0)]  # queued: no wait, even with timeout 0
+        assert [g.memory.content for g in got if isinstance(g, Captured)] == ["one", "two"]
+        ev.close()
+        with pytest.raises(StopAsyncIteration):
+            await ev.next(5)
+
+
 async def test_line_topology_converges_through_middle_node():
     async with node() as a, node() as b, node() as c:
         sa = await a.register_session("a1", subscribe=["d"])

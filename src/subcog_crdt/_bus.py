@@ -77,6 +77,9 @@ class Subscription:
 
     async def next(self, timeout: float | None = None) -> Event | Lagged:
         """The next item, waiting at most ``timeout`` seconds (TimeoutError)."""
+        item = self.get_nowait()
+        if item is not None:  # no timer needed: the common case under load
+            return item
         async with asyncio.timeout(timeout):
             return await self.__anext__()
 
