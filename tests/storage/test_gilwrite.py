@@ -16,18 +16,24 @@ from subcog_crdt._storage import gilwrite
 def test_holds_the_gil_on_linux() -> None:
     if sys.platform.startswith("linux"):
         assert gilwrite.HOLDS_GIL
+        # A PyDLL function (keeps the GIL), not a CDLL one (releases it).
+        assert gilwrite._WRITE is not None
+        assert gilwrite._WRITE._flags_ & ctypes._FUNCFLAG_PYTHONAPI  # type: ignore[attr-defined]
 
 
 def test_writes_every_byte_at_the_end_of_the_file(tmp_path: Path) -> None:
     path = tmp_path / "log"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     try:
-        gilwrite.write_all(fd, b"first|")
-        gilwrite.write_all(fd, bytes(range(256)) * 1000)  # larger than a page
+        gilwrite.write_all(fd, b"first|\x00nul|")
+        gilwrite.write_all(fd, bytes(range(256)) * 200)  # several pages, keeping the GIL
+        gilwrite.write_all(fd, bytes(range(256)) * 1000)  # over KEEP_GIL_UP_TO: os.write
         gilwrite.write_all(fd, b"")
     finally:
         os.close(fd)
-    assert path.read_bytes() == b"first|" + bytes(range(256)) * 1000
+    assert path.read_bytes() == (
+        b"first|\x00nul|" + bytes(range(256)) * 200 + bytes(range(256)) * 1000
+    )
 
 
 def test_an_error_is_an_oserror_with_its_errno(tmp_path: Path) -> None:
@@ -65,3 +71,16 @@ def test_short_writes_and_eintr_are_finished(
         os.close(fd)
     assert path.read_bytes() == b"0123456789" * 10
     assert calls > 15
+
+
+def test_a_write_that_writes_nothing_is_an_error_not_a_spin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stand-in for libc write returning 0 (never seen for a regular file)."""
+    monkeypatch.setattr(gilwrite, "_WRITE", lambda fd, data, n: 0)
+    fd = os.open(tmp_path / "log", os.O_WRONLY | os.O_CREAT)
+    try:
+        with pytest.raises(OSError, match="wrote nothing"):
+            gilwrite.write_all(fd, b"x")
+    finally:
+        os.close(fd)

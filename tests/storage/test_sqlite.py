@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from subcog_crdt._errors import ClosedError, CorruptStorage, StorageLocked
+from subcog_crdt._storage import sqlite as sqlite_mod
 from subcog_crdt._storage.base import JournalRecord
 from subcog_crdt._storage.sqlite import LOG_NAME, STORE_NAME, SqliteStorage
 
@@ -185,9 +186,7 @@ async def test_full_disk_refuses_the_commit_and_loses_nothing_acknowledged(
     must still load (a half frame before them would read as corruption)."""
     p = child("fsize", str(tmp_path))
     try:
-        assert p.stdout is not None
-        out = p.stdout.read().splitlines()
-        p.wait(timeout=10)
+        out = p.communicate(timeout=60)[0].splitlines()
     finally:
         reap(p)
     failed = [line for line in out if line.startswith("failed")]
@@ -200,6 +199,31 @@ async def test_full_disk_refuses_the_commit_and_loses_nothing_acknowledged(
         assert state.docs[NS] == [b"U:%d:" % i + b"x" * 300 for i in acked]
         assert [r.cursor for r in await s.read_journal(0, 100)] == acked
         assert s.tail_seq(NS) == len(acked)
+
+
+async def test_an_exception_mid_write_leaves_no_half_frame(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signal's exception (KeyboardInterrupt) between the retries of a cut-short write
+    cannot be provoked on demand; a stand-in writes half the frame, then raises it."""
+    real = sqlite_mod.write_all
+
+    def interrupted(fd: int, data: bytes) -> None:
+        os.write(fd, data[: len(data) // 2])
+        raise KeyboardInterrupt
+
+    async with SqliteStorage(tmp_path) as s:
+        await s.open("n")
+        await s.commit([(NS, b"one")], [rec(1)])
+        monkeypatch.setattr(sqlite_mod, "write_all", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            await s.commit([(NS, b"lost")], [rec(2)])
+        monkeypatch.setattr(sqlite_mod, "write_all", real)
+        await s.commit([(NS, b"two")], [rec(2)])
+    async with SqliteStorage(tmp_path) as s:
+        state = await s.open("n")
+        assert state.docs[NS] == [b"one", b"two"]
+        assert [r.write_id for r in await s.read_journal(0, 10)] == ["w1", "w2"]
 
 
 async def test_damage_before_valid_frames_is_corruption(tmp_path: Path) -> None:

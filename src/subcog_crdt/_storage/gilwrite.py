@@ -3,13 +3,15 @@
 Why: ``os.write`` releases the GIL around the syscall. The event loop appends one log
 frame per commit, so whenever the storage thread is waiting for the GIL (it drains frames
 into SQLite in the background) every commit hands the GIL over, and the loop then waits
-for the thread's next release: about one context switch per commit, which made a durable
-capture cost ~1.4x what the same capture cost with the write done while holding the GIL
-(see docs/benchmarks.md). A page-cache append of a few hundred bytes is as short as the
-Python code around it, so keeping the GIL through it costs nothing.
+for the thread's next release: about one context switch per commit. Holding the GIL
+through the write made a durable capture ~1.3x faster here (docs/benchmarks.md). A
+page-cache append of a few hundred bytes is as short as the Python code around it, so
+keeping the GIL through it costs nothing; large writes still release it.
 
 libc ``write`` is called through ``ctypes.PyDLL``, which does not release the GIL. Where
-that is not available (no libc ``write`` symbol) this falls back to ``os.write``.
+that is not available (no libc ``write`` symbol) this falls back to ``os.write``. Only for
+regular files: a write that blocks until another thread of this process reads (a pipe)
+would never finish.
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ import os
 from collections.abc import Callable
 from typing import Final
 
-__all__ = ["HOLDS_GIL", "write_all"]
+__all__ = ["HOLDS_GIL", "KEEP_GIL_UP_TO", "write_all"]
+
+KEEP_GIL_UP_TO: Final = 64 << 10
+"""Larger writes release the GIL (``os.write``): they take long enough for the storage
+thread to get useful work done meanwhile."""
 
 
 def _libc_write() -> Callable[[int, bytes, int], int] | None:
@@ -39,12 +45,13 @@ HOLDS_GIL: Final = _WRITE is not None
 
 
 def write_all(fd: int, data: bytes) -> None:
-    """Write all of ``data`` to ``fd`` (retrying short writes and EINTR), holding the GIL.
+    """Write all of ``data`` (``bytes``) to the regular file ``fd``, retrying short writes
+    and EINTR; up to :data:`KEEP_GIL_UP_TO` bytes without releasing the GIL.
 
     Raises ``OSError`` like ``os.write``; on error some prefix of ``data`` may have been
     written."""
     write = _WRITE
-    if write is None:
+    if write is None or len(data) > KEEP_GIL_UP_TO:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
@@ -60,6 +67,8 @@ def write_all(fd: int, data: bytes) -> None:
                 n = 0
             else:
                 raise OSError(err, os.strerror(err))
+        elif n == 0 and data:  # never for a regular file; do not spin holding the GIL
+            raise OSError(errno.EIO, "write() wrote nothing")
         done += n
         if done >= len(data):
             return

@@ -1209,11 +1209,14 @@ class SqliteStorage(AsyncClosing):
         fd = self._log_fd
         try:
             write_all(fd, frame)
-        except OSError as exc:
-            # Cut off the partial frame so it cannot look like damage before later frames.
+        except BaseException as exc:
+            # Whatever stopped it (a full disk, a signal's exception between retries), cut
+            # off the partial frame so it cannot look like damage before later frames.
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, self._log_size)
-            raise StorageError(f"cannot write {self._log_path}: {exc}") from exc
+            if isinstance(exc, OSError):
+                raise StorageError(f"cannot write {self._log_path}: {exc}") from exc
+            raise
 
     async def _after_write(self) -> None:
         if self.durability == "fsync":
