@@ -227,6 +227,25 @@ def test_random_writes_converge_and_lose_nothing(n, steps, seed):
     assert all(c == conflict_sets[0] for c in conflict_sets)
     cursors = [ev.cursor for ev in w.nodes[0].events]
     assert cursors == sorted(cursors) and len(set(cursors)) == len(cursors)
+    # 7. a node restarted from this state (memories loaded lazily, resolved on first use
+    #    or in bulk) holds the same memories, finds the same, dedupes the same
+    restarted = []
+    for bulk in (False, True):
+        fresh = make_world(1).nodes[0].doc
+        fresh.load([ref.diff()])
+        if bulk:
+            fresh.resolve_all()
+        assert sorted(fresh.memory_ids(include_deleted=True)) == all_ids
+        for mid in all_ids:
+            assert fresh.get(mid) == ref.get(mid)
+        for query in ("sqlite", "tests code", "t1", "v1"):
+            assert [m.id for _, m in fresh.search(query, 10)] == [
+                m.id for _, m in ref.search(query, 10)
+            ]
+        restarted.append(fresh)
+    for text in CONTENTS:
+        got = {d.capture("s9", text, {})[0].id for d in (ref, *restarted)}
+        assert len(got) == 1, (text, got)
 
 
 def test_nested_map_trap_same_content_captured_concurrently():
@@ -350,6 +369,24 @@ def test_deeply_nested_value_is_ignored_not_fatal():
     fresh = make_world(1).nodes[0].doc
     fresh.load([doc.diff()])
     assert [fresh.get(i).content for i in fresh.memory_ids()] == ["legit"]
+
+
+def test_junk_entry_beside_a_memory_is_ignored_after_a_restart_too():
+    from pycrdt import Doc, Map
+
+    doc = make_world(1).nodes[0].doc
+    mem, _ = doc.capture("s1", "legit", {"tags": ["t"]})
+    src = Doc()
+    src.get("entries", type=Map)[f"{mem.id}/1700000000000000001/evil/ee"] = "not json"
+    doc.apply_update(src.get_update())
+    for bulk in (False, True):
+        fresh = make_world(1).nodes[0].doc
+        fresh.load([doc.diff()])
+        if bulk:
+            fresh.resolve_all()
+        assert fresh.get(mem.id) == doc.get(mem.id) == mem
+        assert [w.key for w in fresh.writes(mem.id)] == [w.key for w in doc.writes(mem.id)]
+        assert [m.id for _, m in fresh.search("legit t", 5)] == [mem.id]
 
 
 def test_an_item_claiming_an_id_we_hold_is_not_integrated():
