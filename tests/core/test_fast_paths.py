@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from subcog_crdt._core.events import Captured, new_captured
+from subcog_crdt._core.recall import _SEPARATORS, tokenize
 from subcog_crdt._core.schema import (
     _CAPTURE_HEAD,
     SCHEMA_VERSION,
@@ -146,3 +147,17 @@ def test_memory_built_fast_is_the_same_frozen_dataclass() -> None:
     assert "clock=" not in repr(fast)
     with pytest.raises(dataclasses.FrozenInstanceError):
         fast.content = "y"  # type: ignore[misc]
+
+
+_words = st.text(
+    alphabet=st.sampled_from(list("aZ_9 \t\n\x0b\x1c.,-'\"!@#$%^&*()[]{}\\/|~`<>?;:+=É ßİ\u2003")),
+    max_size=60,
+)
+
+
+@given(_words)
+def test_tokenize_is_casefold_punctuation_split(text: str) -> None:
+    plain = text.casefold().translate(_SEPARATORS).split()
+    assert tokenize(text) == plain
+    ascii_only = text.encode("ascii", "ignore").decode()
+    assert tokenize(ascii_only) == ascii_only.casefold().translate(_SEPARATORS).split()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import math
 from array import array
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 
 __all__ = ["RecallIndex", "tokenize"]
@@ -19,12 +20,22 @@ _K1 = 1.2
 _B = 0.75
 # ASCII punctuation and symbols separate words ("_" stays part of one, as in \w);
 # translate + split runs in C, several times faster than a regex here.
-_SEPARATORS = str.maketrans(dict.fromkeys("!\"#$%&'()*+,-./:;<=>?@[\\]^`{|}~", " "))
+_PUNCTUATION = "!\"#$%&'()*+,-./:;<=>?@[\\]^`{|}~"
+_SEPARATORS = str.maketrans(dict.fromkeys(_PUNCTUATION, " "))
+# For ASCII text the same through bytes: a 256-byte table instead of a dict lookup per
+# character (~8 us against ~13 us for 300 bytes here). casefold() is lower() on ASCII.
+_ASCII_SEPARATORS = bytes.maketrans(_PUNCTUATION.encode(), b" " * len(_PUNCTUATION))
 
 
 def tokenize(text: str) -> list[str]:
     """Words of ``text``: case folded, split on whitespace and ASCII punctuation."""
+    if text.isascii():
+        return text.lower().encode().translate(_ASCII_SEPARATORS).decode().split()
     return text.casefold().translate(_SEPARATORS).split()
+
+
+def _new_posting() -> array[int]:
+    return array("I")
 
 
 class RecallIndex:
@@ -34,7 +45,7 @@ class RecallIndex:
     __slots__ = ("_dirty", "_lengths", "_live", "_postings", "_total_len")
 
     def __init__(self) -> None:
-        self._postings: dict[str, array[int]] = {}
+        self._postings: defaultdict[str, array[int]] = defaultdict(_new_posting)
         self._lengths = array("I")
         self._live = bytearray()
         self._dirty: set[int] = set()
@@ -58,10 +69,7 @@ class RecallIndex:
         n = 0
         postings = self._postings
         for tok in tokens:
-            p = postings.get(tok)
-            if p is None:
-                p = postings[tok] = array("I")
-            p.append(doc)
+            postings[tok].append(doc)
             n += 1
         self._total_len += n - self._lengths[doc]
         self._lengths[doc] = n
