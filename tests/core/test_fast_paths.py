@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from subcog_crdt._core.events import Captured, new_captured
-from subcog_crdt._core.recall import _SEPARATORS, tokenize
+from subcog_crdt._core.recall import _SEPARATORS, RecallIndex, tokenize
 from subcog_crdt._core.schema import (
     _CAPTURE_HEAD,
     SCHEMA_VERSION,
@@ -161,3 +162,27 @@ def test_tokenize_is_casefold_punctuation_split(text: str) -> None:
     assert tokenize(text) == plain
     ascii_only = text.encode("ascii", "ignore").decode()
     assert tokenize(ascii_only) == ascii_only.casefold().translate(_SEPARATORS).split()
+
+
+@given(
+    st.lists(st.lists(st.sampled_from(["ab", "cd", "ef", "gh"]), max_size=6), max_size=25),
+    st.lists(st.sampled_from(["ab", "cd", "ef", "zz"]), min_size=1, max_size=3),
+)
+def test_bm25_search_matches_the_plain_formula(docs: list[list[str]], query: list[str]) -> None:
+    index = RecallIndex()
+    for tokens in docs:
+        d = index.new_doc()
+        index.add(d, tokens)
+        index.set_live(d, True)
+    n = max(1, len(docs))
+    avg = (sum(map(len, docs)) / n) or 1.0
+    expected: dict[int, float] = {}
+    for term in dict.fromkeys(query):
+        having = [d for d, tokens in enumerate(docs) if term in tokens]
+        idf = math.log(1 + (n - len(having) + 0.5) / (len(having) + 0.5))
+        for d in having:
+            f = docs[d].count(term)
+            norm = 1.2 * (1 - 0.75 + 0.75 * len(docs[d]) / avg)
+            expected[d] = expected.get(d, 0.0) + idf * f * (1.2 + 1) / (f + norm)
+    best = sorted(expected.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
+    assert index.search(" ".join(query), 5, lambda d: docs[d]) == [(s, d) for d, s in best]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import heapq
 import math
 from array import array
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 
 __all__ = ["RecallIndex", "tokenize"]
@@ -104,29 +104,38 @@ class RecallIndex:
         live = self._live
         dirty = self._dirty
         scores: dict[int, float] = {}
+        # Hoisted, same arithmetic as the plain formula (so the same floats, same ranking).
+        one_minus_b = 1 - _B
+        k1_plus_1 = _K1 + 1
         for term in terms:
             p = self._postings.get(term)
             if not p:
                 continue
-            tf: dict[int, int] = {}
-            for d in p:
-                tf[d] = tf.get(d, 0) + 1
+            tf = Counter(p)  # counts in C; a dict loop took ~2x as long
             idf = math.log(1 + (n_docs - len(tf) + 0.5) / (len(tf) + 0.5))
             for d, f in tf.items():
                 if not live[d]:
                     continue
-                if d in dirty:
+                if dirty and d in dirty:
                     current = tokens_of(d)
                     if current is None:
                         continue
                     f = current.count(term)
                     if not f:
                         continue
-                norm = _K1 * (1 - _B + _B * lengths[d] / avg)
-                scores[d] = scores.get(d, 0.0) + idf * f * (_K1 + 1) / (f + norm)
+                norm = _K1 * (one_minus_b + _B * lengths[d] / avg)
+                scores[d] = scores.get(d, 0.0) + idf * f * k1_plus_1 / (f + norm)
         if accept is not None:
             ranked = (item for item in scores.items() if accept(item[0]))
             best = heapq.nlargest(limit, ranked, key=lambda kv: (kv[1], -kv[0]))
         else:
-            best = heapq.nlargest(limit, scores.items(), key=lambda kv: (kv[1], -kv[0]))
+            # The cut-off score by a C sort of the floats, then only the few items at or
+            # above it ordered in Python: ~3x faster than nlargest with a key function
+            # over every scored document. Same result (ties: smaller doc first).
+            top = list(scores.items())
+            if len(top) > limit:
+                cut = sorted(scores.values(), reverse=True)[limit - 1]
+                top = [kv for kv in top if kv[1] >= cut]
+            top.sort(key=lambda kv: (-kv[1], kv[0]))
+            best = top[:limit]
         return [(score, d) for d, score in best]
