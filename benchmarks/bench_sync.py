@@ -52,18 +52,13 @@ async def _role_b(data_dir: str, n_lat: int, warmup: int, sustained_n: int) -> N
                 if kind == "l":
                     lat.append(now - int(stamp))
         _emit("LAT", _latency_summary(lat))
-        while seen["s"] < sustained_n:
-            ev = await events.next(300)
-            if isinstance(ev, Captured):
-                seen[ev.memory.content[0]] += 1
-                last_ns = time.monotonic_ns()
-        _emit("SUS", {"last_ns": last_ns})
-        while seen["m"] < sustained_n:
-            ev = await events.next(300)
-            if isinstance(ev, Captured):
-                seen[ev.memory.content[0]] += 1
-                last_ns = time.monotonic_ns()
-        _emit("SUS_MANY", {"last_ns": last_ns})
+        for kind, tag in (("s", "SUS"), ("m", "SUS_MANY")):  # one per call, then batched
+            while seen[kind] < sustained_n:
+                ev = await events.next(300)
+                if isinstance(ev, Captured):
+                    seen[ev.memory.content[0]] += 1
+                    last_ns = time.monotonic_ns()
+            _emit(tag, {"last_ns": last_ns})
         await _wait_stdin_eof(stdin)
 
 
