@@ -11,6 +11,7 @@ from pycrdt import Array, Doc, Map, Text
 
 from subcog_crdt._core.document import NamespaceDoc
 from subcog_crdt._core.hlc import Hlc
+from subcog_crdt._core.schema import encode_write, first_memory_id, normalise, write_key
 from subcog_crdt._core.ydecode import UpdateDecodeError, decode_state_vector, read_map_inserts
 from subcog_crdt._errors import ProtocolError
 
@@ -87,3 +88,46 @@ def test_truncated_update_raises_protocol_error():
     with pytest.raises(ProtocolError):
         other.apply_update(full[: len(full) // 2])
     assert other.state_hash() == "0" * 64
+
+
+def _varuint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _vstr(s: str) -> bytes:
+    raw = s.encode()
+    return _varuint(len(raw)) + raw
+
+
+@pytest.mark.parametrize("shape", ["string item", "two values"])
+def test_a_value_in_an_unusual_shape_is_read_alike_running_and_restarted(shape):
+    """A hand-built update can set an entry as a string item (Yjs content type 4) or as
+    two values at once; pycrdt reads either as a value. The running node must then see
+    what a node loading the same document from disk sees."""
+    value = encode_write("capture", "", {"content": "sneaky but valid"})
+    key = write_key(first_memory_id("d", normalise("sneaky but valid")), "1795649794389000196",
+                    "evil", "ff")  # fmt: skip
+    head = _varuint(1) + _varuint(1) + _varuint(777) + _varuint(0)  # 1 client, 1 struct
+    parent = _varuint(1) + _vstr("entries") + _vstr(key)
+    if shape == "string item":
+        item = bytes([0x24]) + parent + _vstr(value)
+    else:  # content "any" with two values: an earlier junk one, then the write
+        item = bytes([0x28]) + parent + _varuint(2) + b"w" + _vstr("junk") + b"w" + _vstr(value)
+    update = head + item + _varuint(0)  # empty delete set
+    running = NamespaceDoc("d", node_id="00000000000000aa", hlc=Hlc(), next_cursor=lambda: 1)
+    running.capture("s", "a fact", {})
+    events = running.apply_update(update)
+    restarted = NamespaceDoc("d", node_id="00000000000000bb", hlc=Hlc(), next_cursor=lambda: 1)
+    restarted.load([running.diff()])
+    ids = sorted(running.memory_ids())
+    assert sorted(restarted.memory_ids()) == ids and len(ids) == 2
+    assert [m.content for m in map(restarted.get, ids)] == [
+        m.content for m in map(running.get, ids)
+    ]
+    assert [type(e).__name__ for e in events] == ["Captured"]

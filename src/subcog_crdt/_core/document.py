@@ -238,6 +238,8 @@ class NamespaceDoc:
         order = self._by_doc
         i = self._resolve_cursor
         end = len(order) if budget is None else min(len(order), i + budget)
+        if i >= end:
+            return i >= len(order)
         with self.doc.transaction():  # one for every read below (see _entry)
             while i < end:
                 mid = order[i]
@@ -570,9 +572,10 @@ class NamespaceDoc:
             by_doc.append(mid)
         self._n_writes = n
         self.max_stamp = top
-        for mid, m in mems.items():
-            if len(m.keys) > 1:
-                self._resolve(mid, m)
+        with self.doc.transaction():  # one for every read below (see _entry)
+            for mid, m in mems.items():
+                if len(m.keys) > 1:
+                    self._resolve(mid, m)
 
     # -- integration -------------------------------------------------------------------
 

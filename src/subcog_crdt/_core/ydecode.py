@@ -251,14 +251,21 @@ def read_update(update: bytes, root: str) -> Decoded:
                         value = r.any()
                     inserts.append(MapInsert(client, clock, root, parent_sub, value))
                 else:
+                    # Several values under one key: the document keeps the last. Let the
+                    # caller read what it holds, as a node loading it from disk would.
                     for _ in range(count):
                         r.any()
                     simple = False
+                    unknown = True
                 clock += count
                 continue
             simple = False
             if parent_name is None and parent_sub is None and ref != 1:
                 # An item positioned by neighbours: could be an overwrite in our map.
+                unknown = True
+            elif parent_name == root and parent_sub is not None:
+                # A key of our map set to other content (a string item, a nested type...):
+                # pycrdt may still read it as a value, so the caller must check the map.
                 unknown = True
             clock += _skip_content(r, ref)
         blocks.append((client, start, clock))
