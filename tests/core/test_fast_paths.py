@@ -186,3 +186,36 @@ def test_bm25_search_matches_the_plain_formula(docs: list[list[str]], query: lis
             expected[d] = expected.get(d, 0.0) + idf * f * (1.2 + 1) / (f + norm)
     best = sorted(expected.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
     assert index.search(" ".join(query), 5, lambda d: docs[d]) == [(s, d) for d, s in best]
+
+
+_toks = st.lists(st.sampled_from(["ab", "cd", "ef", "gh"]), max_size=6)
+
+
+@given(
+    st.lists(_toks, min_size=1, max_size=12),
+    st.lists(st.tuples(st.integers(0, 11), _toks), max_size=8),
+    st.lists(st.sampled_from(["ab", "cd", "ef", "zz"]), min_size=1, max_size=3),
+)
+def test_an_index_with_changed_documents_ranks_like_one_built_afresh(
+    docs: list[list[str]], changes: list[tuple[int, list[str]]], query: list[str]
+) -> None:
+    """Removal is lazy (a changed document's old words stay in the postings); scores and
+    order must still equal those of an index holding only the current words, which is
+    what a restarted node builds."""
+    live = RecallIndex()
+    current = [list(t) for t in docs]
+    for tokens in docs:
+        d = live.new_doc()
+        live.add(d, tokens)
+        live.set_live(d, True)
+    for i, tokens in changes:
+        i %= len(docs)
+        current[i] = list(tokens)
+        live.replace(i, list(tokens))
+    fresh = RecallIndex()
+    for tokens in current:
+        d = fresh.new_doc()
+        fresh.add(d, tokens)
+        fresh.set_live(d, True)
+    q = " ".join(query)
+    assert live.search(q, 5, lambda d: current[d]) == fresh.search(q, 5, lambda d: current[d])

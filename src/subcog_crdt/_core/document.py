@@ -725,8 +725,9 @@ class NamespaceDoc:
     # -- recall ------------------------------------------------------------------------
 
     def tokens_of(self, doc: int) -> list[str] | None:
+        """A memory's current words, deleted or not (what a fresh index would hold)."""
         mem = self.get(self._by_doc[doc])
-        if mem is None or mem.deleted:
+        if mem is None:
             return None
         tokens = tokenize(mem.content)
         for tag in mem.tags:
@@ -747,7 +748,7 @@ class NamespaceDoc:
             accept = accept_tags
         self.resolve_all()
         self.flush_index()
-        hits = self.index.search(query, limit, self.tokens_of, accept)
+        hits = self.index.search(query, limit, self.tokens_of, accept, self._by_doc.__getitem__)
         out: list[tuple[float, Memory]] = []
         for score, doc in hits:
             mem = cache[doc] if doc in cache else self.get(self._by_doc[doc])
