@@ -389,6 +389,55 @@ def test_junk_entry_beside_a_memory_is_ignored_after_a_restart_too():
         assert [m.id for _, m in fresh.search("legit t", 5)] == [mem.id]
 
 
+def test_junk_under_a_memory_id_does_not_block_that_memory_after_a_restart():
+    """A junk entry under the id of some content, then a restart: writes to that memory
+    (a peer's capture, a local one) used to fail with IndexError there."""
+    from pycrdt import Doc, Map
+
+    from subcog_crdt._core.schema import first_memory_id, normalise
+
+    mid = first_memory_id("decisions", normalise("real fact"))
+    src = Doc()
+    src.get("entries", type=Map)[f"{mid}/1700000000000000001/evil/ee"] = "junk"
+    a = make_world(1).nodes[0].doc
+    assert a.apply_update(src.get_update()) == []
+    restarted = make_world(1).nodes[0].doc
+    restarted.load([a.diff()])
+    peer = make_world(1).nodes[0].doc
+    mem, _ = peer.capture("s1", "real fact", {})
+    assert mem.id == mid
+    events = restarted.apply_update(peer.diff())
+    assert [type(e).__name__ for e in events] == ["Captured"]
+    assert restarted.get(mid) == peer.get(mid)
+    assert [m.id for _, m in restarted.search("real fact", 5)] == [mid]
+    assert restarted.capture("s2", "real fact", {})[0].id == mid
+
+
+def test_an_overwritten_entry_is_derived_alike_running_and_restarted():
+    """A hostile writer overwrites a capture's entry with another valid write. Every node
+    reads the new value; a running node must also search and dedupe by it, as a node
+    restarted from the same document does."""
+    from pycrdt import Doc, Map
+
+    from subcog_crdt._core.schema import encode_write
+
+    running = make_world(1).nodes[0].doc
+    mem, _ = running.capture("s1", "original", {})
+    key = running.writes(mem.id)[0].key
+    evil = Doc()
+    evil.apply_update(running.diff())
+    evil.get("entries", type=Map)[key] = encode_write("capture", "", {"content": "replaced"})
+    running.apply_update(evil.get_update(running.doc.get_state()))
+    restarted = make_world(1).nodes[0].doc
+    restarted.load([running.diff()])
+    for doc in (running, restarted):
+        assert doc.get(mem.id).content == "replaced"
+        assert [m.id for _, m in doc.search("replaced", 5)] == [mem.id]
+        assert doc.search("original", 5) == []
+    for text in ("original", "replaced"):
+        assert running.capture("s2", text, {})[0].id == restarted.capture("s2", text, {})[0].id
+
+
 def test_an_item_claiming_an_id_we_hold_is_not_integrated():
     from pycrdt import Doc, Map
 

@@ -218,6 +218,36 @@ class NamespaceDoc:
         self._to_index.append((m.doc, mem.content, mem.tags))
         self.index.set_live(m.doc, not mem.deleted)
 
+    def _rederive(self, keys: list[str]) -> None:
+        """Derive again the memories whose integrated entries were overwritten or removed:
+        from the values the map holds now (what :meth:`_resolve` reads after a restart),
+        dropping entries that no longer decode. No events: a restarted node has none."""
+        for mid in dict.fromkeys(k[:20] for k in keys if isinstance(k, str)):
+            m = self._mems.get(mid)
+            if m is None or not m.resolved or not set(keys) & set(m.keys):
+                continue  # unknown here, or resolved later from the map anyway
+            writes = [w for k in m.keys if (w := decode_write(k, self._entry(k))) is not None]
+            writes.sort(key=lambda w: w.order)
+            m.keys = tuple(w.key for w in writes)
+            mem = fold(self.namespace, writes)
+            if mem is None:
+                m.exists = False
+                self.index.set_live(m.doc, False)
+                continue
+            m.exists = True
+            m.deleted = mem.deleted
+            normh = hash(normalise(mem.content))
+            if normh != m.normh:
+                before = m.normh
+                m.normh = normh
+                if before and self._moved.get(before) == mid:
+                    del self._moved[before]
+            if any(w.op == "update" and "content" in w.changes for w in writes):
+                self._note_moved(normh, mid)
+            self._to_index.append((m.doc, mem.content, mem.tags))
+            self._changed_docs.add(m.doc)
+            self.index.set_live(m.doc, not mem.deleted)
+
     def _note_moved(self, normh: int, mid: str) -> None:
         """Remember that an update gave ``mid`` this content. With several such memories
         the smallest live id is kept, so the choice does not depend on arrival order."""
@@ -455,10 +485,28 @@ class NamespaceDoc:
             before = {client: sv.get(client, 0) for client, _, _ in decoded.blocks}
         else:
             before = decode_state_vector(self.doc.get_state())
+        # An update that may overwrite or remove entries (a conforming writer never does;
+        # a hostile one can): watch which keys it changes, so the memories they belong to
+        # are derived again from what the map now holds, as a restarted node would.
+        replaced: list[str] = []
+        watch = None
+        if decoded.unknown:
+
+            def on_change(event: Any) -> None:
+                for key, change in event.keys.items():
+                    if change.get("action") in ("update", "delete"):
+                        replaced.append(key)
+
+            watch = self.entries.observe(on_change)
         try:
             self._native_txn(self._ydoc.apply_update, update)
         except Exception as exc:  # pycrdt raises plain exceptions for bad bytes
             raise ProtocolError(f"invalid Yjs update for {self.namespace!r}: {exc}") from exc
+        finally:
+            if watch is not None:
+                self.entries.unobserve(watch)
+        if replaced:
+            self._rederive(replaced)
         fresh = [i for i in decoded.inserts if i.clock >= before.get(i.client, 0)]
         if fast:
             # Every struct continues what we had and depends on nothing else, so all of it
@@ -588,10 +636,13 @@ class NamespaceDoc:
         self._n_writes += 1
         self._hash_cache = None
         order = (w.at, w.session, w.node)
-        if m is None:
-            doc = self.index.new_doc()
-            self._by_doc.append(mid)
-            m = self._mems[mid] = _Mem(doc)
+        if m is None or not m.keys:
+            # New here; or known only by entries that no longer decode (junk under this
+            # id, seen at a restart or after an overwrite): then its first valid write.
+            if m is None:
+                doc = self.index.new_doc()
+                self._by_doc.append(mid)
+                m = self._mems[mid] = _Mem(doc)
             m.keys = (w.key,)
             if w.op == "capture":
                 # The common case, kept short: a brand-new memory.
