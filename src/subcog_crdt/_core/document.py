@@ -237,16 +237,23 @@ class NamespaceDoc:
             m.exists = True
             m.deleted = mem.deleted
             normh = hash(normalise(mem.content))
-            if normh != m.normh:
-                before = m.normh
-                m.normh = normh
-                if before and self._moved.get(before) == mid:
-                    del self._moved[before]
+            self._set_normh(m, mid, normh)
             if any(w.op == "update" and "content" in w.changes for w in writes):
                 self._note_moved(normh, mid)
             self._to_index.append((m.doc, mem.content, mem.tags))
             self._changed_docs.add(m.doc)
             self.index.set_live(m.doc, not mem.deleted)
+
+    def _set_normh(self, m: _Mem, mid: str, normh: int) -> bool:
+        """Record a memory's content hash; if it changed, forget the old content's
+        "moved here" record. True if it changed."""
+        if normh == m.normh:
+            return False
+        before = m.normh
+        m.normh = normh
+        if before and self._moved.get(before) == mid:
+            del self._moved[before]
+        return True
 
     def _note_moved(self, normh: int, mid: str) -> None:
         """Remember that an update gave ``mid`` this content. With several such memories
@@ -667,11 +674,7 @@ class NamespaceDoc:
             m.exists = True
             m.deleted = mem.deleted
             normh = hash(normalise(mem.content))
-            if normh != m.normh:
-                before = m.normh
-                m.normh = normh
-                if before and self._moved.get(before) == mid:
-                    del self._moved[before]
+            if self._set_normh(m, mid, normh):
                 self._note_moved(normh, mid)
                 self._to_index.append((m.doc, mem.content, mem.tags))
                 self._changed_docs.add(m.doc)
