@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -436,6 +437,81 @@ def test_an_overwritten_entry_is_derived_alike_running_and_restarted():
         assert doc.search("original", 5) == []
     for text in ("original", "replaced"):
         assert running.capture("s2", text, {})[0].id == restarted.capture("s2", text, {})[0].id
+
+
+def _same_as_restarted(running: NamespaceDoc, queries: tuple[str, ...]) -> None:
+    restarted = make_world(1).nodes[0].doc
+    restarted.load([running.diff()])
+    ids = sorted(running.memory_ids(include_deleted=True))
+    assert sorted(restarted.memory_ids(include_deleted=True)) == ids
+    for mid in ids:
+        assert running.get(mid) == restarted.get(mid)
+        assert [w.key for w in running.writes(mid)] == [w.key for w in restarted.writes(mid)]
+    for q in queries:
+        assert [m.id for _, m in running.search(q, 5)] == [m.id for _, m in restarted.search(q, 5)]
+
+
+def _evil_copy(doc: NamespaceDoc) -> Any:
+    from pycrdt import Doc
+
+    evil = Doc()
+    evil.apply_update(doc.diff())
+    return evil
+
+
+def test_a_hostile_removal_is_derived_alike_running_and_restarted():
+    from pycrdt import Map
+
+    running = make_world(1).nodes[0].doc
+    mem, _ = running.capture("s1", "original fact", {})
+    evil = _evil_copy(running)
+    sv = running.doc.get_state()
+    del evil.get("entries", type=Map)[running.writes(mem.id)[0].key]
+    running.apply_update(evil.get_update(sv))
+    assert running.get(mem.id) is None
+    _same_as_restarted(running, ("original fact",))
+
+
+def test_a_hostile_update_held_back_then_released_is_derived_alike():
+    """The overwrite arrives before the write it overwrites: pycrdt holds it back and
+    applies it inside the next (innocent-looking) update."""
+    from pycrdt import Map
+
+    from subcog_crdt._core.schema import encode_write, write_key
+
+    running = make_world(1).nodes[0].doc
+    mem, _ = running.capture("s1", "original fact", {})
+    evil = _evil_copy(running)
+    entries = evil.get("entries", type=Map)
+    k2 = write_key(mem.id, "1900000000000000001", "evil", "ff")
+    sv0 = evil.get_state()
+    entries[k2] = encode_write("update", "", {"content": "first"})
+    u1 = evil.get_update(sv0)
+    sv1 = evil.get_state()
+    entries[k2] = encode_write("update", "", {"content": "second"})
+    u2 = evil.get_update(sv1)
+    running.apply_update(u2)
+    running.apply_update(u1)
+    assert running.get(mem.id).content == "second"
+    _same_as_restarted(running, ("second", "first", "original fact"))
+
+
+def test_junk_then_a_valid_overwrite_leaves_no_stale_words():
+    from pycrdt import Map
+
+    from subcog_crdt._core.schema import encode_write
+
+    running = make_world(1).nodes[0].doc
+    mem, _ = running.capture("s1", "Use SQLite WAL", {})
+    key = running.writes(mem.id)[0].key
+    for value in ("junk", encode_write("capture", "", {"content": "Prefer msgpack"})):
+        evil = _evil_copy(running)
+        sv = running.doc.get_state()
+        evil.get("entries", type=Map)[key] = value
+        running.apply_update(evil.get_update(sv))
+    assert running.get(mem.id).content == "Prefer msgpack"
+    assert running.search("sqlite wal", 5) == []
+    _same_as_restarted(running, ("sqlite wal", "prefer msgpack"))
 
 
 def test_an_item_claiming_an_id_we_hold_is_not_integrated():

@@ -222,16 +222,25 @@ class NamespaceDoc:
         """Derive again the memories whose integrated entries were overwritten or removed:
         from the values the map holds now (what :meth:`_resolve` reads after a restart),
         dropping entries that no longer decode. No events: a restarted node has none."""
-        for mid in dict.fromkeys(k[:20] for k in keys if isinstance(k, str)):
+        by_mid: dict[str, list[str]] = {}
+        for k in keys:
+            if isinstance(k, str):
+                by_mid.setdefault(k[:20], []).append(k)
+        for mid, ks in by_mid.items():
             m = self._mems.get(mid)
-            if m is None or not m.resolved or not set(keys) & set(m.keys):
+            if m is None or not m.resolved:
                 continue  # unknown here, or resolved later from the map anyway
-            writes = [w for k in m.keys if (w := decode_write(k, self._entry(k))) is not None]
+            # What a restart would group under this id: its keys and the replaced ones.
+            candidates = dict.fromkeys([*m.keys, *ks])
+            writes = [w for k in candidates if (w := decode_write(k, self._entry(k))) is not None]
             writes.sort(key=lambda w: w.order)
             m.keys = tuple(w.key for w in writes)
             mem = fold(self.namespace, writes)
             if mem is None:
                 m.exists = False
+                m.deleted = False
+                m.deferred = writes or None
+                self._set_normh(m, mid, 0)
                 self.index.set_live(m.doc, False)
                 continue
             m.exists = True
@@ -481,6 +490,7 @@ class NamespaceDoc:
         sv = self._sv
         fast = (
             decoded.simple
+            and not self._tainted  # pycrdt may hold a hostile item back: apply it watched
             and not self._pending
             and sv is not None
             and all(start <= sv.get(client, 0) for client, start, _ in decoded.blocks)
@@ -493,16 +503,16 @@ class NamespaceDoc:
         else:
             before = decode_state_vector(self.doc.get_state())
         # An update that may overwrite or remove entries (a conforming writer never does;
-        # a hostile one can): watch which keys it changes, so the memories they belong to
-        # are derived again from what the map now holds, as a restarted node would.
-        replaced: list[str] = []
+        # a hostile one can), or any update once one did (pycrdt may have held items back
+        # that this one releases): watch which keys change, so the memories they belong to
+        # are derived from what the map now holds, as on a node restarted from it.
+        changed: dict[str, str] = {}
         watch = None
-        if decoded.unknown:
+        if decoded.unknown or decoded.deletes or self._tainted:
 
             def on_change(event: Any) -> None:
                 for key, change in event.keys.items():
-                    if change.get("action") in ("update", "delete"):
-                        replaced.append(key)
+                    changed[key] = str(change.get("action"))
 
             watch = self.entries.observe(on_change)
         try:
@@ -512,8 +522,6 @@ class NamespaceDoc:
         finally:
             if watch is not None:
                 self.entries.unobserve(watch)
-        if replaced:
-            self._rederive(replaced)
         fresh = [i for i in decoded.inserts if i.clock >= before.get(i.client, 0)]
         if fast:
             # Every struct continues what we had and depends on nothing else, so all of it
@@ -524,7 +532,28 @@ class NamespaceDoc:
                     sv[client] = end
             return self._absorb(fresh, False, known_integrated=True)
         self._sv = None
-        return self._absorb(fresh, decoded.unknown)
+        events = self._absorb(fresh, decoded.unknown or decoded.deletes)
+        if changed:
+            events.extend(self._settle(changed))
+        return events
+
+    def _settle(self, changed: dict[str, str]) -> list[Event]:
+        """After a watched apply: integrate entries it added that the decoder could not
+        see (released by pycrdt from an earlier update), and derive again the memories
+        whose entries it overwrote or removed."""
+        events: list[Event] = []
+        replaced = []
+        for key, action in changed.items():
+            if action == "add":
+                m = self._mems.get(key[:20]) if isinstance(key, str) else None
+                if m is None or key not in m.keys:
+                    events.extend(self._absorb_one(key, self._entry(key)))
+            else:
+                self._tainted = True
+                replaced.append(key)
+        if replaced:
+            self._rederive(replaced)
+        return events
 
     def _absorb(
         self, inserts: list[MapInsert], unknown: bool, known_integrated: bool = False
@@ -645,11 +674,17 @@ class NamespaceDoc:
         order = (w.at, w.session, w.node)
         if m is None or not m.keys:
             # New here; or known only by entries that no longer decode (junk under this
-            # id, seen at a restart or after an overwrite): then its first valid write.
+            # id, seen at a restart or after an overwrite): then its first valid write,
+            # from a clean slate.
             if m is None:
                 doc = self.index.new_doc()
                 self._by_doc.append(mid)
                 m = self._mems[mid] = _Mem(doc)
+            else:
+                m.deleted = False
+                m.deferred = None
+                self._set_normh(m, mid, 0)
+                self._changed_docs.add(m.doc)  # it may hold words of an earlier content
             m.keys = (w.key,)
             if w.op == "capture":
                 # The common case, kept short: a brand-new memory.

@@ -187,6 +187,8 @@ class Decoded(NamedTuple):
     dependencies beyond each client's earlier clocks."""
     blocks: list[tuple[int, int, int]]
     """``(client, first clock, clock after the last struct)`` per client."""
+    deletes: bool = False
+    """The update carries a delete set (a conforming writer never removes anything)."""
 
 
 def read_map_inserts(update: bytes, root: str) -> tuple[list[MapInsert], bool]:
@@ -278,7 +280,7 @@ def read_update(update: bytes, root: str) -> Decoded:
         for _ in range(varuint()):
             varuint()
             varuint()
-    return Decoded(inserts, unknown, simple, blocks)
+    return Decoded(inserts, unknown, simple, blocks, n_del > 0)
 
 
 def decode_state_vector(sv: bytes) -> dict[int, int]:
