@@ -514,6 +514,27 @@ def test_junk_then_a_valid_overwrite_leaves_no_stale_words():
     _same_as_restarted(running, ("sqlite wal", "prefer msgpack"))
 
 
+def test_content_set_by_an_update_dedupes_alike_running_and_restarted():
+    """B's content comes from an update that did not change it; A's capture entry is then
+    junked. A capture of that content must pick the same memory on a running node and on
+    a restarted one (the "moved here" rule was applied differently)."""
+    from pycrdt import Map
+
+    running = make_world(1).nodes[0].doc
+    a, _ = running.capture("s1", "Use SQLite WAL", {})
+    running.update("s1", a.id, {"content": "Tests live next to code"})
+    b, _ = running.capture("s1", "Use SQLite WAL", {})
+    running.update("s1", b.id, {"content": "Use SQLite WAL"})
+    evil = _evil_copy(running)
+    sv = running.doc.get_state()
+    evil.get("entries", type=Map)[running.writes(a.id)[0].key] = "junk"
+    running.apply_update(evil.get_update(sv))
+    restarted = make_world(1).nodes[0].doc
+    restarted.load([running.diff()])
+    got = running.capture("s2", "Use SQLite WAL", {})[0].id
+    assert got == restarted.capture("s2", "Use SQLite WAL", {})[0].id == b.id
+
+
 def test_an_item_claiming_an_id_we_hold_is_not_integrated():
     from pycrdt import Doc, Map
 

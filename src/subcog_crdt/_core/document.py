@@ -709,11 +709,12 @@ class NamespaceDoc:
             m.exists = True
             m.deleted = mem.deleted
             normh = hash(normalise(mem.content))
-            if self._set_normh(m, mid, normh):
+            changed = self._set_normh(m, mid, normh)
+            # The same rule as at a restart (_resolve): content set by an update is
+            # "moved here", whether or not this write changed it.
+            if any(x.op == "update" and "content" in x.changes for x in (*previous, w)):
                 self._note_moved(normh, mid)
-                self._to_index.append((m.doc, mem.content, mem.tags))
-                self._changed_docs.add(m.doc)
-            elif "tags" in w.changes and w.op != "delete":
+            if changed or ("tags" in w.changes and w.op != "delete"):
                 self._to_index.append((m.doc, mem.content, mem.tags))
                 self._changed_docs.add(m.doc)
             self.index.set_live(m.doc, not mem.deleted)
