@@ -203,19 +203,30 @@ class NamespaceDoc:
             self._to_index.append((m.doc, w.changes["content"], w.changes.get("tags")))
             self.index.set_live(m.doc, True)
             return
+        self._derive(mid, m, writes, indexed=False)
+
+    def _derive(self, mid: str, m: _Mem, writes: list[Write], *, indexed: bool) -> None:
+        """Set a memory's derived state from its decoded writes as the map holds them now:
+        at a restart, or again after a hostile overwrite (``indexed``: its earlier words
+        are in the recall index and must be replaced)."""
         writes.sort(key=lambda w: w.order)
         m.keys = tuple(w.key for w in writes)
         mem = fold(self.namespace, writes)
         if mem is None:
-            if writes:
-                m.deferred = writes  # orphans: their capture has not arrived
+            m.exists = m.deleted = False
+            m.deferred = writes or None  # orphans: their capture has not arrived
+            self._set_normh(m, mid, 0)
+            self.index.set_live(m.doc, False)
             return
         m.exists = True
         m.deleted = mem.deleted
-        m.normh = hash(normalise(mem.content))
+        normh = hash(normalise(mem.content))
+        self._set_normh(m, mid, normh)
         if any(w.op == "update" and "content" in w.changes for w in writes):
-            self._note_moved(m.normh, mid)
+            self._note_moved(normh, mid)
         self._to_index.append((m.doc, mem.content, mem.tags))
+        if indexed:
+            self._changed_docs.add(m.doc)
         self.index.set_live(m.doc, not mem.deleted)
 
     def _rederive(self, keys: list[str]) -> None:
@@ -233,25 +244,7 @@ class NamespaceDoc:
             # What a restart would group under this id: its keys and the replaced ones.
             candidates = dict.fromkeys([*m.keys, *ks])
             writes = [w for k in candidates if (w := decode_write(k, self._entry(k))) is not None]
-            writes.sort(key=lambda w: w.order)
-            m.keys = tuple(w.key for w in writes)
-            mem = fold(self.namespace, writes)
-            if mem is None:
-                m.exists = False
-                m.deleted = False
-                m.deferred = writes or None
-                self._set_normh(m, mid, 0)
-                self.index.set_live(m.doc, False)
-                continue
-            m.exists = True
-            m.deleted = mem.deleted
-            normh = hash(normalise(mem.content))
-            self._set_normh(m, mid, normh)
-            if any(w.op == "update" and "content" in w.changes for w in writes):
-                self._note_moved(normh, mid)
-            self._to_index.append((m.doc, mem.content, mem.tags))
-            self._changed_docs.add(m.doc)
-            self.index.set_live(m.doc, not mem.deleted)
+            self._derive(mid, m, writes, indexed=True)
 
     def _set_normh(self, m: _Mem, mid: str, normh: int) -> bool:
         """Record a memory's content hash; if it changed, forget the old content's
@@ -544,10 +537,8 @@ class NamespaceDoc:
         events: list[Event] = []
         replaced = []
         for key, action in changed.items():
-            if action == "add":
-                m = self._mems.get(key[:20]) if isinstance(key, str) else None
-                if m is None or key not in m.keys:
-                    events.extend(self._absorb_one(key, self._entry(key)))
+            if action == "add":  # one already integrated is a duplicate to _absorb_one
+                events.extend(self._absorb_one(key, self._entry(key)))
             else:
                 self._tainted = True
                 replaced.append(key)
