@@ -311,5 +311,5 @@ async def test_fsync_receiver_under_backpressure_gets_every_write(tmp_path, monk
             await sa.capture("d", f"fact number {i} " + "p" * 300)
             await a.register_session(f"extra-{i}")  # a control frame: no commit at b
             if i % 5 == 0:
-                await asyncio.sleep(0)  # let the link run now and then
+                await asyncio.sleep(0)  # interleave with b's work: shapes the load, not a wait
         await wait_for(lambda: len(b.memories("d")) == 201, 20, "b to have every write")

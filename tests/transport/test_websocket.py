@@ -768,6 +768,20 @@ class Consumer:
             return self.gate
         return None
 
+    @asynccontextmanager
+    async def link_from_a(self, **b_options: Any) -> AsyncIterator[Link]:
+        """Node "b" hands its links to this consumer; yield a link dialled from node "a"."""
+        async with (
+            make("a", Recorder()) as a,
+            WebSocketTransport(
+                node_id="b",
+                hello=lambda: Hello(node_id="b", url=None),
+                on_link=self.handler,
+                **b_options,
+            ) as b,
+        ):
+            yield await a.connect(b.url)
+
     async def handler(self, link: Link) -> None:
         assert isinstance(link, WebSocketLink)
         self.link = link
@@ -785,13 +799,7 @@ async def test_consume_hands_over_every_frame_in_order_and_stops_at_a_failure() 
     c = Consumer()
     frames = [i.to_bytes(2, "big") for i in range(30)]
     c.gate_at, c.fail_at = frames[10], frames[20]
-    async with (
-        make("a", Recorder()) as a,
-        WebSocketTransport(
-            node_id="b", hello=lambda: Hello(node_id="b", url=None), on_link=c.handler
-        ) as b,
-    ):
-        link = await a.connect(b.url)
+    async with c.link_from_a() as link:
         for f in frames[:5]:  # before consume(): buffered, handed over first
             await link.send(f)
         await eventually(lambda: c.link is not None and bool(c.link._inbox), "frames buffered")
@@ -820,13 +828,7 @@ async def test_consume_hands_over_every_frame_in_order_and_stops_at_a_failure() 
 async def test_consume_after_the_link_closed_still_hands_over_what_arrived() -> None:
     c = Consumer()
     frames = [b"one", b"two", b"three"]
-    async with (
-        make("a", Recorder()) as a,
-        WebSocketTransport(
-            node_id="b", hello=lambda: Hello(node_id="b", url=None), on_link=c.handler
-        ) as b,
-    ):
-        link = await a.connect(b.url)
+    async with c.link_from_a() as link:
         for f in frames:
             await link.send(f)
         await link.close()
@@ -844,17 +846,8 @@ async def test_consume_keeps_order_when_the_inbox_filled_during_a_drain() -> Non
     c = Consumer()
     frames = [i.to_bytes(2, "big") for i in range(12)]
     c.gate_at = frames[0]
-    async with (
-        make("a", Recorder()) as a,
-        WebSocketTransport(
-            node_id="b",
-            hello=lambda: Hello(node_id="b", url=None),
-            on_link=c.handler,
-            recv_buffer=4,
-        ) as b,
-    ):
-        c.go.set()
-        link = await a.connect(b.url)
+    c.go.set()
+    async with c.link_from_a(recv_buffer=4) as link:
         await link.send(frames[0])
         await eventually(lambda: len(c.seen) == 1, "frame 0 handed over")
         for f in frames[1:4]:
