@@ -8,6 +8,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -437,6 +438,34 @@ def test_an_overwritten_entry_is_derived_alike_running_and_restarted():
         assert doc.search("original", 5) == []
     for text in ("original", "replaced"):
         assert running.capture("s2", text, {})[0].id == restarted.capture("s2", text, {})[0].id
+
+
+def test_a_hostile_overwrite_is_handled_without_reading_the_whole_map(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A flagged update is watched, so only the entries it touched are read again: reading
+    every entry per hostile update made each one cost O(namespace) (CPU for a peer)."""
+    from pycrdt import Doc, Map
+
+    from subcog_crdt._core.schema import encode_write
+
+    running = make_world(1).nodes[0].doc
+    mems = [running.capture("s1", f"fact {i}", {})[0] for i in range(50)]
+    key = running.writes(mems[7].id)[0].key
+    evil = Doc()
+    evil.apply_update(running.diff())
+    evil.get("entries", type=Map)[key] = encode_write("capture", "", {"content": "replaced"})
+    update = evil.get_update(running.doc.get_state())
+
+    def whole_map(*args: Any) -> Any:
+        raise AssertionError("read every entry of the map")
+
+    for name in ("items", "keys", "values", "__iter__", "to_py"):
+        monkeypatch.setattr(Map, name, whole_map)
+    running.apply_update(update)
+    monkeypatch.undo()
+    assert running.get(mems[7].id).content == "replaced"
+    _same_as_restarted(running, ("replaced", "fact 7"))
 
 
 def _same_as_restarted(running: NamespaceDoc, queries: tuple[str, ...]) -> None:

@@ -35,7 +35,7 @@ def test_reads_root_map_inserts_and_flags_overwrites():
     assert not unknown
     assert inserts[0].client == d.client_id
     _, unknown2 = read_map_inserts(updates[1], "entries")
-    assert unknown2  # an overwrite carries no key: the caller must rescan
+    assert unknown2  # an overwrite carries no key: the caller must watch the map
     sv = decode_state_vector(d.get_state())
     assert sv[d.client_id] == inserts[-1].clock + 2  # the overwrite took one more clock
 

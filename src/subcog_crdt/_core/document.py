@@ -575,8 +575,6 @@ class NamespaceDoc:
                     self._pending.append(ins)  # waits for a missing earlier update
                     continue
                 events.extend(self._absorb_one(ins.key, ins.value))
-            if unknown:
-                events.extend(self.rescan())
         if self._pending:
             self._sv = None
         return events
@@ -594,17 +592,6 @@ class NamespaceDoc:
             return []  # overwritten, removed or never this value: not a write to trust
         self._hlc.observe(w.at)
         events, _ = self._integrate(w, value)
-        return events
-
-    def rescan(self) -> list[Event]:
-        """Find entries not yet integrated by reading every key (slow; only needed when a
-        non-conforming client wrote in a way the decoder cannot attribute)."""
-        events: list[Event] = []
-        for key, value in list(self.entries.items()):
-            mid = key.split("/", 1)[0] if isinstance(key, str) else ""
-            m = self._mem(mid)
-            if m is None or key not in m.keys:
-                events.extend(self._absorb_one(key, value))
         return events
 
     def load(self, updates: Iterable[bytes]) -> None:

@@ -4,7 +4,7 @@ Why: pycrdt's ``Map.observe`` converts every changed value to Python eagerly, an
 for local transactions too (~20 us per write measured here). Local writes already know what
 they wrote; for remote updates we read the update bytes ourselves and pick out the root-map
 insertions that our schema uses. Anything unexpected is reported, not guessed, so the caller
-can fall back to a full rescan.
+can watch what the update changes in the map instead of trusting its bytes.
 """
 
 from __future__ import annotations
