@@ -468,6 +468,27 @@ def test_a_hostile_overwrite_is_handled_without_reading_the_whole_map(
     _same_as_restarted(running, ("replaced", "fact 7"))
 
 
+def test_an_update_reusing_our_own_client_ids_is_a_duplicate_not_a_write():
+    """A peer sends items under this node's own Yjs client id at clocks it already used.
+    pycrdt ignores them (those ids are taken); the node must too, not derive a memory
+    that is in no document (it used to: the fast path tracked no clock for itself)."""
+    from pycrdt import Doc, Map
+
+    a, b, c = (make_world(1).nodes[0].doc for _ in range(3))
+    a.capture("s1", "first from a", {})
+    b.apply_update(a.diff())  # a remote update first: the node now tracks clocks
+    b.capture("s2", "b's own write", {})
+    phantom, _ = c.capture("evil", "PHANTOM: only b would show this", {})
+    key = c.writes(phantom.id)[0].key
+    crafted = Doc(client_id=b.doc.client_id)
+    crafted.get("entries", type=Map)[key] = c.doc.get("entries", type=Map)[key]
+    before = sorted(b.memory_ids(include_deleted=True))
+    assert b.apply_update(crafted.get_update()) == []
+    assert sorted(b.memory_ids(include_deleted=True)) == before
+    assert b.get(phantom.id) is None
+    _same_as_restarted(b, ("phantom",))
+
+
 def _same_as_restarted(running: NamespaceDoc, queries: tuple[str, ...]) -> None:
     restarted = make_world(1).nodes[0].doc
     restarted.load([running.diff()])

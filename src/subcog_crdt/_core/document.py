@@ -481,12 +481,17 @@ class NamespaceDoc:
         except UpdateDecodeError as exc:
             raise ProtocolError(f"invalid Yjs update for {self.namespace!r}: {exc}") from exc
         sv = self._sv
+        own = self._ydoc.client_id()
         fast = (
             decoded.simple
             and not self._tainted  # pycrdt may hold a hostile item back: apply it watched
             and not self._pending
             and sv is not None
-            and all(start <= sv.get(client, 0) for client, start, _ in decoded.blocks)
+            # The tracked clocks are remote ones: items claiming this node's own client id
+            # (at clocks it used: pycrdt ignores them) need the real state vector.
+            and all(
+                start <= sv.get(client, 0) and client != own for client, start, _ in decoded.blocks
+            )
         )
         # What we held before: an item at a clock below it is one we have (a duplicate),
         # or a different item claiming the same id, which Yjs ignores and so must we.
