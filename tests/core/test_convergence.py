@@ -489,6 +489,51 @@ def test_an_update_reusing_our_own_client_ids_is_a_duplicate_not_a_write():
     _same_as_restarted(b, ("phantom",))
 
 
+def test_state_hash_is_equal_exactly_when_the_entries_are():
+    """Junk entries are part of the state: a cached hash must not survive one arriving,
+    and a document holding only junk is not an empty one."""
+    from pycrdt import Doc, Map
+
+    a, b, empty = (make_world(1).nodes[0].doc for _ in range(3))
+    a.capture("s1", "legit", {})
+    b.apply_update(a.diff())
+    assert a.state_hash() == b.state_hash()  # cached on a now
+    src = Doc()
+    src.get("entries", type=Map)["0123456789abcdef0123/1700000000000000001/evil/ee"] = "junk"
+    junk = src.get_update()
+    a.apply_update(junk)
+    assert a.state_hash() != b.state_hash()
+    b.apply_update(junk)
+    assert a.state_hash() == b.state_hash()
+    only_junk = make_world(1).nodes[0].doc
+    only_junk.apply_update(junk)
+    assert only_junk.state_hash() != empty.state_hash()
+    restarted = make_world(1).nodes[0].doc
+    restarted.load([only_junk.diff()])
+    assert restarted.state_hash() == only_junk.state_hash()
+
+
+def test_junk_entries_do_not_change_recall_scores_after_a_restart():
+    """A restarted node groups raw keys, junk ones included; BM25's document count must
+    not include them, or its scores (and so rankings) differ from a running node's."""
+    from pycrdt import Doc, Map
+
+    running = make_world(1).nodes[0].doc
+    for text in ("alpha beta", "alpha", "gamma delta", "alpha gamma words here"):
+        running.capture("s1", text, {})
+    src = Doc()
+    entries = src.get("entries", type=Map)
+    for i in range(20):
+        entries[f"{i:020x}/1700000000000000001/evil/ee"] = "not json"
+    running.apply_update(src.get_update())
+    restarted = make_world(1).nodes[0].doc
+    restarted.load([running.diff()])
+    for q in ("alpha", "alpha beta", "gamma"):
+        assert [(sc, m.id) for sc, m in running.search(q, 5)] == [
+            (sc, m.id) for sc, m in restarted.search(q, 5)
+        ]
+
+
 def _same_as_restarted(running: NamespaceDoc, queries: tuple[str, ...]) -> None:
     restarted = make_world(1).nodes[0].doc
     restarted.load([running.diff()])

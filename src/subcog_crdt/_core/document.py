@@ -120,6 +120,7 @@ class NamespaceDoc:
     def _on_transaction(self, event: TransactionEvent) -> None:
         update = event.update
         if len(update) > 2:  # b"\x00\x00" is an empty update
+            self._hash_cache = None  # any change, a write we ignore (junk) included
             self.outbox.append(update)
             if self._local_txn and self.on_local_update is not None:
                 # Hand a local write to peers the moment it exists, before the derived
@@ -143,11 +144,12 @@ class NamespaceDoc:
         """Equal on two nodes iff they hold the same entries (computed on demand: it reads
         every entry, so it is for checks and diagnostics, not hot paths)."""
         if self._hash_cache is None:
-            if not self._n_writes:
+            items = sorted(self.entries.items())  # junk too: it is part of the state
+            if not items:
                 self._hash_cache = "0" * 64
             else:
                 h = hashlib.blake2b(digest_size=32)
-                for key, value in sorted(self.entries.items()):
+                for key, value in items:
                     h.update(f"{key}\x00{value}\x00".encode())
                 self._hash_cache = h.hexdigest()
         return self._hash_cache
@@ -653,7 +655,6 @@ class NamespaceDoc:
         mid = w.memory_id
         m = self._mem(mid)
         self._n_writes += 1
-        self._hash_cache = None
         order = (w.at, w.session, w.node)
         if m is None or not m.keys:
             # New here; or known only by entries that no longer decode (junk under this

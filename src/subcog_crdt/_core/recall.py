@@ -42,7 +42,7 @@ class RecallIndex:
     """Maps document numbers to ranked matches. Text comes from a callback so the index
     does not keep a second copy of every memory."""
 
-    __slots__ = ("_dirty", "_lengths", "_live", "_postings", "_total_len")
+    __slots__ = ("_dirty", "_lengths", "_live", "_n_indexed", "_postings", "_total_len")
 
     def __init__(self) -> None:
         self._postings: defaultdict[str, array[int]] = defaultdict(_new_posting)
@@ -50,6 +50,10 @@ class RecallIndex:
         self._live = bytearray()
         self._dirty: set[int] = set()
         self._total_len = 0
+        # Documents with at least one word: BM25's N. Not len(_lengths): a node restarted
+        # from a document with junk entries holds numbers for them that a running node
+        # never made, and both must rank alike.
+        self._n_indexed = 0
 
     def new_docs(self, count: int) -> int:
         """Make ``count`` new (empty, not live) documents; return the first's number."""
@@ -71,7 +75,9 @@ class RecallIndex:
         for tok in tokens:
             postings[tok].append(doc)
             n += 1
-        self._total_len += n - self._lengths[doc]
+        before = self._lengths[doc]
+        self._total_len += n - before
+        self._n_indexed += (n > 0) - (before > 0)
         self._lengths[doc] = n
 
     def replace(self, doc: int, tokens: list[str]) -> None:
@@ -101,7 +107,7 @@ class RecallIndex:
         terms = list(dict.fromkeys(tokenize(query)))
         if not terms or limit <= 0:
             return []
-        n_docs = max(1, len(self._lengths))
+        n_docs = max(1, self._n_indexed)
         avg = (self._total_len / n_docs) or 1.0
         lengths = self._lengths
         live = self._live
