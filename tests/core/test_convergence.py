@@ -534,6 +534,66 @@ def test_junk_entries_do_not_change_recall_scores_after_a_restart():
         ]
 
 
+def test_a_capture_joins_the_same_moved_memory_running_and_restarted():
+    """Two memories were updated to the same content, then the smaller id was deleted.
+    A capture of that content must join the other one on a running node as on a
+    restarted one (the running node remembered only one moved memory per content)."""
+    running = make_world(1).nodes[0].doc
+    ids = [running.capture("s1", f"p{i}", {})[0].id for i in range(2)]
+    p, q = sorted(ids)
+    running.update("s1", p, {"content": "target"})
+    running.update("s1", q, {"content": "target"})
+    running.delete("s1", p)
+    restarted = make_world(1).nodes[0].doc
+    restarted.load([running.diff()])
+    assert running.capture("s2", "target", {})[0].id == q
+    assert restarted.capture("s2", "target", {})[0].id == q
+
+
+def test_a_write_after_seeing_a_far_future_one_still_sorts_after_it():
+    """A peer's clock is two hours fast (beyond what our clock follows). An update made
+    after seeing its write must still win over it, not silently lose (no conflict: it
+    saw that write)."""
+    from subcog_crdt._core.hlc import Hlc
+
+    now = 1_800_000_000_000
+
+    def node(nid: str, skew: int) -> NamespaceDoc:
+        return NamespaceDoc(
+            "ns", node_id=nid, hlc=Hlc(clock=lambda: now + skew), next_cursor=lambda: 1
+        )
+
+    a, b = node("00000000000000aa", 0), node("00000000000000bb", 2 * 3600 * 1000)
+    m, _ = a.capture("sa", "Use SQLite", {})
+    b.apply_update(a.diff())
+    b.update("sb", m.id, {"content": "Use Postgres"})
+    a.apply_update(b.diff(a.state_vector()))
+    mem, events = a.update("sa", m.id, {"content": "Use SQLite WAL"}, expected_version=2)
+    assert mem.content == "Use SQLite WAL" and mem.version == 3
+    assert [type(e).__name__ for e in events] == ["Updated"]
+    b.apply_update(a.diff(b.state_vector()))
+    assert a.get(m.id) == b.get(m.id)
+
+
+def test_no_write_can_follow_one_stamped_at_the_end_of_time():
+    from pycrdt import Doc, Map
+
+    from subcog_crdt._core.schema import encode_write, write_key
+    from subcog_crdt._errors import ConflictError
+
+    running = make_world(1).nodes[0].doc
+    m, _ = running.capture("s1", "fact", {})
+    evil = Doc()
+    evil.apply_update(running.diff())
+    key = write_key(m.id, "9999999999999ffffff", "evil", "ee")
+    evil.get("entries", type=Map)[key] = encode_write("update", "", {"content": "owned"})
+    running.apply_update(evil.get_update(running.doc.get_state()))
+    state = running.state_hash()
+    with pytest.raises(ConflictError, match="end of time"):
+        running.update("s1", m.id, {"content": "mine"})
+    assert running.state_hash() == state
+
+
 def _same_as_restarted(running: NamespaceDoc, queries: tuple[str, ...]) -> None:
     restarted = make_world(1).nodes[0].doc
     restarted.load([running.diff()])

@@ -18,7 +18,7 @@ from typing import Any
 from pycrdt import Doc, Map, TransactionEvent
 
 from subcog_crdt._core.events import Conflict, Deleted, Event, Updated, new_captured
-from subcog_crdt._core.hlc import STAMP_LEN, Hlc, stamp_datetime, valid_stamp
+from subcog_crdt._core.hlc import STAMP_LEN, Hlc, stamp_after, stamp_datetime, valid_stamp
 from subcog_crdt._core.memory import Memory, find_conflicts, first_capture, fold
 from subcog_crdt._core.recall import RecallIndex, tokenize
 from subcog_crdt._core.schema import (
@@ -95,7 +95,10 @@ class NamespaceDoc:
         self.outbox: list[bytes] = []
         self._mems: dict[str, _Mem] = {}
         self._by_doc: list[str] = []
-        self._moved: dict[int, str] = {}
+        # Content hash -> the memories an update gave that content ("moved here"); a
+        # capture of it joins the smallest live one, so running and restarted nodes agree
+        # whatever the order of arrival, deletes and later moves.
+        self._moved: dict[int, set[str]] = {}
         self._pending: list[MapInsert] = []
         self._tainted = False
         self._resolve_cursor = 0
@@ -226,6 +229,8 @@ class NamespaceDoc:
         self._set_normh(m, mid, normh)
         if any(w.op == "update" and "content" in w.changes for w in writes):
             self._note_moved(normh, mid)
+        else:  # (its content update may have been removed by a hostile writer)
+            self._forget_moved(normh, mid)
         self._to_index.append((m.doc, mem.content, mem.tags))
         if indexed:
             self._changed_docs.add(m.doc)
@@ -255,19 +260,33 @@ class NamespaceDoc:
             return False
         before = m.normh
         m.normh = normh
-        if before and self._moved.get(before) == mid:
-            del self._moved[before]
+        if before:
+            self._forget_moved(before, mid)
         return True
 
     def _note_moved(self, normh: int, mid: str) -> None:
-        """Remember that an update gave ``mid`` this content. With several such memories
-        the smallest live id is kept, so the choice does not depend on arrival order."""
-        cur = self._moved.get(normh)
-        if cur is not None and cur < mid:
-            m = self._mems.get(cur)
+        """Remember that an update gave ``mid`` this content."""
+        ids = self._moved.get(normh)
+        if ids is None:
+            self._moved[normh] = {mid}
+        else:
+            ids.add(mid)
+
+    def _forget_moved(self, normh: int, mid: str) -> None:
+        ids = self._moved.get(normh)
+        if ids is not None:
+            ids.discard(mid)
+            if not ids:
+                del self._moved[normh]
+
+    def _moved_here(self, normh: int) -> str | None:
+        """The smallest live memory an update gave this content, if any."""
+        live = []
+        for mid in self._moved.get(normh, ()):
+            m = self._mem(mid)
             if m is not None and m.exists and not m.deleted and m.normh == normh:
-                return
-        self._moved[normh] = mid
+                live.append(mid)
+        return min(live) if live else None
 
     def resolve_all(self) -> None:
         self.resolve_some(None)
@@ -382,11 +401,7 @@ class NamespaceDoc:
                 mid = candidate
                 break
         if mid is None and self._moved:
-            moved = self._moved.get(normh)
-            if moved is not None:
-                m = self._mem(moved)
-                if m is not None and m.exists and not m.deleted and m.normh == normh:
-                    mid = moved
+            mid = self._moved_here(normh)
         if mid is None:
             if revivable is None:
                 return self._local_write(unused, "capture", session, changes, normh)
@@ -436,6 +451,15 @@ class NamespaceDoc:
         m = self._mem(mid)
         base = _key_order(m.keys[-1])[0] if m is not None and m.keys else ""
         at = self._hlc.now()
+        if at <= base:  # its newest write is beyond how far our clock follows (MAX_DRIFT_MS)
+            after = stamp_after(base)
+            if after is None:
+                raise ConflictError(
+                    f"memory {mid!r} has a write stamped at the end of time ({base}): "
+                    "no later write can win over it; capture the content anew",
+                    memory_id=mid,
+                )
+            at = after
         key = write_key(mid, at, session, self.node_id)
         value = encode_write(op, base, changes)
         self._local_txn += 1

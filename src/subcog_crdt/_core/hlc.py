@@ -15,7 +15,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import lru_cache
 
-__all__ = ["STAMP_LEN", "Hlc", "stamp_datetime", "stamp_wall_ms", "valid_stamp"]
+__all__ = ["STAMP_LEN", "Hlc", "stamp_after", "stamp_datetime", "stamp_wall_ms", "valid_stamp"]
 
 STAMP_LEN = 19
 _COUNTER_MAX = 0xFFFFFF
@@ -74,6 +74,21 @@ class Hlc:
 
     def last(self) -> str:
         return f"{self._prefix}{self._counter:06x}"
+
+
+def stamp_after(stamp: str) -> str | None:
+    """The smallest stamp after ``stamp`` (None past the last one). A write to a memory
+    whose newest write is further ahead than the clock follows (:data:`MAX_DRIFT_MS`)
+    takes it, so a write made after seeing another still sorts after it, without
+    dragging the node's clock forward."""
+    wall = int(stamp[:13])
+    counter = int(stamp[13:], 16) + 1
+    if counter > _COUNTER_MAX:
+        wall += 1
+        counter = 0
+    if wall > 9_999_999_999_999:
+        return None
+    return f"{wall:013d}{counter:06x}"
 
 
 _STAMP = re.compile(r"[0-9]{13}[0-9a-f]{6}\Z")
