@@ -81,7 +81,7 @@ async def _start_discovery(api: ConversationsApi, transport: WebSocketTransport)
         if found.mesh_tag != tag:
             return  # another mesh: never dialled
         try:
-            transport.add_peer(found.url)
+            transport.add_peer(found.url, node_id=found.node_id)
         except Exception as exc:  # a bad advert must not stop discovery
             log.warning("not dialling %s: %s", found.url, exc)
         api._found_urls[found.node_id] = found.url

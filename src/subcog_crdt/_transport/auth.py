@@ -13,6 +13,15 @@ HMAC-SHA256 *proof* over a transcript that binds
 The secret itself never crosses the wire. Without a secret (loopback-only mode) proofs are
 empty byte strings; the transport enforces the loopback restriction instead.
 
+Proofs alone authenticate the two *endpoints*, not the bytes that follow: a relay that
+forwards the handshake verbatim would end up in the middle of an authenticated link. So a
+successful handshake with a secret also derives two *link keys*, one per direction, from
+the secret and the whole handshake transcript (:func:`link_keys`), and every later message
+carries a truncated HMAC over a per-direction sequence number and the message
+(:class:`MessageAuth`). Without the secret a relay can neither compute the keys nor forge,
+replay, reorder or drop a message unnoticed; a changed handshake message (say, a hello)
+gives the two sides different keys, so the link fails at its first message.
+
 :func:`mesh_tag` gives a one-way, public label of a secret for discovery adverts, so that
 nodes can skip peers of other meshes without revealing anything useful about the secret.
 """
@@ -27,11 +36,16 @@ from typing import Literal
 
 __all__ = [
     "NONCE_SIZE",
+    "TAG_SIZE",
     "Binding",
+    "MessageAuth",
     "Role",
+    "link_keys",
     "make_nonce",
     "make_proof",
     "mesh_tag",
+    "message_tag",
+    "transcript_hash",
     "verify_proof",
 ]
 
@@ -42,6 +56,14 @@ Role = Literal["client", "server"]
 
 _PROOF_LABEL = b"subcog-crdt handshake v1"
 _TAG_LABEL = b"subcog-crdt mesh tag v1"
+_TRANSCRIPT_LABEL = b"subcog-crdt transcript v1"
+_LINK_LABEL = b"subcog-crdt link key v1"
+_CLIENT_TO_SERVER = b"client->server"
+_SERVER_TO_CLIENT = b"server->client"
+
+TAG_SIZE = 16
+"""Bytes of the message authentication tag appended to every message of a keyed link
+(HMAC-SHA256 truncated to 128 bits)."""
 
 
 def make_nonce() -> bytes:
@@ -102,3 +124,109 @@ def mesh_tag(secret: bytes) -> str:
     lets a node skip peers of other meshes; it authenticates nothing.
     """
     return hmac.new(secret, _TAG_LABEL, hashlib.sha256).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- link keys
+
+
+def transcript_hash(*messages: bytes) -> bytes:
+    """SHA-256 over the exact bytes of the handshake messages, each length-prefixed, in
+    the order they were sent. Both sides compute it over what they sent and received, so
+    any change in transit gives them different values (and different link keys)."""
+    digest = hashlib.sha256(_field(_TRANSCRIPT_LABEL))
+    for message in messages:
+        digest.update(len(message).to_bytes(4, "big"))
+        digest.update(message)
+    return digest.digest()
+
+
+def link_keys(secret: bytes, binding: Binding, transcript: bytes) -> tuple[bytes, bytes]:
+    """The two link keys ``(client_to_server, server_to_client)`` of one handshake.
+
+    ``key = HMAC-SHA256(secret, label || direction || client nonce || server nonce ||
+    client id || server id || transcript)``, every part length-prefixed. Fresh nonces make
+    the keys unique per connection; the direction label makes the two keys independent, so
+    a message can never be reflected back to its sender.
+    """
+
+    def derive(direction: bytes) -> bytes:
+        data = b"".join(
+            (
+                _field(_LINK_LABEL),
+                _field(direction),
+                _field(binding.client_nonce),
+                _field(binding.server_nonce),
+                _field(binding.client_id.encode()),
+                _field(binding.server_id.encode()),
+                _field(transcript),
+            )
+        )
+        return hmac.digest(secret, data, "sha256")
+
+    return derive(_CLIENT_TO_SERVER), derive(_SERVER_TO_CLIENT)
+
+
+def message_tag(key: bytes, seq: int, message: bytes | memoryview) -> bytes:
+    """``HMAC-SHA256(key, seq as 8 bytes big-endian || message)``, first :data:`TAG_SIZE`
+    bytes (the reference form; :class:`MessageAuth` computes the same faster)."""
+    return _Hmac(key).tag(seq, message)
+
+
+class _Hmac:
+    """HMAC-SHA256 keyed once: each tag copies the keyed state instead of running the key
+    schedule again (~5 us against ~6 us for ``hmac.digest`` with the sequence number
+    joined to the message, which would also copy the message)."""
+
+    __slots__ = ("_keyed",)
+
+    def __init__(self, key: bytes) -> None:
+        self._keyed = hmac.new(key, digestmod="sha256")
+
+    def tag(self, seq: int, message: bytes | memoryview) -> bytes:
+        h = self._keyed.copy()
+        h.update(seq.to_bytes(8, "big"))
+        h.update(message)
+        return h.digest()[:TAG_SIZE]
+
+
+class MessageAuth:
+    """The message authentication state of one keyed link, from one side's view.
+
+    :meth:`seal` appends the tag for the next outgoing sequence number; :meth:`open`
+    checks and strips the tag of the next incoming one. Sequence numbers start at 0 in each
+    direction and count every message, so a replayed, reordered or dropped message fails
+    the check of the one expected in its place.
+    """
+
+    __slots__ = ("_recv_key", "_recv_seq", "_send_key", "_send_seq")
+
+    def __init__(self, send_key: bytes, recv_key: bytes) -> None:
+        self._send_key = _Hmac(send_key)
+        self._recv_key = _Hmac(recv_key)
+        self._send_seq = 0
+        self._recv_seq = 0
+
+    @classmethod
+    def for_role(cls, role: Role, keys: tuple[bytes, bytes]) -> MessageAuth:
+        """The state of the ``role`` side, given :func:`link_keys`."""
+        to_server, to_client = keys
+        return cls(to_server, to_client) if role == "client" else cls(to_client, to_server)
+
+    def seal(self, message: bytes) -> bytes:
+        """``message || tag``; call once per message, in the order they are sent."""
+        tag = self._send_key.tag(self._send_seq, message)
+        self._send_seq += 1
+        return message + tag
+
+    def open(self, sealed: bytes) -> bytes | None:
+        """The message without its tag, or None if the tag is not the one expected for the
+        next sequence number (then nothing may be trusted on this link any more)."""
+        size = len(sealed) - TAG_SIZE
+        if size < 0:
+            return None
+        view = memoryview(sealed)
+        expected = self._recv_key.tag(self._recv_seq, view[:size])
+        if not hmac.compare_digest(expected, view[size:]):
+            return None
+        self._recv_seq += 1
+        return sealed[:size]

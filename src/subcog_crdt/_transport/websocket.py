@@ -16,6 +16,21 @@ The proofs bind both fresh nonces and both node ids (see :mod:`.auth`), so a rec
 handshake cannot be replayed. The :class:`~.base.Hello` (which names namespaces, user and
 URL) is only sent to a side that has already proven the secret.
 
+With a secret, the handshake also derives two link keys (one per direction) from the secret,
+both nonces, both node ids and a hash of the four handshake messages as sent, and every
+later message on the link is ``frame || tag``: the first 16 bytes of HMAC-SHA256(key,
+sequence number as 8 bytes || frame), the sequence number counting the messages of that
+direction from 0. A message whose tag is not the one expected closes the link with 4012
+and is never handed over, so a relay that forwarded the handshake can neither inject,
+replay, reorder nor drop messages. It can still read them: confidentiality needs TLS
+(``ssl=``). Without a secret (loopback only) messages carry no tag.
+
+Before the peer is authenticated, what it can make this node buffer is bounded: each
+handshake message may be at most :data:`HANDSHAKE_MAX_FRAME` bytes and only the expected
+handshake messages may arrive (:class:`_HandshakeGuard`, which checks frame headers before
+aiohttp buffers a byte of their payload), and at most ``max_handshakes`` connections may
+be in the handshake at once; the next one is refused with HTTP 503.
+
 Close codes (also in :data:`CLOSE_CODES`)::
 
     1000  normal              the link's handler returned, or ``close()`` was called
@@ -29,6 +44,8 @@ Close codes (also in :data:`CLOSE_CODES`)::
     4009  too large           a frame over ``max_frame``
     4010  duplicate           a link between these two nodes already exists (or wins a race)
     4011  self                a node dialled itself
+    4012  message auth        a message's authentication tag is wrong (tampered, injected,
+                              replayed, reordered or dropped message on a keyed link)
 
 One link per pair of nodes. A node refuses a new connection to a node it already has a link
 with. When both dial at once, the connection dialled by the node with the lower node id
@@ -92,6 +109,7 @@ __all__ = [
     "CLOSE_GOING_AWAY",
     "CLOSE_HANDLER_ERROR",
     "CLOSE_HANDSHAKE_TIMEOUT",
+    "CLOSE_MAC",
     "CLOSE_NORMAL",
     "CLOSE_PROTOCOL",
     "CLOSE_SELF",
@@ -119,6 +137,7 @@ CLOSE_HANDSHAKE_TIMEOUT: Final = 4008
 CLOSE_TOO_LARGE: Final = 4009
 CLOSE_DUPLICATE: Final = 4010
 CLOSE_SELF: Final = 4011
+CLOSE_MAC: Final = 4012
 
 CLOSE_CODES: Final[dict[int, str]] = {
     CLOSE_NORMAL: "normal",
@@ -132,11 +151,16 @@ CLOSE_CODES: Final[dict[int, str]] = {
     CLOSE_TOO_LARGE: "frame too large",
     CLOSE_DUPLICATE: "duplicate link",
     CLOSE_SELF: "connection to self",
+    CLOSE_MAC: "message authentication failed",
 }
 
 HANDSHAKE_TIMEOUT: Final = 5.0
 HANDSHAKE_MAX_FRAME: Final = 64 * 1024
-"""Handshake messages are tiny; anything bigger is hostile."""
+"""Handshake messages are tiny; anything bigger is hostile (refused from its frame header)."""
+HANDSHAKE_MESSAGES: Final = 2
+"""Messages each side receives in the handshake (hello + auth, or challenge + welcome)."""
+MAX_HANDSHAKES: Final = 64
+"""Default bound on incoming connections in the handshake at once (unauthenticated)."""
 MAX_NODE_ID: Final = 256
 BACKOFF_START: Final = 0.1
 BACKOFF_CAP: Final = 5.0
@@ -157,7 +181,178 @@ _AIOHTTP_CODE_MAP: Final[dict[int, int]] = {
 # PeerUnreachable lives in the exception tree (_errors); re-exported here for callers.
 
 
-class _ServerWs(web.WebSocketResponse):
+class _HandshakeGuard:
+    """Sits between aiohttp's connection protocol and its WebSocket reader, and bounds what
+    an unauthenticated peer can make us buffer.
+
+    aiohttp fixes a reader's ``max_msg_size`` when the WebSocket opens (the C reader keeps
+    it in a private C field), but a link needs 16 MiB messages after the handshake and only
+    64 KiB during it. So the reader is created with the link's limit, and this guard reads
+    the frame headers of every byte before the reader gets it: until :meth:`release`, a
+    data message may be at most ``limit`` bytes, and at most ``messages`` of them may
+    arrive. A header announcing more is refused before any of its payload is buffered
+    (the chunk carrying it never reaches the reader): the WebSocket then fails with
+    ``code``, as if aiohttp's own reader had refused it. After release it only forwards.
+
+    Installed through :class:`_GuardedParser`; aiohttp calls ``feed_data``/``feed_eof``.
+    """
+
+    __slots__ = (
+        "_budget",
+        "_data_frame",
+        "_failed",
+        "_fin",
+        "_head",
+        "_in_message",
+        "_limit",
+        "_open",
+        "_open_after",
+        "_payload_left",
+        "_queue",
+        "_reader",
+        "_size",
+    )
+
+    def __init__(self, reader: Any, queue: Any, *, limit: int, messages: int) -> None:
+        self._reader = reader
+        self._queue = queue
+        self._limit = limit
+        self._budget = messages  # data messages that may still start before release
+        self._open = False
+        self._open_after = 0
+        self._failed = False
+        self._head = b""  # an incomplete frame header
+        self._payload_left = 0  # payload bytes of the current frame still to come
+        self._data_frame = False
+        self._fin = False
+        self._in_message = False
+        self._size = 0  # bytes of the current data message so far
+
+    @property
+    def released(self) -> bool:
+        return self._open
+
+    def release(self, after: int = 0) -> None:
+        """Stop checking once ``after`` more data messages have ended (0: now)."""
+        if after <= 0:
+            self._open = True
+        else:
+            self._open_after = after
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        if self._open:
+            result: tuple[bool, bytes] = self._reader.feed_data(data)
+            return result
+        if self._failed:
+            return True, b""
+        fault = self._scan(data)
+        if fault is not None:
+            self._failed = True
+            self._queue.set_exception(aiohttp.WebSocketError(*fault))
+            return True, b""
+        result = self._reader.feed_data(data)
+        return result
+
+    def feed_eof(self) -> None:
+        self._reader.feed_eof()
+
+    def _scan(self, data: bytes) -> tuple[int, str] | None:
+        pos, end = 0, len(data)
+        while pos < end and not self._open:
+            if self._payload_left:
+                step = min(self._payload_left, end - pos)
+                self._payload_left -= step
+                pos += step
+                if not self._payload_left:
+                    self._frame_done()
+                continue
+            take = data[pos : pos + 14 - len(self._head)]  # a header is 2..14 bytes
+            head = self._head + take
+            if len(head) < 2:
+                self._head = head
+                return None
+            flag = head[1] & 0x7F
+            masked = bool(head[1] & 0x80)
+            size = 2 + (2 if flag == 126 else 8 if flag == 127 else 0) + (4 if masked else 0)
+            if len(head) < size:
+                self._head = head  # ``take`` was the rest of ``data``
+                return None
+            pos += size - len(self._head)
+            self._head = b""
+            length = flag if flag < 126 else int.from_bytes(head[2 : 4 if flag == 126 else 10])
+            fault = self._frame_start(head[0] & 0x0F, bool(head[0] & 0x80), length)
+            if fault is not None:
+                return fault
+            self._payload_left = length
+            if not length:
+                self._frame_done()
+        return None
+
+    def _frame_start(self, opcode: int, fin: bool, length: int) -> tuple[int, str] | None:
+        if opcode >= 0x8:  # control frame (aiohttp validates it further)
+            self._data_frame = False
+            if length > 125:
+                return CLOSE_PROTOCOL, "control frame over 125 bytes"
+            return None
+        self._data_frame, self._fin = True, fin
+        if opcode == 0x0:
+            if not self._in_message:
+                return CLOSE_PROTOCOL, "continuation frame without a message"
+        elif opcode in (0x1, 0x2):
+            if self._in_message:
+                return CLOSE_PROTOCOL, "new message inside a fragmented one"
+            if self._budget <= 0:
+                return CLOSE_PROTOCOL, "unexpected message during the handshake"
+            self._budget -= 1
+            self._in_message, self._size = True, 0
+        else:
+            return CLOSE_PROTOCOL, f"unexpected opcode {opcode}"
+        self._size += length
+        if self._size > self._limit:
+            return CLOSE_TOO_LARGE, f"handshake message over {self._limit} bytes"
+        return None
+
+    def _frame_done(self) -> None:
+        if self._data_frame and self._fin:
+            self._in_message = False
+            if self._open_after:
+                self._open_after -= 1
+                if not self._open_after:
+                    self._open = True
+
+
+class _GuardedParser:
+    """Mixin for aiohttp's WebSocket classes: wraps the reader aiohttp creates in a
+    :class:`_HandshakeGuard` before aiohttp hands it to the connection.
+
+    aiohttp 3.x (checked with 3.14) assigns the new reader to ``self._parser`` (the server
+    in ``_post_start``, the client in ``ClientSession._ws_connect``) and right after passes
+    ``self._parser`` to the protocol's ``set_parser``, which feeds it any bytes received
+    so far. This property intercepts that assignment. Should an aiohttp version stop doing
+    it, ``_guard`` stays None and the transport refuses the connection loudly (it never
+    runs unguarded); ``tests/transport/test_link_security.py`` checks the hook.
+    """
+
+    _reader: Any
+    _guard: _HandshakeGuard | None = None
+    _guarded: Any = None
+
+    @property
+    def _parser(self) -> Any:
+        return self._guarded
+
+    @_parser.setter
+    def _parser(self, reader: Any) -> None:
+        if reader is None:  # aiohttp drops its reader when the WebSocket closes
+            self._guarded = None
+            return
+        guard = _HandshakeGuard(
+            reader, self._reader, limit=HANDSHAKE_MAX_FRAME, messages=HANDSHAKE_MESSAGES
+        )
+        self._guard = self._guarded = guard
+
+
+class _ServerWs(_GuardedParser, web.WebSocketResponse):
     """aiohttp's server WebSocket, reporting parser faults with the mesh's close codes."""
 
     async def close(
@@ -169,7 +364,7 @@ class _ServerWs(web.WebSocketResponse):
         return await super().close(code=code, message=message, drain=drain)
 
 
-class _ClientWs(aiohttp.ClientWebSocketResponse):
+class _ClientWs(_GuardedParser, aiohttp.ClientWebSocketResponse):
     """aiohttp's client WebSocket, reporting parser faults with the mesh's close codes."""
 
     async def close(self, *, code: int = aiohttp.WSCloseCode.OK, message: bytes = b"") -> bool:
@@ -425,9 +620,11 @@ class WebSocketLink:
         max_frame: int,
         recv_buffer: int,
         ready: bool = True,
+        mac: auth.MessageAuth | None = None,
     ) -> None:
         self._ws = ws
         self._peer = peer
+        self._mac = mac
         self.dialled_by_us = dialled_by_us
         """True if this node opened the connection (the client side)."""
         self._max_frame = max_frame
@@ -481,10 +678,13 @@ class WebSocketLink:
         async with self._send_lock:
             if self.closed:
                 raise ClosedError(f"link to {self._peer.node_id} is closed")
+            data = bytes(frame)
+            if self._mac is not None:
+                data = self._mac.seal(data)  # under the lock: tags follow the send order
             try:
                 # aiohttp writes, then awaits the socket's drain once its buffer passes
                 # the writer limit: that await is the backpressure.
-                await self._ws.send_bytes(bytes(frame))
+                await self._ws.send_bytes(data)
             except (ConnectionError, aiohttp.ClientError, RuntimeError) as exc:
                 raise ClosedError(f"link to {self._peer.node_id} broke: {exc}") from exc
 
@@ -594,12 +794,19 @@ class WebSocketLink:
                 msg = await self._ws.receive()
                 kind = msg.type
                 if kind is WSMsgType.BINARY:
+                    data: bytes = msg.data
+                    if self._mac is not None:
+                        opened = self._mac.open(data)
+                        if opened is None:
+                            await self._refuse_message(len(data))
+                            return
+                        data = opened
                     if self._consumer is not None and self._drainer is None and not self._inbox:
-                        self._hand_over(msg.data)
+                        self._hand_over(data)
                     elif self._consumed is None:
-                        await self._inbox.put(msg.data)  # for iteration, or consume() later
+                        await self._inbox.put(data)  # for iteration, or consume() later
                     elif self._consumer is not None:
-                        await self._inbox.put(msg.data)  # behind frames still being drained
+                        await self._inbox.put(data)  # behind frames still being drained
                         if self._drainer is None and self._consumer is not None:
                             # The drain task emptied the inbox and ended while we waited
                             # for room: this frame (and any after it) must follow in order.
@@ -628,6 +835,17 @@ class WebSocketLink:
                     return
         finally:
             self._finish()
+
+    async def _refuse_message(self, size: int) -> None:
+        """A message failed authentication: hand nothing over any more, close with 4012."""
+        self._record(
+            CLOSE_MAC,
+            f"message authentication failed (message of {size} bytes; injected, altered, "
+            "replayed, reordered or dropped in transit, or another transcript)",
+        )
+        self._closing = True
+        self._inbox.close()  # frames authenticated before this one are still handed over
+        await self._ws.close(code=CLOSE_MAC, message=CLOSE_CODES[CLOSE_MAC].encode())
 
     def _finish(self) -> None:
         if self._done.is_set():
@@ -687,6 +905,7 @@ class WebSocketTransport:
         setup_app: Callable[[web.Application], None] | None = None,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         recv_buffer: int = 4 * 1024 * 1024,
+        max_handshakes: int = MAX_HANDSHAKES,
     ) -> None:
         if not node_id or len(node_id) > MAX_NODE_ID:
             raise InvalidArgument(f"node_id must be 1..{MAX_NODE_ID} characters")
@@ -698,8 +917,16 @@ class WebSocketTransport:
             raise InvalidArgument(
                 f"without a mesh secret the node listens on loopback only, not {host!r}"
             )
-        if max_frame <= 0 or heartbeat <= 0 or dead_after <= 0 or handshake_timeout <= 0:
-            raise InvalidArgument("max_frame, heartbeat, dead_after, handshake_timeout > 0")
+        if (
+            max_frame <= 0
+            or heartbeat <= 0
+            or dead_after <= 0
+            or handshake_timeout <= 0
+            or max_handshakes <= 0
+        ):
+            raise InvalidArgument(
+                "max_frame, heartbeat, dead_after, handshake_timeout, max_handshakes > 0"
+            )
         self.node_id = node_id
         self._hello = hello
         self._on_link = on_link
@@ -709,6 +936,11 @@ class WebSocketTransport:
         self._ssl = ssl
         self._client_ssl = client_ssl
         self._max_frame = max_frame
+        # What a WebSocket message may carry: a frame and, on a keyed link, its tag (so a
+        # max_frame frame is never refused for the tag). aiohttp refuses sizes >= its limit.
+        self._max_msg_size = max_frame + (auth.TAG_SIZE if secret is not None else 0) + 1
+        self._max_handshakes = max_handshakes
+        self._unauthenticated = 0
         # aiohttp declares a peer dead `heartbeat/2` after an unanswered ping that it sends
         # `heartbeat` after the last traffic: 1.5 intervals in all.
         self._heartbeat = min(heartbeat, dead_after / 1.5)
@@ -935,15 +1167,42 @@ class WebSocketTransport:
         if self._secret is None and not is_loopback(request.remote):
             log.warning("refused %s: loopback only without a mesh secret", request.remote)
             raise web.HTTPForbidden(text="loopback only without a mesh secret")
+        if self._unauthenticated >= self._max_handshakes:
+            log.warning(
+                "refused %s: %d handshakes in progress", request.remote, self._max_handshakes
+            )
+            raise web.HTTPServiceUnavailable(text="too many handshakes in progress")
+        # Counted (no await since the check) until authenticated or gone, so the bound on
+        # what unauthenticated peers can make us buffer holds for the whole node.
+        self._unauthenticated += 1
+        counted = True
+
+        def handshake_over() -> None:
+            nonlocal counted
+            if counted:
+                counted = False
+                self._unauthenticated -= 1
+
+        try:
+            return await self._serve_ws(request, handshake_over)
+        finally:
+            handshake_over()
+
+    async def _serve_ws(
+        self, request: web.Request, handshake_over: Callable[[], None]
+    ) -> web.StreamResponse:
         ws = _ServerWs(
             heartbeat=self._heartbeat,
-            max_msg_size=self._max_frame + 1,  # aiohttp rejects sizes >= its limit
+            max_msg_size=self._max_msg_size,  # after the handshake; _HandshakeGuard before
             timeout=self._close_timeout,
             compress=False,
         )
         await ws.prepare(request)
         self._handshaking.add(ws)
         try:
+            if ws._guard is None:
+                log.error("aiohttp %s: cannot bound handshake messages", aiohttp.__version__)
+                raise _HandshakeFailure(CLOSE_HANDLER_ERROR, "handshake guard unavailable")
             async with asyncio.timeout(self._handshake_timeout):
                 link = await self._server_handshake(ws)
         except _HandshakeFailure as failure:
@@ -963,29 +1222,41 @@ class WebSocketTransport:
             return ws
         finally:
             self._handshaking.discard(ws)
+            handshake_over()
         log.info("accepted link from %s (%s)", link.peer.node_id, request.remote)
         await self._run_link(link)
         return ws
 
     async def _server_handshake(self, ws: _ServerWs) -> WebSocketLink:
-        first = _unpack(await _recv_handshake(ws), "hello")
+        guard = ws._guard
+        assert guard is not None
+        raw_first = await _recv_handshake(ws)
+        first = _unpack(raw_first, "hello")
         client_id, client_nonce = _node_id(first), _nonce(first)
         if client_id == self.node_id:
             raise _HandshakeFailure(CLOSE_SELF, "a node cannot link to itself")
         server_nonce = auth.make_nonce()
         binding = auth.Binding(client_nonce, server_nonce, client_id, self.node_id)
         proof = auth.make_proof(self._secret, "server", binding)
-        await ws.send_bytes(
-            _pack("challenge", node_id=self.node_id, nonce=server_nonce, proof=proof)
-        )
-        third = _unpack(await _recv_handshake(ws), "auth")
+        second = _pack("challenge", node_id=self.node_id, nonce=server_nonce, proof=proof)
+        await ws.send_bytes(second)
+        raw_third = await _recv_handshake(ws)
+        third = _unpack(raw_third, "auth")
         client_proof = _field(third, "proof", bytes)
         if not auth.verify_proof(self._secret, "client", client_proof, binding):
             raise _HandshakeFailure(CLOSE_AUTH, "client could not prove the mesh secret")
         peer = decode_hello(third.get("hello"))
         if peer.node_id != client_id:
             raise _HandshakeFailure(CLOSE_PROTOCOL, "hello names another node than the handshake")
+        # The client proved the secret and sends nothing more until our welcome: from here
+        # on its messages may be as large as the link allows.
+        guard.release()
         welcome = _pack("welcome", hello=_describe_self(self._hello))
+        mac = None
+        if self._secret is not None:
+            transcript = auth.transcript_hash(raw_first, second, raw_third, welcome)
+            keys = auth.link_keys(self._secret, binding, transcript)
+            mac = auth.MessageAuth.for_role("server", keys)
         link = WebSocketLink(
             ws,
             peer,
@@ -993,6 +1264,7 @@ class WebSocketTransport:
             max_frame=self._max_frame,
             recv_buffer=self._recv_buffer,
             ready=False,
+            mac=mac,
         )
         self._register(link)
         try:
@@ -1017,8 +1289,12 @@ class WebSocketTransport:
             parsed = parsed.with_path(PATH)
         return parsed
 
-    async def connect(self, url: str) -> WebSocketLink:
+    async def connect(self, url: str, *, node_id: str | None = None) -> WebSocketLink:
         """Dial ``url`` once; return the link when established.
+
+        ``node_id``: the node expected there (say, from discovery); if the node that proves
+        the secret at ``url`` is another one, the dial fails with :class:`AuthError` before
+        anything about this node is sent.
 
         If a link to that node exists (or the peer's simultaneous dial wins), returns that
         link instead. Raises :class:`AuthError`, :class:`ProtocolError`,
@@ -1034,7 +1310,7 @@ class WebSocketTransport:
                 ws = await session.ws_connect(
                     target,
                     heartbeat=self._heartbeat,
-                    max_msg_size=self._max_frame + 1,
+                    max_msg_size=self._max_msg_size,  # after the handshake; the guard before
                     timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=self._close_timeout),
                     ssl=self._client_ssl if self._client_ssl is not None else True,
                 )
@@ -1050,8 +1326,11 @@ class WebSocketTransport:
         peer_id: str | None = None
         try:
             try:
+                if ws._guard is None:
+                    log.error("aiohttp %s: cannot bound handshake messages", aiohttp.__version__)
+                    raise _HandshakeFailure(CLOSE_HANDLER_ERROR, "handshake guard unavailable")
                 async with asyncio.timeout(self._handshake_timeout):
-                    link, peer_id = await self._client_handshake(ws)
+                    link, peer_id = await self._client_handshake(ws, node_id)
             except TimeoutError:
                 raise _HandshakeFailure(CLOSE_HANDSHAKE_TIMEOUT, "handshake timeout") from None
         except _HandshakeFailure as failure:
@@ -1076,10 +1355,16 @@ class WebSocketTransport:
         self._spawn(self._run_link(link), name=f"subcog-link-pump-{link.peer.node_id}")
         return link
 
-    async def _client_handshake(self, ws: _ClientWs) -> tuple[WebSocketLink | None, str]:
+    async def _client_handshake(
+        self, ws: _ClientWs, expected_id: str | None
+    ) -> tuple[WebSocketLink | None, str]:
+        guard = ws._guard
+        assert guard is not None
         client_nonce = auth.make_nonce()
-        await ws.send_bytes(_pack("hello", node_id=self.node_id, nonce=client_nonce))
-        second = _unpack(await _recv_handshake(ws), "challenge")
+        first = _pack("hello", node_id=self.node_id, nonce=client_nonce)
+        await ws.send_bytes(first)
+        raw_second = await _recv_handshake(ws)
+        second = _unpack(raw_second, "challenge")
         server_id, server_nonce = _node_id(second), _nonce(second)
         server_proof = _field(second, "proof", bytes)
         if server_id == self.node_id:
@@ -1087,13 +1372,22 @@ class WebSocketTransport:
         binding = auth.Binding(client_nonce, server_nonce, self.node_id, server_id)
         if not auth.verify_proof(self._secret, "server", server_proof, binding):
             raise _HandshakeFailure(CLOSE_AUTH, "server could not prove the mesh secret")
+        if expected_id is not None and server_id != expected_id:
+            raise _HandshakeFailure(
+                CLOSE_AUTH, f"expected node {expected_id!r} there, found {server_id!r}"
+            )
+        # The server proved the secret; the welcome (still a handshake message, checked
+        # against the handshake limit) is the last message before link frames, which the
+        # server may send right behind it: those may be as large as the link allows.
+        guard.release(after=1)
+        transcript = (first, raw_second)
         existing = self._links.get(server_id)
         if existing is not None and not existing.closed:
             await ws.close(code=CLOSE_DUPLICATE, message=b"already linked")
             return None, server_id
         self._dialling[server_id] = self._dialling.get(server_id, 0) + 1
         try:
-            return await self._client_finish(ws, server_id, binding), server_id
+            return await self._client_finish(ws, server_id, binding, transcript), server_id
         except _HandshakeFailure as failure:
             failure.peer_id = server_id
             raise
@@ -1103,38 +1397,51 @@ class WebSocketTransport:
                 del self._dialling[server_id]
 
     async def _client_finish(
-        self, ws: _ClientWs, server_id: str, binding: auth.Binding
+        self,
+        ws: _ClientWs,
+        server_id: str,
+        binding: auth.Binding,
+        transcript: tuple[bytes, bytes],
     ) -> WebSocketLink:
         """Handshake messages 3 and 4, while this dial counts as under way."""
         proof = auth.make_proof(self._secret, "client", binding)
+        third = _pack("auth", proof=proof, hello=_describe_self(self._hello))
         try:
-            await ws.send_bytes(_pack("auth", proof=proof, hello=_describe_self(self._hello)))
+            await ws.send_bytes(third)
         except (ConnectionError, aiohttp.ClientError) as exc:
             raise _HandshakeFailure(CLOSE_ABNORMAL, f"peer went away: {exc}") from exc
-        fourth = _unpack(await _recv_handshake(ws), "welcome")
+        raw_fourth = await _recv_handshake(ws)
+        fourth = _unpack(raw_fourth, "welcome")
         peer = decode_hello(fourth.get("hello"))
         if peer.node_id != server_id:
             raise _HandshakeFailure(CLOSE_PROTOCOL, "hello names another node")
+        mac = None
+        if self._secret is not None:
+            digest = auth.transcript_hash(*transcript, third, raw_fourth)
+            keys = auth.link_keys(self._secret, binding, digest)
+            mac = auth.MessageAuth.for_role("client", keys)
         link = WebSocketLink(
             ws,
             peer,
             dialled_by_us=True,
             max_frame=self._max_frame,
             recv_buffer=self._recv_buffer,
+            mac=mac,
         )
         self._register(link)
         return link
 
     # ------------------------------------------------------------------ redial
 
-    def add_peer(self, url: str) -> None:
+    def add_peer(self, url: str, *, node_id: str | None = None) -> None:
         """Keep a link to ``url``: dial now and redial (exponential backoff with jitter)
-        after failures or disconnects, until :meth:`remove_peer` or close."""
+        after failures or disconnects, until :meth:`remove_peer` or close. ``node_id``: the
+        node expected there (see :meth:`connect`)."""
         self._check_open()
         self._check_url(url)
         if url in self._redialers:
             return
-        task = asyncio.create_task(self._keep_peer(url), name=f"subcog-redial-{url}")
+        task = asyncio.create_task(self._keep_peer(url, node_id), name=f"subcog-redial-{url}")
         task.add_done_callback(self._task_done)  # logs an unexpected failure
         self._redialers[url] = task
 
@@ -1145,14 +1452,14 @@ class WebSocketTransport:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
-    async def _keep_peer(self, url: str) -> None:
+    async def _keep_peer(self, url: str, expected_id: str | None = None) -> None:
         delay = BACKOFF_START
-        node_id: str | None = None
+        node_id: str | None = expected_id
         while self._state is _State.OPEN:
             link = self._links.get(node_id) if node_id is not None else None
             if link is None or link.closed:
                 try:
-                    link = await self.connect(url)
+                    link = await self.connect(url, node_id=expected_id)
                 except ClosedError:
                     return
                 except InvalidArgument:
