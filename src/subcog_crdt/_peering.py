@@ -3,7 +3,8 @@
 A WebSocket message carries one or more msgpack arrays back to back (coalescing: while a
 send is in flight, queued frames go out together in the next message). Frame types:
 
-``[0, namespaces, filter, sessions, peers]``  hello: what this node syncs and hosts
+``[0, namespaces, filter, sessions, peers, max_frame?]``  hello: what this node syncs and
+                                                hosts; the largest frame it accepts
 ``[1, ns, state_vector]``                       sync step 1: "this is what I have"
 ``[2, ns, update, more]``                       sync step 2: what you miss (chunked)
 ``[3, ns, origin_node, update]``                a live update
@@ -14,7 +15,14 @@ send is in flight, queued frames go out together in the next message). Frame typ
 
 Live updates are never echoed to the link they came from, and forwarded to a linked peer
 only when that peer is not itself linked to the update's origin; anti-entropy (step 1/2 on
-every new link, and again after an overflow) repairs anything a topology change missed.
+every new link, after an overflow, and when a peer's links change) repairs anything a
+topology change missed.
+
+What a peer says costs this node little: a namespace it names is only remembered (a
+document is created when content for it arrives, within per-link and node-wide bounds),
+and a request (step 1, resync) is queued at most once per namespace and answered from the
+document as it is when the answer is sent, so the queue holds requests, not copies of the
+state.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from subcog_crdt._core.schema import check_namespace
+from subcog_crdt._core.ydecode import UpdateDecodeError, decode_state_vector, read_update
 from subcog_crdt._errors import (
     ClosedError,
     InvalidArgument,
@@ -39,7 +48,7 @@ from subcog_crdt._errors import (
     SubcogError,
 )
 from subcog_crdt._lifecycle import cancel_and_wait
-from subcog_crdt._transport.base import Link
+from subcog_crdt._transport.base import DEFAULT_MAX_FRAME, Link
 
 if TYPE_CHECKING:
     from subcog_crdt._api import ConversationsApi
@@ -49,7 +58,16 @@ __all__ = ["F_UPDATE", "YIELD_TO_LOCAL_PEERS", "PeerSync", "is_live_update"]
 log = logging.getLogger(__name__)
 
 F_HELLO, F_SV, F_DIFF, F_UPDATE, F_SESSIONS, F_PEERS, F_NAMESPACE, F_RESYNC = range(8)
-_MAX_DIFF = 1 << 30  # step-2 bytes being reassembled per link, all namespaces together
+_MAX_DIFF = 1 << 30
+"""Step-2 bytes being reassembled, all links and namespaces of a node together: a peer's
+full state may legitimately span many frames (nothing about ``max_frame`` bounds it), but
+more links must not multiply what peers can make this node buffer."""
+_MAX_OFFERED = 4096  # namespaces a peer holds and this node does not, remembered per link
+_MAX_ADOPTED = 4096  # namespaces one link's content may make this node create
+_LOCAL_RESERVE = 10
+"""Peers' content never makes this node create its last ``MAX_NAMESPACES // 10``
+documents: those stay for its own sessions."""
+_EMPTY_SV = b"\x00"  # the state vector of an empty document: "send me everything"
 _QUEUE_BYTES = 64 << 20  # past this, live updates are dropped and the peer resynced
 _QUEUE_HARD_BYTES = 512 << 20  # past this even control frames: the peer is disconnected
 _QUEUE_FRAMES = 4096
@@ -121,11 +139,23 @@ class PeerSync:
         self.url = link.peer.url
         self.peer_filter: frozenset[str] | None = None
         self.peer_peers: frozenset[str] = frozenset()
+        self.peer_max_frame = DEFAULT_MAX_FRAME
+        """The largest frame the peer accepts (its hello says; the default if it does not)."""
         self.shared: set[str] = set()
+        """Namespaces synced with this peer: this node holds them and both sides sync them."""
+        self.offered: set[str] = set()
+        """Namespaces the peer holds, both sides sync, and this node does not hold (yet);
+        at most :data:`_MAX_OFFERED`."""
+        self.adopted = 0
+        """Documents this link's content made this node create."""
+        self._limit = api._max_frame  # min(ours, the peer's) once its hello is in
         self._sent_sv: set[str] = set()
         self._diff_parts: dict[str, list[bytes]] = {}
         self._diff_size: dict[str, int] = {}
-        self._queue: deque[bytes] = deque()
+        self._diff_total = 0
+        self._queue: deque[bytes | tuple[int, str]] = deque()
+        self._pending: set[tuple[int, str]] = set()
+        self._pending_sv: dict[str, bytes] = {}
         self._busy = False
         self._queued_bytes = 0
         self._last_eager = 0.0
@@ -135,6 +165,7 @@ class PeerSync:
         self._hello_seen = False
         self._to_persist: list[Any] = []
         self._closed = False
+        self._warned: set[str] = set()
         self._yield_after_send = YIELD_TO_LOCAL_PEERS and getattr(link, "same_host", False)
         self.bytes_sent = 0
         self.frames_sent = 0
@@ -155,12 +186,24 @@ class PeerSync:
             return
         self.enqueue(data, live=False)
 
+    def _request(self, kind: int, ns: str) -> None:
+        """Queue a step 1 (``F_SV``), a step 2 (``F_DIFF``, for the state vector in
+        ``_pending_sv``) or a resync request for ``ns``, at most once: the frame is made
+        from the document when the writer sends it, so a request repeated meanwhile is
+        already answered by the one queued, and the queue holds no copies of the state."""
+        key = (kind, ns)
+        if self._closed or key in self._pending:
+            return
+        self._pending.add(key)
+        self._queue.append(key)
+        self._wake.set()
+
     def enqueue(self, data: bytes, live: bool = True) -> None:
         """Queue one frame. Live updates may be dropped when the peer is slow (it is then
         resynced); control frames never are."""
         if self._closed:
             return
-        if live and len(data) > self.api._max_frame:
+        if live and len(data) > self._limit:
             # One live update larger than a frame (a huge batch): send it the way a
             # catch-up goes instead, as a step 2 split into chunks.
             log.info("update of %d bytes exceeds the frame limit; resyncing instead", len(data))
@@ -218,16 +261,24 @@ class PeerSync:
             self._wake.set()
 
     async def writer(self) -> None:
-        max_frame = self.api._max_frame
         queue = self._queue
         while not self._closed:
             await self._wake.wait()
             self._wake.clear()
             while queue and not self._busy:
-                batch = [queue.popleft()]
-                size = len(batch[0])
-                while queue and size + len(queue[0]) <= max_frame:
-                    item = queue.popleft()
+                head = queue.popleft()
+                if isinstance(head, tuple):
+                    if not await self._send_request(*head):
+                        return
+                    continue
+                limit = self._limit
+                batch = [head]
+                size = len(head)
+                while queue:
+                    item = queue[0]
+                    if not isinstance(item, bytes) or size + len(item) > limit:
+                        break
+                    queue.popleft()
                     batch.append(item)
                     size += len(item)
                 self._queued_bytes -= size
@@ -245,26 +296,82 @@ class PeerSync:
                 # Live updates were dropped for this peer: ask for its state vectors and
                 # answer each with exactly what it misses.
                 self._overflowed = False
-                for ns in sorted(self.shared):
-                    self.send([F_RESYNC, ns])
+                self.request_resync()
+
+    async def _send_request(self, kind: int, ns: str) -> bool:
+        """Make and send the frame(s) of a queued request; False if the link is done."""
+        self._pending.discard((kind, ns))
+        api = self.api
+        sv = self._pending_sv.pop(ns, None) if kind == F_DIFF else None
+        if not api._may_share(ns):
+            return True  # never name a namespace this node does not share
+        doc = api._docs.get(ns)
+        frames: list[bytes] = []
+        if kind == F_SV:
+            frames.append(_pack([F_SV, ns, _EMPTY_SV if doc is None else doc.state_vector()]))
+        elif kind == F_RESYNC:
+            frames.append(_pack([F_RESYNC, ns]))
+        else:
+            if sv is None or doc is None or ns not in self.shared:
+                return True
+            try:
+                diff = doc.diff(sv)
+            except Exception as exc:  # checked on arrival; pycrdt may still disagree
+                log.warning("closing link to %s: invalid state vector for %r", self.node_id, ns)
+                await self.link.close(4000, f"invalid state vector: {exc}"[:120])
+                return False
+            chunk = max(1024, self._limit - 1024)
+            if len(diff) <= chunk:
+                frames.append(_pack([F_DIFF, ns, diff, False]))
+            else:
+                # One chunk packed at a time: the diff is held once, never the frames.
+                for start in range(0, len(diff), chunk):
+                    end = start + chunk
+                    if not await self._send_now(
+                        _pack([F_DIFF, ns, diff[start:end], end < len(diff)])
+                    ):
+                        return False
+                return True
+        for frame in frames:
+            if not await self._send_now(frame):
+                return False
+        return True
+
+    async def _send_now(self, data: bytes) -> bool:
+        self._busy = True
+        try:
+            await self.link.send(data)
+        except ClosedError:
+            return False
+        finally:
+            self._busy = False
+        self.bytes_sent += len(data)
+        self.frames_sent += 1
+        return True
+
+    def request_resync(self) -> None:
+        """Ask the peer for its state vector of every shared namespace; each answer gets
+        exactly what it misses."""
+        for ns in sorted(self.shared):
+            self._request(F_RESYNC, ns)
 
     def _send_sv(self, ns: str) -> None:
-        doc = self.api._docs.get(ns)
-        if doc is not None:
-            self._sent_sv.add(ns)
-            self.send([F_SV, ns, doc.state_vector()])
+        """Send step 1 for ``ns`` (an empty state vector if this node does not hold it)."""
+        self._sent_sv.add(ns)
+        self._request(F_SV, ns)
 
     def send_hello(self) -> None:
         api = self.api
-        self.send(
-            [
-                F_HELLO,
-                sorted(api._shareable_namespaces()),
-                None if api._sync_filter is None else sorted(api._sync_filter),
-                api._sessions_wire(),
-                sorted(api._links.keys()),
-            ]
-        )
+        hello: list[Any] = [
+            F_HELLO,
+            sorted(api._shareable_namespaces()),
+            None if api._sync_filter is None else sorted(api._sync_filter),
+            api._sessions_wire(),
+            sorted(api._links.keys()),
+        ]
+        if api._max_frame != DEFAULT_MAX_FRAME:
+            hello.append(api._max_frame)  # absent: the default
+        self.send(hello)
 
     def accepts(self, ns: str) -> bool:
         """Whether live updates of ``ns`` go to this peer."""
@@ -277,11 +384,16 @@ class PeerSync:
     def announce_namespace(self, ns: str) -> None:
         if self._peer_wants(ns):
             self.shared.add(ns)
+            self.offered.discard(ns)
             self.send([F_NAMESPACE, ns])
             self._send_sv(ns)
 
     def _peer_wants(self, ns: str) -> bool:
         return self.peer_filter is None or ns in self.peer_filter
+
+    def _exchanges(self, ns: str) -> bool:
+        """Whether both sides sync ``ns``."""
+        return self.api._may_share(ns) and self._peer_wants(ns)
 
     # -- incoming ----------------------------------------------------------------------
 
@@ -367,7 +479,7 @@ class PeerSync:
         elif kind == F_PEERS:
             if len(frame) != 2 or not isinstance(frame[1], list):
                 raise ProtocolError("bad peers frame")
-            self.peer_peers = frozenset(x for x in frame[1] if isinstance(x, str))
+            self._on_peers(frozenset(x for x in frame[1] if isinstance(x, str)))
         elif kind == F_NAMESPACE:
             if len(frame) != 2:
                 raise ProtocolError("bad namespace frame")
@@ -377,8 +489,7 @@ class PeerSync:
             if len(frame) != 2:
                 raise ProtocolError("bad resync frame")
             ns = self._check_ns(frame[1])
-            if ns in self.shared:
-                self._send_sv(ns)
+            self._on_resync(ns)
         else:
             raise ProtocolError(f"unknown frame type {kind}")
 
@@ -397,75 +508,170 @@ class PeerSync:
     def _on_hello(self, frame: list[Any]) -> None:
         if self._hello_seen:
             raise ProtocolError("second hello")
-        if len(frame) != 5:
+        if len(frame) < 5:  # later elements are optional (max_frame) or from newer versions
             raise ProtocolError("bad hello frame")
-        _, names, filt, sessions, peers = frame
+        names, filt, sessions, peers = frame[1:5]
         if not isinstance(names, list) or not isinstance(sessions, list):
             raise ProtocolError("bad hello frame")
         if filt is not None and not isinstance(filt, list):
             raise ProtocolError("bad hello filter")
         if not isinstance(peers, list):
             raise ProtocolError("bad hello peers")
+        peer_max = frame[5] if len(frame) > 5 else None
+        if peer_max is not None:
+            if type(peer_max) is not int or peer_max < 1:
+                raise ProtocolError("bad hello max_frame")
+            self.peer_max_frame = peer_max
         self._hello_seen = True
+        # Never above ours (the transport refuses to send more); a peer claiming less than
+        # a chunk plus its frame header gets what it asked for anyway.
+        self._limit = min(self.api._max_frame, max(self.peer_max_frame, 2048))
         self.peer_filter = None if filt is None else frozenset(self._check_ns(x) for x in filt)
         self.peer_peers = frozenset(x for x in peers if isinstance(x, str))
+        offered = [self._check_ns(x) for x in names]
         self.api.sessions._set_remote(self.node_id, sessions)
-        wanted = {self._check_ns(x) for x in names}
-        wanted |= self.api._shareable_namespaces()
-        for ns in sorted(wanted):
+        api = self.api
+        for ns in sorted(api._shareable_namespaces()):
+            if ns not in api._docs and self._exchanges(ns):
+                # Named in this node's own sync_namespaces: local configuration, not the
+                # peer's say, is the reason to hold it.
+                try:
+                    api._ensure_doc(ns)
+                except InvalidArgument as exc:
+                    log.warning("not syncing %r with %s: %s", ns, self.node_id, exc)
+                    continue
             self._offer(ns)
+        for ns in offered:
+            if ns not in self.shared:
+                self._offer(ns)
 
     def _offer(self, ns: str) -> None:
-        """Start syncing ``ns`` with this peer if both sides sync it."""
-        if not self.api._may_share(ns) or not self._peer_wants(ns):
+        """The peer holds ``ns`` (or this node does): sync it if both sides sync it and
+        this node holds it; otherwise only remember it (the peer's word alone never
+        creates a document here)."""
+        if not self._exchanges(ns):
             return
-        try:
-            self.api._ensure_doc(ns)
-        except InvalidArgument as exc:
-            log.warning("not syncing %r with %s: %s", ns, self.node_id, exc)
+        if ns not in self.api._docs:
+            self._remember(ns)
             return
         self.shared.add(ns)
+        self.offered.discard(ns)
         if ns not in self._sent_sv:
             self._send_sv(ns)
+
+    def _remember(self, ns: str) -> bool:
+        """Note that the peer holds ``ns``, which this node does not; False if this link
+        already made it remember :data:`_MAX_OFFERED` names."""
+        if ns in self.offered:
+            return True
+        if len(self.offered) >= _MAX_OFFERED:
+            self._warn_once("offered", "remembers no more of its namespaces")
+            return False
+        self.offered.add(ns)
+        return True
+
+    def _adopt(self, ns: str, update: bytes) -> bool:
+        """Create ``ns`` here because the peer sent content for it; False (the content is
+        dropped) if there is none, or past this link's or the node's bound."""
+        from subcog_crdt import _api  # here: _api imports this module
+
+        api = self.api
+        budget = _api.MAX_NAMESPACES - _api.MAX_NAMESPACES // _LOCAL_RESERVE
+        if self.adopted >= _MAX_ADOPTED or len(api._docs) >= budget:
+            self._warn_once("adopt", "creates no more namespaces for it (limit reached)")
+            return False
+        try:
+            blocks = read_update(update, "").blocks
+        except UpdateDecodeError as exc:
+            raise ProtocolError(f"invalid Yjs update for {ns!r}: {exc}") from exc
+        if not blocks:
+            return False  # nothing to hold
+        try:
+            api._ensure_doc(ns)
+        except InvalidArgument as exc:
+            log.warning("not syncing %r with %s: %s", ns, self.node_id, exc)
+            return False
+        self.adopted += 1
+        return True
+
+    def _warn_once(self, key: str, what: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("link to %s: this node %s", self.node_id, what)
+
+    def _on_peers(self, peers: frozenset[str]) -> None:
+        lost = self.peer_peers - peers - {self.api.node_id}
+        self.peer_peers = peers
+        if lost:
+            # While it listed them, live updates from them were not forwarded to it (it
+            # was to get them directly). The link may have broken before they arrived:
+            # resync, so it gets exactly what it misses.
+            self.request_resync()
+
+    def _on_resync(self, ns: str) -> None:
+        if ns not in self.shared:
+            if not self._exchanges(ns):
+                return
+            if ns in self.api._docs:
+                self._offer(ns)
+            elif not self._remember(ns):
+                return
+        self._send_sv(ns)  # from a node that does not hold ns: "send me everything"
 
     def _on_sv(self, ns: str, sv: bytes) -> None:
         if not self.api._may_share(ns):
             return  # never reveal a namespace we do not share (private, filtered)
-        self._offer(ns)
-        if ns not in self.shared:
-            return
-        doc = self.api._docs[ns]
         try:
-            diff = doc.diff(sv)
-        except Exception as exc:
+            clocks = decode_state_vector(sv)
+        except UpdateDecodeError as exc:
             raise ProtocolError(f"invalid state vector for {ns!r}: {exc}") from exc
-        limit = max(1024, self.api._max_frame - 1024)
-        if len(diff) <= limit:
-            self.send([F_DIFF, ns, diff, False])
-            return
-        for start in range(0, len(diff), limit):
-            end = start + limit
-            self.send([F_DIFF, ns, diff[start:end], end < len(diff)])
+        if ns not in self.shared:
+            if not self._peer_wants(ns):
+                return
+            if ns not in self.api._docs:
+                # The peer holds ns, this node does not: if the peer has content, ask for
+                # all of it (once); the document is created when the content arrives.
+                if self._remember(ns) and any(clocks.values()) and ns not in self._sent_sv:
+                    self._send_sv(ns)
+                return
+            self._offer(ns)
+        # Answered when the writer gets to it, from the document as it is then; a newer
+        # state vector of the same peer replaces an older one not yet answered.
+        self._pending_sv[ns] = sv
+        self._request(F_DIFF, ns)
 
     def _on_diff(self, ns: str, part: bytes, more: bool) -> None:
         if ns not in self.shared:
-            return
-        parts = self._diff_parts.setdefault(ns, [])
-        size = self._diff_size.get(ns, 0) + len(part)
-        if sum(self._diff_size.values()) + len(part) > _MAX_DIFF:
+            if not self._exchanges(ns):
+                return
+            if ns not in self.api._docs and not self._remember(ns):
+                return
+        total = self._diff_total + sum(
+            p._diff_total for p in self.api._links.values() if p is not self
+        )
+        if total + len(part) > _MAX_DIFF:
             raise ProtocolError(f"step-2 being reassembled exceeds {_MAX_DIFF} bytes")
+        parts = self._diff_parts.setdefault(ns, [])
         parts.append(part)
-        self._diff_size[ns] = size
+        self._diff_size[ns] = self._diff_size.get(ns, 0) + len(part)
+        self._diff_total += len(part)
         if more:
             return
         update = b"".join(parts)
-        del self._diff_parts[ns], self._diff_size[ns]
+        self._diff_total -= self._diff_size.pop(ns)
+        del self._diff_parts[ns]
+        if ns not in self.shared:
+            if ns not in self.api._docs and not self._adopt(ns, update):
+                return
+            self._offer(ns)
         self._apply(ns, self.node_id, update, from_diff=True)
 
     def _on_update(self, ns: str, origin: str, update: bytes) -> None:
         if ns not in self.shared:
-            if not self.api._may_share(ns) or not self._peer_wants(ns):
+            if not self._exchanges(ns):
                 return  # private or filtered here: drop without applying
+            if ns not in self.api._docs and not self._adopt(ns, update):
+                return
             self._offer(ns)
         self._apply(ns, origin, update, from_diff=False)
 
@@ -493,3 +699,19 @@ class PeerSync:
             self._wake.set()
             for t in [*self._tasks, writer]:
                 await cancel_and_wait(t)
+            if self._hello_seen:
+                # Runs after the node has dropped this link and told its peers (the
+                # caller does both as soon as this returns).
+                asyncio.get_running_loop().call_soon(self._after_loss)
+
+    def _after_loss(self) -> None:
+        """This link is gone: live updates of the namespaces it carried that other peers
+        did not forward to this node (it was linked to their origin) may have been lost
+        on it. Send step 1 for those to every remaining peer, which answers with exactly
+        what this node misses."""
+        api = self.api
+        if api._state.value != "open" or self.node_id in api._links:
+            return  # closing, or replaced by a newer link to the same peer
+        for peer in list(api._links.values()):
+            for ns in sorted(self.shared & peer.shared):
+                peer._send_sv(ns)

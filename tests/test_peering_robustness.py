@@ -1,0 +1,314 @@
+"""The sync protocol under mixed limits, hostile requests, partial partitions and floods
+of namespace names (docs/protocol.md, sections 4 and 5).
+
+Each test builds the reviewer's case on real loopback nodes or in-memory links and asserts
+the outcome (convergence, what is queued for a link, which documents exist); waits are on
+conditions with deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+import pytest
+
+from helpers import converged, link, wait_for
+from subcog_crdt import ConversationsApi, _peering
+from subcog_crdt import _api as api_module
+from subcog_crdt._transport.base import Hello
+from subcog_crdt._transport.memory import MemoryLink
+
+F_HELLO, F_SV, F_DIFF, F_UPDATE, F_SESSIONS, F_PEERS, F_NAMESPACE, F_RESYNC = range(8)
+MiB = 1024 * 1024
+_probes = itertools.count()
+
+
+def socket_node(**kw: Any) -> ConversationsApi:
+    return ConversationsApi(host="127.0.0.1", discovery=(), **kw)
+
+
+def memory_node(**kw: Any) -> ConversationsApi:
+    return ConversationsApi(listen=False, discovery=(), **kw)
+
+
+def pack(frame: list[Any]) -> bytes:
+    out: bytes = msgpack.packb(frame, use_bin_type=True)
+    return out
+
+
+def frames_of(messages: list[bytes]) -> Iterator[list[Any]]:
+    for message in messages:
+        yield from msgpack.Unpacker(io.BytesIO(message), raw=False, use_list=True)
+
+
+class GatedLink(MemoryLink):
+    """A node's end of an in-memory link whose sends wait until ``gate`` is set: a peer
+    that does not read."""
+
+    def __init__(self, peer: Hello) -> None:
+        super().__init__(peer)
+        self.gate = asyncio.Event()
+
+    async def send(self, frame: bytes) -> None:
+        await self.gate.wait()
+        await super().send(frame)
+
+
+def raw_peer(
+    api: ConversationsApi, node_id: str, *, gated: bool = False
+) -> tuple[MemoryLink, MemoryLink]:
+    """Attach a hand-driven peer ``node_id`` to ``api``: returns (the node's end, the
+    peer's end); what the peer's end sends, the node receives."""
+    ours: MemoryLink = (
+        GatedLink(Hello(node_id, None)) if gated else MemoryLink(Hello(node_id, None))
+    )
+    theirs = MemoryLink(api._hello())
+    ours._other, theirs._other = theirs, ours
+    api.attach(ours)
+    return ours, theirs
+
+
+async def processed(api: ConversationsApi, peer_end: MemoryLink) -> None:
+    """Return once ``api`` has handled every frame ``peer_end`` sent so far (frames are
+    handled in order: a probe session that appears comes after all of them)."""
+    sid = f"probe-{next(_probes)}"
+    await peer_end.send(pack([F_SESSIONS, [{"id": sid, "user_id": "u", "subscriptions": []}]]))
+    await wait_for(lambda: any(s.id == sid for s in api.sessions.list()), 10, "probe handled")
+
+
+def queued(peer: Any) -> list[tuple[int, str]]:
+    """(frame type, namespace) of everything queued for a link, whatever its form."""
+    out: list[tuple[int, str]] = []
+    for item in peer._queue:
+        if isinstance(item, bytes):
+            out.extend((f[0], f[1] if len(f) > 1 else "") for f in frames_of([item]))
+        else:
+            out.append((item[0], item[1]))
+    return out
+
+
+# -- 1. mixed max_frame ---------------------------------------------------------------------
+
+
+async def test_catch_up_is_chunked_for_the_smaller_frame_limit():
+    """A (16 MiB frames) holds 1.6 MB; B accepts 1 MiB frames. A splits its catch-up by
+    B's limit, so the first link stays up and B gets everything."""
+    async with socket_node() as a, socket_node(max_frame=MiB) as b:
+        sa = await a.register_session("a1", subscribe=["d"])
+        await b.register_session("b1", subscribe=["d"])
+        for i in range(8):
+            await sa.capture("d", f"{i} " + "x" * 200_000)
+        assert len(a._docs["d"].diff()) > MiB  # one step 2 would not fit B's frames
+        await b.connect(a.url)
+        await wait_for(lambda: b.node_id in a._links, 5, "link up")
+        link_a = a._links[b.node_id]
+        await wait_for(lambda: len(b.memories("d")) == 8, 15, "catch-up under B's limit")
+        assert a._links.get(b.node_id) is link_a  # never closed and redialled
+
+
+async def test_live_bursts_are_coalesced_under_the_smaller_frame_limit(monkeypatch):
+    """Writes queued while the link is busy go out coalesced: never into a message over
+    the peer's limit (B: 1 MiB; eight 200 KB writes would make 1.6 MB)."""
+    async with socket_node() as a, socket_node(max_frame=MiB) as b:
+        sa = await a.register_session("a1", subscribe=["d"])
+        await b.register_session("b1", subscribe=["d"])
+        await b.connect(a.url)
+        await wait_for(lambda: b.node_id in a._links and a.node_id in b._links, 5, "link up")
+        link_a, link_b = a._links[b.node_id], b._links[a.node_id]
+        # Every write is queued (none goes out eagerly), so the writer coalesces them.
+        monkeypatch.setattr(_peering, "_EAGER_GAP", 3600.0)
+        await asyncio.gather(*(sa.capture("d", f"burst {i} " + "y" * 200_000) for i in range(8)))
+        await wait_for(lambda: len(b.memories("d")) == 8, 15, "burst under B's limit")
+        assert converged([a, b], "d")
+        assert a._links.get(b.node_id) is link_a  # never closed and redialled
+        assert b._links.get(a.node_id) is link_b
+
+
+# -- 2. step-1 amplification ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("request_kind", [F_SV, F_RESYNC])
+async def test_repeated_requests_queue_one_answer_made_when_it_is_sent(request_kind):
+    """200 tiny step-1 (or resync) frames from a peer that does not read: one answer is
+    queued for the namespace, not 200 copies of the state; when the peer reads again it
+    gets the state once."""
+    async with memory_node() as a:
+        sa = await a.register_session("a1", subscribe=["d"])
+        await sa.capture_many("d", [f"{i} " + "x" * 20_000 for i in range(8)])
+        state = len(a._docs["d"].diff())
+        ours, theirs = raw_peer(a, "reader-never", gated=True)
+        await theirs.send(pack([F_HELLO, ["d"], None, [], []]))
+        request = [F_SV, "d", b"\x00"] if request_kind == F_SV else [F_RESYNC, "d"]
+        await theirs.send(pack(request) * 200)
+        await processed(a, theirs)
+        peer = a._links["reader-never"]
+        answer = F_DIFF if request_kind == F_SV else F_SV
+        assert queued(peer).count((answer, "d")) <= 1
+        assert peer._queued_bytes < state  # not even one copy of the state is queued
+        ours.gate.set()  # it reads again
+        got: list[list[Any]] = []
+
+        def received() -> bool:
+            while not theirs._inbox.empty():
+                item = theirs._inbox.get_nowait()
+                if isinstance(item, bytes):
+                    got.extend(frames_of([item]))
+            return any(
+                f[0] == answer and f[1] == "d" and (answer != F_DIFF or not f[3]) for f in got
+            )
+
+        await wait_for(received, 10, "the answer")
+        await wait_for(lambda: not peer._queue and not peer._busy, 10, "queue drained")
+        received()
+        answers = [f for f in got if f[0] == answer and f[1] == "d"]
+        if request_kind == F_SV:
+            assert sum(len(f[2]) for f in answers) == state  # the state, once
+        else:
+            assert len(answers) <= 2  # its step 1 on link start + one answer
+
+
+# -- 3. partial partition -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mechanism", ["both", "peer-list", "link-loss"])
+async def test_updates_skipped_for_a_peer_linked_to_their_origin_reach_it_after_that_link_breaks(
+    monkeypatch, mechanism
+):
+    """Triangle A, O, X; the O-X link silently stops delivering. O's write reaches A,
+    which does not forward it to X (X reports being linked to O). When X drops O, X gets
+    the write: A resyncs X because X's peer list lost O ("peer-list"), and X asks its
+    remaining peers because it lost a link ("link-loss"); either suffices."""
+    if mechanism == "link-loss":  # A ignores peer-list changes
+        monkeypatch.setattr(
+            _peering.PeerSync,
+            "_on_peers",
+            lambda self, peers: setattr(self, "peer_peers", peers),
+            raising=False,
+        )
+    if mechanism == "peer-list":  # X does not ask after losing a link
+        monkeypatch.setattr(_peering.PeerSync, "_after_loss", lambda self: None, raising=False)
+    async with memory_node() as a, memory_node() as o, memory_node() as x:
+        so = await o.register_session("o1", subscribe=["d"])
+        for n in (a, x):
+            await n.register_session(f"s-{n.node_id}", subscribe=["d"])
+        link(a, o)
+        link(a, x)
+        ox, _xo = link(o, x)
+        await wait_for(lambda: all(len(n.peers()) == 2 for n in (a, o, x)), 5, "triangle")
+        await wait_for(lambda: o.node_id in a._links[x.node_id].peer_peers, 5, "A knows X-O")
+        await so.capture("d", "before the partition")
+        await wait_for(lambda: len(x.memories("d")) == 1, 5, "X got the first write")
+        ox.delay = 3600.0  # O -> X: nothing arrives any more (not a sleep: never delivered)
+        await so.capture("d", "written by O during the partition")
+        await wait_for(lambda: len(a.memories("d")) == 2, 5, "A got it")
+        await ox.close(1006, "link broken")  # the heartbeat notices
+        await wait_for(lambda: o.node_id not in {p.node_id for p in x.peers()}, 5, "X drops O")
+        await wait_for(lambda: len(x.memories("d")) == 2, 10, "X gets O's write from A")
+        assert converged([a, x], "d")
+
+
+# -- 4. namespace exhaustion ----------------------------------------------------------------
+
+
+async def test_named_namespaces_are_remembered_not_created_and_content_still_flows():
+    """A peer that names 600 namespaces (hello and frame 6) makes no node create any; the
+    normal flows still work: a namespace created after the links are up crosses a node
+    that never used it, a subscribed empty namespace syncs once content appears, filters
+    and private namespaces hold."""
+    async with (
+        memory_node(private_namespaces=["secret"]) as a,
+        memory_node() as b,
+        memory_node() as c,
+        memory_node(sync_namespaces=["fresh"]) as d,
+    ):
+        sa = await a.register_session("a1", subscribe=["secret"])
+        sc = await c.register_session("c1", subscribe=["quiet"])
+        await sa.capture("secret", "never leaves A")
+        await sa.capture("early", "written before any link")
+        link(a, b)
+        link(b, c)
+        link(b, d)
+        _ours, evil = raw_peer(b, "namer")
+        names = [f"n{i:04d}" for i in range(500)]
+        await evil.send(pack([F_HELLO, names, None, [], []]))
+        for i in range(500, 600):
+            await evil.send(pack([F_NAMESPACE, f"n{i:04d}"]))
+        await evil.send(pack([F_SV, "n0001", b"\x00"]))
+        await evil.send(pack([F_RESYNC, "n0002"]))
+        await processed(b, evil)
+        await wait_for(lambda: len(b.peers()) == 4, 5, "B linked")
+        for n in (a, b, c, d):
+            assert not [ns for ns in n.namespaces() if ns.startswith("n0")], n.node_id
+        assert len(b._links["namer"].offered) <= _peering._MAX_OFFERED
+
+        await wait_for(lambda: converged([a, b, c], "early"), 10, "early via B")
+        await sa.capture("fresh", "created on A after the links are up")
+        await wait_for(lambda: converged([a, b, c, d], "fresh"), 10, "fresh via B")
+        assert len(c.memories("fresh")) == 1
+
+        await sa.capture("quiet", "content appears")
+        await wait_for(lambda: converged([a, b, c], "quiet"), 10, "quiet")
+        ev = await sc.sync()
+        assert [e.memory.content for e in ev.events] == ["content appears"]
+        assert "quiet" not in d.namespaces()  # not in D's sync_namespaces
+        assert "early" not in d.namespaces()
+        for n in (b, c, d):
+            assert "secret" not in n.namespaces()
+        for n in (a, c, d):
+            assert not [ns for ns in n.namespaces() if ns.startswith("n0")]
+
+
+async def _states(namespaces: list[str]) -> dict[str, bytes]:
+    async with memory_node() as scratch:
+        s = await scratch.register_session("w1")
+        for ns in namespaces:
+            await s.capture(ns, f"content of {ns}")
+        return {ns: scratch._docs[ns].diff() for ns in namespaces}
+
+
+@pytest.mark.parametrize("frame", [F_UPDATE, F_DIFF])
+async def test_one_peer_can_make_a_node_create_only_a_bounded_number_of_namespaces(
+    monkeypatch, frame
+):
+    """A peer that names 40 namespaces and sends content (a live update, or a step 2)
+    for each makes this node create at most the per-link bound of them (10 here); they
+    hold that content, and local writes still create namespaces."""
+    monkeypatch.setattr(_peering, "_MAX_ADOPTED", 10, raising=False)
+    names = [f"m{i:03d}" for i in range(40)]
+    states = await _states(names)
+    async with memory_node() as a:
+        sa = await a.register_session("a1", subscribe=["mine"])
+        _ours, evil = raw_peer(a, "flooder")
+        await evil.send(pack([F_HELLO, names, None, [], []]))  # it names them too
+        for ns in names:
+            if frame == F_UPDATE:
+                await evil.send(pack([F_UPDATE, ns, "flooder", states[ns]]))
+            else:
+                await evil.send(pack([F_DIFF, ns, states[ns], False]))
+        await processed(a, evil)
+        created = [ns for ns in a.namespaces() if ns.startswith("m0")]
+        assert len(created) == 10
+        assert all(len(a.memories(ns)) == 1 for ns in created)
+        await sa.capture("brand-new", "local writes still create namespaces")
+
+
+async def test_peers_content_never_takes_the_namespaces_kept_for_local_sessions(monkeypatch):
+    """With room for 40 namespaces, content for 60 from a peer fills at most 36: the last
+    tenth is kept for this node's own sessions, which can still subscribe and write."""
+    names = [f"m{i:03d}" for i in range(60)]
+    states = await _states(names)
+    monkeypatch.setattr(api_module, "MAX_NAMESPACES", 40)
+    async with memory_node() as a:
+        _ours, evil = raw_peer(a, "flooder")
+        await evil.send(pack([F_HELLO, [], None, [], []]))
+        for ns in names:
+            await evil.send(pack([F_UPDATE, ns, "flooder", states[ns]]))
+        await processed(a, evil)
+        assert 0 < len(a.namespaces()) < 40
+        s = await a.register_session("local", subscribe=[f"local-{i}" for i in range(3)])
+        await s.capture("local-3", "one more")
+        assert {f"local-{i}" for i in range(4)} <= set(a.namespaces())
