@@ -312,3 +312,64 @@ async def test_peers_content_never_takes_the_namespaces_kept_for_local_sessions(
         s = await a.register_session("local", subscribe=[f"local-{i}" for i in range(3)])
         await s.capture("local-3", "one more")
         assert {f"local-{i}" for i in range(4)} <= set(a.namespaces())
+
+
+# -- 5. a message of many live updates ------------------------------------------------------
+
+
+def _live_updates(n: int) -> tuple[list[bytes], list[str]]:
+    """``n`` single-capture updates of namespace "d" from one source node's document."""
+    from subcog_crdt._core.document import NamespaceDoc
+    from subcog_crdt._core.hlc import Hlc
+
+    src = NamespaceDoc("d", node_id="00000000000000ee", hlc=Hlc(), next_cursor=lambda: 1)
+    updates: list[bytes] = []
+    contents = [f"burst fact {i}" for i in range(n)]
+    for i, text in enumerate(contents):
+        src.capture(f"s{i % 3}", text, {})
+        updates.extend(src.take_outbox())
+    return updates, contents
+
+
+async def test_a_message_of_live_updates_is_applied_as_one_with_an_event_for_each(monkeypatch):
+    """Back-to-back live updates of one namespace and origin are merged and applied once
+    (about half the cost of one by one); every write still gets its event, in order."""
+    from subcog_crdt._core.document import NamespaceDoc
+
+    applies: list[int] = []
+    real_apply = NamespaceDoc.apply_update
+
+    def counting(self: NamespaceDoc, update: bytes) -> Any:
+        applies.append(len(update))
+        return real_apply(self, update)
+
+    monkeypatch.setattr(NamespaceDoc, "apply_update", counting)
+    async with memory_node() as a:
+        sa = await a.register_session("a1", subscribe=["d"])
+        events = sa.events()
+        _, theirs = raw_peer(a, "sender")
+        await theirs.send(pack([F_HELLO, ["d"], None, [], []]))
+        await processed(a, theirs)
+        updates, contents = _live_updates(12)
+        applies.clear()
+        await theirs.send(b"".join(pack([F_UPDATE, "d", "00000000000000ee", u]) for u in updates))
+        await processed(a, theirs)
+        assert len(applies) == 1  # one merged apply for the whole run
+        got = [(await events.next(5)) for _ in contents]
+        assert [e.memory.content for e in got] == contents
+        assert [e.source_session for e in got] == [f"s{i % 3}" for i in range(12)]
+
+
+async def test_a_bad_update_in_a_run_fails_alone_after_the_ones_before_it():
+    """A run that holds an invalid update is applied one by one, as if never merged: the
+    valid updates before it are applied, the bad one closes the link, the rest is not."""
+    async with memory_node() as a:
+        await a.register_session("a1", subscribe=["d"])
+        _, theirs = raw_peer(a, "sender")
+        await theirs.send(pack([F_HELLO, ["d"], None, [], []]))
+        await processed(a, theirs)
+        updates, contents = _live_updates(4)
+        run = [*updates[:2], b"\x01\x05garbage", *updates[2:]]
+        await theirs.send(b"".join(pack([F_UPDATE, "d", "00000000000000ee", u]) for u in run))
+        await wait_for(lambda: "sender" not in a._links, 5, "the link closed")
+        assert sorted(m.content for m in a.memories("d")) == contents[:2]
