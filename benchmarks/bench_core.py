@@ -1,5 +1,6 @@
 """Core benchmark: captures/s (one per call and batched), recall latency on 100k memories,
-RSS per memory at 100k. One in-memory node, no peers, no disk.
+RSS per memory at 100k. One in-memory node, no peers, no disk. Then the cost of applying a
+peer's captures (20k), one update at a time and in merged runs.
 
     .venv/bin/python benchmarks/bench_core.py [--memories 100000]
 """
@@ -77,12 +78,45 @@ async def bench(n_mem: int) -> dict[str, float]:
     return results
 
 
+def bench_remote_apply(n: int = 20_000, run: int = 64) -> dict[str, float]:
+    """A peer's captures applied here: one update per capture, one by one (a quiet link)
+    and in merged runs of ``run`` (a burst: what the link does with back-to-back updates,
+    see ``_peering._merge_runs``). Microseconds per memory, events included."""
+    from pycrdt import merge_updates
+
+    from subcog_crdt._core.document import NamespaceDoc
+    from subcog_crdt._core.hlc import Hlc
+
+    def doc(node: str) -> NamespaceDoc:
+        return NamespaceDoc("remote", node_id=node, hlc=Hlc(), next_cursor=lambda: 1)
+
+    src = doc("00000000000000aa")
+    updates: list[bytes] = []
+    for text in corpus(n, seed=11):
+        src.capture("peer-session", text, {})
+        updates.extend(src.take_outbox())
+    out: dict[str, float] = {}
+    for name, batches in (
+        ("apply_us_one_by_one", updates),
+        ("apply_us_merged_runs", [merge_updates(*updates[i : i + run]) for i in range(0, n, run)]),
+    ):
+        dst = doc("00000000000000bb")
+        gc.collect()
+        t = time.perf_counter()
+        for u in batches:
+            dst.apply_update(u)
+            dst.take_outbox()
+        out[name] = (time.perf_counter() - t) / n * 1e6
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--memories", type=int, default=100_000)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     r = asyncio.run(bench(args.memories))
+    r.update(bench_remote_apply())
     if args.json:
         print(json.dumps(r))
         return
@@ -94,6 +128,8 @@ def main() -> None:
     print(
         f"deferred index build     : {r['index_flush_s']:10.2f} s for {r['memories']:.0f} memories"
     )
+    one, merged = r["apply_us_one_by_one"], r["apply_us_merged_runs"]
+    print(f"a peer's captures applied: {one:7.1f} us each one by one, {merged:.1f} in runs of 64")
 
 
 if __name__ == "__main__":
