@@ -11,6 +11,12 @@
   (``RLIMIT_FSIZE``) that cuts a log frame in half and then refuses writes: a full disk.
   Prints ``failed LABEL`` for each refused commit, ``acked LABEL...`` at the end, then
   SIGKILLs itself.
+* ``applyfail DIR``: a commit waits in the log (its drain held back) when a read has to
+  apply it to SQLite against a full disk (``RLIMIT_FSIZE`` just above the WAL's size); the
+  disk gets room again, more commits follow, and a compaction of another namespace retires
+  the log into SQLite and empties it. Prints ``read failed ...``, ``failure ...`` (the
+  storage's failed state afterwards), ``read LABEL...``, ``acked LABEL...``, then
+  SIGKILLs itself.
 """
 
 from __future__ import annotations
@@ -63,6 +69,8 @@ async def main() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if mode == "fsize":
         await full_disk(data_dir)
+    if mode == "applyfail":
+        await apply_fails(data_dir)
 
 
 async def full_disk(data_dir: str) -> None:
@@ -94,6 +102,46 @@ async def full_disk(data_dir: str) -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     for label in range(9, 13):
         await one(label)
+    print("acked", *acked, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+async def apply_fails(data_dir: str) -> None:
+    import resource
+
+    from subcog_crdt._errors import StorageError
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of dying
+    s = SqliteStorage(data_dir)
+    await s.open("child")
+    acked: list[int] = []
+
+    async def one(label: int, ns: str = NS) -> None:
+        rec = JournalRecord(label, int(time.time() * 1000), ns, "captured", f"w{label}", "s")
+        await s.commit([(ns, payload(label))], [rec])
+        acked.append(label)
+
+    for label in range(1, 4):
+        await one(label)
+    await s.flush()
+    s._drain_scheduled = True  # test-only: the next frame waits for a read to apply it
+    await one(4)
+    wal = os.path.getsize(os.path.join(data_dir, "store.sqlite3-wal"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (wal + 64, hard))  # no room for a WAL page
+    try:
+        await s.read_journal(0, 100)
+        print("read succeeded", flush=True)
+    except StorageError as exc:
+        print("read failed", exc, flush=True)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # room again
+    s._drain_scheduled = False
+    print("failure", s._failure, flush=True)
+    await one(5)
+    print("read", *[r.cursor for r in await s.read_journal(0, 100)], flush=True)
+    await one(6, "other")
+    await s.compact("other", b"SNAP:other", 1)  # retires the log into SQLite, empties it
+    await one(7)
     print("acked", *acked, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import signal
+import sqlite3
+import struct
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from subcog_crdt._errors import ClosedError, CorruptStorage, StorageLocked
+from subcog_crdt._errors import ClosedError, CorruptStorage, StorageError, StorageLocked
 from subcog_crdt._storage import sqlite as sqlite_mod
-from subcog_crdt._storage.base import JournalRecord
+from subcog_crdt._storage.base import JournalRecord, Retention
 from subcog_crdt._storage.sqlite import LOG_NAME, STORE_NAME, SqliteStorage
 
 CHILD = Path(__file__).with_name("_child.py")
@@ -136,6 +140,32 @@ async def test_fsync_mode_groups_concurrent_commits(
         assert sorted(state.docs[NS]) == sorted(b"u%d" % i for i in range(100))
 
 
+async def test_fsync_mode_makes_new_directory_entries_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A synced file is lost on power loss if its directory entry is not: with "fsync",
+    creating the data directory (and its missing parents), the log and the store syncs
+    their directories before the first commit can be acknowledged."""
+    synced: set[tuple[int, int]] = set()
+    real = os.fsync
+
+    def recording(fd: int) -> None:
+        st = os.fstat(fd)
+        synced.add((st.st_dev, st.st_ino))
+        real(fd)
+
+    def key(p: Path) -> tuple[int, int]:
+        st = p.stat()
+        return (st.st_dev, st.st_ino)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    data = tmp_path / "a" / "b"
+    async with SqliteStorage(data, durability="fsync") as s:
+        await s.open("n")
+        assert {key(tmp_path), key(tmp_path / "a"), key(data)} <= synced
+        await s.commit([(NS, b"u1")], [rec(1)])
+
+
 async def test_compaction_reclaims_space(tmp_path: Path) -> None:
     async with SqliteStorage(tmp_path) as s:
         await s.open("n")
@@ -147,6 +177,125 @@ async def test_compaction_reclaims_space(tmp_path: Path) -> None:
         total = sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file())
         # 8 MB of updates were written; what stays is the snapshot and the journal.
         assert total < 1_000_000, sorted((p.name, p.stat().st_size) for p in tmp_path.rglob("*"))
+
+
+# -- retention ---------------------------------------------------------------------------
+
+
+def stored_journal(d: Path) -> tuple[int, int]:
+    """(rows in the journal table, the journal_count stored next to them)."""
+    conn = sqlite3.connect(d / STORE_NAME)
+    try:
+        rows = conn.execute("SELECT count(*) FROM journal").fetchone()[0]
+        count = conn.execute("SELECT value FROM meta WHERE key='journal_count'").fetchone()[0]
+    finally:
+        conn.close()
+    return rows, count
+
+
+async def test_a_prune_by_a_read_stores_the_journal_count(tmp_path: Path) -> None:
+    """A read prunes exactly; the count it leaves must be stored with the rows, or after
+    a reopen the drain prunes by a count that is too high and drops kept events."""
+    retention = Retention(max_events=640, max_age=None)  # drains prune only 10 over
+    async with SqliteStorage(tmp_path, retention=retention) as s:
+        await s.open("n")
+        await s.commit([], [rec(i) for i in range(1, 646)])
+        assert len(await s.read_journal(0, 1000)) == 640
+    assert stored_journal(tmp_path) == (640, 640)
+    for restart in range(3):
+        async with SqliteStorage(tmp_path, retention=retention) as s:
+            await s.open("n")
+            first = 646 + 10 * restart
+            await s.commit([], [rec(i) for i in range(first, first + 10)])
+            await s.flush()
+            got = await s.read_journal(0, 10_000)
+            assert len(got) == 640, f"restart {restart}: retention keeps 640"
+            assert s.oldest_cursor() == got[0].cursor == first + 10 - 640
+        assert stored_journal(tmp_path) == (640, 640)
+
+
+async def test_a_failed_prune_by_a_read_leaves_the_retention_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the read's prune is rolled back, the loop's view (oldest_cursor) goes back too."""
+    retention = Retention(max_events=640, max_age=None)  # drains prune only 10 over
+    async with SqliteStorage(tmp_path, retention=retention) as s:
+        await s.open("n")
+        await s.commit([], [rec(i) for i in range(1, 646)])
+        await s.flush()
+        assert s.oldest_cursor() == 1
+        real = SqliteStorage._prune
+
+        def prune_then_fail(self: SqliteStorage, *, exact: bool) -> None:
+            real(self, exact=exact)
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(SqliteStorage, "_prune", prune_then_fail)
+        with pytest.raises(StorageError):
+            await s.read_journal(0, 100)
+        assert s.oldest_cursor() == 1, "the rolled-back prune did not happen"
+        monkeypatch.undo()
+        got = await s.read_journal(0, 1000)
+        assert len(got) == 640
+        assert s.oldest_cursor() == got[0].cursor == 6
+    assert stored_journal(tmp_path) == (640, 640)
+
+
+# -- backlog ------------------------------------------------------------------------------
+
+
+async def test_every_commit_waiting_for_the_backlog_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several commits over the backlog limit wait for the storage thread at once; when
+    it catches up, all of them return (one slot for waiters left all but the last one
+    waiting forever)."""
+    monkeypatch.setattr(sqlite_mod, "_MAX_BACKLOG", 1000)
+    async with SqliteStorage(tmp_path) as s:
+        await s.open("n")
+        busy = threading.Event()
+        s._jobs.put((busy.wait, (), None))  # the thread is busy (a long compaction)
+        tasks = [
+            asyncio.create_task(s.commit([(NS, b"%d" % i + b"x" * 2000)], [rec(i)]))
+            for i in range(1, 6)
+        ]
+        await asyncio.sleep(0)  # let each commit write its frame and start waiting
+        assert not any(t.done() for t in tasks), "over the limit, they wait for the thread"
+        busy.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)  # hang guard only
+    async with SqliteStorage(tmp_path) as s:
+        state = await s.open("n")
+        assert len(state.docs[NS]) == 5
+
+
+async def test_commits_waiting_for_the_backlog_fail_with_the_drain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the drain they wait for fails, every waiting commit raises (none hangs); the
+    failure passes, and the frames are all applied later."""
+    monkeypatch.setattr(sqlite_mod, "_MAX_BACKLOG", 1000)
+    async with SqliteStorage(tmp_path) as s:
+        await s.open("n")
+        busy = threading.Event()
+        s._jobs.put((busy.wait, (), None))
+        failing = failing_apply(monkeypatch)
+        tasks = [
+            asyncio.create_task(s.commit([(NS, b"%d" % i + b"x" * 2000)], [rec(i)]))
+            for i in range(1, 6)
+        ]
+        await asyncio.sleep(0)
+        busy.set()
+        done = await asyncio.wait_for(
+            asyncio.gather(*tasks, return_exceptions=True), timeout=30
+        )  # hang guard only
+        assert not failing
+        assert all(isinstance(r, StorageError) for r in done), done
+        monkeypatch.undo()
+        await s.commit([(NS, b"six")], [rec(6)])  # over the limit: waits for a drain
+        assert [r.cursor for r in await s.read_journal(0, 100)] == [1, 2, 3, 4, 5, 6]
+    async with SqliteStorage(tmp_path) as s:
+        state = await s.open("n")
+        assert len(state.docs[NS]) == 6
 
 
 # -- damage -------------------------------------------------------------------------------
@@ -224,6 +373,125 @@ async def test_an_exception_mid_write_leaves_no_half_frame(
         state = await s.open("n")
         assert state.docs[NS] == [b"one", b"two"]
         assert [r.write_id for r in await s.read_journal(0, 10)] == ["w1", "w2"]
+
+
+async def test_an_empty_frame_inside_a_torn_tail_is_not_a_valid_frame(tmp_path: Path) -> None:
+    """``SCL1`` and eight zero bytes read as a frame of length 0 with a matching CRC; the
+    writer never writes one, so inside a torn frame's data they are data, not a frame that
+    makes the tear look like damage in the middle of the log."""
+    await fill(tmp_path, 3)
+    log = tmp_path / LOG_NAME
+    payload = b"x" * 50 + b"SCL1" + bytes(8) + b"y" * 50
+    with open(log, "ab") as f:  # a big frame cut short by a crash
+        f.write(struct.pack("<4sII", b"SCL1", 5000, 0) + payload)
+    async with SqliteStorage(tmp_path) as s:
+        state = await s.open("n")
+        assert state.docs[NS] == [b"u1", b"u2", b"u3"]
+    assert log.stat().st_size < 3 * 100, "the torn frame was cut off"
+
+
+async def test_a_log_that_lost_updates_is_refused_unchanged(tmp_path: Path) -> None:
+    """The store applied frames that the log no longer has: refused, and the log is left
+    exactly as it was (the torn tail is not cut off first)."""
+    await fill(tmp_path, 10)  # all applied to SQLite at close; the updates only in the log
+    log = tmp_path / LOG_NAME
+    with open(log, "r+b") as f:
+        f.truncate(log.stat().st_size - 5)  # frame 10 is torn: the log ends at frame 9
+    before = log.read_bytes()
+    with pytest.raises(CorruptStorage, match="lost updates") as info:
+        await SqliteStorage(tmp_path).open("n")
+    assert info.value.path == str(log)
+    assert log.read_bytes() == before
+
+
+async def test_a_full_disk_while_a_read_applies_the_log_loses_nothing(tmp_path: Path) -> None:
+    """A read applies the frames still waiting for SQLite first; when that fails (a full
+    disk), the frames must stay queued: a later drain applies them, so the next retire
+    does not truncate the only copy of an acknowledged update away. A full disk passes,
+    so the storage keeps working once there is room again."""
+    p = child("applyfail", str(tmp_path))
+    try:
+        out = p.communicate(timeout=60)[0].splitlines()
+    finally:
+        reap(p)
+    assert out[0].startswith("read failed"), out
+    assert out[1] == "failure None", "a full disk is not a reason to stop for good"
+    assert out[2] == "read 1 2 3 4 5", "the failed frame was applied by the next drain"
+    assert out[3] == "acked 1 2 3 4 5 6 7"
+    async with SqliteStorage(tmp_path) as s:
+        state = await s.open("n")
+        assert state.docs[NS] == [b"U:%d:" % i + b"x" * 300 for i in (1, 2, 3, 4, 5, 7)]
+        assert state.docs["other"] == [b"SNAP:other"]
+        assert [r.cursor for r in await s.read_journal(0, 100)] == [1, 2, 3, 4, 5, 6, 7]
+
+
+def failing_apply(
+    monkeypatch: pytest.MonkeyPatch, *, retire: bool | None = None, code: int = 0
+) -> list[int]:
+    """Make the next apply of frames to SQLite (with ``retire`` as given, or any) fail as
+    SQLite fails on a full disk (or with ``code``); the returned list empties then."""
+    left = [1]
+    real = SqliteStorage._apply
+
+    def wrapper(self: SqliteStorage, frames: list[Any], **kw: Any) -> None:
+        if left and (retire is None or kw.get("retire", False) == retire):
+            left.pop()
+            exc = sqlite3.OperationalError("database or disk is full")
+            exc.sqlite_errorcode = code or sqlite3.SQLITE_FULL
+            raise exc
+        real(self, frames, **kw)
+
+    monkeypatch.setattr(SqliteStorage, "_apply", wrapper)
+    return left
+
+
+async def test_a_failed_retire_keeps_its_frames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compaction applies the last frames under the writer lock and empties the log; if
+    that apply fails, the frames stay queued and the log is kept."""
+    async with SqliteStorage(tmp_path) as s:
+        await s.open("n")
+        await s.commit([(NS, b"u1")], [rec(1)])
+        await s.commit([("other", b"o1")], [rec(2)])
+        await s.flush()
+        s._drain_scheduled = True  # test-only: frames wait for the compaction's retire
+        await s.commit([(NS, b"u2")], [rec(3)])
+        monkeypatch.setattr(SqliteStorage, "_drain", lambda self: None)  # only the retire
+        failing = failing_apply(monkeypatch, retire=True)
+        with pytest.raises(StorageError, match="disk is full"):
+            await s.compact("other", b"SNAP", 1)
+        assert not failing
+        monkeypatch.undo()
+        s._drain_scheduled = False
+        await s.commit([(NS, b"u3")], [rec(4)])
+        await s.compact("other", b"SNAP2", 1)  # retires everything and empties the log
+        assert (tmp_path / LOG_NAME).stat().st_size == 0
+    async with SqliteStorage(tmp_path) as s:
+        state = await s.open("n")
+        assert state.docs[NS] == [b"u1", b"u2", b"u3"]
+        assert [r.cursor for r in await s.read_journal(0, 100)] == [1, 2, 3, 4]
+
+
+async def test_damage_reported_while_applying_stops_all_later_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unlike a full disk, damage does not pass: later commits are refused (loudly) until
+    the storage is reopened, and nothing acknowledged before is lost."""
+    async with SqliteStorage(tmp_path) as s:
+        await s.open("n")
+        s._drain_scheduled = True  # test-only: the frame waits for flush() to apply it
+        await s.commit([(NS, b"u1")], [rec(1)])
+        failing_apply(monkeypatch, code=sqlite3.SQLITE_CORRUPT)
+        with pytest.raises(CorruptStorage):
+            await s.flush()
+        monkeypatch.undo()
+        with pytest.raises(StorageError, match="failed earlier"):
+            await s.commit([(NS, b"u2")], [rec(2)])
+    async with SqliteStorage(tmp_path) as s:
+        state = await s.open("n")
+        assert state.docs[NS] == [b"u1"]
+        assert [r.cursor for r in await s.read_journal(0, 100)] == [1]
 
 
 async def test_damage_before_valid_frames_is_corruption(tmp_path: Path) -> None:

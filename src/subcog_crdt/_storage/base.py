@@ -100,4 +100,13 @@ class Storage(Protocol):
         """The first cursor still kept (retention); 1 when nothing was ever dropped."""
         ...
 
+    def pruned_max_at_ms(self) -> int:
+        """The largest ``at_ms`` of any record retention ever dropped; 0 when none was.
+        Kept across reopens. Records are not in ``at_ms`` order (an update received from
+        a peer keeps its own, older time), so this, not the oldest record kept, tells
+        whether a read with ``since_ms`` can have missed something: it can iff
+        ``since_ms <= pruned_max_at_ms()``. Exact as of the last ``read_journal()``,
+        like :meth:`oldest_cursor`."""
+        ...
+
     async def aclose(self) -> None: ...

@@ -54,6 +54,7 @@ async def check_open_new(make: StorageFactory) -> None:
     assert s.tail_seq("decisions") == 0
     assert s.tail_bytes("decisions") == 0
     assert s.oldest_cursor() == 1
+    assert s.pruned_max_at_ms() == 0
     await s.aclose()
 
 
@@ -219,6 +220,44 @@ async def check_retention_all_expired(make: StorageFactory) -> None:
     await s.aclose()
 
 
+async def check_pruned_max_at_ms(make: StorageFactory) -> None:
+    """The largest time of any dropped record, not the time of the newest one dropped: a
+    record received from a peer keeps its own (older) time, so times do not grow with
+    cursors."""
+    retention = Retention(max_events=2, max_age=None)
+    s = make(retention, False)
+    await s.open(NODE)
+    now = int(time.time() * 1000)
+    await s.commit([], [_rec(1, at_ms=now - 1000), _rec(2, at_ms=now - 9000)])
+    await s.read_journal(0, 100)
+    assert s.pruned_max_at_ms() == 0, "nothing dropped yet"
+    await s.commit([], [_rec(3, at_ms=now - 5000), _rec(4, at_ms=now - 7000)])
+    assert [r.cursor for r in await s.read_journal(0, 100)] == [3, 4]
+    assert s.pruned_max_at_ms() == now - 1000, "the largest at_ms among cursors 1 and 2"
+    s = await _reopen(make, s, retention)
+    await s.open(NODE)
+    assert s.pruned_max_at_ms() == now - 1000, "kept across a reopen"
+    await s.commit([], [_rec(5, at_ms=now - 8000)])
+    assert [r.cursor for r in await s.read_journal(0, 100)] == [4, 5]
+    assert s.pruned_max_at_ms() == now - 1000, "it never goes down"
+    await s.commit([], [_rec(6, at_ms=now), _rec(7, at_ms=now - 6000), _rec(8, at_ms=now)])
+    assert [r.cursor for r in await s.read_journal(0, 100)] == [7, 8]
+    assert s.pruned_max_at_ms() == now
+    await s.aclose()
+    # Dropped by age: every dropped record is older than the limit.
+    retention = Retention(max_events=1000, max_age=3600.0)
+    s = make(retention, False)
+    await s.open(NODE)
+    old = now - 2 * 3600 * 1000
+    await s.commit([], [_rec(1, at_ms=old + 5), _rec(2, at_ms=old), _rec(3, at_ms=now)])
+    assert [r.cursor for r in await s.read_journal(0, 100)] == [3]
+    assert s.pruned_max_at_ms() == old + 5
+    s = await _reopen(make, s, retention)
+    await s.open(NODE)
+    assert s.pruned_max_at_ms() == old + 5
+    await s.aclose()
+
+
 async def check_cursors_persist(make: StorageFactory) -> None:
     s = make(None, False)
     await s.open(NODE)
@@ -261,6 +300,7 @@ CHECKS: dict[str, Check] = {
     "retention_by_count": check_retention_by_count,
     "retention_by_age": check_retention_by_age,
     "retention_all_expired": check_retention_all_expired,
+    "pruned_max_at_ms": check_pruned_max_at_ms,
     "cursors_persist": check_cursors_persist,
     "many_updates": check_many_updates,
 }

@@ -34,6 +34,7 @@ class MemoryStorage:
         self._cursors: dict[str, int] = {}
         self._node_id: str | None = None
         self._oldest = 1
+        self._pruned_max_at_ms = 0
         self._last_cursor = 0
 
     async def open(self, node_id: str) -> StoredState:
@@ -69,11 +70,16 @@ class MemoryStorage:
         r = self.retention
         j = self._journal
         while len(j) > r.max_events:
-            self._oldest = j.popleft()[_CURSOR] + 1
+            self._dropped(j.popleft())
         if r.max_age is not None:
             limit = int((time.time() - r.max_age) * 1000)
             while j and j[0][_AT_MS] < limit:
-                self._oldest = j.popleft()[_CURSOR] + 1
+                self._dropped(j.popleft())
+
+    def _dropped(self, row: tuple[Any, ...]) -> None:
+        self._oldest = row[_CURSOR] + 1
+        if row[_AT_MS] > self._pruned_max_at_ms:
+            self._pruned_max_at_ms = row[_AT_MS]
 
     def tail_seq(self, namespace: str) -> int:
         return self._seq.get(namespace, 0)
@@ -119,6 +125,9 @@ class MemoryStorage:
 
     def oldest_cursor(self) -> int:
         return self._oldest
+
+    def pruned_max_at_ms(self) -> int:
+        return self._pruned_max_at_ms
 
     async def aclose(self) -> None:
         return None

@@ -37,7 +37,25 @@ holds the journal (row key = cursor), cursors, metadata and the retired tail (ro
 ``namespace_id << 40 | seq``: one key range per namespace, in seq order); the log holds
 the newest updates; a namespace's tail is the retired rows followed by the log's.
 With ``"fsync"`` the thread syncs the log before applying frames, so SQLite never gets
-ahead of the durable log.
+ahead of the durable log. Creating the data directory, the log, the store or the
+snapshot directory also syncs the directory holding it.
+
+If applying frames to SQLite fails (a full disk, an I/O error), they go back to the front
+of the queue, so ``applied_lsn`` never passes a frame SQLite does not have and the log,
+which still holds them, is not truncated; every later drain retries them, and the first
+one after the disk has room again applies them all. The caller waiting for that apply (a
+read, a compaction) gets the error, and so do commits waiting for a full backlog; commits
+keep going to the log meanwhile. Damage reported by SQLite, a failed ``fsync`` of the log
+(after which the log's durability is unknown) or an unexpected error fails the storage
+instead: every later commit raises until it is reopened, and the next open applies the
+log.
+
+Retention prunes the journal inside the transaction that writes it (a drain) or before a
+read, and stores in the same transaction what it changed in ``meta``: ``journal_count``
+(checked against the rows at open), ``oldest`` (the first cursor kept) and
+``pruned_max_at_ms``, the largest ``at_ms`` of any record ever dropped. Records are not in
+``at_ms`` order (an update received from a peer keeps its own, older time), so that, not
+the oldest record kept, tells whether ``sync(since=<datetime>)`` can have missed one.
 
 Frame format (little endian): ``b"SCL1"``, payload length (u32), CRC32 of the payload (u32),
 then a msgpack array ``[lsn, [[ns, seq, update]...], [[cursor, at_ms, ns, kind, write_id,
@@ -59,8 +77,9 @@ before it is kept; a damaged frame followed by valid ones is corruption, not a t
 and raises :class:`CorruptStorage` naming the log. So do a snapshot whose length or CRC
 does not match, SQLite damage (``quick_check``, or a namespace whose updates have a gap),
 a log that lost frames SQLite already applied (possible only after an OS crash or power
-loss with ``"process"``), and a fresh (empty) ``store.sqlite3`` next to an existing log
-or snapshots: the storage never starts empty over existing data. Tail rows in SQLite
+loss with ``"process"``; refused before the torn tail is cut off), and a fresh (empty)
+``store.sqlite3`` next to an existing log or snapshots: the storage never starts empty
+over existing data. Tail rows in SQLite
 carry no checksum of their own; SQLite's page structure is checked, their content is not.
 
 The log is kept at a clean close (the next open reads it back); ``aclose()`` drains the
@@ -243,14 +262,16 @@ def _decode_payload(payload: bytes, size: int) -> _Pending:
 
 def _valid_frame_after(data: bytes, start: int) -> bool:
     """Whether a complete, checksummed frame starts anywhere after ``start``: then the damage
-    is not a torn tail (a crash only ever tears the last write) but corruption."""
+    is not a torn tail (a crash only ever tears the last write) but corruption. A frame is
+    never empty (its payload is a msgpack array), so ``SCL1`` and eight zero bytes (length
+    0, and CRC32 of nothing is 0) inside a torn frame's data do not count as one."""
     hsize = _FRAME_HEADER.size
     pos = data.find(_FRAME_MAGIC, start + 1)
     while pos != -1:
         if len(data) - pos >= hsize:
             _, length, crc = _FRAME_HEADER.unpack_from(data, pos)
             body = data[pos + hsize : pos + hsize + length]
-            if len(body) == length and zlib.crc32(body) == crc:
+            if length > 0 and len(body) == length and zlib.crc32(body) == crc:
                 return True
         pos = data.find(_FRAME_MAGIC, pos + 1)
     return False
@@ -306,9 +327,15 @@ class SqliteStorage(AsyncClosing):
         self._pending: deque[_Pending] = deque()
         self._drain_scheduled = False
         self._drained_bytes = 0
-        self._backlog_waiter: asyncio.Future[None] | None = None
+        self._backlog_waiters: list[asyncio.Future[None]] = []
+        """Commits waiting for the thread to catch up (see _wait_backlog); the loop adds
+        and removes them, the thread only looks whether there are any."""
         self._failure: BaseException | None = None
+        """Set once the storage cannot go on safely (see _apply_failed): every later
+        commit raises it, until the storage is closed and opened again."""
+        # Plain ints the thread stores and the loop reads (oldest_cursor() etc.).
         self._oldest = 1
+        self._pruned_max_at_ms = 0
         # Thread-side state.
         self._conn: sqlite3.Connection | None = None
         self._lock_fd = -1
@@ -319,6 +346,11 @@ class SqliteStorage(AsyncClosing):
         self._unretired: list[tuple[str, int, bytes]] = []
         """Updates of applied frames that live only in the log (lsn > retired_lsn)."""
         self._last_age_prune = 0.0
+        self._apply_error: BaseException | None = None
+        """Why the last attempt to apply frames failed (None: it did not). Logged once per
+        run of failures, not at every retry."""
+        self._job_error: str | None = None
+        """The last error of a background job that was logged."""
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -364,6 +396,9 @@ class SqliteStorage(AsyncClosing):
         finally:
             self._state = _State.CLOSED
             self._stop_thread()
+            # Commits still waiting for the thread (it failed, or never caught up) get
+            # an answer instead of waiting forever.
+            self._release_backlog(ClosedError("storage is closed"))
 
     def _stop_thread(self) -> None:
         thread = self._thread
@@ -397,11 +432,12 @@ class SqliteStorage(AsyncClosing):
             except Exception as exc:
                 err = self._map_error(exc)
                 if fut is None:
-                    # An unawaited job (a drain) failed: the frames stay in the log, so
-                    # nothing is lost, but later commits must not pretend all is well.
-                    log.error("storage %s: background write failed: %s", self.data_dir, err)
-                    self._failure = err
-                    self._wake_backlog()
+                    # An unawaited job (a drain) failed. Its frames went back to the queue
+                    # (_apply_failed logged it and decided whether the storage can go on);
+                    # anything else it did (a retire) is simply tried again later.
+                    if err is not self._apply_error and str(err) != self._job_error:
+                        log.warning("storage %s: background job failed: %s", self.data_dir, err)
+                        self._job_error = str(err)  # not again at every retry
                 else:
                     self._post(fut, err, None)
             else:
@@ -445,15 +481,20 @@ class SqliteStorage(AsyncClosing):
     # -- open (thread) -----------------------------------------------------------------------
 
     def _open_sync(self, node_id: str) -> _Loaded:
-        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._make_data_dir()
         self._lock_dir()
         log_fd = -1
         try:
+            new_files = not (self._store_path.exists() and self._log_path.exists())
             self._connect()
             log_size = self._replay_log()
             log_fd = os.open(
                 self._log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
             )
+            if new_files and self.durability == "fsync":
+                # The new files' directory entries must be durable before a commit is
+                # acknowledged: a power loss could otherwise take a synced file with it.
+                _fsync_dir(self.data_dir)
             loaded = self._load(node_id, log_fd)
             loaded.log_size = log_size
         except BaseException:
@@ -463,6 +504,17 @@ class SqliteStorage(AsyncClosing):
             self._unlock_dir()
             raise
         return loaded
+
+    def _make_data_dir(self) -> None:
+        missing: list[Path] = []
+        d = self.data_dir.absolute()
+        while not d.exists() and d.parent != d:
+            missing.append(d)
+            d = d.parent
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.durability == "fsync":
+            for d in reversed(missing):
+                _fsync_dir(d.parent)
 
     def _lock_dir(self) -> None:
         lock_path = self.data_dir / LOCK_NAME
@@ -593,12 +645,28 @@ class SqliteStorage(AsyncClosing):
                     ("last_cursor", 0),
                     ("oldest", 1),
                     ("journal_count", 0),
+                    ("pruned_max_at_ms", 0),
                 ],
             )
             db.execute("COMMIT")
         except BaseException:
             self._rollback()
             raise
+
+    def _upgrade_meta(self) -> None:
+        """Bring the counters of an existing store up to date (no transaction is open)."""
+        db = self._db
+        if self._meta("pruned_max_at_ms") is None:
+            # A store from before this key: if it ever pruned, the pruned records' times
+            # are unknown, but none is later than now (their writes happened before).
+            pruned = int(time.time() * 1000) if int(self._meta("oldest") or 1) > 1 else 0
+            db.execute("INSERT INTO meta(key, value) VALUES ('pruned_max_at_ms', ?)", (pruned,))
+        # Earlier versions could leave journal_count above the real number of rows (a
+        # read's prune did not store it), and pruning by a count that is too high drops
+        # records that retention should keep. Counting is cheap (~ms per 100k rows).
+        rows = db.execute("SELECT count(*) FROM journal").fetchone()[0]
+        if rows != int(self._meta("journal_count") or 0):
+            db.execute("UPDATE meta SET value=? WHERE key='journal_count'", (rows,))
 
     def _meta(self, key: str) -> Any:
         row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -609,8 +677,8 @@ class SqliteStorage(AsyncClosing):
         and keep the updates not yet retired into SQLite in memory. Returns the log size."""
         self._applied_lsn = int(self._meta("applied_lsn") or 0)
         self._retired_lsn = int(self._meta("retired_lsn") or 0)
-        self._oldest = int(self._meta("oldest") or 1)
-        self._journal_count = int(self._meta("journal_count") or 0)
+        self._upgrade_meta()
+        self._load_counters()
         self._namespaces = {
             name: _Namespace(id_, gen, snap_seq)
             for id_, name, gen, snap_seq in self._db.execute(
@@ -623,13 +691,23 @@ class SqliteStorage(AsyncClosing):
             data = b""
         frames, damage = _parse_frames(data)
         size = len(data)
+        if damage is not None and _valid_frame_after(data, damage.offset):
+            raise CorruptStorage(
+                f"{self._log_path} is damaged at offset {damage.offset} ({damage.reason}) "
+                "and valid frames follow; not a torn tail, refusing to drop them",
+                path=str(self._log_path),
+            )
+        last_lsn = frames[-1].lsn if frames else 0
+        if self._retired_lsn < self._applied_lsn and last_lsn < self._applied_lsn:
+            # SQLite applied frames whose updates only the log held, and the log lost them:
+            # only possible after an OS crash or power loss with durability="process".
+            # (Refused before the torn tail below is cut off: the file stays as it was.)
+            raise CorruptStorage(
+                f"{self._log_path} ends at frame {last_lsn} but {STORE_NAME} applied frames "
+                f"up to {self._applied_lsn}: the log lost updates",
+                path=str(self._log_path),
+            )
         if damage is not None:
-            if _valid_frame_after(data, damage.offset):
-                raise CorruptStorage(
-                    f"{self._log_path} is damaged at offset {damage.offset} ({damage.reason}) "
-                    "and valid frames follow; not a torn tail, refusing to drop them",
-                    path=str(self._log_path),
-                )
             log.warning(
                 "%s: dropping a torn last frame (%d bytes at offset %d: %s), left by a crash",
                 self._log_path,
@@ -643,15 +721,6 @@ class SqliteStorage(AsyncClosing):
                 if self.durability == "fsync":
                     os.fsync(f.fileno())
             size = damage.offset
-        last_lsn = frames[-1].lsn if frames else 0
-        if self._retired_lsn < self._applied_lsn and last_lsn < self._applied_lsn:
-            # SQLite applied frames whose updates only the log held, and the log lost them:
-            # only possible after an OS crash or power loss with durability="process".
-            raise CorruptStorage(
-                f"{self._log_path} ends at frame {last_lsn} but {STORE_NAME} applied frames "
-                f"up to {self._applied_lsn}: the log lost updates",
-                path=str(self._log_path),
-            )
         newer: list[_Pending] = []
         for frame in frames:
             if frame.lsn > self._applied_lsn:
@@ -659,6 +728,12 @@ class SqliteStorage(AsyncClosing):
             elif frame.lsn > self._retired_lsn:
                 self._unretired.extend(frame.updates)
         if newer:
+            if newer[0].lsn != self._applied_lsn + 1:
+                raise CorruptStorage(
+                    f"{self._log_path} starts at frame {newer[0].lsn} but {STORE_NAME} "
+                    f"applied frames only up to {self._applied_lsn}: the log lost updates",
+                    path=str(self._log_path),
+                )
             self._apply(newer)
         return size
 
@@ -790,6 +865,14 @@ class SqliteStorage(AsyncClosing):
         """Write the journal, cursors and sequence numbers of frames to SQLite in one
         transaction. Their updates stay in the log (and in ``_unretired``) unless
         ``retire``: then the live ones go into SQLite too."""
+        if frames[0].lsn != self._applied_lsn + 1:
+            # Frames are applied in order, each exactly once: anything else would move
+            # applied_lsn past a frame SQLite does not have (and the next retire would
+            # truncate it away).
+            raise StorageError(
+                f"storage {self.data_dir}: internal error: frame {frames[0].lsn} applied "
+                f"after frame {self._applied_lsn}"
+            )
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -835,8 +918,11 @@ class SqliteStorage(AsyncClosing):
             if retire:
                 self._insert_updates([*self._unretired, *updates], frames[-1].lsn)
             db.execute("UPDATE meta SET value=? WHERE key='applied_lsn'", (frames[-1].lsn,))
+            if journal:
+                db.execute(
+                    "UPDATE meta SET value=? WHERE key='journal_count'", (self._journal_count,)
+                )
             self._prune(exact=False)
-            db.execute("UPDATE meta SET value=? WHERE key='journal_count'", (self._journal_count,))
             db.execute("COMMIT")
         except BaseException:
             self._rollback()
@@ -862,15 +948,29 @@ class SqliteStorage(AsyncClosing):
         self._db.execute("UPDATE meta SET value=? WHERE key='retired_lsn'", (lsn,))
 
     def _reload_thread_state(self) -> None:
-        """After a rollback: the namespace ids and counts handed out in it are gone."""
+        """After a rollback: the namespace ids, counts and retention points changed in it
+        are gone. If even reading them back fails, the thread's view of SQLite is unknown:
+        the storage fails for good (reopening reads it afresh)."""
         db = self._db
-        self._namespaces = {
-            name: _Namespace(id_, gen, snap_seq)
-            for id_, name, gen, snap_seq in db.execute(
-                "SELECT id, name, snap_gen, snap_seq FROM namespaces"
-            )
-        }
+        try:
+            self._namespaces = {
+                name: _Namespace(id_, gen, snap_seq)
+                for id_, name, gen, snap_seq in db.execute(
+                    "SELECT id, name, snap_gen, snap_seq FROM namespaces"
+                )
+            }
+            self._load_counters()
+        except Exception as exc:
+            if self._failure is None:
+                self._failure = self._map_error(exc)
+                log.error("storage %s failed: %s", self.data_dir, self._failure)
+                self._wake_backlog(self._failure)
+            raise
+
+    def _load_counters(self) -> None:
         self._journal_count = int(self._meta("journal_count") or 0)
+        self._oldest = int(self._meta("oldest") or 1)
+        self._pruned_max_at_ms = int(self._meta("pruned_max_at_ms") or 0)
 
     def _insert_chunked(self, prefix: str, width: int, flat: list[Any]) -> int:
         """Multi-row INSERTs: one sqlite3_step (one GIL release) per chunk, not per row."""
@@ -901,16 +1001,85 @@ class SqliteStorage(AsyncClosing):
     def _sync_before_apply(self) -> None:
         """With fsync durability SQLite must never get ahead of the durable log: after a
         power loss it would hold journal rows whose updates the log lost."""
-        if self.durability == "fsync" and self._log_fd >= 0:
-            os.fdatasync(self._log_fd)
+        if self.durability == "fsync":
+            self._fsync_log()
 
     def _drain(self) -> None:
         frames = self._take_pending()
         if frames:
-            self._sync_before_apply()
-            self._apply(frames)
+            try:
+                self._sync_before_apply()
+                self._apply(frames)
+            except BaseException as exc:
+                with self._wlock:
+                    self._requeue(frames)
+                err = self._apply_failed(exc)
+                if err is exc:
+                    raise
+                raise err from exc
             self._drained_bytes += sum(f.size for f in frames)
-            self._wake_backlog()
+            self._applied_ok()
+        # Also without frames: a commit waiting for the backlog queued this job after it
+        # started waiting, and counts on being told when the job is done.
+        self._wake_backlog()
+
+    def _requeue(self, frames: list[_Pending]) -> None:
+        """Put frames whose apply failed back at the front of the queue (the caller holds
+        ``_wlock``): the next drain tries them again, and since frames are applied in
+        order, ``applied_lsn`` can never move past one of them. Their updates are still in
+        the log, and the log is only truncated once everything in it is in SQLite."""
+        self._pending.extendleft(reversed(frames))
+
+    def _apply_failed(self, exc: BaseException) -> BaseException:
+        """An apply failed and its frames are back in the queue: decide whether the
+        storage can go on, wake waiting commits, and return the error to raise.
+
+        Nothing was lost, so a failure that can pass (SQLite's "disk is full", "disk I/O
+        error" or "database is locked", or an OSError) leaves the storage usable: commits
+        still go to the log, which is what makes them durable; every later drain retries
+        the queued frames, and the first one after the cause went away applies them all.
+        The caller that waited for this apply (a read, a compaction, a flush) gets the
+        error, and so do commits waiting for the backlog; if it lasts, the backlog fills
+        up and every commit fails loudly. A failure that cannot pass makes the storage
+        refuse all later commits until it is reopened (the log still holds the frames; the
+        next open applies them): SQLite reports damage, or any other error (a constraint
+        or programming error is a bug, and would repeat at every retry), or the connection
+        is stuck in a transaction that did not roll back, or an fsync of the log failed
+        (after a failed fsync Linux may already have dropped the unwritten pages, so a
+        later fsync that succeeds proves nothing)."""
+        err = self._map_error(exc) if isinstance(exc, Exception) else exc
+        conn = self._conn
+        if self._failure is not None:
+            pass  # already failed for good (a failed fsync fails the storage itself)
+        elif (
+            not isinstance(exc, sqlite3.OperationalError | OSError)
+            or isinstance(err, CorruptStorage)
+            or conn is None
+            or conn.in_transaction
+        ):
+            log.error(
+                "storage %s failed, refusing further writes until reopened (the log keeps "
+                "everything written so far): %s",
+                self.data_dir,
+                err,
+            )
+            self._failure = err
+        elif self._apply_error is None:
+            log.error(
+                "storage %s: applying the log to SQLite failed; retrying with later writes "
+                "(nothing is lost, the log holds them): %s",
+                self.data_dir,
+                err,
+            )
+        self._apply_error = err
+        self._wake_backlog(err)
+        return err
+
+    def _applied_ok(self) -> None:
+        if self._apply_error is not None:
+            self._apply_error = None
+            if self._failure is None:
+                log.info("storage %s: applying the log to SQLite works again", self.data_dir)
 
     def _drain_job(self) -> None:
         if len(self._pending) < _DRAIN_NOW and self._jobs.empty() and self.durability == "process":
@@ -921,6 +1090,7 @@ class SqliteStorage(AsyncClosing):
         self._drain()
         if self._log_size >= _LOG_RETIRE_AT:
             self._retire()
+        self._job_error = None
 
     def _retire(self) -> None:
         """Move the live updates held only by the log into SQLite and empty the log.
@@ -940,41 +1110,86 @@ class SqliteStorage(AsyncClosing):
                 raise
             self._unretired = []
             self._retired_lsn = self._applied_lsn
-        with self._wlock:
-            frames = self._take_pending()
-            if frames:
-                self._sync_before_apply()
-                self._apply(frames, retire=True)
-                self._drained_bytes += sum(f.size for f in frames)
-            if self._log_size and self._log_fd >= 0:
-                os.ftruncate(self._log_fd, 0)
-                self._log_size = 0
+        frames: list[_Pending] = []
+        requeued = False
+        try:
+            with self._wlock:
+                frames = self._take_pending()
+                if frames:
+                    try:
+                        self._sync_before_apply()
+                        self._apply(frames, retire=True)
+                    except BaseException:
+                        self._requeue(frames)  # and keep the log: it still needs them
+                        requeued = True
+                        raise
+                    self._drained_bytes += sum(f.size for f in frames)
+                if self._log_size and self._log_fd >= 0:
+                    os.ftruncate(self._log_fd, 0)
+                    self._log_size = 0
+        except BaseException as exc:
+            if not requeued:
+                raise  # the frames are in SQLite; only the truncation failed
+            err = self._apply_failed(exc)
+            if err is exc:
+                raise
+            raise err from exc
         if frames:
-            self._wake_backlog()
+            self._applied_ok()
+        self._wake_backlog()
 
-    def _wake_backlog(self) -> None:
-        fut = self._backlog_waiter
-        if fut is not None:
-            self._backlog_waiter = None
-            self._post(fut, None, None)
+    def _wake_backlog(self, err: BaseException | None = None) -> None:
+        """Tell the commits waiting for the backlog that an apply ended (``err``: failed).
+        Only a look at a list when nobody waits: no hop to the loop per drain."""
+        if self._backlog_waiters:
+            assert self._loop is not None
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                self._loop.call_soon_threadsafe(self._release_backlog, err)
+
+    def _release_backlog(self, err: BaseException | None) -> None:
+        """(On the loop.) Wake every waiting commit; with an error, each one raises."""
+        waiters, self._backlog_waiters = self._backlog_waiters, []
+        for fut in waiters:
+            if fut.done():
+                continue
+            if err is None:
+                fut.set_result(None)
+            elif isinstance(err, ClosedError):
+                fut.set_exception(ClosedError(str(err)))
+            else:
+                exc = StorageError(
+                    f"storage {self.data_dir} cannot catch up with the log (the write is in "
+                    f"the log, not yet in SQLite): {err}"
+                )
+                exc.__cause__ = err
+                fut.set_exception(exc)
 
     # -- retention (thread) ------------------------------------------------------------------
 
     def _prune(self, *, exact: bool) -> None:
-        """Drop journal rows beyond the retention; runs inside a write transaction. When
-        draining (not exact) it waits for a little excess so most drains skip it."""
+        """Drop journal rows beyond the retention; runs inside a write transaction, and
+        stores what it changed (``journal_count``, ``oldest``, ``pruned_max_at_ms``) in
+        the same one, so a commit never leaves the stored count behind the rows (a rollback
+        must call :meth:`_reload_thread_state`). When draining (not exact) it waits for a
+        little excess so most drains skip it."""
         db = self._db
         r = self.retention
         oldest = self._oldest
-        excess = self._journal_count - r.max_events
+        count = self._journal_count
+        pruned_max = self._pruned_max_at_ms
+        excess = count - r.max_events
         if excess > 0 and (exact or excess >= max(1, min(1024, r.max_events // 64))):
             row = db.execute(
                 "SELECT cursor FROM journal ORDER BY cursor LIMIT 1 OFFSET ?", (excess,)
             ).fetchone()
             if row is not None:
-                db.execute("DELETE FROM journal WHERE cursor < ?", (row[0],))
-                self._journal_count -= excess
+                top = db.execute(
+                    "SELECT max(at_ms) FROM journal WHERE cursor < ?", (row[0],)
+                ).fetchone()[0]
+                cur = db.execute("DELETE FROM journal WHERE cursor < ?", (row[0],))
+                count -= cur.rowcount
                 oldest = max(oldest, row[0])
+                pruned_max = max(pruned_max, top or 0)
         now = time.monotonic()
         if r.max_age is not None and (exact or now - self._last_age_prune >= _AGE_PRUNE_EVERY):
             self._last_age_prune = now
@@ -985,18 +1200,29 @@ class SqliteStorage(AsyncClosing):
                 "SELECT cursor FROM journal WHERE at_ms >= ? ORDER BY cursor LIMIT 1", (limit,)
             ).fetchone()
             if row is not None:
-                cur = db.execute("DELETE FROM journal WHERE cursor < ?", (row[0],))
-                self._journal_count -= cur.rowcount
-                oldest = max(oldest, row[0])
-            elif self._journal_count > 0:
-                top = db.execute("SELECT max(cursor) FROM journal").fetchone()[0]
-                db.execute("DELETE FROM journal")
-                self._journal_count = 0
-                oldest = max(oldest, top + 1)
+                first = row[0]
+                top = db.execute(
+                    "SELECT max(at_ms) FROM journal WHERE cursor < ?", (first,)
+                ).fetchone()[0]
+            else:
+                first, top = db.execute(
+                    "SELECT max(cursor) + 1, max(at_ms) FROM journal"
+                ).fetchone()
+            if top is not None:  # something to drop
+                cur = db.execute("DELETE FROM journal WHERE cursor < ?", (first,))
+                count -= cur.rowcount
+                oldest = max(oldest, first)
+                pruned_max = max(pruned_max, top)
+        if count != self._journal_count:
+            db.execute("UPDATE meta SET value=? WHERE key='journal_count'", (count,))
+            self._journal_count = count
         if oldest != self._oldest:
             db.execute("UPDATE meta SET value=? WHERE key='oldest'", (oldest,))
-            # A plain int store; the loop reads it in oldest_cursor().
+            # Plain int stores; the loop reads them in oldest_cursor() etc.
             self._oldest = oldest
+        if pruned_max != self._pruned_max_at_ms:
+            db.execute("UPDATE meta SET value=? WHERE key='pruned_max_at_ms'", (pruned_max,))
+            self._pruned_max_at_ms = pruned_max
 
     def _needs_prune(self) -> bool:
         r = self.retention
@@ -1026,6 +1252,7 @@ class SqliteStorage(AsyncClosing):
                 db.execute("COMMIT")
             except BaseException:
                 self._rollback()
+                self._reload_thread_state()
                 raise
         sql = (
             "SELECT cursor, at_ms, ns, kind, write_id, session, other FROM journal WHERE cursor > ?"
@@ -1094,7 +1321,10 @@ class SqliteStorage(AsyncClosing):
         return int(dropped)
 
     def _write_snapshot(self, path: Path, snapshot: bytes) -> None:
-        self._snap_dir.mkdir(mode=0o700, exist_ok=True)
+        if not self._snap_dir.is_dir():
+            self._snap_dir.mkdir(mode=0o700, exist_ok=True)
+            if self.durability == "fsync":
+                _fsync_dir(self.data_dir)
         header = _SNAP_HEADER.pack(_SNAP_MAGIC, len(snapshot), zlib.crc32(snapshot))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -1107,11 +1337,7 @@ class SqliteStorage(AsyncClosing):
             os.close(fd)
         if self.durability == "fsync":
             # The new directory entry must be durable before the store points at it.
-            dfd = os.open(self._snap_dir, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            _fsync_dir(self._snap_dir)
 
     def _reclaim(self) -> None:
         """Give freed pages back to the file system and empty the WAL."""
@@ -1123,7 +1349,16 @@ class SqliteStorage(AsyncClosing):
 
     def _fsync_log(self) -> None:
         if self._log_fd >= 0:
-            os.fdatasync(self._log_fd)
+            try:
+                os.fdatasync(self._log_fd)
+            except OSError as exc:
+                # Not retryable (see _apply_failed): from now on the log's durability is
+                # unknown, so no later commit may be acknowledged as durable.
+                if self._failure is None:
+                    log.error("storage %s: fsync of the log failed: %s", self.data_dir, exc)
+                    self._failure = self._map_error(exc)
+                    self._wake_backlog(self._failure)
+                raise
 
     def _close_sync(self) -> None:
         try:
@@ -1254,17 +1489,27 @@ class SqliteStorage(AsyncClosing):
         job.add_done_callback(done)
 
     async def _wait_backlog(self) -> None:
+        """Wait until the thread has applied enough. Any number of commits may wait: each
+        apply, successful or not, wakes them all (a failed one makes them raise), and so
+        do a failure and close."""
         assert self._loop is not None
         while self._written_bytes - self._drained_bytes > _MAX_BACKLOG:
-            if self._failure is not None:
-                self._check_open()
+            if self._failure is not None or self._state is not _State.CLOSING:
+                self._check_open()  # a closing storage still drains (and wakes us)
             fut: asyncio.Future[None] = self._loop.create_future()
-            self._backlog_waiter = fut
-            # Re-check after publishing the waiter: the thread may have drained meanwhile.
-            if self._written_bytes - self._drained_bytes <= _MAX_BACKLOG:
-                self._backlog_waiter = None
-                return
-            await fut
+            self._backlog_waiters.append(fut)
+            # Make sure a drain job starts after this waiter was published: its end wakes
+            # it. (A drain that finished meanwhile moved _drained_bytes first; the loop
+            # condition above sees that on the next round.)
+            if not self._drain_scheduled:
+                self._drain_scheduled = True
+                self._jobs.put((self._drain_job, (), None))
+            try:
+                await fut
+            except asyncio.CancelledError:
+                with contextlib.suppress(ValueError):
+                    self._backlog_waiters.remove(fut)
+                raise
 
     def tail_seq(self, namespace: str) -> int:
         self._check_state()
@@ -1277,6 +1522,10 @@ class SqliteStorage(AsyncClosing):
     def oldest_cursor(self) -> int:
         self._check_state()
         return self._oldest
+
+    def pruned_max_at_ms(self) -> int:
+        self._check_state()
+        return self._pruned_max_at_ms
 
     def _check_state(self) -> None:
         if self._state is not _State.OPEN:
@@ -1318,6 +1567,15 @@ class SqliteStorage(AsyncClosing):
         useful for measurements and tests)."""
         self._check_open()
         await self._submit(self._drain)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` (files created or removed in it) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _resolve(fut: asyncio.Future[Any], exc: BaseException | None, result: Any) -> None:
