@@ -373,3 +373,23 @@ async def test_a_bad_update_in_a_run_fails_alone_after_the_ones_before_it():
         await theirs.send(b"".join(pack([F_UPDATE, "d", "00000000000000ee", u]) for u in run))
         await wait_for(lambda: "sender" not in a._links, 5, "the link closed")
         assert sorted(m.content for m in a.memories("d")) == contents[:2]
+
+
+# -- 6. a control frame the link cannot carry -----------------------------------------------
+
+
+async def test_a_control_frame_over_the_frame_limit_closes_the_link_not_the_caller(caplog):
+    """A sessions list larger than the link's frame limit cannot be sent (control frames
+    are not split). The link is closed with a logged reason; the registration that
+    triggered it succeeds and the node goes on serving (it used to raise FrameTooLarge
+    into register_session, or leave a link up whose writer had died)."""
+    async with socket_node(max_frame=4096) as a, socket_node() as b:
+        await b.connect(a.url)
+        await wait_for(lambda: b.node_id in a._links and a.node_id in b._links, 5, "link up")
+        first = a._links[b.node_id]
+        sessions = [await a.register_session(f"session-{i:04d}-" + "x" * 40) for i in range(80)]
+        await wait_for(lambda: a._links.get(b.node_id) is not first, 5, "that link closed")
+        assert "cannot send" in caplog.text
+        assert {s.id for s in sessions} <= {s.id for s in a.sessions.list()}
+        await sessions[0].capture("d", "still serving")
+        assert [m.content for m in a.memories("d")] == ["still serving"]

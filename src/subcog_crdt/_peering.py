@@ -43,6 +43,7 @@ from subcog_crdt._core.schema import check_namespace
 from subcog_crdt._core.ydecode import UpdateDecodeError, decode_state_vector, read_update
 from subcog_crdt._errors import (
     ClosedError,
+    FrameTooLarge,
     InvalidArgument,
     InvalidNamespace,
     ProtocolError,
@@ -289,6 +290,9 @@ class PeerSync:
             return
         except ClosedError:
             return  # the reader sees the close and ends the link
+        except ProtocolError as exc:  # a frame the link cannot carry: the link's problem
+            self._cannot_send(exc)
+            return
         self._busy = True
         task = asyncio.get_running_loop().create_task(self._finish(coro, suspended_on, len(data)))
         self._tasks.add(task)
@@ -756,9 +760,28 @@ class PeerSync:
         if done is not None:
             self._to_persist.append(done)
 
+    def _cannot_send(self, exc: BaseException) -> None:
+        """A frame could not be sent (a control frame over the frame limit: those are not
+        split): close the link with a logged reason rather than fail the caller whose
+        write queued it, or leave a link up that no longer sends."""
+        if self._closed:
+            return
+        log.warning("closing link to %s: cannot send: %s", self.node_id, exc)
+        self._closed = True
+        self._wake.set()
+        code = 4009 if isinstance(exc, FrameTooLarge) else 1011
+        task = asyncio.get_running_loop().create_task(self.link.close(code, str(exc)[:120]))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _writer_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._cannot_send(task.exception() or RuntimeError())
+
     async def run(self) -> None:
         """Drive the link until it closes (``send_hello`` must have been called)."""
         writer = asyncio.get_running_loop().create_task(self.writer())
+        writer.add_done_callback(self._writer_done)
         try:
             try:
                 await self.link.consume(self.on_message)
@@ -769,7 +792,8 @@ class PeerSync:
             self._closed = True
             self._wake.set()
             for t in [*self._tasks, writer]:
-                await cancel_and_wait(t)
+                if not t.done():  # (a writer that failed was reported by _writer_done)
+                    await cancel_and_wait(t)
             if self._hello_seen:
                 # Runs after the node has dropped this link and told its peers (the
                 # caller does both as soon as this returns).
