@@ -16,14 +16,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from ssl import SSLContext
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from subcog_crdt._bus import EventBus
 from subcog_crdt._core.document import NamespaceDoc
 from subcog_crdt._core.events import Captured, Conflict, Deleted, Event, Updated
 from subcog_crdt._core.hlc import Hlc, stamp_datetime
 from subcog_crdt._core.memory import Memory, find_conflicts, fold
-from subcog_crdt._core.schema import Write, check_namespace, check_session_id
+from subcog_crdt._core.schema import (
+    Write,
+    check_names,
+    check_namespace,
+    check_session_id,
+    check_unicode,
+    prepare_fields,
+)
 from subcog_crdt._errors import (
     ClosedError,
     CorruptStorage,
@@ -143,11 +150,23 @@ class ConversationsApi:
             raise InvalidArgument(f"durability must be 'process' or 'fsync', not {durability!r}")
         if isinstance(discovery, str):
             raise InvalidArgument("discovery is a sequence such as ('local', 'mdns') or ()")
+        discovery = check_names("discovery", discovery)
         for d in discovery:
             if d not in ("local", "mdns"):
                 raise InvalidArgument(f"unknown discovery {d!r}: use 'local' and/or 'mdns'")
+        # Collections of names: a str given instead would be read letter by letter (a
+        # private namespace "secret" would protect "s", "e", "c"... and replicate).
+        peers = check_names("peers", peers)
+        sync_names = (
+            None
+            if sync_namespaces is None
+            else check_names("sync_namespaces", sync_namespaces, check_namespace)
+        )
+        private_names = check_names("private_namespaces", private_namespaces, check_namespace)
+        if mdns_interfaces is not None:
+            mdns_interfaces = check_names("mdns_interfaces", mdns_interfaces)
         self.data_dir = Path(data_dir).expanduser() if data_dir is not None else None
-        self.user_id = user_id or _os_user()
+        self.user_id = _check_user_id(user_id) or _os_user()
         if isinstance(mesh_secret, str):
             mesh_secret = mesh_secret.encode()
         if mesh_secret is not None and not mesh_secret:
@@ -157,12 +176,8 @@ class ConversationsApi:
         self._port = port
         self._static_peers = tuple(peers)
         self._discovery_kinds = tuple(discovery)
-        self._sync_filter = (
-            None
-            if sync_namespaces is None
-            else frozenset(check_namespace(n) for n in sync_namespaces)
-        )
-        self._private = frozenset(check_namespace(n) for n in private_namespaces)
+        self._sync_filter = None if sync_names is None else frozenset(sync_names)
+        self._private = frozenset(private_names)
         self._relay = relay
         self._durability = durability
         self._listen = listen
@@ -380,7 +395,8 @@ class ConversationsApi:
         check_session_id(session_id)
         if isinstance(subscribe, str):
             raise InvalidArgument("subscribe must be a list of namespaces, not a str")
-        subs = frozenset(check_namespace(n) for n in subscribe)
+        subs = frozenset(check_names("subscribe", subscribe, check_namespace))
+        user_id = _check_user_id(user_id)
         existing = self.sessions._local.get(session_id)
         if existing is not None:
             existing.subscriptions = subs
@@ -399,6 +415,7 @@ class ConversationsApi:
 
     async def unregister_session(self, session_id: str) -> None:
         self._check_open()
+        check_session_id(session_id)
         if self.sessions._local.pop(session_id, None) is None:
             raise NotFound(f"no local session {session_id!r}")
         self._broadcast_sessions()
@@ -423,8 +440,15 @@ class ConversationsApi:
         self, session: Session, namespace: str, content: str, fields: dict[str, Any]
     ) -> Memory:
         self._check_open()
-        doc = self._docs.get(namespace)
+        try:
+            doc = self._docs.get(namespace)
+        except TypeError:  # unhashable: not a name (check_namespace says so below)
+            doc = None
         if doc is None:
+            # A new namespace: check the whole write before creating it here and on peers
+            # (an existing one needs no second check: NamespaceDoc.capture makes it).
+            check_namespace(namespace)
+            prepare_fields({"content": content, **fields})
             doc = self._ensure_doc(namespace)
         mem, events = doc.capture(session.id, content, fields)
         await self._commit(doc, events)
@@ -435,7 +459,7 @@ class ConversationsApi:
     ) -> list[Memory]:
         self._check_open()
         pairs: list[tuple[str, dict[str, Any]]] = []
-        for item in items:
+        for item in _items(items):
             if isinstance(item, str):
                 pairs.append((item, {}))
             elif isinstance(item, dict) and "content" in item:
@@ -443,8 +467,18 @@ class ConversationsApi:
                 pairs.append((rest.pop("content"), rest))
             else:
                 raise InvalidArgument("each item is a content str or a dict with 'content'")
-        doc = self._docs.get(namespace)
+        try:
+            doc = self._docs.get(namespace)
+        except TypeError:  # unhashable: not a name (check_namespace says so below)
+            doc = None
         if doc is None:
+            check_namespace(namespace)
+            if not pairs:
+                return []  # nothing to write: no reason to create the namespace
+            # A new namespace: check every item before creating it here and on peers
+            # (NamespaceDoc.capture_many checks them all before writing any).
+            for content, fields in pairs:
+                prepare_fields({"content": content, **fields})
             doc = self._ensure_doc(namespace)
         mems, events = doc.capture_many(session.id, pairs)
         await self._commit(doc, events)
@@ -466,6 +500,7 @@ class ConversationsApi:
         expected_version: int | None,
     ) -> Memory:
         self._check_open()
+        _check_version(expected_version)
         doc = self._doc_of(memory_id)
         mem, events = doc.update(session.id, memory_id, fields, expected_version)
         await self._commit(doc, events)
@@ -475,6 +510,7 @@ class ConversationsApi:
         self, session: Session, memory_id: str, expected_version: int | None
     ) -> Memory:
         self._check_open()
+        _check_version(expected_version)
         doc = self._doc_of(memory_id)
         mem, events = doc.delete(session.id, memory_id, expected_version)
         await self._commit(doc, events)
@@ -501,10 +537,13 @@ class ConversationsApi:
         source: PeerSync | None = None,
         origin: str | None = None,
     ) -> tuple[NamespaceDoc, list[bytes], list[JournalRecord]]:
-        """Publish events and forward a remote update; return what must be persisted."""
+        """Forward a remote update and publish events; return what must be persisted.
+
+        Nothing here may raise once the outbox is taken (the caller persists what this
+        returns): publishing cannot (:meth:`EventBus.publish`), and comes last anyway."""
         ns = doc.namespace
         updates = doc.take_outbox()
-        self._bus.publish(events)
+        records = [_journal_record(ns, ev) for ev in events]
         # Local writes went to peers already (NamespaceDoc.on_local_update). What a remote
         # update or catch-up changed here is forwarded as the document saw it (not the
         # bytes received: those can be a duplicate, or unblock earlier pending items) to
@@ -515,7 +554,7 @@ class ConversationsApi:
                     continue
                 for u in updates:
                     peer.push_update(ns, origin, u)
-        records = [_journal_record(ns, ev) for ev in events]
+        self._bus.publish(events)
         return doc, updates, records
 
     async def _persist(
@@ -703,10 +742,14 @@ class ConversationsApi:
         self._check_open()
         if not isinstance(query, str):
             raise InvalidArgument("query must be a str")
-        if not isinstance(limit, int) or limit < 1 or limit > 10_000:
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
             raise InvalidArgument("limit must be an int in 1..10000")
-        names = list(self._docs) if namespaces is None else [check_namespace(n) for n in namespaces]
-        tagset = frozenset(tags)
+        if namespaces is None:
+            names = list(self._docs)
+        else:
+            names = check_names("namespaces", namespaces, check_namespace)
+        # a str is refused, as capture(tags="x") refuses it
+        tagset = frozenset(check_names("tags", tags))
         scored: list[tuple[float, Memory]] = []
         for ns in names:
             doc = self._docs.get(ns)
@@ -729,7 +772,7 @@ class ConversationsApi:
     async def _sync_locked(
         self, session: Session, since: str | int | datetime, include_own: bool, limit: int
     ) -> SyncBatch:
-        if not isinstance(limit, int) or limit < 1:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise InvalidArgument("limit must be a positive int")
         since_ms: int | None = None
         if since == "last":
@@ -748,22 +791,15 @@ class ConversationsApi:
         else:
             raise InvalidArgument("since must be 'last', a cursor int or a datetime")
         horizon = self._committed_cursor
-        records = await self._storage.read_journal(
-            after,
-            limit + 1,
-            namespaces=frozenset(session.subscriptions),
-            exclude_session=None if include_own else session.id,
-            since_ms=since_ms,
+        records, oldest = await self._read_events(
+            session, after, limit + 1, horizon, include_own, since_ms
         )
-        # Reading applies retention first, so the oldest kept cursor is exact only now.
-        oldest = self._storage.oldest_cursor()
         complete = after + 1 >= oldest
         if since_ms is not None and oldest > 1:
             # Something was pruned; it only matters if it could be newer than ``since``,
             # i.e. if even the oldest event still kept is newer than ``since``.
             first = await self._storage.read_journal(0, 1)
             complete = bool(first) and first[0].at_ms <= since_ms
-        records = [r for r in records if r.cursor <= horizon]
         more = len(records) > limit
         records = records[:limit]
         events = [ev for ev in (self._rebuild(r) for r in records) if ev is not None]
@@ -774,6 +810,47 @@ class ConversationsApi:
             self._saved_cursors[session.id] = cursor
             await self._storage.save_cursor(session.id, cursor)
         return SyncBatch(events=events, cursor=cursor, complete=complete, more=more)
+
+    async def _read_events(
+        self,
+        session: Session,
+        after: int,
+        want: int,
+        horizon: int,
+        include_own: bool,
+        since_ms: int | None,
+    ) -> tuple[list[JournalRecord], int]:
+        """Up to ``want`` journal records of the session's subscriptions after ``after``
+        and up to ``horizon``, in order; and the oldest cursor the journal keeps.
+
+        Own records (this session's writes on this node) are left out unless
+        ``include_own``. A session of the same name on another node is someone else, so
+        the storage's filter by session id alone would be wrong: own records are skipped
+        here and reading goes on until ``want`` others are found, the journal ends or the
+        horizon is passed. Every record up to the last one returned has been looked at,
+        so continuing after it neither skips nor repeats one."""
+        names = frozenset(session.subscriptions)
+        own_session = session.id
+        own_tail = "/" + self.node_id  # a write id is "<id>/<stamp>/<session>/<node>"
+        out: list[JournalRecord] = []
+        oldest: int | None = None
+        pos = after
+        while True:
+            # Always a full page: filtering own records must not turn into many tiny reads.
+            rows = await self._storage.read_journal(pos, want, namespaces=names, since_ms=since_ms)
+            if oldest is None:
+                # Reading applies retention first: the oldest kept cursor is exact only now.
+                oldest = self._storage.oldest_cursor()
+            for r in rows:
+                if r.cursor > horizon:
+                    return out, oldest  # not committed yet: the next sync gets it
+                if include_own or r.session != own_session or not r.write_id.endswith(own_tail):
+                    out.append(r)
+                    if len(out) >= want:
+                        return out, oldest
+            if len(rows) < want:
+                return out, oldest  # the journal ends here
+            pos = rows[-1].cursor
 
     def _rebuild(self, rec: JournalRecord) -> Event | None:
         """An event as it was, from its journal row and the document."""
@@ -813,6 +890,34 @@ class ConversationsApi:
             at=stamp_datetime(winner.at), source_session=winner.session, node_id=winner.node
         )
         return Conflict(winner=winner, loser=w, fields=fields, **common)
+
+
+def _items(items: object) -> list[Any]:
+    """``capture_many``'s items as a list; a str or a dict (which would be iterated by
+    character or key) and anything not iterable are refused."""
+    if isinstance(items, str | bytes | bytearray | dict):
+        raise InvalidArgument(
+            f"items must be a list of content strs or dicts, not a single {type(items).__name__}"
+        )
+    try:
+        return list(cast("Iterable[Any]", items))
+    except TypeError:
+        raise InvalidArgument(
+            f"items must be a list of content strs or dicts, not {type(items).__name__}"
+        ) from None
+
+
+def _check_version(expected: object) -> None:
+    if expected is not None and (isinstance(expected, bool) or not isinstance(expected, int)):
+        raise InvalidArgument(f"expected_version must be an int or None, not {expected!r}")
+
+
+def _check_user_id(user_id: object) -> str | None:
+    if user_id is None:
+        return None
+    if not isinstance(user_id, str):
+        raise InvalidArgument(f"user_id must be a str, not {type(user_id).__name__}")
+    return check_unicode("user_id", user_id)
 
 
 def _os_user() -> str:

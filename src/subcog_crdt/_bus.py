@@ -9,12 +9,16 @@ to resync from.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Callable, Iterable
 
 from subcog_crdt._core.events import Event, Lagged
+from subcog_crdt._errors import InvalidArgument
 
 __all__ = ["EventBus", "Subscription"]
+
+log = logging.getLogger(__name__)
 
 
 class Subscription:
@@ -22,6 +26,8 @@ class Subscription:
     not from the first iteration. ``close()`` ends the iteration."""
 
     def __init__(self, bus: EventBus, accept: Callable[[Event], bool], maxsize: int) -> None:
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
+            raise InvalidArgument(f"maxsize must be an int >= 1, not {maxsize!r}")
         self._bus = bus
         self._accept = accept
         self._maxsize = maxsize
@@ -111,12 +117,22 @@ class EventBus:
         return sub
 
     def publish(self, events: Iterable[Event]) -> None:
+        """Never raises: publishing runs inside every write (after the document changed,
+        before it is persisted), so a failing subscriber must not fail someone's write.
+        Its error is logged and the event is skipped for that subscriber alone."""
         if not self._subs:
             return
         subs = list(self._subs)
         for ev in events:
             for sub in subs:
-                sub._push(ev)
+                try:
+                    sub._push(ev)
+                except Exception:
+                    log.exception(
+                        "a subscriber failed on %s event %d; skipped for it",
+                        type(ev).__name__,
+                        ev.cursor,
+                    )
 
     def close(self) -> None:
         for sub in list(self._subs):

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from subcog_crdt._bus import Subscription
 from subcog_crdt._core.events import Conflict, Event
 from subcog_crdt._core.memory import Memory
+from subcog_crdt._errors import InvalidArgument
 from subcog_crdt._sessions import SessionInfo
 
 if TYPE_CHECKING:
@@ -77,7 +78,13 @@ class Session:
     ) -> Memory:
         """Capture a memory. The same content (ignoring whitespace and case) already in the
         namespace yields that memory, with this session added to ``captured_by``."""
-        fields: dict[str, Any] = {"tags": tags if isinstance(tags, str) else list(tags)}
+        try:
+            # a str stays one (check_tags refuses it), anything iterable becomes a list
+            fields: dict[str, Any] = {"tags": tags if isinstance(tags, str) else list(tags)}
+        except TypeError:  # None, a number...
+            raise InvalidArgument(
+                f"tags must be a list of strings, not {type(tags).__name__}"
+            ) from None
         if metadata:
             fields["metadata"] = metadata
         for name, value in (
@@ -131,20 +138,32 @@ class Session:
     ) -> SyncBatch:
         """Events in this session's subscriptions since ``"last"`` (what this session has
         not yet seen; exactly once, also across restarts of a durable node), a cursor, or
-        a datetime. Own events are left out unless ``include_own``."""
+        a datetime. Own events (of this session on this node) are left out unless
+        ``include_own``."""
         return await self._api._sync(self, since, include_own, limit)
 
     def events(self, *, include_own: bool = False, maxsize: int = 10_000) -> Subscription:
         """Live events for this session's subscriptions, from now on (subscribed when
-        called, not at first iteration). Own events are left out unless ``include_own``."""
+        called, not at first iteration). Own events (of this session on this node) are
+        left out unless ``include_own``; ``maxsize`` bounds the queue (see :class:`Lagged`)."""
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
+            raise InvalidArgument(f"maxsize must be an int >= 1, not {maxsize!r}")
         subs = self.subscriptions
         me = self.id
+        node = self._api.node_id
 
         def accept(ev: Event) -> bool:
             if ev.namespace not in subs:
                 return False
-            # A conflict concerns both writers, so it is never filtered out as "own".
-            return include_own or ev.source_session != me or isinstance(ev, Conflict)
+            # Own means this session on this node: a session of the same name on another
+            # node is someone else. A conflict concerns both writers, so it is never
+            # filtered out as "own".
+            return (
+                include_own
+                or ev.source_session != me
+                or ev.node_id != node
+                or isinstance(ev, Conflict)
+            )
 
         return self._api._bus.subscribe(accept, maxsize)
 

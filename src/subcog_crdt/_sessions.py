@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from subcog_crdt._errors import NotFound
+from subcog_crdt._errors import InvalidArgument, NotFound
 
 if TYPE_CHECKING:
     from subcog_crdt._session import Session
@@ -46,6 +46,7 @@ class SessionRegistry:
         return out
 
     def get(self, session_id: str) -> SessionInfo:
+        _check_str(session_id)
         s = self._local.get(session_id)
         if s is not None:
             return s.info()
@@ -56,6 +57,7 @@ class SessionRegistry:
         raise NotFound(f"no session {session_id!r}")
 
     def local(self, session_id: str) -> Session:
+        _check_str(session_id)
         s = self._local.get(session_id)
         if s is None:
             raise NotFound(f"no local session {session_id!r}")
@@ -81,3 +83,8 @@ class SessionRegistry:
 
     def __len__(self) -> int:
         return len(self.list())
+
+
+def _check_str(session_id: object) -> None:
+    if not isinstance(session_id, str):
+        raise InvalidArgument(f"a session id is a str, not {type(session_id).__name__}")

@@ -12,9 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, cast
 
 from subcog_crdt._core.hlc import valid_stamp
 from subcog_crdt._errors import InvalidArgument, InvalidNamespace
@@ -26,9 +26,11 @@ __all__ = [
     "SCHEMA_VERSION",
     "Write",
     "check_content",
+    "check_names",
     "check_namespace",
     "check_session_id",
     "check_tags",
+    "check_unicode",
     "decode_write",
     "encode_write",
     "first_memory_id",
@@ -44,7 +46,24 @@ MAX_CONTENT: Final = 256 * 1024
 MAX_TAGS: Final = 64
 MAX_TAG: Final = 128
 MAX_METADATA: Final = 64 * 1024
-MAX_ENTRY: Final = 4 * MAX_CONTENT + MAX_METADATA  # generous: JSON escaping can grow text
+MAX_TEXT: Final = 1024
+"""The longest ``domain``, ``status`` or ``source``."""
+MAX_ENTRY: Final = 4 * MAX_CONTENT + MAX_METADATA
+"""The longest entry value (characters of JSON) any node accepts; a longer one is ignored.
+JSON escapes a character in at most 6 (``\\u0001``), so content dense in control characters
+can exceed it: a local write whose entry would is refused (see :func:`prepare_fields`)."""
+# The most an entry's JSON can take besides its content: framing (op, base, field names)
+# and every other field at its limit, each character escaped to 6.
+_OTHER_MAX: Final = (
+    512
+    + MAX_TAGS * (6 * MAX_TAG + 3)
+    + MAX_METADATA
+    + 3 * (6 * MAX_TEXT + 2)
+    + 64  # expires_at, an ISO 8601 string made by datetime.isoformat()
+)
+_CONTENT_FITS: Final = (MAX_ENTRY - _OTHER_MAX) // 6 - 2
+"""Content up to this many characters fits in an entry whatever it holds (checked with no
+encoding); only longer content has its entry measured."""
 OPS: Final = ("capture", "update", "delete")
 # Fields a write may set. ``deleted`` is derived from the op, never set directly.
 FIELDS: Final = (
@@ -80,6 +99,44 @@ def check_session_id(session_id: object) -> str:
     return session_id
 
 
+def check_unicode(what: str, text: str) -> str:
+    """``text`` if it can be stored: every document string is UTF-8, which a lone surrogate
+    (``"\\ud800"``, e.g. from a bad decode) cannot be encoded to."""
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError as exc:
+            raise InvalidArgument(
+                f"{what} is not valid Unicode text: {text[exc.start : exc.end]!r} at"
+                f" {exc.start} is a lone surrogate"
+            ) from None
+    return text
+
+
+def check_names(
+    what: str, value: object, check: Callable[[object], str] | None = None
+) -> list[str]:
+    """A collection of strings given where one is expected (``["a", "b"]``, a set, a
+    tuple...), each passed through ``check`` if given. A str is refused rather than read
+    character by character."""
+    if isinstance(value, str | bytes | bytearray):
+        raise InvalidArgument(
+            f"{what} must be a collection of str, not a single {type(value).__name__}"
+        )
+    try:
+        items = list(cast("Iterable[Any]", value))
+    except TypeError:
+        raise InvalidArgument(
+            f"{what} must be a collection of str, not {type(value).__name__}"
+        ) from None
+    if check is not None:
+        return [check(item) for item in items]
+    for item in items:
+        if not isinstance(item, str):
+            raise InvalidArgument(f"{what} must hold only str, not {item!r}")
+    return items
+
+
 def check_content(content: object) -> str:
     if not isinstance(content, str):
         raise InvalidArgument(f"content must be a str, not {type(content).__name__}")
@@ -89,17 +146,21 @@ def check_content(content: object) -> str:
         raise InvalidArgument(f"content is {len(content)} characters; the limit is {MAX_CONTENT}")
     if "\x00" in content:
         raise InvalidArgument("content contains a NUL character")
+    if not content.isascii():
+        check_unicode("content", content)
     return content
 
 
 def check_tags(tags: object) -> list[str]:
     if isinstance(tags, str) or not isinstance(tags, list | tuple | set | frozenset):
-        raise InvalidArgument("tags must be a list of strings")
+        raise InvalidArgument(f"tags must be a list of strings, not {type(tags).__name__}")
     out: list[str] = []
     for tag in tags:
         if not isinstance(tag, str) or not tag.strip() or len(tag) > MAX_TAG:
             raise InvalidArgument(f"invalid tag {tag!r}: a non-empty str of at most {MAX_TAG}")
         tag = tag.strip()
+        if not tag.isascii():
+            check_unicode("a tag", tag)
         if tag not in out:
             out.append(tag)
     if len(out) > MAX_TAGS:
@@ -110,23 +171,53 @@ def check_tags(tags: object) -> list[str]:
 def _check_optional_str(name: str, value: object) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or len(value) > 1024:
-        raise InvalidArgument(f"{name} must be a str of at most 1024 characters or None")
+    if not isinstance(value, str) or len(value) > MAX_TEXT:
+        raise InvalidArgument(f"{name} must be a str of at most {MAX_TEXT} characters or None")
+    if not value.isascii():
+        check_unicode(name, value)
     return value
 
 
-def prepare_fields(fields: dict[str, Any]) -> dict[str, Any]:
-    """Validate writable fields and bring them into their stored (JSON) form."""
+def prepare_fields(fields: dict[str, Any], *, measure: bool = True) -> dict[str, Any]:
+    """Validate writable fields and bring them into their stored (JSON) form.
+
+    Everything that could make the write fail later is checked here, before anything is
+    written (a batch prepares all its items first): types, limits, text that UTF-8 cannot
+    encode, and (with ``measure``) the size of the entry the fields make: at most
+    :data:`MAX_ENTRY`. (A received entry was measured as it is: no ``measure``.)"""
     out: dict[str, Any] = {}
-    if len(fields) <= 2 and fields.keys() <= {"content", "tags"}:
+    if len(fields) <= 2 and fields.keys() <= _CONTENT_AND_TAGS:
         # the common capture: content and a (usually short) list of tags
-        content = fields.get("content")
-        if content is not None:
-            out["content"] = check_content(content)
-        tags = fields.get("tags")
-        if tags is not None:
+        if "content" in fields:
+            out["content"] = check_content(fields["content"])
+        if "tags" in fields:
+            tags = fields["tags"]
             out["tags"] = [] if tags == [] else check_tags(tags)
+        if measure and len(out.get("content", "")) > _CONTENT_FITS:
+            _measure(out)
         return out
+    _prepare_rest(fields, out)
+    if measure and len(out.get("content", "")) > _CONTENT_FITS:
+        _measure(out)
+    return out
+
+
+_CONTENT_AND_TAGS: Final = frozenset({"content", "tags"})
+
+
+def _measure(out: dict[str, Any]) -> None:
+    """Refuse fields whose entry would exceed :data:`MAX_ENTRY` (framed as the longest op,
+    with a base): every node would ignore it."""
+    size = len(encode_write("capture", "0" * 19, out))
+    if size > MAX_ENTRY:
+        raise InvalidArgument(
+            f"the write would be {size} characters of JSON (content escapes to more than it"
+            f" holds); the limit is {MAX_ENTRY}"
+        )
+
+
+def _prepare_rest(fields: dict[str, Any], out: dict[str, Any]) -> None:
+    """:func:`prepare_fields` beyond content and tags, field by field, into ``out``."""
     for name, value in fields.items():
         if name == "content":
             out[name] = check_content(value)
@@ -142,7 +233,11 @@ def prepare_fields(fields: dict[str, Any]) -> dict[str, Any]:
             except (TypeError, ValueError, RecursionError) as exc:
                 raise InvalidArgument(f"metadata is not JSON-serialisable: {exc}") from exc
             if len(encoded) > MAX_METADATA:
-                raise InvalidArgument(f"metadata is {len(encoded)} bytes; limit {MAX_METADATA}")
+                raise InvalidArgument(
+                    f"metadata is {len(encoded)} characters of JSON; the limit is {MAX_METADATA}"
+                )
+            if not encoded.isascii():  # every key and value, at any depth
+                check_unicode("metadata", encoded)
             out[name] = json.loads(encoded)  # a private copy, JSON-shaped
         elif name == "expires_at":
             if isinstance(value, datetime):
@@ -153,7 +248,7 @@ def prepare_fields(fields: dict[str, Any]) -> dict[str, Any]:
                 out[name] = None
             elif isinstance(value, str):
                 try:
-                    parsed = datetime.fromisoformat(value)
+                    parsed = datetime.fromisoformat(check_unicode("expires_at", value))
                 except ValueError as exc:
                     raise InvalidArgument(f"expires_at {value!r} is not ISO 8601") from exc
                 if parsed.tzinfo is None:
@@ -165,7 +260,6 @@ def prepare_fields(fields: dict[str, Any]) -> dict[str, Any]:
             out[name] = _check_optional_str(name, value)
         else:
             raise InvalidArgument(f"unknown field {name!r}; writable fields: {', '.join(FIELDS)}")
-    return out
 
 
 def _collapsed_ascii(s: str) -> bool:
@@ -332,7 +426,7 @@ def _decode_json(key: str, mid: str, at: str, by: str, node: str, value: str) ->
     if base and not valid_stamp(base):
         return None
     try:
-        changes = prepare_fields(changes) if changes else {}
+        changes = prepare_fields(changes, measure=False) if changes else {}
     except (InvalidArgument, RecursionError):
         return None
     if op == "capture" and "content" not in changes:
