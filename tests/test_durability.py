@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import link, wait_for
 from subcog_crdt import (
     Captured,
     ConversationsApi,
@@ -237,6 +238,36 @@ async def test_since_datetime_after_pruned_events_is_complete(tmp_path):
         kept = await r.sync(since=0)
         newest_kept = kept.events[0].at
         assert (await r.sync(since=newest_kept + timedelta(milliseconds=1))).complete
+
+
+async def _past(t: datetime) -> None:
+    """Wait until the wall clock has moved past ``t`` (stamps are whole milliseconds)."""
+    await wait_for(lambda: datetime.now(UTC) > t + timedelta(milliseconds=2), 5, "time")
+
+
+async def test_since_datetime_is_judged_by_what_was_pruned_not_by_cursor_order(tmp_path):
+    """An update received from a peer keeps its own, older time, so journal times do not
+    grow with cursors. Whether a sync since a time is complete depends on whether an event
+    at or after that time was ever dropped (the oldest kept one proved nothing)."""
+    a = durable(tmp_path, retention=Retention(max_events=2, max_age=None))
+    b = ConversationsApi(listen=False, discovery=())
+    async with a, b:
+        wa = await a.register_session("wa", subscribe=["alpha"])
+        reader = await a.register_session("reader", subscribe=["alpha"])
+        wb = await b.register_session("wb", subscribe=["alpha"])
+        offline = await wb.capture("alpha", "written on B while apart")
+        await _past(offline.created_at)
+        since = datetime.now(UTC)
+        await _past(since)
+        await wa.capture("alpha", "new1")  # cursor 1, after ``since``
+        link(a, b)
+        await wait_for(lambda: len(a.memories("alpha")) == 2, 5, "catch-up")  # old time
+        await wa.capture("alpha", "new2")  # prunes "new1"
+        assert (await reader.sync(since=since)).complete is False
+        await _past(datetime.now(UTC))
+        later = datetime.now(UTC)
+        batch = await reader.sync(since=later)  # nothing at or after it was dropped
+        assert batch.events == [] and batch.complete is True
 
 
 async def test_compaction_runs_in_the_background_and_keeps_everything(tmp_path, monkeypatch):

@@ -393,3 +393,35 @@ async def test_a_control_frame_over_the_frame_limit_closes_the_link_not_the_call
         assert {s.id for s in sessions} <= {s.id for s in a.sessions.list()}
         await sessions[0].capture("d", "still serving")
         assert [m.content for m in a.memories("d")] == ["still serving"]
+
+
+# -- 7. shutting down -----------------------------------------------------------------------
+
+
+async def test_an_update_arriving_while_the_node_closes_is_not_a_protocol_error(caplog):
+    """Between the node refusing new work and its links closing, a peer's update is left
+    to the peer (it catches us up next time), not taken for a protocol error (it used to
+    close the link with 4000 and a warning that blamed the peer)."""
+    async with memory_node() as b:
+        a = memory_node()
+        await a.open()
+        la, _ = link(a, b)
+        await wait_for(lambda: b.node_id in a._links and a.node_id in b._links, 5, "link up")
+        await a.register_session("a1", subscribe=["d"])
+        sb = await b.register_session("b1", subscribe=["d"])
+        gate = asyncio.Event()
+
+        async def held_discovery() -> None:
+            await gate.wait()  # aclose's first step: the node is closed, links still up
+
+        a._close_discovery = held_discovery  # type: ignore[method-assign]
+        closing = asyncio.create_task(a.aclose())
+        await wait_for(lambda: a._state.value == "closed", 5, "a closing")
+        await sb.capture("d", "late write")
+        probe = await b.register_session("probe-after-the-write")
+        await wait_for(lambda: probe.id in {s.id for s in a.sessions.list()}, 5, "handled")
+        gate.set()
+        await closing
+        assert la.close_code != 4000
+        assert "closing link" not in caplog.text
+        assert [m.content for m in b.memories("d")] == ["late write"]

@@ -617,7 +617,10 @@ class ConversationsApi:
     ) -> tuple[NamespaceDoc, list[bytes], list[JournalRecord]] | None:
         """Apply a peer's update, publish its events and forward it; return what the
         caller must persist (it batches all updates of one received message)."""
-        self._check_open()
+        if self._state is not _State.OPEN:
+            # Closing: its links close next. The update stays with the peer, which catches
+            # us up on the next link; it is not the peer's fault (no protocol error).
+            return None
         if not self._may_share(ns):
             return None
         doc = self._ensure_doc(ns)
@@ -795,11 +798,11 @@ class ConversationsApi:
             session, after, limit + 1, horizon, include_own, since_ms
         )
         complete = after + 1 >= oldest
-        if since_ms is not None and oldest > 1:
-            # Something was pruned; it only matters if it could be newer than ``since``,
-            # i.e. if even the oldest event still kept is newer than ``since``.
-            first = await self._storage.read_journal(0, 1)
-            complete = bool(first) and first[0].at_ms <= since_ms
+        if since_ms is not None:
+            # Journal times do not grow with cursors (an update received from a peer keeps
+            # its own, older time), so the oldest record kept proves nothing; what matters
+            # is whether a record at or after ``since`` was ever dropped.
+            complete = oldest <= 1 or since_ms > self._storage.pruned_max_at_ms()
         more = len(records) > limit
         records = records[:limit]
         events = [ev for ev in (self._rebuild(r) for r in records) if ev is not None]
