@@ -248,7 +248,7 @@ async def test_update_with_none_is_refused(pair, fields):
 NEW_NS_CALLS: dict[str, Callable[[Session], Any]] = {
     "content 123": lambda s: s.capture("brand-new", 123),
     "blank content": lambda s: s.capture("brand-new", "   "),
-    "tag 5": lambda s: s.capture("brand-new", "x", tags=[5]),
+    "tag 5": lambda s: s.capture("brand-new", "x", tags=[5]),  # type: ignore[list-item]
     "metadata object": lambda s: s.capture("brand-new", "x", metadata={"k": object()}),
     "batch content 5": lambda s: s.capture_many("brand-new", [{"content": 5}]),
     "batch unknown field": lambda s: s.capture_many("brand-new", ["ok", {"content": "x", "x": 1}]),
@@ -280,7 +280,7 @@ async def test_a_failing_subscriber_cannot_fail_another_sessions_write(tmp_path,
     async with node(data_dir=tmp_path) as api:
         s1 = await api.register_session("s1", subscribe=[NS])
         s2 = await api.register_session("s2", subscribe=[NS])
-        api._bus.subscribe(lambda ev: 1 / 0)  # a subscriber whose filter raises
+        api._bus.subscribe(lambda ev: 1 / 0)  # type: ignore[return-value]  # its filter raises
         healthy = s2.events()
         with caplog.at_level(logging.ERROR, logger="subcog_crdt._bus"):
             m = await s1.capture(NS, "fact")
@@ -310,7 +310,7 @@ BAD_CALLS: dict[str, Callable[[Pair], Any]] = {
     "capture_many str": lambda p: p.sa.capture_many(NS, "hello"),
     "capture_many dict": lambda p: p.sa.capture_many(NS, {"content": "x"}),
     "capture_many 5": lambda p: p.sa.capture_many(NS, 5),
-    "recall tags=[['a']]": lambda p: p.a.recall("x", tags=[["a"]]),
+    "recall tags=[['a']]": lambda p: p.a.recall("x", tags=[["a"]]),  # type: ignore[list-item]
     "recall tags=None": lambda p: p.a.recall("x", tags=None),
     "recall tags='db'": lambda p: p.a.recall("hello", tags="db"),
     "recall namespaces='ns'": lambda p: p.a.recall("hello", namespaces=NS),
@@ -393,7 +393,7 @@ async def test_sync_pages_past_own_events_without_skipping_or_repeating():
             m = await other_local.capture(NS, f"local other {i}")
             expected.append(m.id)
             m = await twin.capture(NS, f"twin {i}")
-            await wait_for(lambda m=m: any(x.id == m.id for x in a.memories(NS)))
+            await wait_for(lambda m=m: any(x.id == m.id for x in a.memories(NS)))  # type: ignore[misc]
             expected.append(m.id)
         for j in range(4):
             await me.capture(NS, f"own tail {j}")
