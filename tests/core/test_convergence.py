@@ -52,6 +52,19 @@ class World:
         node.events.extend(node.doc.apply_update(u))
         self.flush_remote(j)
 
+    def burst(self, i: int, j: int, count: int) -> None:
+        """Deliver the next ``count`` queued updates merged into one, as a link does
+        with live updates that arrive together (``_peering._merge_runs``)."""
+        from pycrdt import merge_updates
+
+        q = self.queues[(i, j)]
+        take, q[:] = q[:count], q[count:]
+        if not take:
+            return
+        node = self.nodes[j]
+        node.events.extend(node.doc.apply_update(merge_updates(*take)))
+        self.flush_remote(j)
+
     def flush_remote(self, j: int) -> None:
         # Remote applies also land in the outbox (for storage); peers already have them
         # from the origin, so in this full mesh nothing is forwarded.
@@ -92,6 +105,7 @@ step = st.one_of(
     st.tuples(st.just("delete"), st.integers(0, 4), st.integers(0, 2), st.integers(0, 50)),
     st.tuples(st.just("deliver"), st.integers(0, 4), st.integers(0, 4), st.integers(0, 50)),
     st.tuples(st.just("dup"), st.integers(0, 4), st.integers(0, 4), st.integers(0, 50)),
+    st.tuples(st.just("burst"), st.integers(0, 4), st.integers(0, 4), st.integers(2, 8)),
     st.tuples(st.just("tick"), st.integers(0, 2), st.integers(0, 0), st.integers(0, 0)),
 )
 
@@ -147,6 +161,10 @@ def test_random_writes_converge_and_lose_nothing(n, steps, seed):
             i, j = a % n, b % n
             if i != j:
                 w.deliver(i, j, c, dup=op == "dup")
+        elif op == "burst":
+            i, j = a % n, b % n
+            if i != j:
+                w.burst(i, j, c)
         elif op == "tick":
             w.clock[0] += a  # 0 keeps wall time equal: ties broken by the counter/session
         w.flush(node_i)
