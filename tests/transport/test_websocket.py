@@ -840,6 +840,27 @@ async def test_consume_after_the_link_closed_still_hands_over_what_arrived() -> 
         assert c.error is None
 
 
+async def test_a_frame_held_for_a_full_inbox_before_consume_is_handed_over() -> None:
+    """Frames fill the inbox before consume() starts; the pump holds the next one, waiting
+    for room. consume() drains the inbox; the held frame must follow without the peer
+    sending anything more (it used to wait in the inbox for the next frame)."""
+    c = Consumer()
+    frames = [i.to_bytes(2, "big") for i in range(3)]  # two fill the inbox, the last waits
+    async with c.link_from_a(recv_buffer=4) as link:
+        for f in frames:
+            await link.send(f)
+
+        def inbox() -> Any:
+            assert c.link is not None
+            return c.link._inbox
+
+        await eventually(lambda: c.link is not None and inbox()._size >= 4, "inbox full")
+        await eventually(lambda: not inbox()._writable.is_set(), "the pump waiting for room")
+        c.go.set()
+        await eventually(lambda: len(c.seen) == len(frames), "every frame handed over")
+        assert c.seen == frames
+
+
 async def test_consume_keeps_order_when_the_inbox_filled_during_a_drain() -> None:
     """The pump waits for room in a full inbox while the consumer is busy; the drain task
     empties the inbox and ends; the frame the pump was holding must still come next."""

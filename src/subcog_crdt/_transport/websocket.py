@@ -803,17 +803,16 @@ class WebSocketLink:
                         data = opened
                     if self._consumer is not None and self._drainer is None and not self._inbox:
                         self._hand_over(data)
-                    elif self._consumed is None:
-                        await self._inbox.put(data)  # for iteration, or consume() later
-                    elif self._consumer is not None:
-                        await self._inbox.put(data)  # behind frames still being drained
+                    elif self._consumed is None or self._consumer is not None:
+                        # For iteration, for consume() later, or behind frames still being
+                        # drained. (Otherwise the consumer failed: the link is closing.)
+                        await self._inbox.put(data)
                         if self._drainer is None and self._consumer is not None:
-                            # The drain task emptied the inbox and ended while we waited
-                            # for room: this frame (and any after it) must follow in order.
+                            # consume() started, or its drain task emptied the inbox and
+                            # ended, while we waited for room: this frame must follow.
                             self._drainer = asyncio.get_running_loop().create_task(
                                 self._drain(None)
                             )
-                    # else: the consumer failed; the link is being closed
                 elif kind is WSMsgType.TEXT:
                     self._record(CLOSE_PROTOCOL, "text frame received (frames are binary)")
                     await self._ws.close(code=CLOSE_PROTOCOL, message=b"text frame")
