@@ -616,6 +616,28 @@ async def test_add_peer_redials_after_restart() -> None:
     assert other_tasks() == set()
 
 
+async def test_add_peer_keeps_redialling_after_an_unexpected_error(monkeypatch, caplog) -> None:
+    """An error the dialler does not expect (not one of ours) is logged and retried with
+    backoff; it used to end the redial task, so that peer was never dialled again."""
+    ra, rb = Recorder(), Recorder()
+    async with make("a", ra) as a, make("b", rb) as b:
+        real_connect = a.connect
+        failures = [RuntimeError("unexpected, once")]
+
+        async def flaky(url: str, **kw: Any) -> Any:
+            if failures:
+                raise failures.pop()
+            return await real_connect(url, **kw)
+
+        monkeypatch.setattr(a, "connect", flaky)
+        a.add_peer(b.url)
+        link = await ra.next_link()
+        assert link.peer.node_id == "b"
+        assert not failures
+        assert "unexpected, once" in caplog.text
+        await a.remove_peer(b.url)
+
+
 async def test_add_peer_does_not_duplicate_an_incoming_link() -> None:
     async with pair() as (a, ra, b, rb):
         lb = await b.connect(a.url)  # b dialled a

@@ -1470,6 +1470,13 @@ class WebSocketTransport:
                     await asyncio.sleep(delay * random.uniform(0.5, 1.5))
                     delay = min(delay * 2, BACKOFF_CAP)
                     continue
+                except Exception:
+                    # Not one of ours (a library or OS error we do not map): still a failed
+                    # dial, not a reason to stop keeping this peer.
+                    log.exception("peer %s: unexpected error; retry in ~%.1fs", url, delay)
+                    await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                    delay = min(delay * 2, BACKOFF_CAP)
+                    continue
             node_id = link.peer.node_id
             await link.wait_closed()
             if time.monotonic() - link.opened_at >= STABLE_LINK:
