@@ -404,3 +404,30 @@ async def test_concurrent_syncs_of_one_session_do_not_repeat_events(tmp_path):
         ids = [e.write_id for e in b1.events + b2.events]
         assert len(ids) == 5
         assert len(set(ids)) == 5
+
+
+async def test_an_unregistered_session_handle_refuses_work_and_its_streams_end():
+    """After unregister_session the old handle changes nothing (it used to go on
+    capturing, and its event streams went on receiving), and the id can be registered
+    again."""
+    async with ConversationsApi(listen=False, discovery=()) as api:
+        s = await api.register_session("agent", subscribe=["d"])
+        await s.capture("d", "before")
+        stream = s.events()
+        await api.unregister_session("agent")
+        with pytest.raises(ClosedError):
+            await s.capture("d", "after")
+        with pytest.raises(ClosedError):
+            await s.capture_many("d", ["after too"])
+        with pytest.raises(ClosedError):
+            s.recall("before")
+        with pytest.raises(ClosedError):
+            await s.sync(since=0)
+        with pytest.raises(ClosedError):
+            s.events()
+        async with asyncio.timeout(5):
+            assert [ev async for ev in stream] == []
+        assert [m.content for m in api.memories("d")] == ["before"]
+        again = await api.register_session("agent", subscribe=["d"])
+        await again.capture("d", "after")
+        assert sorted(m.content for m in api.memories("d")) == ["after", "before"]

@@ -416,8 +416,10 @@ class ConversationsApi:
     async def unregister_session(self, session_id: str) -> None:
         self._check_open()
         check_session_id(session_id)
-        if self.sessions._local.pop(session_id, None) is None:
+        session = self.sessions._local.pop(session_id, None)
+        if session is None:
             raise NotFound(f"no local session {session_id!r}")
+        session._end()
         self._broadcast_sessions()
 
     def _sessions_wire(self) -> list[dict[str, Any]]:
@@ -440,6 +442,7 @@ class ConversationsApi:
         self, session: Session, namespace: str, content: str, fields: dict[str, Any]
     ) -> Memory:
         self._check_open()
+        session._check_active()
         try:
             doc = self._docs.get(namespace)
         except TypeError:  # unhashable: not a name (check_namespace says so below)
@@ -458,6 +461,7 @@ class ConversationsApi:
         self, session: Session, namespace: str, items: Iterable[str | dict[str, Any]]
     ) -> list[Memory]:
         self._check_open()
+        session._check_active()
         pairs: list[tuple[str, dict[str, Any]]] = []
         for item in _items(items):
             if isinstance(item, str):
@@ -500,6 +504,7 @@ class ConversationsApi:
         expected_version: int | None,
     ) -> Memory:
         self._check_open()
+        session._check_active()
         _check_version(expected_version)
         doc = self._doc_of(memory_id)
         mem, events = doc.update(session.id, memory_id, fields, expected_version)
@@ -510,6 +515,7 @@ class ConversationsApi:
         self, session: Session, memory_id: str, expected_version: int | None
     ) -> Memory:
         self._check_open()
+        session._check_active()
         _check_version(expected_version)
         doc = self._doc_of(memory_id)
         mem, events = doc.delete(session.id, memory_id, expected_version)
@@ -767,6 +773,7 @@ class ConversationsApi:
         self, session: Session, since: str | int | datetime, include_own: bool, limit: int
     ) -> SyncBatch:
         self._check_open()
+        session._check_active()
         # One sync per session at a time: two concurrent "last" calls must not both read
         # the same cursor (and return the same events twice).
         async with session._sync_lock:

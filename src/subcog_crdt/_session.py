@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from subcog_crdt._bus import Subscription
 from subcog_crdt._core.events import Conflict, Event
 from subcog_crdt._core.memory import Memory
-from subcog_crdt._errors import InvalidArgument
+from subcog_crdt._errors import ClosedError, InvalidArgument
 from subcog_crdt._sessions import SessionInfo
 
 if TYPE_CHECKING:
@@ -53,6 +54,18 @@ class Session:
         """The cursor ``sync(since="last")`` continues from."""
         self.last_sync: datetime | None = None
         self._sync_lock = asyncio.Lock()
+        self._active = True
+        self._streams: weakref.WeakSet[Subscription] = weakref.WeakSet()
+
+    def _check_active(self) -> None:
+        if not self._active:
+            raise ClosedError(f"session {self.id!r} was unregistered")
+
+    def _end(self) -> None:
+        """Unregistered: later calls raise :class:`ClosedError`, event streams end."""
+        self._active = False
+        for stream in list(self._streams):
+            stream.close()
 
     def info(self) -> SessionInfo:
         return SessionInfo(
@@ -127,6 +140,7 @@ class Session:
         """Ranked full-text search (BM25 over content and tags), best first. Without
         ``namespace`` it searches this session's subscriptions."""
         names = [namespace] if namespace is not None else sorted(self.subscriptions)
+        self._check_active()
         return self._api.recall(query, namespaces=names, tags=tags, limit=limit)
 
     async def sync(
@@ -146,6 +160,7 @@ class Session:
         """Live events for this session's subscriptions, from now on (subscribed when
         called, not at first iteration). Own events (of this session on this node) are
         left out unless ``include_own``; ``maxsize`` bounds the queue (see :class:`Lagged`)."""
+        self._check_active()
         if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
             raise InvalidArgument(f"maxsize must be an int >= 1, not {maxsize!r}")
         subs = self.subscriptions
@@ -165,7 +180,9 @@ class Session:
                 or isinstance(ev, Conflict)
             )
 
-        return self._api._bus.subscribe(accept, maxsize)
+        stream = self._api._bus.subscribe(accept, maxsize)
+        self._streams.add(stream)
+        return stream
 
     def __repr__(self) -> str:
         subs = sorted(self.subscriptions)
