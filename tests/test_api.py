@@ -431,3 +431,9 @@ async def test_an_unregistered_session_handle_refuses_work_and_its_streams_end()
         again = await api.register_session("agent", subscribe=["d"])
         await again.capture("d", "after")
         assert sorted(m.content for m in api.memories("d")) == ["after", "before"]
+
+
+def test_relay_is_refused_at_construction_whatever_else_is_set():
+    for kw in ({}, {"listen": False}):
+        with pytest.raises(InvalidArgument, match="relay= is not supported yet"):
+            ConversationsApi(relay="ws://127.0.0.1:1/room", discovery=(), **kw)

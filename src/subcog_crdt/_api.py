@@ -178,6 +178,10 @@ class ConversationsApi:
         self._discovery_kinds = tuple(discovery)
         self._sync_filter = None if sync_names is None else frozenset(sync_names)
         self._private = frozenset(private_names)
+        if relay is not None:  # refused whatever else is set (listen=False too)
+            raise InvalidArgument(
+                "relay= is not supported yet: connect to peers directly (peers=[...] or discovery)"
+            )
         self._relay = relay
         self._durability = durability
         self._listen = listen

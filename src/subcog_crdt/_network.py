@@ -11,7 +11,6 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from subcog_crdt._discovery.base import Advert, Found, mesh_tag
-from subcog_crdt._errors import InvalidArgument
 from subcog_crdt._transport.base import PROTOCOL_VERSION
 from subcog_crdt._transport.websocket import WebSocketTransport
 
@@ -25,10 +24,6 @@ log = logging.getLogger(__name__)
 
 async def start_network(api: ConversationsApi) -> None:
     """Start listening, dial static peers, and start discovery. Undone by ``api.aclose``."""
-    if api._relay is not None:
-        raise InvalidArgument(
-            "relay= is not supported yet: connect to peers directly (peers=[...] or discovery)"
-        )
     transport = WebSocketTransport(
         node_id=api.node_id,
         hello=api._hello,
