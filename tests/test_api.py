@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -437,3 +438,67 @@ def test_relay_is_refused_at_construction_whatever_else_is_set():
     for kw in ({}, {"listen": False}):
         with pytest.raises(InvalidArgument, match="relay= is not supported yet"):
             ConversationsApi(relay="ws://127.0.0.1:1/room", discovery=(), **kw)
+
+
+@pytest.mark.parametrize("how", ["aclose", "cancel"])
+async def test_aclose_or_cancel_while_open_runs_leaves_nothing_running(tmp_path, how):
+    """A shutdown handler may close a node whose open() is still under way, or open() may
+    be cancelled. Whatever the interleaving, once that returned nothing of the node is
+    left: no listener, no registry entry, no task, the data directory free (a live node
+    used to be left behind, in state "closed" or even "open" with its storage closed)."""
+    import socket
+
+    registry = tmp_path / "registry"
+    for steps in range(0, 60, 3):
+        data_dir = tmp_path / f"d{steps}"
+        before = asyncio.all_tasks()
+        api = ConversationsApi(
+            host="127.0.0.1", discovery=("local",), discovery_dir=registry, data_dir=data_dir
+        )
+        opener = asyncio.create_task(api.open())
+        for _ in range(steps):  # step the loop: aclose lands at a different point each time
+            await asyncio.sleep(0)
+        if how == "aclose":
+            await api.aclose()
+        else:  # e.g. open() under asyncio.timeout(): undoes itself, no aclose() follows
+            opener.cancel()
+        with contextlib.suppress(ClosedError, asyncio.CancelledError):
+            await opener
+        # ("new": cancelled before open() began, so nothing started)
+        assert api._state.value in (("closed", "new") if how == "cancel" else ("closed",))
+        assert asyncio.all_tasks() - before == set()
+        assert not registry.exists() or list(registry.glob("*.json")) == []
+        if api.url:
+            port = int(api.url.rsplit(":", 1)[1])
+            with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+                s.connect(("127.0.0.1", port))
+        async with ConversationsApi(data_dir=data_dir, listen=False, discovery=()):
+            pass  # the data directory's lock was released
+
+
+def test_an_out_of_range_port_is_refused_when_the_node_is_made():
+    for port in (-1, 65536, True, "80"):
+        with pytest.raises(InvalidArgument, match="port"):
+            ConversationsApi(port=port, discovery=())  # type: ignore[arg-type]
+
+
+async def test_the_longest_allowed_sync_filter_still_links_and_a_longer_one_is_refused():
+    """sync_namespaces travels in the link handshake, whose messages are bounded before
+    the peer proves the secret: the longest filter allowed must fit (a longer one used to
+    be accepted, and then every dial failed with 4009)."""
+    from subcog_crdt._api import MAX_SYNC_NAMESPACES, MAX_USER_ID
+
+    names = [f"n{i:04d}-" + "x" * 58 for i in range(MAX_SYNC_NAMESPACES)]
+    assert all(len(n) == 64 for n in names)
+    with pytest.raises(InvalidArgument, match="sync_namespaces"):
+        ConversationsApi(sync_namespaces=[*names, "one-more"], discovery=())
+    with pytest.raises(InvalidArgument, match="user_id"):
+        ConversationsApi(user_id="u" * (MAX_USER_ID + 1), discovery=())
+    secret = b"s" * 32
+    kw: dict = {"host": "127.0.0.1", "discovery": (), "mesh_secret": secret}
+    async with (
+        ConversationsApi(sync_namespaces=names, user_id="u" * MAX_USER_ID, **kw) as a,
+        ConversationsApi(sync_namespaces=names, user_id="v" * MAX_USER_ID, **kw) as b,
+    ):
+        await b.connect(a.url)
+        await wait_for(lambda: a.peers() and b.peers(), 5, "linked")

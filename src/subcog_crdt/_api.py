@@ -53,10 +53,14 @@ log = logging.getLogger(__name__)
 _KIND = {Captured: "captured", Updated: "updated", Deleted: "deleted", Conflict: "conflict"}
 _COMPACT_BYTES = 8 * 1024 * 1024
 MAX_NAMESPACES = 10_000
+MAX_SYNC_NAMESPACES = 512
+"""The most names ``sync_namespaces`` may hold (it travels in the link handshake)."""
+MAX_USER_ID = 256
 
 
 class _State(enum.Enum):
     NEW = "new"
+    OPENING = "opening"
     OPEN = "open"
     CLOSED = "closed"
 
@@ -103,7 +107,8 @@ class ConversationsApi:
         peers: static peer URLs (``ws://host:port``), kept connected.
         discovery: ``("local", "mdns")`` by default; mDNS runs only with a secret; ``()``
             disables discovery.
-        sync_namespaces: ``None`` replicates every namespace; a set replicates only those.
+        sync_namespaces: ``None`` replicates every namespace; a set replicates only those
+            (at most :data:`MAX_SYNC_NAMESPACES`).
         private_namespaces: never leave this node, whatever else is configured.
         relay: a y-websocket server URL for peers beyond the LAN (not supported yet: a
             value raises :class:`InvalidArgument`).
@@ -167,12 +172,23 @@ class ConversationsApi:
             mdns_interfaces = check_names("mdns_interfaces", mdns_interfaces)
         self.data_dir = Path(data_dir).expanduser() if data_dir is not None else None
         self.user_id = _check_user_id(user_id) or _os_user()
+        # Both travel in the link handshake, whose messages are bounded (64 KiB) before
+        # the peer is authenticated: refuse what could never link, not fail every dial.
+        if len(self.user_id) > MAX_USER_ID:
+            raise InvalidArgument(f"user_id is over {MAX_USER_ID} characters")
+        if sync_names is not None and len(set(sync_names)) > MAX_SYNC_NAMESPACES:
+            raise InvalidArgument(
+                f"sync_namespaces names {len(set(sync_names))} namespaces; at most"
+                f" {MAX_SYNC_NAMESPACES} (use None to sync every namespace)"
+            )
         if isinstance(mesh_secret, str):
             mesh_secret = mesh_secret.encode()
         if mesh_secret is not None and not mesh_secret:
             raise InvalidArgument("mesh_secret is empty")
         self._secret = mesh_secret
         self._host = host
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise InvalidArgument(f"port must be an int from 0 to 65535 (0: any), not {port!r}")
         self._port = port
         self._static_peers = tuple(peers)
         self._discovery_kinds = tuple(discovery)
@@ -183,6 +199,7 @@ class ConversationsApi:
                 "relay= is not supported yet: connect to peers directly (peers=[...] or discovery)"
             )
         self._relay = relay
+        self._close_requested = False
         self._durability = durability
         self._listen = listen
         self._retention = retention
@@ -234,6 +251,20 @@ class ConversationsApi:
     async def open(self) -> None:
         if self._state is not _State.NEW:
             raise ClosedError("a ConversationsApi can be opened once")
+        self._state = _State.OPENING
+        self._open_done = asyncio.Event()
+        try:
+            await self._open_steps()
+        except BaseException:
+            # Failed or cancelled part way: undo what started (``async with`` calls no
+            # __aexit__ when entering fails, so nobody else would).
+            if self._state is not _State.CLOSED:
+                await self._shutdown()
+            raise
+        finally:
+            self._open_done.set()
+
+    async def _open_steps(self) -> None:
         stored = await self._storage.open(self.node_id)
         if stored.node_id:
             self.node_id = stored.node_id
@@ -245,22 +276,16 @@ class ConversationsApi:
         gc.disable()
         try:
             self._load_docs(stored.docs)
-        except BaseException:
-            self._state = _State.CLOSED
-            await self._storage.aclose()  # release the data directory
-            raise
         finally:
             if gc_was_on:
                 gc.enable()
+        if self._close_requested:
+            return  # aclose() came meanwhile: it closes what opened once this returns
         self._state = _State.OPEN
         self._index_wake = asyncio.Event()
         self._index_task = asyncio.get_running_loop().create_task(self._index_in_background())
         self._index_wake.set()
-        try:
-            await self._start_network()
-        except BaseException:
-            await self.aclose()
-            raise
+        await self._start_network()
 
     def _load_docs(self, docs: dict[str, list[bytes]]) -> None:
         for ns, updates in docs.items():
@@ -284,8 +309,16 @@ class ConversationsApi:
     async def aclose(self) -> None:
         """Shut down in order: stop accepting, close links, stop discovery, close storage.
         Closing twice is harmless."""
+        if self._state is _State.OPENING:
+            # open() is under way: let it finish (or fail and undo itself), then close
+            # whatever it started, so nothing is left running behind a "closed" node.
+            self._close_requested = True
+            await self._open_done.wait()
         if self._state is _State.CLOSED:
             return
+        await self._shutdown()
+
+    async def _shutdown(self) -> None:
         self._state = _State.CLOSED
         for step, fn in (
             ("discovery", self._close_discovery),

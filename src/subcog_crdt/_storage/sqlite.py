@@ -366,12 +366,30 @@ class SqliteStorage(AsyncClosing):
             target=self._run, name=f"subcog-storage:{self.data_dir.name}", daemon=True
         )
         self._thread.start()
+        job = self._submit(self._open_sync, node_id)
         try:
-            loaded = await self._submit(self._open_sync, node_id)
+            loaded = await asyncio.shield(job)
+        except asyncio.CancelledError:
+            # The thread goes on opening (it cannot be interrupted): let it finish, then
+            # close what it opened, or the directory stays locked by this process.
+            try:
+                opened = await job
+            except BaseException:
+                self._state = _State.CLOSED
+                self._stop_thread()
+                raise
+            self._adopt(opened)
+            await self.aclose()
+            raise
         except BaseException:
             self._state = _State.CLOSED
             self._stop_thread()
             raise
+        self._adopt(loaded)
+        return loaded.state
+
+    def _adopt(self, loaded: _Loaded) -> None:
+        """Take over what the thread's open loaded; the storage is open from here."""
         self._seq = loaded.seqs
         self._tail_bytes = loaded.tail_bytes
         self._lsn = loaded.lsn
@@ -380,7 +398,6 @@ class SqliteStorage(AsyncClosing):
         self._log_fd = loaded.log_fd
         self._log_size = loaded.log_size
         self._state = _State.OPEN
-        return loaded.state
 
     async def aclose(self) -> None:
         """Apply everything to SQLite, checkpoint, close, stop the thread, release the lock.
