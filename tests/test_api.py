@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -495,7 +496,7 @@ async def test_the_longest_allowed_sync_filter_still_links_and_a_longer_one_is_r
     with pytest.raises(InvalidArgument, match="user_id"):
         ConversationsApi(user_id="u" * (MAX_USER_ID + 1), discovery=())
     secret = b"s" * 32
-    kw: dict = {"host": "127.0.0.1", "discovery": (), "mesh_secret": secret}
+    kw: dict[str, Any] = {"host": "127.0.0.1", "discovery": (), "mesh_secret": secret}
     async with (
         ConversationsApi(sync_namespaces=names, user_id="u" * MAX_USER_ID, **kw) as a,
         ConversationsApi(sync_namespaces=names, user_id="v" * MAX_USER_ID, **kw) as b,

@@ -208,7 +208,6 @@ class ConversationsApi:
         self._advertise_host = advertise_host
         self._mdns_interfaces = None if mdns_interfaces is None else list(mdns_interfaces)
         self._discovery_dir = Path(discovery_dir) if discovery_dir is not None else None
-        self._found_urls: dict[str, str] = {}
         self._ssl = ssl
         self._client_ssl = client_ssl
         if storage is not None:

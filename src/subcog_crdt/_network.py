@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from subcog_crdt._discovery.base import Advert, Found, mesh_tag
@@ -70,25 +71,40 @@ async def _start_discovery(api: ConversationsApi, transport: WebSocketTransport)
 
         mechanisms.append((MdnsDiscovery(api._mdns_interfaces), mdns_advert))
 
-    def on_found(found: Found) -> None:
+    # What each mechanism reports now: (mechanism, node id) -> url. A discovered url keeps
+    # its redial loop while some mechanism reports it, for whichever node.
+    reported: dict[tuple[int, str], str] = {}
+
+    def release(url: str) -> None:
+        """Stop redialling ``url`` unless a mechanism still reports it or it is static."""
+        if url in reported.values() or url in api._static_peers:
+            return
+        # The loop stops now (a found at this url right after starts a new one); only the
+        # wait for its end runs later.
+        api._spawn(transport.remove_peer(url))
+
+    def on_found(mech: int, found: Found) -> None:
         if found.node_id == api.node_id or found.protocol != PROTOCOL_VERSION:
             return
         if found.mesh_tag != tag:
             return  # another mesh: never dialled
+        old = reported.get((mech, found.node_id))
+        reported[(mech, found.node_id)] = found.url
+        if old is not None and old != found.url:
+            release(old)  # the node moved (restarted on another port, say)
         try:
             transport.add_peer(found.url, node_id=found.node_id)
         except Exception as exc:  # a bad advert must not stop discovery
             log.warning("not dialling %s: %s", found.url, exc)
-        api._found_urls[found.node_id] = found.url
 
-    def on_lost(node_id: str) -> None:
-        url = api._found_urls.pop(node_id, None)
-        if url is not None and url not in api._static_peers:
-            api._spawn(transport.remove_peer(url))
+    def on_lost(mech: int, node_id: str) -> None:
+        url = reported.pop((mech, node_id), None)
+        if url is not None:
+            release(url)
 
-    for mech, mech_advert in mechanisms:
-        await mech.start(mech_advert, on_found, on_lost)
-        api._discovery.append(mech)
+    for i, (mech, mech_advert) in enumerate(mechanisms):
+        api._discovery.append(mech)  # first: closing also undoes a start cut short
+        await mech.start(mech_advert, partial(on_found, i), partial(on_lost, i))
 
 
 def _with_host(url: str, host: str) -> str:

@@ -908,3 +908,47 @@ async def test_consume_keeps_order_when_the_inbox_filled_during_a_drain() -> Non
             await link.send(f)
         await eventually(lambda: len(c.seen) == len(frames), "every frame handed over")
         assert c.seen == frames
+
+
+# --------------------------------------------------------------------------- add_peer: node ids
+
+
+async def test_add_peer_replaces_a_redialer_that_expects_another_node() -> None:
+    """A redialer expecting a node that is gone from ``url`` is replaced when the node now
+    found there is added; it used to be kept (add_peer deduplicated by url alone), failing
+    with AuthError forever, and the new node was never dialled."""
+    ra, rc = Recorder(), Recorder()
+    async with make("a", ra) as a, make("c", rc) as c:
+        a.add_peer(c.url, node_id="b")  # b used to listen there
+        a.add_peer(c.url, node_id="c")
+        link = await ra.next_link()
+        assert link.peer.node_id == "c"
+        kept = a._redialers[c.url]
+        a.add_peer(c.url, node_id="c")  # the same node again: the loop stays
+        assert a._redialers[c.url] is kept
+        a.add_peer(c.url)  # any node (a static peer, say): replaces the loop for c ...
+        assert a._redialers[c.url] is not kept
+        kept = a._redialers[c.url]
+        a.add_peer(c.url, node_id="b")  # ... and is not replaced: it accepts any node
+        assert a._redialers[c.url] is kept
+        await a.remove_peer(c.url)
+        assert c.url not in a._redialers
+        assert a.links == {"c": link}  # removing the redialer leaves the link open
+
+
+async def test_remove_peer_stops_the_redialer_before_it_is_awaited() -> None:
+    """remove_peer() stops the loop when called, so an add_peer() right after (discovery
+    reporting a node lost and another found at its url in one scan) keeps a loop; the loop
+    used to be removed only once the returned coroutine ran, taking the new one with it."""
+    ra, rc = Recorder(), Recorder()
+    async with make("a", ra) as a, make("c", rc) as c:
+        a.add_peer(c.url, node_id="b")
+        old = a._redialers[c.url]
+        pending = a.remove_peer(c.url)
+        assert c.url not in a._redialers
+        a.add_peer(c.url, node_id="c")
+        await pending
+        assert old.done()
+        assert not a._redialers[c.url].done()
+        link = await ra.next_link()
+        assert link.peer.node_id == "c"

@@ -4,8 +4,9 @@ Every node writes ``<node_id>.json`` (url, pid, process start time, protocol, me
 into one directory, atomically (temporary file + ``os.replace``), and polls the directory:
 a new entry of the same mesh is reported through ``on_found``, a vanished one through
 ``on_lost``. Entries of dead processes (``os.kill(pid, 0)`` says there is no such process,
-or the pid now belongs to a younger process) are ignored and removed. ``aclose()`` removes
-the node's own entry.
+``/proc`` shows a zombie that its parent has not reaped yet, or the pid now belongs to a
+younger process) are ignored and removed. ``aclose()`` removes the node's own entry, and so
+does a ``start()`` that fails or is cancelled.
 
 The default directory is ``$XDG_RUNTIME_DIR/subcog-crdt/nodes``, else
 ``/tmp/subcog-crdt-<uid>/nodes``; it is created with mode 0700 and must belong to the
@@ -64,15 +65,23 @@ def default_directory() -> Path:
     return Path("/tmp") / f"subcog-crdt-{os.getuid()}" / "nodes"
 
 
-def _proc_start_time(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (Linux ``/proc``), or None."""
+def _proc_stat(pid: int) -> tuple[bytes, int] | None:
+    """State letter and start time (clock ticks since boot) of ``pid`` from Linux
+    ``/proc/<pid>/stat``, or None."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
-        # Field 22 (starttime); fields after the ")" that ends comm start at field 3.
-        return int(data[data.rindex(b")") + 2 :].split()[19])
+        # Fields after the ")" that ends comm start at field 3 (state); 22 is starttime.
+        fields = data[data.rindex(b")") + 2 :].split()
+        return fields[0], int(fields[19])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _proc_start_time(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (Linux ``/proc``), or None."""
+    st = _proc_stat(pid)
+    return None if st is None else st[1]
 
 
 def _pid_alive(pid: int, started: int | None) -> bool:
@@ -84,11 +93,13 @@ def _pid_alive(pid: int, started: int | None) -> bool:
         pass  # exists, owned by someone else
     except OSError:
         return False
-    if started is not None:
-        now = _proc_start_time(pid)
-        if now is not None and now != started:
-            return False  # pid reused by another process
-    return True
+    st = _proc_stat(pid)
+    if st is None:
+        return True  # no /proc to ask: os.kill's answer stands
+    state, now = st
+    if state in (b"Z", b"X"):
+        return False  # killed, not yet reaped by its parent: its sockets are gone
+    return started is None or now == started  # else: the pid was reused by another process
 
 
 @dataclass(frozen=True)
@@ -174,6 +185,7 @@ class LocalDiscovery(AsyncClosing):
         self._removed = False
         self._io_lock = threading.Lock()  # a cancelled scan may still run in its thread
         self._task: asyncio.Task[None] | None = None
+        self._undo: asyncio.Future[None] | None = None  # clean-up after a failed start()
         self._known: dict[str, Found] = {}
         # Used only by the worker thread (scans never overlap): name -> (stat key, entry).
         self._cache: dict[str, tuple[tuple[int, int, int], _Entry | None]] = {}
@@ -216,16 +228,23 @@ class LocalDiscovery(AsyncClosing):
             "mesh_tag": advert.mesh_tag,
         }
         self._own_payload = json.dumps(payload, separators=(",", ":")).encode()
+        job = asyncio.ensure_future(asyncio.to_thread(self._prepare))
         try:
-            await asyncio.to_thread(self._prepare)
+            await asyncio.shield(job)  # a cancel cannot stop the thread: it may still write
         except BaseException:
+            # Failed or cancelled: nobody will aclose() a discovery whose start() raised, so
+            # remove the entry here once the thread is done, also if that write came last.
             self._state = _State.CLOSED
+            self._undo = asyncio.ensure_future(self._undo_start(job))
+            await asyncio.shield(self._undo)  # a second cancel ends the wait, not the undo
             raise
         self._task = asyncio.create_task(self._run(), name=f"LocalDiscovery({advert.node_id})")
 
     async def aclose(self) -> None:
         """Stop watching and remove this node's entry. Idempotent."""
         if self._state is _State.CLOSED:
+            if self._undo is not None:  # after a cancelled start(): its entry is gone then
+                await asyncio.shield(self._undo)
             return
         was_started = self._state is _State.STARTED
         self._state = _State.CLOSED
@@ -238,6 +257,13 @@ class LocalDiscovery(AsyncClosing):
                 await asyncio.to_thread(self._remove_own)
             except OSError as exc:
                 log.warning("could not remove discovery entry %s: %s", self._own_path, exc)
+
+    async def _undo_start(self, job: asyncio.Future[None]) -> None:
+        await asyncio.wait([job])  # its outcome was start()'s to report
+        try:
+            await asyncio.to_thread(self._remove_own)
+        except OSError as exc:
+            log.warning("could not remove discovery entry %s: %s", self._own_path, exc)
 
     # -- worker-thread side --------------------------------------------------------------
 

@@ -960,6 +960,8 @@ class WebSocketTransport:
         self._handshaking: set[_ServerWs] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._redialers: dict[str, asyncio.Task[None]] = {}
+        # The node id each redial loop expects; an entry leaves when its loop ends.
+        self._redial_expects: dict[asyncio.Task[None], str | None] = {}
 
     # ------------------------------------------------------------------ properties
 
@@ -1435,20 +1437,47 @@ class WebSocketTransport:
     def add_peer(self, url: str, *, node_id: str | None = None) -> None:
         """Keep a link to ``url``: dial now and redial (exponential backoff with jitter)
         after failures or disconnects, until :meth:`remove_peer` or close. ``node_id``: the
-        node expected there (see :meth:`connect`)."""
+        node expected there (see :meth:`connect`).
+
+        Adding a url that is kept already changes nothing, unless the existing loop expects
+        another node there (discovery found a new node at an old address): then that loop
+        is replaced. A loop that expects no particular node accepts any node and stays;
+        one that expects a node is replaced by one that expects none."""
         self._check_open()
         self._check_url(url)
-        if url in self._redialers:
-            return
+        old = self._redialers.get(url)
+        if old is not None:
+            expected = self._redial_expects.get(old)
+            if expected is None or expected == node_id:
+                return
+            log.info("%s: now expecting node %s there, not %s", url, node_id or "any", expected)
+            self._stop_redialer(url)
         task = asyncio.create_task(self._keep_peer(url, node_id), name=f"subcog-redial-{url}")
         task.add_done_callback(self._task_done)  # logs an unexpected failure
+        task.add_done_callback(self._forget_expected)
+        self._redial_expects[task] = node_id
         self._redialers[url] = task
 
-    async def remove_peer(self, url: str) -> None:
-        """Stop keeping a link to ``url`` (an existing link stays open)."""
+    def remove_peer(self, url: str) -> Coroutine[Any, Any, None]:
+        """Stop keeping a link to ``url`` (an existing link stays open).
+
+        The redial loop is stopped when this is called, so an :meth:`add_peer` right after
+        it starts a new one; await the result to wait until the old loop has ended."""
+        return self._redialer_ended(self._stop_redialer(url))
+
+    def _forget_expected(self, task: asyncio.Task[None]) -> None:
+        self._redial_expects.pop(task, None)
+
+    def _stop_redialer(self, url: str) -> asyncio.Task[None] | None:
         task = self._redialers.pop(url, None)
-        if task is not None:
+        if task is not None and not task.done():
             task.cancel()
+            self._tasks.add(task)  # shutdown waits for its end; its done callback discards it
+        return task
+
+    @staticmethod
+    async def _redialer_ended(task: asyncio.Task[None] | None) -> None:
+        if task is not None:
             await asyncio.gather(task, return_exceptions=True)
 
     async def _keep_peer(self, url: str, expected_id: str | None = None) -> None:
