@@ -29,7 +29,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy $(TEST_MYPY_FLAGS) tests
 
 docs: $(STAMP)
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir .site -q
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir .site
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -q

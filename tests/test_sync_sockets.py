@@ -156,6 +156,25 @@ async def test_private_namespace_never_in_any_frame(wire):
             assert b"scratch" not in frame
 
 
+async def test_a_private_namespace_also_named_in_the_sync_filter_is_never_sent(wire):
+    """Private wins over sync_namespaces, also in the filter peers are told (the filter
+    travels in both hellos: a private name in it was sent)."""
+    async with (
+        node(private_namespaces=["scratch"], sync_namespaces=["scratch", "d"]) as a,
+        node() as b,
+    ):
+        s = await a.register_session("a1", subscribe=["scratch", "d"])
+        await s.capture("scratch", "MARKER-4b7d private")
+        await b.connect(a.url)
+        await s.capture("d", "public")
+        await wait_for(lambda: converged([a, b], "d"))
+        seen_by_b = b._links[a.node_id]
+        assert seen_by_b.peer_filter == frozenset({"d"})
+        assert "scratch" not in (seen_by_b.link.peer.namespaces or ())
+        for _, frame in wire:
+            assert b"scratch" not in frame and b"MARKER-4b7d" not in frame
+
+
 class _Hostile:
     """A raw peer that completes the handshake and then sends what it is told to."""
 

@@ -102,9 +102,12 @@ class ConversationsApi:
         mesh_secret: ``None`` keeps the node on this machine (listens on 127.0.0.1, local
             discovery only); with a secret it listens on the LAN, finds peers by mDNS and
             authenticates every link with it.
-        host, port: listen address (default 127.0.0.1, or 0.0.0.0 with a secret; port 0
-            picks a free one).
-        peers: static peer URLs (``ws://host:port``), kept connected.
+        host: listen address (default 127.0.0.1, or 0.0.0.0 with a secret). Without a
+            secret only a loopback address is accepted (:class:`InvalidArgument` at
+            :meth:`open`).
+        port: listen port, 0 to 65535 (0, the default, picks a free one).
+        peers: static peer URLs (``ws://host:port``), kept connected. Without a secret
+            only loopback peers are accepted (:class:`InvalidArgument` at :meth:`open`).
         discovery: ``("local", "mdns")`` by default; mDNS runs only with a secret; ``()``
             disables discovery.
         sync_namespaces: ``None`` replicates every namespace; a set replicates only those
@@ -123,7 +126,8 @@ class ConversationsApi:
         mdns_interfaces: interface names or IPv4 addresses for mDNS (default: all).
         discovery_dir: the same-machine registry directory (default under
             ``$XDG_RUNTIME_DIR``).
-        ssl, client_ssl: TLS contexts for the server and for dialling (``wss://``).
+        ssl: a TLS context for the server (peers then dial ``wss://``).
+        client_ssl: a TLS context for dialling ``wss://`` peers.
     """
 
     def __init__(
@@ -192,8 +196,9 @@ class ConversationsApi:
         self._port = port
         self._static_peers = tuple(peers)
         self._discovery_kinds = tuple(discovery)
-        self._sync_filter = None if sync_names is None else frozenset(sync_names)
         self._private = frozenset(private_names)
+        # Private wins, and the filter travels to peers (hello): a private name is never in it.
+        self._sync_filter = None if sync_names is None else frozenset(sync_names) - self._private
         if relay is not None:  # refused whatever else is set (listen=False too)
             raise InvalidArgument(
                 "relay= is not supported yet: connect to peers directly (peers=[...] or discovery)"
