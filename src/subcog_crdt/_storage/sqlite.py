@@ -9,18 +9,23 @@ Data directory layout
   updates.log          append-only log: every commit() / save_cursor() as one CRC'd frame;
                        holds the newest updates (until compacted or retired into SQLite)
   store.sqlite3        SQLite (WAL mode): node id, namespaces, journal, cursors, older tail
-  store.sqlite3-wal    SQLite's write-ahead log (empty after a clean close)
-  store.sqlite3-shm    SQLite's WAL index
-  snapshots/<id>-<gen>.snap
+  store.sqlite3-wal    SQLite's write-ahead log (only while open: removed at a clean close)
+  store.sqlite3-shm    SQLite's WAL index (likewise)
+  snapshots/<id>-<gen>.snap   (the directory appears with the first compaction)
                        one compacted snapshot per namespace (``id`` is the namespace's row id
                        in ``store.sqlite3``, ``gen`` counts its compactions)
 ```
 
 Write path. ``commit()`` encodes its updates, journal records and the new sequence numbers
-as one frame and appends it to ``updates.log`` with a single ``os.write`` on the calling
+as one frame and appends it to ``updates.log`` with a single ``write`` on the calling
 (event-loop) thread. That is a page-cache write of a few hundred bytes (~2-5 us): once it
 returned, the data survives ``kill -9`` of the process, which is what
-``durability="process"`` promises, so ``commit()`` returns right away. A SQLite commit on
+``durability="process"`` promises, so ``commit()`` returns right away. The write keeps the
+GIL (libc ``write`` through ``ctypes.PyDLL``, ``_storage/gilwrite.py``; frames over 64 KiB
+use ``os.write``): ``os.write`` releases it, and while the storage thread was waiting for
+it every commit handed it over, about one context switch per commit (a durable capture
+cost ~1.3x more). If the write fails (a full disk) or is interrupted, the partial frame is
+cut off again, so later frames never sit behind a damaged one. A SQLite commit on
 the storage thread costs ~23 us plus the thread hand-off (FIELD-NOTES, "Durability cost");
 awaiting one per call cannot reach 20k commits/s one at a time. With
 ``durability="fsync"`` the caller also awaits an ``fdatasync`` of the log on the storage
