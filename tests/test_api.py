@@ -503,3 +503,95 @@ async def test_the_longest_allowed_sync_filter_still_links_and_a_longer_one_is_r
     ):
         await b.connect(a.url)
         await wait_for(lambda: a.peers() and b.peers(), 5, "linked")
+
+
+async def _nothing_left(api: ConversationsApi, before: set[Any], registry: Any, data_dir: Any):
+    import socket
+
+    assert api._state.value in ("closed", "new")
+    assert asyncio.all_tasks() - before == set()
+    assert not registry.exists() or list(registry.glob("*.json")) == []
+    if api.url:
+        with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+            s.connect(("127.0.0.1", int(api.url.rsplit(":", 1)[1])))
+    async with ConversationsApi(data_dir=data_dir, listen=False, discovery=()):
+        pass  # the data directory's lock was released
+
+
+async def test_aclose_during_the_network_start_leaves_nothing_running(tmp_path):
+    """The network start is the last step of open(): an aclose() that lands in it must
+    still wait for open() and close what it started (it closed the storage at once and
+    returned, and the transport and discovery started after that stayed)."""
+    registry, data_dir = tmp_path / "registry", tmp_path / "d"
+    before = asyncio.all_tasks()
+    api = ConversationsApi(
+        host="127.0.0.1", discovery=("local",), discovery_dir=registry, data_dir=data_dir
+    )
+    gate, entered = asyncio.Event(), asyncio.Event()
+    real_start = api._start_network
+
+    async def held_start() -> None:
+        entered.set()
+        await gate.wait()
+        await real_start()
+
+    api._start_network = held_start  # type: ignore[method-assign]
+    opener = asyncio.create_task(api.open())
+    await entered.wait()
+    closer = asyncio.create_task(api.aclose())
+    await wait_for(lambda: api._close_requested, 5, "aclose waiting for open")
+    gate.set()
+    with pytest.raises(ClosedError, match="closed while it opened"):
+        await opener
+    await closer
+    await _nothing_left(api, before, registry, data_dir)
+
+
+async def test_a_cancelled_aclose_still_lets_open_undo_itself(tmp_path):
+    """aclose() waiting for open() is cancelled (a shutdown under a timeout): open() sees
+    the request when its step ends and undoes everything itself."""
+    registry, data_dir = tmp_path / "registry", tmp_path / "d"
+    before = asyncio.all_tasks()
+    api = ConversationsApi(
+        host="127.0.0.1", discovery=("local",), discovery_dir=registry, data_dir=data_dir
+    )
+    gate = asyncio.Event()
+    real_start = api._start_network
+
+    async def held_start() -> None:
+        await gate.wait()
+        await real_start()
+
+    api._start_network = held_start  # type: ignore[method-assign]
+    opener = asyncio.create_task(api.open())
+    closer = asyncio.create_task(api.aclose())
+    await wait_for(lambda: api._close_requested, 5, "aclose waiting for open")
+    closer.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await closer
+    gate.set()
+    with pytest.raises(ClosedError):
+        await opener
+    await _nothing_left(api, before, registry, data_dir)
+
+
+async def test_open_cancelled_twice_still_undoes_itself(tmp_path):
+    """A second cancel while open() undoes itself (a task group tearing down) must not
+    cut the undo short: no task left (the index task was), the directory released."""
+    registry = tmp_path / "registry"
+    for steps in range(1, 40, 3):
+        data_dir = tmp_path / f"d{steps}"
+        before = asyncio.all_tasks()
+        api = ConversationsApi(
+            host="127.0.0.1", discovery=("local",), discovery_dir=registry, data_dir=data_dir
+        )
+        opener = asyncio.create_task(api.open())
+        for _ in range(steps):  # step the loop: the cancels land at different points
+            await asyncio.sleep(0)
+        opener.cancel()
+        await asyncio.sleep(0)
+        opener.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ClosedError):
+            await opener
+        await api.aclose()  # waits for the undo that the second cancel did not stop
+        await _nothing_left(api, before, registry, data_dir)

@@ -205,6 +205,8 @@ class ConversationsApi:
             )
         self._relay = relay
         self._close_requested = False
+        self._open_done: asyncio.Event | None = None
+        self._closing: asyncio.Task[None] | None = None
         self._durability = durability
         self._listen = listen
         self._retention = retention
@@ -259,11 +261,13 @@ class ConversationsApi:
         self._open_done = asyncio.Event()
         try:
             await self._open_steps()
+            if self._close_requested:
+                raise ClosedError(f"node {self.node_id} was closed while it opened")
         except BaseException:
-            # Failed or cancelled part way: undo what started (``async with`` calls no
-            # __aexit__ when entering fails, so nobody else would).
-            if self._state is not _State.CLOSED:
-                await self._shutdown()
+            # Failed, cancelled or closed part way: undo what started. Nobody else would:
+            # ``async with`` calls no __aexit__ when entering fails, and an aclose()
+            # waiting for this may itself be cancelled.
+            await self._close_once()
             raise
         finally:
             self._open_done.set()
@@ -284,7 +288,7 @@ class ConversationsApi:
             if gc_was_on:
                 gc.enable()
         if self._close_requested:
-            return  # aclose() came meanwhile: it closes what opened once this returns
+            return  # aclose() came meanwhile: open() undoes what opened
         self._state = _State.OPEN
         self._index_wake = asyncio.Event()
         self._index_task = asyncio.get_running_loop().create_task(self._index_in_background())
@@ -313,17 +317,28 @@ class ConversationsApi:
     async def aclose(self) -> None:
         """Shut down in order: stop accepting, close links, stop discovery, close storage.
         Closing twice is harmless."""
-        if self._state is _State.OPENING:
-            # open() is under way: let it finish (or fail and undo itself), then close
-            # whatever it started, so nothing is left running behind a "closed" node.
+        if self._open_done is not None and not self._open_done.is_set():
+            # open() is under way (its network start included): it sees this when its
+            # step ends and undoes everything it started, even if this call is cancelled.
             self._close_requested = True
             await self._open_done.wait()
-        if self._state is _State.CLOSED:
-            return
-        await self._shutdown()
+        await self._close_once()
+
+    async def _close_once(self) -> None:
+        """Shut down once, to the end even if a caller is cancelled meanwhile (a second
+        cancel must not leave tasks or the data directory behind); every caller waits
+        for that one run."""
+        if self._closing is None:
+            # Closed from now on (synchronously: an open() not yet begun then refuses).
+            self._state = _State.CLOSED
+            self._closing = asyncio.get_running_loop().create_task(self._shutdown())
+        await asyncio.shield(self._closing)
 
     async def _shutdown(self) -> None:
         self._state = _State.CLOSED
+        index_task = getattr(self, "_index_task", None)
+        if index_task is not None:
+            index_task.cancel()  # first: nothing may interrupt this before it
         for step, fn in (
             ("discovery", self._close_discovery),
             ("transport", self._close_transport),
@@ -336,9 +351,8 @@ class ConversationsApi:
             except Exception:
                 log.exception("closing %s failed", step)
         self._bus.close()
-        task = getattr(self, "_index_task", None)
-        if task is not None:
-            await cancel_and_wait(task)
+        if index_task is not None:
+            await cancel_and_wait(index_task)
 
     async def _index_in_background(self) -> None:
         """Resolve lazily loaded memories and build the recall index in small slices while

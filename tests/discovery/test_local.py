@@ -417,3 +417,33 @@ def test_static_rejects_bad_urls(bad: str) -> None:
 def test_static_rejects_single_string() -> None:
     with pytest.raises(InvalidArgument):
         StaticDiscovery("ws://h:1")
+
+
+async def test_aclose_during_start_leaves_no_entry(
+    registry: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aclose() runs while start()'s thread is still about to write the entry: the entry
+    must not be written after aclose() removed it (it stayed for the life of the
+    process, and peers kept dialling a closed port), and no watch task starts."""
+    import asyncio
+    import threading
+
+    entered, gate = threading.Event(), threading.Event()
+    real_prepare = LocalDiscovery._prepare
+
+    def held_prepare(self: LocalDiscovery) -> None:
+        entered.set()
+        gate.wait(10)
+        real_prepare(self)
+
+    monkeypatch.setattr(LocalDiscovery, "_prepare", held_prepare)
+    rec = Recorder()
+    d = LocalDiscovery(registry)
+    starting = asyncio.ensure_future(d.start(advert("a", 1), rec.on_found, rec.on_lost))
+    await wait_for(entered.is_set, 5, "start's thread running")
+    closing = asyncio.ensure_future(d.aclose())
+    await wait_for(lambda: d._removed or closing.done(), 5, "aclose removed the entry")
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(starting, closing, return_exceptions=True), 10)
+    assert not (registry / "a.json").exists()
+    assert d._task is None

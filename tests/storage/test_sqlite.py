@@ -591,3 +591,45 @@ async def test_kill_9_loses_no_returned_commit(tmp_path: Path, durability: str) 
             assert s.tail_seq(NS) == last
             journal = await s.read_journal(0, 1_000_000)
             assert [r.write_id for r in journal] == [f"w{q}" for q in range(1, last + 1)]
+
+
+async def test_an_open_cancelled_twice_releases_the_directory(tmp_path, monkeypatch):
+    """A second cancel while open() waits for its thread used to cancel that wait, and
+    what the thread had opened (lock, SQLite, log) stayed open: the directory was locked
+    for the life of the process. Now the thread's result is closed when it arrives."""
+    entered, gate = threading.Event(), threading.Event()
+    real_open = SqliteStorage._open_sync
+
+    def held_open(self: SqliteStorage, node_id: str) -> Any:
+        entered.set()
+        gate.wait(10)
+        return real_open(self, node_id)
+
+    monkeypatch.setattr(SqliteStorage, "_open_sync", held_open)
+    s = SqliteStorage(tmp_path)
+    opener = asyncio.ensure_future(s.open("n1"))
+    assert await asyncio.to_thread(entered.wait, 10)  # the thread is in its open
+    opener.cancel()
+    await asyncio.sleep(0)
+    opener.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await opener
+    gate.set()
+    await asyncio.wait_for(s.aclose(), 10)  # waits for the thread's open to be undone
+    monkeypatch.undo()
+    async with SqliteStorage(tmp_path) as again:
+        await again.open("n1")  # the directory is free again
+
+
+async def test_a_cancelled_open_that_also_fails_raises_cancelled(tmp_path):
+    """Cancelled while its thread fails (the directory is locked): the caller asked to
+    cancel, so it gets CancelledError, not the failure (a timeout became StorageLocked)."""
+    async with SqliteStorage(tmp_path) as holder:
+        await holder.open("n1")
+        s = SqliteStorage(tmp_path)
+        opener = asyncio.ensure_future(s.open("n2"))
+        await asyncio.sleep(0)  # the open job is submitted
+        opener.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opener
+        await asyncio.wait_for(s.aclose(), 10)

@@ -238,6 +238,8 @@ class LocalDiscovery(AsyncClosing):
             self._undo = asyncio.ensure_future(self._undo_start(job))
             await asyncio.shield(self._undo)  # a second cancel ends the wait, not the undo
             raise
+        if self._state is not _State.STARTED:
+            return  # aclose() came meanwhile and removed the entry: no watching
         self._task = asyncio.create_task(self._run(), name=f"LocalDiscovery({advert.node_id})")
 
     async def aclose(self) -> None:
@@ -276,7 +278,9 @@ class LocalDiscovery(AsyncClosing):
                 raise InvalidArgument(
                     f"node id {self._own_path.stem!r} is already announced by pid {other}"
                 )
-            self._write_own()
+            with self._io_lock:  # an aclose() meanwhile removed it first: do not write
+                if not self._removed:
+                    self._write_own()
         except OSError as exc:
             raise StorageError(f"discovery registry {self._directory}: {exc}") from exc
 

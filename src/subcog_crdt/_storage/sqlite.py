@@ -309,6 +309,7 @@ class SqliteStorage(AsyncClosing):
         self._state = _State.NEW
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._undone: asyncio.Future[None] | None = None
         self._jobs: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], Any] | None] = (
             queue.SimpleQueue()
         )
@@ -374,24 +375,39 @@ class SqliteStorage(AsyncClosing):
         job = self._submit(self._open_sync, node_id)
         try:
             loaded = await asyncio.shield(job)
-        except asyncio.CancelledError:
-            # The thread goes on opening (it cannot be interrupted): let it finish, then
-            # close what it opened, or the directory stays locked by this process.
-            try:
-                opened = await job
-            except BaseException:
-                self._state = _State.CLOSED
-                self._stop_thread()
-                raise
-            self._adopt(opened)
-            await self.aclose()
-            raise
         except BaseException:
-            self._state = _State.CLOSED
-            self._stop_thread()
+            # Failed or cancelled. The thread may still be opening (it cannot be
+            # interrupted): whatever it opens is closed as soon as it is done, whether or
+            # not anyone waits (a second cancel must not leave the directory locked by
+            # this process); aclose() waits for that.
+            self._state = _State.CLOSING
+            self._undone = self._loop.create_future()
+            job.add_done_callback(self._undo_open)
             raise
         self._adopt(loaded)
         return loaded.state
+
+    def _undo_open(self, job: asyncio.Future[_Loaded]) -> None:
+        """Close what a failed or abandoned open left open, then end the thread."""
+        close: asyncio.Future[None] | None = None
+        if not job.cancelled() and job.exception() is None:
+            self._adopt(job.result())
+            self._state = _State.CLOSING
+            close = self._submit(self._close_sync)
+        self._jobs.put(None)  # the thread ends after that close
+
+        def finish(_: object = None) -> None:
+            if close is not None and not close.cancelled() and close.exception() is not None:
+                log.warning("closing %s after a failed open: %s", self.data_dir, close.exception())
+            self._state = _State.CLOSED
+            self._thread = None
+            if self._undone is not None and not self._undone.done():
+                self._undone.set_result(None)
+
+        if close is None:
+            finish()
+        else:
+            close.add_done_callback(finish)
 
     def _adopt(self, loaded: _Loaded) -> None:
         """Take over what the thread's open loaded; the storage is open from here."""
@@ -407,6 +423,9 @@ class SqliteStorage(AsyncClosing):
     async def aclose(self) -> None:
         """Apply everything to SQLite, checkpoint, close, stop the thread, release the lock.
         Closing twice is harmless."""
+        if self._undone is not None:  # an open that failed or was abandoned: its undo
+            await asyncio.shield(self._undone)
+            return
         if self._state in (_State.CLOSING, _State.CLOSED):
             return
         if self._state is _State.NEW:
