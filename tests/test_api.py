@@ -441,14 +441,13 @@ def test_relay_is_refused_at_construction_whatever_else_is_set():
             ConversationsApi(relay="ws://127.0.0.1:1/room", discovery=(), **kw)
 
 
-@pytest.mark.parametrize("how", ["aclose", "cancel"])
+@pytest.mark.parametrize("how", ["aclose", "cancel", "cancel twice"])
 async def test_aclose_or_cancel_while_open_runs_leaves_nothing_running(tmp_path, how):
     """A shutdown handler may close a node whose open() is still under way, or open() may
-    be cancelled. Whatever the interleaving, once that returned nothing of the node is
-    left: no listener, no registry entry, no task, the data directory free (a live node
-    used to be left behind, in state "closed" or even "open" with its storage closed)."""
-    import socket
-
+    be cancelled, even twice (a task group tearing down). Whatever the interleaving, once
+    that returned nothing of the node is left: no listener, no registry entry, no task,
+    the data directory free (a live node used to be left behind, in state "closed" or
+    even "open" with its storage closed; a second cancel left the index task)."""
     registry = tmp_path / "registry"
     for steps in range(0, 60, 3):
         data_dir = tmp_path / f"d{steps}"
@@ -461,20 +460,16 @@ async def test_aclose_or_cancel_while_open_runs_leaves_nothing_running(tmp_path,
             await asyncio.sleep(0)
         if how == "aclose":
             await api.aclose()
-        else:  # e.g. open() under asyncio.timeout(): undoes itself, no aclose() follows
+        else:  # e.g. open() under asyncio.timeout(): undoes itself, no aclose() needed
             opener.cancel()
+            if how == "cancel twice":
+                await asyncio.sleep(0)
+                opener.cancel()
         with contextlib.suppress(ClosedError, asyncio.CancelledError):
             await opener
-        # ("new": cancelled before open() began, so nothing started)
-        assert api._state.value in (("closed", "new") if how == "cancel" else ("closed",))
-        assert asyncio.all_tasks() - before == set()
-        assert not registry.exists() or list(registry.glob("*.json")) == []
-        if api.url:
-            port = int(api.url.rsplit(":", 1)[1])
-            with socket.socket() as s, pytest.raises(ConnectionRefusedError):
-                s.connect(("127.0.0.1", port))
-        async with ConversationsApi(data_dir=data_dir, listen=False, discovery=()):
-            pass  # the data directory's lock was released
+        if how == "cancel twice":
+            await api.aclose()  # waits for the undo that the second cancel did not stop
+        await _nothing_left(api, before, registry, data_dir)
 
 
 def test_an_out_of_range_port_is_refused_when_the_node_is_made():
@@ -573,25 +568,3 @@ async def test_a_cancelled_aclose_still_lets_open_undo_itself(tmp_path):
     with pytest.raises(ClosedError):
         await opener
     await _nothing_left(api, before, registry, data_dir)
-
-
-async def test_open_cancelled_twice_still_undoes_itself(tmp_path):
-    """A second cancel while open() undoes itself (a task group tearing down) must not
-    cut the undo short: no task left (the index task was), the directory released."""
-    registry = tmp_path / "registry"
-    for steps in range(1, 40, 3):
-        data_dir = tmp_path / f"d{steps}"
-        before = asyncio.all_tasks()
-        api = ConversationsApi(
-            host="127.0.0.1", discovery=("local",), discovery_dir=registry, data_dir=data_dir
-        )
-        opener = asyncio.create_task(api.open())
-        for _ in range(steps):  # step the loop: the cancels land at different points
-            await asyncio.sleep(0)
-        opener.cancel()
-        await asyncio.sleep(0)
-        opener.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ClosedError):
-            await opener
-        await api.aclose()  # waits for the undo that the second cancel did not stop
-        await _nothing_left(api, before, registry, data_dir)

@@ -804,6 +804,16 @@ class Consumer:
         ):
             yield await a.connect(b.url)
 
+    async def pump_waiting_for_room(self, limit: int) -> None:
+        """Wait until the link's inbox holds ``limit`` bytes and its read pump waits."""
+
+        def inbox() -> Any:
+            assert self.link is not None
+            return self.link._inbox
+
+        await eventually(lambda: self.link is not None and inbox()._size >= limit, "full")
+        await eventually(lambda: not inbox()._writable.is_set(), "the pump waiting for room")
+
     async def handler(self, link: Link) -> None:
         assert isinstance(link, WebSocketLink)
         self.link = link
@@ -871,13 +881,7 @@ async def test_a_frame_held_for_a_full_inbox_before_consume_is_handed_over() -> 
     async with c.link_from_a(recv_buffer=4) as link:
         for f in frames:
             await link.send(f)
-
-        def inbox() -> Any:
-            assert c.link is not None
-            return c.link._inbox
-
-        await eventually(lambda: c.link is not None and inbox()._size >= 4, "inbox full")
-        await eventually(lambda: not inbox()._writable.is_set(), "the pump waiting for room")
+        await c.pump_waiting_for_room(4)
         c.go.set()
         await eventually(lambda: len(c.seen) == len(frames), "every frame handed over")
         assert c.seen == frames
@@ -895,13 +899,7 @@ async def test_consume_keeps_order_when_the_inbox_filled_during_a_drain() -> Non
         await eventually(lambda: len(c.seen) == 1, "frame 0 handed over")
         for f in frames[1:4]:
             await link.send(f)
-
-        def inbox() -> Any:
-            assert c.link is not None
-            return c.link._inbox
-
-        await eventually(lambda: c.link is not None and inbox()._size >= 4, "inbox full")
-        await eventually(lambda: not inbox()._writable.is_set(), "the pump waiting for room")
+        await c.pump_waiting_for_room(4)
         assert c.gate is not None
         c.gate.set_result(None)
         for f in frames[4:]:
