@@ -950,3 +950,25 @@ async def test_remove_peer_stops_the_redialer_before_it_is_awaited() -> None:
         assert not a._redialers[c.url].done()
         link = await ra.next_link()
         assert link.peer.node_id == "c"
+
+
+async def test_add_peer_again_after_its_redial_loop_gave_up(monkeypatch) -> None:
+    """A redial loop ends on an error that retrying cannot fix; adding the url again must
+    start a new one (the ended loop stayed registered, so it was a no-op)."""
+    ra, rb = Recorder(), Recorder()
+    async with make("a", ra) as a, make("b", rb) as b:
+        real_connect = a.connect
+        refusals = [InvalidArgument("refused once")]
+
+        async def once_refused(url: str, **kw: Any) -> Any:
+            if refusals:
+                raise refusals.pop()
+            return await real_connect(url, **kw)
+
+        monkeypatch.setattr(a, "connect", once_refused)
+        a.add_peer(b.url)
+        await eventually(lambda: a._redialers[b.url].done(), "the loop gave up")
+        a.add_peer(b.url)
+        link = await ra.next_link()
+        assert link.peer.node_id == "b"
+        await a.remove_peer(b.url)

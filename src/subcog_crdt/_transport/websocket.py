@@ -1446,6 +1446,9 @@ class WebSocketTransport:
         self._check_open()
         self._check_url(url)
         old = self._redialers.get(url)
+        if old is not None and old.done():  # it gave up: adding the url again retries
+            del self._redialers[url]
+            old = None
         if old is not None:
             expected = self._redial_expects.get(old)
             if expected is None or expected == node_id:
