@@ -972,3 +972,41 @@ async def test_add_peer_again_after_its_redial_loop_gave_up(monkeypatch) -> None
         link = await ra.next_link()
         assert link.peer.node_id == "b"
         await a.remove_peer(b.url)
+
+
+async def test_a_start_cancelled_while_binding_leaves_no_listening_socket(monkeypatch) -> None:
+    """Cancelled at asyncio's create_server's last step (the socket is bound, aiohttp has
+    not recorded the server yet): the bind must finish and be cleaned up, not leave a
+    listening socket behind until garbage collection (review)."""
+    import asyncio.base_events as base_events
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    real_create_server = asyncio.BaseEventLoop.create_server
+    real_sleep = base_events.tasks.sleep
+    binding = {"on": False}
+    starter: list[asyncio.Task[Any]] = []
+
+    async def create_server(self: Any, *a: Any, **kw: Any) -> Any:
+        binding["on"] = True
+        try:
+            return await real_create_server(self, *a, **kw)
+        finally:
+            binding["on"] = False
+
+    async def sleep(delay: float, result: Any = None) -> Any:
+        if delay == 0 and binding["on"] and starter and not starter[0].done():
+            starter[0].cancel()  # the socket is listening at this point
+        return await real_sleep(delay, result)
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "create_server", create_server)
+    monkeypatch.setattr(base_events.tasks, "sleep", sleep)
+    t = make("a", Recorder(), port=port)
+    starter.append(asyncio.ensure_future(t.__aenter__()))
+    with pytest.raises(asyncio.CancelledError):
+        await starter[0]
+    monkeypatch.undo()
+    with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+        s.connect(("127.0.0.1", port))

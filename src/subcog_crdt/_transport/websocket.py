@@ -73,6 +73,7 @@ cannot keep up for seconds is better resynchronised than buffered without bound.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import ipaddress
 import logging
@@ -1015,7 +1016,16 @@ class WebSocketTransport:
         self._runner = runner
         try:
             site = web.TCPSite(runner, self._host, self._port, ssl_context=self._ssl)
-            await site.start()
+            binding = asyncio.ensure_future(site.start())
+            try:
+                await asyncio.shield(binding)
+            except asyncio.CancelledError:
+                # Let the bind finish, so the runner knows the server it made and the
+                # cleanup closes it: one cut short inside create_server stays listening.
+                while not binding.done():
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait([binding])
+                raise
         except OSError as exc:
             raise InvalidArgument(f"cannot listen on {self._host}:{self._port}: {exc}") from exc
         bound = runner.addresses[0]
