@@ -616,20 +616,29 @@ async def test_add_peer_redials_after_restart() -> None:
     assert other_tasks() == set()
 
 
+def fail_first_dial(
+    monkeypatch: pytest.MonkeyPatch, t: WebSocketTransport, exc: Exception
+) -> list[Exception]:
+    """Make ``t``'s next dial raise ``exc``, later ones dial for real; returns the list
+    that holds ``exc`` until it was raised."""
+    real_connect = t.connect
+    pending = [exc]
+
+    async def connect(url: str, **kw: Any) -> Any:
+        if pending:
+            raise pending.pop()
+        return await real_connect(url, **kw)
+
+    monkeypatch.setattr(t, "connect", connect)
+    return pending
+
+
 async def test_add_peer_keeps_redialling_after_an_unexpected_error(monkeypatch, caplog) -> None:
     """An error the dialler does not expect (not one of ours) is logged and retried with
     backoff; it used to end the redial task, so that peer was never dialled again."""
     ra, rb = Recorder(), Recorder()
     async with make("a", ra) as a, make("b", rb) as b:
-        real_connect = a.connect
-        failures = [RuntimeError("unexpected, once")]
-
-        async def flaky(url: str, **kw: Any) -> Any:
-            if failures:
-                raise failures.pop()
-            return await real_connect(url, **kw)
-
-        monkeypatch.setattr(a, "connect", flaky)
+        failures = fail_first_dial(monkeypatch, a, RuntimeError("unexpected, once"))
         a.add_peer(b.url)
         link = await ra.next_link()
         assert link.peer.node_id == "b"
@@ -957,15 +966,7 @@ async def test_add_peer_again_after_its_redial_loop_gave_up(monkeypatch) -> None
     start a new one (the ended loop stayed registered, so it was a no-op)."""
     ra, rb = Recorder(), Recorder()
     async with make("a", ra) as a, make("b", rb) as b:
-        real_connect = a.connect
-        refusals = [InvalidArgument("refused once")]
-
-        async def once_refused(url: str, **kw: Any) -> Any:
-            if refusals:
-                raise refusals.pop()
-            return await real_connect(url, **kw)
-
-        monkeypatch.setattr(a, "connect", once_refused)
+        fail_first_dial(monkeypatch, a, InvalidArgument("refused once"))
         a.add_peer(b.url)
         await eventually(lambda: a._redialers[b.url].done(), "the loop gave up")
         a.add_peer(b.url)
