@@ -616,6 +616,7 @@ async def test_an_open_cancelled_twice_releases_the_directory(tmp_path, monkeypa
         await opener
     gate.set()
     await asyncio.wait_for(s.aclose(), 10)  # waits for the thread's open to be undone
+    assert not [t for t in threading.enumerate() if t.name.startswith("subcog-storage")]
     monkeypatch.undo()
     async with SqliteStorage(tmp_path) as again:
         await again.open("n1")  # the directory is free again
@@ -633,3 +634,5 @@ async def test_a_cancelled_open_that_also_fails_raises_cancelled(tmp_path):
         with pytest.raises(asyncio.CancelledError):
             await opener
         await asyncio.wait_for(s.aclose(), 10)
+        storage_threads = [t for t in threading.enumerate() if t.name.startswith("subcog-st")]
+        assert len(storage_threads) == 1  # the holder's, not the abandoned open's

@@ -262,6 +262,8 @@ class LocalDiscovery(AsyncClosing):
 
     async def _undo_start(self, job: asyncio.Future[None]) -> None:
         await asyncio.wait([job])  # its outcome was start()'s to report
+        if not job.cancelled():
+            job.exception()  # read (start() may have been cancelled before it could)
         try:
             await asyncio.to_thread(self._remove_own)
         except OSError as exc:

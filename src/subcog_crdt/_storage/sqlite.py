@@ -400,7 +400,9 @@ class SqliteStorage(AsyncClosing):
             if close is not None and not close.cancelled() and close.exception() is not None:
                 log.warning("closing %s after a failed open: %s", self.data_dir, close.exception())
             self._state = _State.CLOSED
-            self._thread = None
+            thread, self._thread = self._thread, None
+            if thread is not None:
+                thread.join(timeout=10.0)  # it was told to end after the close: at once
             if self._undone is not None and not self._undone.done():
                 self._undone.set_result(None)
 

@@ -1025,6 +1025,8 @@ class WebSocketTransport:
                 while not binding.done():
                     with contextlib.suppress(asyncio.CancelledError):
                         await asyncio.wait([binding])
+                if not binding.cancelled():
+                    binding.exception()  # read: the cancel is what the caller gets
                 raise
         except OSError as exc:
             raise InvalidArgument(f"cannot listen on {self._host}:{self._port}: {exc}") from exc
