@@ -463,7 +463,7 @@ async def test_aclose_or_cancel_while_open_runs_leaves_nothing_running(tmp_path,
         else:  # e.g. open() under asyncio.timeout(): undoes itself, no aclose() needed
             opener.cancel()
             if how == "cancel twice":
-                await asyncio.sleep(0)
+                await asyncio.sleep(0)  # one step: the first cancel lands, the second hits the undo
                 opener.cancel()
         with contextlib.suppress(ClosedError, asyncio.CancelledError):
             await opener

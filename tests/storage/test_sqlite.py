@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from helpers import wait_for
 from subcog_crdt._errors import ClosedError, CorruptStorage, StorageError, StorageLocked
 from subcog_crdt._storage import sqlite as sqlite_mod
 from subcog_crdt._storage.base import JournalRecord, Retention
@@ -259,7 +260,7 @@ async def test_every_commit_waiting_for_the_backlog_returns(
             asyncio.create_task(s.commit([(NS, b"%d" % i + b"x" * 2000)], [rec(i)]))
             for i in range(1, 6)
         ]
-        await asyncio.sleep(0)  # let each commit write its frame and start waiting
+        await wait_for(lambda: len(s._backlog_waiters) == 5, 10, "all five commits waiting")
         assert not any(t.done() for t in tasks), "over the limit, they wait for the thread"
         busy.set()
         await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)  # hang guard only
@@ -283,7 +284,7 @@ async def test_commits_waiting_for_the_backlog_fail_with_the_drain(
             asyncio.create_task(s.commit([(NS, b"%d" % i + b"x" * 2000)], [rec(i)]))
             for i in range(1, 6)
         ]
-        await asyncio.sleep(0)
+        await wait_for(lambda: len(s._backlog_waiters) == 5, 10, "all five commits waiting")
         busy.set()
         done = await asyncio.wait_for(
             asyncio.gather(*tasks, return_exceptions=True), timeout=30
@@ -610,7 +611,7 @@ async def test_an_open_cancelled_twice_releases_the_directory(tmp_path, monkeypa
     opener = asyncio.ensure_future(s.open("n1"))
     assert await asyncio.to_thread(entered.wait, 10)  # the thread is in its open
     opener.cancel()
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop step: the first cancel lands, the second hits its undo
     opener.cancel()
     with pytest.raises(asyncio.CancelledError):
         await opener
@@ -629,7 +630,9 @@ async def test_a_cancelled_open_that_also_fails_raises_cancelled(tmp_path):
         await holder.open("n1")
         s = SqliteStorage(tmp_path)
         opener = asyncio.ensure_future(s.open("n2"))
-        await asyncio.sleep(0)  # the open job is submitted
+        # One loop step: open() submits its job and awaits it. The thread's answer can only
+        # reach it through the loop, so the cancel below always comes first.
+        await asyncio.sleep(0)
         opener.cancel()
         with pytest.raises(asyncio.CancelledError):
             await opener
