@@ -498,16 +498,7 @@ class ConversationsApi:
     ) -> Memory:
         self._check_open()
         session._check_active()
-        try:
-            doc = self._docs.get(namespace)
-        except TypeError:  # unhashable: not a name (check_namespace says so below)
-            doc = None
-        if doc is None:
-            # A new namespace: check the whole write before creating it here and on peers
-            # (an existing one needs no second check: NamespaceDoc.capture makes it).
-            check_namespace(namespace)
-            prepare_fields({"content": content, **fields})
-            doc = self._ensure_doc(namespace)
+        doc = self._doc_for_writes(namespace, [(content, fields)])
         mem, events = doc.capture(session.id, content, fields)
         await self._commit(doc, events)
         return mem
@@ -526,22 +517,30 @@ class ConversationsApi:
                 pairs.append((rest.pop("content"), rest))
             else:
                 raise InvalidArgument("each item is a content str or a dict with 'content'")
+        if not pairs:
+            check_namespace(namespace)
+            return []  # nothing to write (and no reason to create the namespace)
+        doc = self._doc_for_writes(namespace, pairs)
+        mems, events = doc.capture_many(session.id, pairs)
+        await self._commit(doc, events)
+        return mems
+
+    def _doc_for_writes(
+        self, namespace: str, items: list[tuple[str, dict[str, Any]]]
+    ) -> NamespaceDoc:
+        """The namespace's document. A new one is made only once the writes are known to
+        be valid: a failing capture must not create the namespace here and on peers (an
+        existing one needs no check here: NamespaceDoc checks every write it makes)."""
         try:
             doc = self._docs.get(namespace)
         except TypeError:  # unhashable: not a name (check_namespace says so below)
             doc = None
         if doc is None:
             check_namespace(namespace)
-            if not pairs:
-                return []  # nothing to write: no reason to create the namespace
-            # A new namespace: check every item before creating it here and on peers
-            # (NamespaceDoc.capture_many checks them all before writing any).
-            for content, fields in pairs:
+            for content, fields in items:
                 prepare_fields({"content": content, **fields})
             doc = self._ensure_doc(namespace)
-        mems, events = doc.capture_many(session.id, pairs)
-        await self._commit(doc, events)
-        return mems
+        return doc
 
     def _doc_of(self, memory_id: str) -> NamespaceDoc:
         if not isinstance(memory_id, str):

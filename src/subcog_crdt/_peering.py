@@ -715,11 +715,8 @@ class PeerSync:
         update = b"".join(parts)
         self._diff_total -= self._diff_size.pop(ns)
         del self._diff_parts[ns]
-        if ns not in self.shared:
-            if ns not in self.api._docs and not self._adopt(ns, update):
-                return
-            self._offer(ns)
-        self._apply(ns, self.node_id, update, from_diff=True)
+        if self._accepts_content(ns, update):
+            self._apply(ns, self.node_id, update, from_diff=True)
 
     def _on_update_run(self, run: _UpdateRun) -> None:
         """Apply consecutive live updates of one namespace and origin as one merged
@@ -742,13 +739,21 @@ class PeerSync:
             self._handle([F_UPDATE, run.ns, run.origin, update])
 
     def _on_update(self, ns: str, origin: str, update: bytes) -> None:
-        if ns not in self.shared:
-            if not self._exchanges(ns):
-                return  # private or filtered here: drop without applying
-            if ns not in self.api._docs and not self._adopt(ns, update):
-                return
-            self._offer(ns)
-        self._apply(ns, origin, update, from_diff=False)
+        if self._accepts_content(ns, update):
+            self._apply(ns, origin, update, from_diff=False)
+
+    def _accepts_content(self, ns: str, update: bytes) -> bool:
+        """Whether the peer's content for ``ns`` is applied here: not if private or
+        filtered here; a namespace this node does not hold yet is created for it (within
+        the bounds of :meth:`_adopt`)."""
+        if ns in self.shared:
+            return True
+        if not self._exchanges(ns):
+            return False  # private or filtered here: drop without applying
+        if ns not in self.api._docs and not self._adopt(ns, update):
+            return False
+        self._offer(ns)
+        return True
 
     def _apply(self, ns: str, origin: str, update: bytes, *, from_diff: bool) -> None:
         try:

@@ -92,6 +92,7 @@ class NamespaceDoc:
         self.entries: Map[Any] = self.doc.get(ENTRIES, type=Map)
         self._ymap = self.entries.integrated  # pycrdt's native map and doc (see _insert)
         self._ydoc = self.doc._doc
+        self._own_client = self.doc.client_id
         self.outbox: list[bytes] = []
         self._mems: dict[str, _Mem] = {}
         self._by_doc: list[str] = []
@@ -507,7 +508,6 @@ class NamespaceDoc:
         except UpdateDecodeError as exc:
             raise ProtocolError(f"invalid Yjs update for {self.namespace!r}: {exc}") from exc
         sv = self._sv
-        own = self._ydoc.client_id()
         fast = (
             decoded.simple
             and not self._tainted  # pycrdt may hold a hostile item back: apply it watched
@@ -516,7 +516,8 @@ class NamespaceDoc:
             # The tracked clocks are remote ones: items claiming this node's own client id
             # (at clocks it used: pycrdt ignores them) need the real state vector.
             and all(
-                start <= sv.get(client, 0) and client != own for client, start, _ in decoded.blocks
+                start <= sv.get(client, 0) and client != self._own_client
+                for client, start, _ in decoded.blocks
             )
         )
         # What we held before: an item at a clock below it is one we have (a duplicate),
