@@ -195,6 +195,8 @@ class ConversationsApi:
             raise InvalidArgument(f"port must be an int from 0 to 65535 (0: any), not {port!r}")
         self._port = port
         self._static_peers = tuple(peers)
+        # Urls the user asked to keep (peers= and connect()): discovery never releases them.
+        self._kept_urls: set[str] = set(self._static_peers)
         self._discovery_kinds = tuple(discovery)
         self._private = frozenset(private_names)
         # Private wins, and the filter travels to peers (hello): a private name is never in it.
@@ -750,8 +752,8 @@ class ConversationsApi:
         if self._transport is None:
             raise ClosedError("this node has no network transport (listen=False)")
         await self._transport.connect(url)
-        if url not in self._static_peers:
-            self._transport.add_peer(url)  # keep it: redial after a drop
+        self._kept_urls.add(url)
+        self._transport.add_peer(url)  # keep it: redial after a drop (no-op if kept already)
 
     def peers(self) -> list[PeerInfo]:
         """Connected peers."""

@@ -76,8 +76,9 @@ async def _start_discovery(api: ConversationsApi, transport: WebSocketTransport)
     reported: dict[tuple[int, str], str] = {}
 
     def release(url: str) -> None:
-        """Stop redialling ``url`` unless a mechanism still reports it or it is static."""
-        if url in reported.values() or url in api._static_peers:
+        """Stop redialling ``url`` unless a mechanism still reports it or the user asked to
+        keep it (``peers=``, :meth:`~ConversationsApi.connect`)."""
+        if url in reported.values() or url in api._kept_urls:
             return
         # The loop stops now (a found at this url right after starts a new one); only the
         # wait for its end runs later.

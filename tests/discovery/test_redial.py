@@ -267,6 +267,27 @@ async def test_node_lost_and_another_found_at_its_url_in_one_scan(registry: Path
         assert redialers(a) == {c.url}
 
 
+async def test_url_given_to_connect_is_kept_when_discovery_loses_its_node(
+    registry: Path,
+) -> None:
+    """connect(url) promises redials after a drop. Discovery used to release the url when
+    it lost the node it had found there, stopping the loop the user asked for."""
+    async with (
+        ConversationsApi(discovery=()) as n,
+        ConversationsApi(discovery=("local",), discovery_dir=registry) as a,
+    ):
+        entry = put_entry(registry, n.node_id, n.url, os.getpid())
+        await wait_for(lambda: linked(a, n.node_id), DEADLINE, "a found and linked to n")
+        await a.connect(n.url)
+        entry.unlink()
+        scanner = a._discovery[0]
+        assert isinstance(scanner, LocalDiscovery)
+        await wait_for(lambda: n.node_id not in scanner.peers, DEADLINE, "a's scan lost n")
+        # The release runs from the scan's callback; wait for any remove_peer it spawned.
+        await wait_for(lambda: not a._tasks, DEADLINE, "a's spawned tasks finished")
+        assert redialers(a) == {n.url}
+
+
 # -- local and mDNS together (inside a test namespace) ---------------------------------------
 
 lan1 = make_lan_fixture(1, name="lan1")
