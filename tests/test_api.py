@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import UTC, datetime, timedelta
+import dataclasses
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,11 +22,15 @@ from subcog_crdt import (
     InvalidArgument,
     InvalidNamespace,
     Lagged,
+    Memory,
     NotFound,
+    PeerInfo,
     Retention,
     Updated,
 )
 from subcog_crdt._peering import is_live_update
+from subcog_crdt._transport.memory import memory_link_pair
+from subcog_crdt._transport.websocket import CLOSE_DUPLICATE
 
 
 def node(**kw) -> ConversationsApi:
@@ -39,38 +45,55 @@ async def test_capture_update_delete_reach_other_node_as_events():
         link(a, b)
         m = await sa.capture("decisions", "Use SQLite WAL", tags=["storage"])
         ev = await events.next(5)
+        cursors = [ev.cursor]
         assert isinstance(ev, Captured)
         assert (ev.memory.id, ev.source_session, ev.node_id) == (m.id, "claude-1", a.node_id)
         m2 = await sa.update(m.id, content="Use SQLite WAL + fsync", expected_version=m.version)
         ev = await events.next(5)
+        cursors.append(ev.cursor)
         assert isinstance(ev, Updated)
         assert ev.changes == {"content": "Use SQLite WAL + fsync"}
         assert ev.source_session == "claude-1"
         await sa.delete(m2.id)
         ev = await events.next(5)
+        cursors.append(ev.cursor)
         assert isinstance(ev, Deleted) and ev.memory_id == m.id
         assert b.get(m.id).deleted
-        cursors = []
         async with sb.events(include_own=True) as own:
             await sb.capture("decisions", "Tests live next to the code")
             item = await own.next(5)
             assert isinstance(item, Captured) and item.source_session == "cursor-2"
             cursors.append(item.cursor)
+        # A node's cursor grows by one per event, whatever its origin (remote or own).
+        assert cursors == list(range(cursors[0], cursors[0] + 4)), cursors
         await wait_for(lambda: converged([a, b], "decisions"))
 
 
-async def test_events_filtered_by_subscription_and_own_excluded():
+async def test_events_filtered_by_subscription_and_own_excluded() -> None:
+    """A stream gets what others write in its subscriptions: not other namespaces, and
+    not the session's own writes even into a namespace it subscribes to."""
     async with node() as a:
         s1 = await a.register_session("s1", subscribe=["decisions"])
         s2 = await a.register_session("s2", subscribe=["patterns"])
         e1, e2 = s1.events(), s2.events()
+        own1 = s1.events(include_own=True)
+        # Own writes into subscribed namespaces come first: events are published in write
+        # order, so if they were let through they would be what next() returns.
+        await s1.capture("decisions", "own decision by s1")
+        await s2.capture("patterns", "own pattern by s2")
         await s1.capture("patterns", "pattern by s1")
         await s2.capture("decisions", "decision by s2")
         got1 = await e1.next(5)
         got2 = await e2.next(5)
-        assert got1.namespace == "decisions" and got1.source_session == "s2"
-        assert got2.namespace == "patterns" and got2.source_session == "s1"
+        assert isinstance(got1, Captured) and isinstance(got2, Captured)
+        assert (got1.namespace, got1.source_session) == ("decisions", "s2")
+        assert got1.memory.content == "decision by s2"
+        assert (got2.namespace, got2.source_session) == ("patterns", "s1")
+        assert got2.memory.content == "pattern by s1"
         assert e1.get_nowait() is None and e2.get_nowait() is None
+        # include_own=True does deliver the own write (so the filter above is what hid it)
+        mine = await own1.next(5)
+        assert isinstance(mine, Captured) and mine.memory.content == "own decision by s1"
 
 
 async def test_duplicate_capture_is_one_memory_with_all_capturers():
@@ -261,7 +284,19 @@ async def test_line_topology_converges_through_middle_node():
         ev = await events.next(5)
         assert isinstance(ev, Captured) and ev.source_session == "a1" and ev.memory.id == m.id
         await wait_for(lambda: converged([a, b, c], "d"))
-        assert {s.id for s in c.sessions.list()} >= {"c1"}
+        # c lists its own session and those of its connected peer b (none: b hosts none
+        # yet); a's session is two hops away and not a connected peer's.
+        await b.register_session("b1")
+        await wait_for(lambda: len(c.sessions.list()) == 2, what="c sees b1")
+        assert {(x.id, x.node_id, x.is_local) for x in c.sessions.list()} == {
+            ("c1", c.node_id, True),
+            ("b1", b.node_id, False),
+        }
+        assert {(x.id, x.node_id, x.is_local) for x in b.sessions.list()} == {
+            ("b1", b.node_id, True),
+            ("a1", a.node_id, False),
+            ("c1", c.node_id, False),
+        }
 
 
 async def test_private_namespace_never_leaves_node():
@@ -306,6 +341,7 @@ async def test_chaotic_links_converge():
 async def test_bad_arguments_raise_documented_errors_and_change_nothing():
     async with node() as a:
         s = await a.register_session("s", subscribe=["d"])
+        hash_before = a.state_hash("d")
         with pytest.raises(InvalidNamespace):
             await s.capture("Bad Name", "x")
         with pytest.raises(InvalidArgument):
@@ -315,11 +351,16 @@ async def test_bad_arguments_raise_documented_errors_and_change_nothing():
         with pytest.raises(InvalidArgument):
             await s.capture("d", "x", metadata={"k": object()})
         with pytest.raises(InvalidArgument):
+            await s.capture("fresh", "x", tags="not-a-list")
+        with pytest.raises(InvalidArgument):
             await a.register_session("bad/id")
         with pytest.raises(NotFound):
             await s.update("00000000000000000000", content="x")
         assert a.memories("d") == []
-        assert a.state_hash("d") == "0" * 64 or a.namespaces() == ["d"]
+        # "d" exists (s subscribes to it) and holds nothing; no failed call made another
+        assert a.namespaces() == ["d"]
+        assert a.state_hash("d") == hash_before
+        assert [x.id for x in a.sessions.list()] == ["s"]
     with pytest.raises(ClosedError):
         await s.capture("d", "after close")
 
@@ -374,7 +415,9 @@ async def test_catch_up_is_forwarded_to_nodes_beyond_the_link():
         await wait_for(lambda: converged([a, b, d], "d"), what="live write reaches D")
 
 
-async def test_sync_includes_conflicts_this_session_won():
+async def test_sync_includes_conflicts_this_session_won() -> None:
+    """Both writers hear of a conflict through sync(), rebuilt from the journal with the
+    right winner and loser (not swapped) and the fields they fought over."""
     async with node() as a, node() as b:
         sa = await a.register_session("a1", subscribe=["d"])
         sb = await b.register_session("b1", subscribe=["d"])
@@ -389,11 +432,20 @@ async def test_sync_includes_conflicts_this_session_won():
         await sb.update(m.id, content="from b")
         link(a, b)
         await wait_for(lambda: converged([a, b], "d"))
-        winner = a.get(m.id).updated_by
+        current = a.get(m.id)
+        winner = current.updated_by
+        # The winner is the later update in clock order (history is in that order).
+        loser_w, winner_w = [w for w in a.history(m.id) if w.op == "update"]
+        assert winner_w.session == winner and winner_w.changes == {"content": current.content}
         sessions = {"a1": sa, "b1": sb}
         for sid in (winner, *(set(sessions) - {winner})):
-            kinds = {type(e).__name__ for e in (await sessions[sid].sync()).events}
-            assert "Conflict" in kinds, sid  # the winner hears of it too
+            conflicts = [e for e in (await sessions[sid].sync()).events if isinstance(e, Conflict)]
+            assert len(conflicts) == 1, sid  # the winner hears of it too
+            c = conflicts[0]
+            assert (c.winner.key, c.loser.key) == (winner_w.key, loser_w.key), sid
+            assert c.fields == ("content",), sid
+            assert (c.memory_id, c.namespace) == (m.id, "d")
+            assert (c.source_session, c.node_id) == (winner_w.session, winner_w.node)
 
 
 async def test_concurrent_syncs_of_one_session_do_not_repeat_events(tmp_path):
@@ -568,3 +620,233 @@ async def test_a_cancelled_aclose_still_lets_open_undo_itself(tmp_path):
     with pytest.raises(ClosedError):
         await opener
     await _nothing_left(api, before, registry, data_dir)
+
+
+async def test_sync_rebuilds_a_captured_event_with_the_memory_as_it_was_captured() -> None:
+    """sync() rebuilds events from the journal and the document: the Captured event of
+    a memory updated since carries the memory as captured (as the live event did), not
+    its current state; the Updated event carries what that write changed."""
+    async with node() as a:
+        w = await a.register_session("w", subscribe=["d"])
+        r = await a.register_session("r", subscribe=["d"])
+        live = r.events()
+        m = await w.capture("d", "old content", tags=["first"], status="draft")
+        await w.update(m.id, content="new content", tags=["second"], status="final")
+        live_captured, live_updated = await live.next(5), await live.next(5)
+        batch = await r.sync(since=0)
+        captured, updated = batch.events
+        assert isinstance(captured, Captured) and isinstance(updated, Updated)
+        assert (captured.memory.content, captured.memory.tags) == ("old content", ("first",))
+        assert (captured.memory.status, captured.memory.version) == ("draft", 1)
+        assert captured == live_captured  # the very event the live stream delivered
+        assert dict(updated.changes) == {
+            "content": "new content",
+            "tags": ["second"],
+            "status": "final",
+        }
+        assert updated == live_updated
+        assert a.get(m.id).content == "new content"  # the current state moved on
+
+
+UTC2 = timezone(timedelta(hours=2))
+
+
+def _all_fields(m: Memory) -> dict[str, Any]:
+    """Every field of a memory, metadata as a plain dict (a read-only mapping otherwise)."""
+    out = {f.name: getattr(m, f.name) for f in dataclasses.fields(m)}
+    out["metadata"] = dict(m.metadata)
+    return out
+
+
+FULL_CAPTURE: dict[str, Any] = {
+    "tags": ["storage", "adr"],
+    "metadata": {"ticket": 42, "links": ["a", {"b": None}], "ok": True},
+    "domain": "infra",
+    "status": "proposed",
+    "source": "docs/adr-7.md",
+    "expires_at": datetime(2031, 1, 2, 3, 4, 5, tzinfo=UTC2),
+}
+
+
+def _assert_full(m: Memory, content: str = "Use SQLite WAL") -> None:
+    assert m.content == content
+    assert m.tags == ("storage", "adr")
+    assert dict(m.metadata) == {"ticket": 42, "links": ["a", {"b": None}], "ok": True}
+    assert (m.domain, m.status, m.source) == ("infra", "proposed", "docs/adr-7.md")
+    assert m.expires_at == FULL_CAPTURE["expires_at"]
+    assert m.expires_at is not None and m.expires_at.utcoffset() == timedelta(hours=2)
+
+
+async def test_every_memory_field_reaches_the_other_node_and_survives_updates() -> None:
+    """Every writable field (tags, metadata, domain, status, source, expires_at) is kept
+    on capture, reaches a peer, and is carried through an update of other fields (the
+    fold path), and an update of them is seen the same on both nodes."""
+    async with node() as a, node() as b:
+        sa = await a.register_session("a1", subscribe=["d"])
+        sb = await b.register_session("b1", subscribe=["d"])
+        eb = sb.events()
+        link(a, b)
+        m = await sa.capture("d", "Use SQLite WAL", **FULL_CAPTURE)
+        _assert_full(m)
+        ev = await eb.next(5)
+        assert isinstance(ev, Captured)
+        _assert_full(ev.memory)
+        _assert_full(b.get(m.id))
+        assert _all_fields(b.get(m.id)) == _all_fields(a.get(m.id)) == _all_fields(m)
+        # an update of content only: every other field stays as captured
+        m2 = await sa.update(m.id, content="Use SQLite WAL mode")
+        _assert_full(m2, "Use SQLite WAL mode")
+        await wait_for(lambda: converged([a, b], "d"))
+        _assert_full(b.get(m.id), "Use SQLite WAL mode")
+        assert _all_fields(b.get(m.id)) == _all_fields(a.get(m.id)) == _all_fields(m2)
+        # an update of the other fields, from the other node (expires_at as an ISO str)
+        m3 = await sb.update(
+            m.id,
+            tags=["db"],
+            metadata={"ticket": 43},
+            domain="storage",
+            status="accepted",
+            source="review",
+            expires_at="2032-05-06T07:08:09-03:00",
+        )
+        await wait_for(lambda: converged([a, b], "d"))
+        got = a.get(m.id)
+        assert (got.tags, dict(got.metadata)) == (("db",), {"ticket": 43})
+        assert (got.domain, got.status, got.source) == ("storage", "accepted", "review")
+        assert got.expires_at == datetime(2032, 5, 6, 7, 8, 9, tzinfo=timezone(timedelta(hours=-3)))
+        assert _all_fields(got) == _all_fields(b.get(m.id)) == _all_fields(m3)
+
+
+async def test_every_memory_field_survives_a_restart(tmp_path: Path) -> None:
+    """A durable node reloads every field, of a memory only captured and of one updated
+    since (the two ways a memory is derived from its writes)."""
+    async with node(data_dir=tmp_path) as a:
+        s = await a.register_session("s", subscribe=["d"])
+        only = await s.capture("d", "Use SQLite WAL", **FULL_CAPTURE)
+        upd = await s.capture("d", "to be updated", **FULL_CAPTURE)
+        upd = await s.update(upd.id, content="updated once")
+        before = {x.id: _all_fields(x) for x in (a.get(only.id), a.get(upd.id))}
+    async with node(data_dir=tmp_path) as a:
+        _assert_full(a.get(only.id))
+        _assert_full(a.get(upd.id), "updated once")
+        assert {x: _all_fields(a.get(x)) for x in before} == before
+
+
+async def test_expires_at_accepts_aware_datetimes_and_iso_strings() -> None:
+    """expires_at is an aware datetime or an ISO 8601 string with an offset; either
+    way the memory holds that instant, offset kept, and None clears it."""
+    async with node() as a:
+        s = await a.register_session("s", subscribe=["d"])
+        dt = datetime(2030, 6, 1, 12, 0, tzinfo=timezone(timedelta(hours=5, minutes=30)))
+        m = await s.capture("d", "with a datetime", expires_at=dt)
+        assert m.expires_at == dt and m.expires_at.utcoffset() == dt.utcoffset()
+        m2 = await s.capture("d", "with a string", expires_at="2030-06-01T12:00:00+05:30")
+        assert m2.expires_at == dt and m2.expires_at.utcoffset() == dt.utcoffset()
+        z = await s.capture("d", "with Z", expires_at="2030-06-01T06:30:00Z")
+        assert z.expires_at == dt and z.expires_at.utcoffset() == timedelta(0)
+        assert a.get(m2.id).expires_at == dt
+        cleared = await s.update(m.id, expires_at=None)
+        assert cleared.expires_at is None and a.get(m.id).expires_at is None
+
+
+async def test_a_second_link_to_the_same_node_closes_the_first_with_4010() -> None:
+    """Two links to one node: the older is closed as a duplicate (4010), and its end
+    must not take down the newer one (its peer entry and remote sessions)."""
+    async with node() as a, node() as b:
+        sa = await a.register_session("a1", subscribe=["d"])
+        await b.register_session("b1", subscribe=["d"])
+        la1, lb1 = memory_link_pair(a._hello(), b._hello())
+        old_runs = [a.attach(la1), b.attach(lb1)]
+        await wait_for(lambda: a.peers() and b.peers(), what="first link up")
+        await wait_for(lambda: any(x.id == "b1" for x in a.sessions.list()), what="a sees b1")
+        la2, lb2 = link(a, b)
+        await wait_for(lambda: la1.closed and lb1.closed, what="the old link closed")
+        async with asyncio.timeout(10):
+            await asyncio.gather(*old_runs)  # the old link's protocol ended
+        assert (la1.close_code, lb1.close_code) == (CLOSE_DUPLICATE, CLOSE_DUPLICATE)
+        assert not la2.closed and not lb2.closed
+        assert [p.node_id for p in a.peers()] == [b.node_id]
+        assert [p.node_id for p in b.peers()] == [a.node_id]
+        info = a.sessions.get("b1")
+        assert (info.node_id, info.is_local) == (b.node_id, False)
+        m = await sa.capture("d", "over the new link")
+        await wait_for(lambda: converged([a, b], "d"), what="the new link carries writes")
+        assert b.get(m.id).content == "over the new link"
+
+
+async def test_registering_a_session_again_applies_its_new_subscriptions() -> None:
+    """register_session with an id already registered returns the same session with
+    the new subscriptions: new event streams, sync and recall follow them, and peers
+    see them."""
+    async with node() as a, node() as b:
+        w = await a.register_session("w", subscribe=["d", "p"])
+        s = await b.register_session("s", subscribe=["d"])
+        link(a, b)
+        await wait_for(lambda: any(x.id == "s" for x in a.sessions.list()), what="a sees s")
+        await s.sync()  # "last" now: only what comes next
+        again = await b.register_session("s", subscribe=["p"])
+        assert again is s and s.subscriptions == {"p"}
+        assert b.sessions.get("s").subscriptions == ("p",)
+        await wait_for(lambda: a.sessions.get("s").subscriptions == ("p",), what="a told")
+        stream = s.events()
+        await w.capture("d", "decision nobody follows here")
+        mp = await w.capture("p", "pattern s now follows")
+        ev = await stream.next(5)
+        assert isinstance(ev, Captured) and ev.memory.id == mp.id
+        await wait_for(lambda: converged([a, b], "d"))
+        assert stream.get_nowait() is None  # the "d" write was not delivered
+        batch = await s.sync()
+        assert [e.memory_id for e in batch.events] == [mp.id]
+        assert [x.namespace for x in s.recall("decision pattern")] == ["p"]
+
+
+async def test_unregistering_a_session_removes_it_from_peers() -> None:
+    """Peers list a node's sessions; once one is unregistered they must stop listing it
+    (and keep listing the others)."""
+    async with node() as a, node() as b:
+        await a.register_session("gone", subscribe=["d"])
+        await a.register_session("stays", subscribe=["d"])
+        link(a, b)
+        await wait_for(lambda: {x.id for x in b.sessions.list()} == {"gone", "stays"})
+        await a.unregister_session("gone")
+        await wait_for(lambda: [x.id for x in b.sessions.list()] == ["stays"], what="b told")
+        assert b.sessions.get("stays").node_id == a.node_id
+        with pytest.raises(NotFound):
+            b.sessions.get("gone")
+
+
+async def test_recall_ranks_several_namespaces_together() -> None:
+    """Results of several namespaces are ranked as one list: a better match in the
+    second namespace comes before a weaker one in the first, and limit keeps the best."""
+    async with node() as a:
+        s = await a.register_session("s", subscribe=["alpha", "beta"])
+        weak = await s.capture(
+            "alpha", "sqlite is one word among many others in this long note about the build"
+        )
+        await s.capture("alpha", "unrelated alpha note")
+        strong = await s.capture("beta", "sqlite sqlite sqlite")
+        weakest = await s.capture(
+            "beta", "a long beta note where sqlite appears once among very many other words"
+        )
+        await s.capture("beta", "unrelated beta note")
+        expected = [strong.id, weak.id, weakest.id]
+        assert [m.id for m in s.recall("sqlite")] == expected
+        assert [m.id for m in a.recall("sqlite", namespaces=["alpha", "beta"])] == expected
+        assert [m.id for m in s.recall("sqlite", limit=1)] == [strong.id]
+        assert [m.id for m in s.recall("sqlite", limit=2)] == expected[:2]
+
+
+async def test_peer_info_names_the_peer_user_and_the_namespaces_synced() -> None:
+    """api.peers() says who runs the peer (user_id) and which namespaces are synced with
+    it: those both sides sync, not one private here or left out by the peer's filter."""
+    async with (
+        node(user_id="alice", private_namespaces=["secret"]) as a,
+        node(user_id="bob", sync_namespaces=["d"]) as b,
+    ):
+        await a.register_session("a1", subscribe=["d", "p", "secret"])
+        await b.register_session("b1", subscribe=["d", "p", "secret"])
+        link(a, b)
+        # listed once linked; the namespaces once the peer's hello is read
+        await wait_for(lambda: all(n.peers() and n.peers()[0].namespaces for n in (a, b)))
+        assert a.peers() == [PeerInfo(b.node_id, None, "bob", ("d",))]
+        assert b.peers() == [PeerInfo(a.node_id, None, "alice", ("d",))]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -416,5 +417,44 @@ async def test_sync_pages_past_own_events_without_skipping_or_repeating():
             got.extend(e.memory.id for e in batch.events)
             if not batch.more:
                 break
-        assert got[-len(expected) :] == expected
+        assert got == expected
         assert (await me.sync()).events == []
+
+
+# -- 9. naive datetimes: no time zone, no instant --------------------------------------
+
+NAIVE = datetime(2030, 1, 1, 12, 0)
+
+
+@pytest.mark.parametrize("expires_at", [NAIVE, "2030-01-01T12:00:00"], ids=["datetime", "str"])
+async def test_a_naive_expires_at_is_refused_and_changes_nothing(pair, expires_at):
+    """expires_at without a time zone names no instant (each node would read it in its
+    own zone): refused on capture, batch and update, and nothing is written."""
+    await expect_nothing_changed(pair, lambda: pair.sa.capture(NS, "x", expires_at=expires_at))
+    await expect_nothing_changed(pair, lambda: pair.sa.capture("fresh", "x", expires_at=expires_at))
+    await expect_nothing_changed(
+        pair,
+        lambda: pair.sa.capture_many(NS, ["ok", {"content": "x", "expires_at": expires_at}]),
+    )
+    m = await pair.sa.capture(NS, "target", expires_at=datetime(2030, 1, 1, tzinfo=UTC))
+    await pair.settle()
+    pair.drain()
+    await expect_nothing_changed(pair, lambda: pair.sa.update(m.id, expires_at=expires_at))
+    assert pair.b.get(m.id).expires_at == datetime(2030, 1, 1, tzinfo=UTC)
+    assert pair.a.get(m.id).version == 1
+
+
+async def test_sync_since_a_naive_datetime_is_refused_and_moves_no_cursor(pair):
+    """sync(since=<datetime>) compares with write times: a naive one is refused (not read
+    in the local zone), and the refused call does not advance "last"."""
+    other = await pair.a.register_session("other", subscribe=[NS])
+    await pair.sa.sync()  # "last" is now
+    m = await other.capture(NS, "written by another session")  # committed once returned
+    last = pair.sa.last_cursor
+    with pytest.raises(InvalidArgument, match="timezone"):
+        await pair.sa.sync(since=NAIVE)
+    with pytest.raises(InvalidArgument, match="timezone"):
+        await pair.sa.sync(since=datetime(2000, 1, 1))
+    assert pair.sa.last_cursor == last
+    batch = await pair.sa.sync()
+    assert [e.memory_id for e in batch.events] == [m.id]

@@ -73,7 +73,8 @@ class PeerInfo:
     url: str | None
     user_id: str
     namespaces: tuple[str, ...]
-    """Namespaces synced with it."""
+    """Namespaces this node syncs with it, as this node sees them: the peer may keep some
+    of them private (it never names those) and then ignores what it gets for them."""
 
 
 def _journal_record(ns: str, ev: Event) -> JournalRecord:
