@@ -800,6 +800,21 @@ async def test_registering_a_session_again_applies_its_new_subscriptions() -> No
         assert [x.namespace for x in s.recall("decision pattern")] == ["p"]
 
 
+async def test_an_open_stream_follows_the_subscriptions_of_a_session_registered_again() -> None:
+    """A stream opened before the session is registered again with other subscriptions
+    gets what the new ones name: it used to keep the filter of when it was opened."""
+    async with node() as a:
+        w = await a.register_session("w", subscribe=[])
+        s = await a.register_session("s", subscribe=["d"])
+        stream = s.events()
+        await a.register_session("s", subscribe=["p"])
+        assert "p" in a.namespaces()  # a new subscription's namespace exists at once
+        await w.capture("d", "decision s no longer follows")
+        mp = await w.capture("p", "pattern s follows now")
+        ev = await stream.next(5)
+        assert isinstance(ev, Captured) and ev.memory.id == mp.id
+
+
 async def test_unregistering_a_session_removes_it_from_peers() -> None:
     """Peers list a node's sessions; once one is unregistered they must stop listing it
     (and keep listing the others)."""

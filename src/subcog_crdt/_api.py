@@ -457,7 +457,10 @@ class ConversationsApi:
         user_id = _check_user_id(user_id)
         existing = self.sessions._local.get(session_id)
         if existing is not None:
+            # New subscriptions apply at once, also to its open event streams.
             existing.subscriptions = subs
+            for ns in subs:
+                self._ensure_doc(ns)
             self._broadcast_sessions()
             return existing
         last = self._saved_cursors.get(session_id, self._committed_cursor)

@@ -157,18 +157,20 @@ class Session:
         return await self._api._sync(self, since, include_own, limit)
 
     def events(self, *, include_own: bool = False, maxsize: int = 10_000) -> Subscription:
-        """Live events for this session's subscriptions, from now on (subscribed when
-        called, not at first iteration). Own events (of this session on this node) are
-        left out unless ``include_own``; ``maxsize`` bounds the queue (see :class:`Lagged`)."""
+        """Live events for this session's subscriptions (as they are at each event), from
+        now on (subscribed when called, not at first iteration). Own events (of this
+        session on this node) are left out unless ``include_own``; ``maxsize`` bounds the
+        queue (see :class:`Lagged`)."""
         self._check_active()
         if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
             raise InvalidArgument(f"maxsize must be an int >= 1, not {maxsize!r}")
-        subs = self.subscriptions
         me = self.id
         node = self._api.node_id
 
         def accept(ev: Event) -> bool:
-            if ev.namespace not in subs:
+            # Read at each event: registering the session again with other subscriptions
+            # also changes what its open streams get.
+            if ev.namespace not in self.subscriptions:
                 return False
             # Own means this session on this node: a session of the same name on another
             # node is someone else. A conflict concerns both writers, so it is never
