@@ -11,6 +11,7 @@ import asyncio
 import io
 import itertools
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -398,12 +399,16 @@ async def test_a_control_frame_over_the_frame_limit_closes_the_link_not_the_call
 # -- 7. shutting down -----------------------------------------------------------------------
 
 
-async def test_an_update_arriving_while_the_node_closes_is_not_a_protocol_error(caplog):
+async def test_an_update_arriving_while_the_node_closes_is_not_a_protocol_error(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
     """Between the node refusing new work and its links closing, a peer's update is left
     to the peer (it catches us up next time), not taken for a protocol error (it used to
-    close the link with 4000 and a warning that blamed the peer)."""
+    close the link with 4000 and a warning that blamed the peer) and not applied by a
+    node that is shutting down: A neither shows nor stores it, and gets it from B when
+    it is opened again."""
     async with memory_node() as b:
-        a = memory_node()
+        a = memory_node(data_dir=tmp_path / "a")
         await a.open()
         la, _ = link(a, b)
         await wait_for(lambda: b.node_id in a._links and a.node_id in b._links, 5, "link up")
@@ -420,8 +425,124 @@ async def test_an_update_arriving_while_the_node_closes_is_not_a_protocol_error(
         await sb.capture("d", "late write")
         probe = await b.register_session("probe-after-the-write")
         await wait_for(lambda: probe.id in {s.id for s in a.sessions.list()}, 5, "handled")
+        assert a.memories("d") == []  # the receiving side left it to the peer
         gate.set()
         await closing
         assert la.close_code != 4000
         assert "closing link" not in caplog.text
-        assert [m.content for m in b.memories("d")] == ["late write"]
+
+        async with memory_node(data_dir=tmp_path / "a") as again:
+            assert again.node_id == a.node_id
+            assert again.memories("d") == []  # nothing of it was stored either
+            link(again, b)
+            await wait_for(lambda: len(again.memories("d")) == 1, 5, "B catches A up")
+            assert [m.content for m in again.memories("d")] == ["late write"]
+
+
+# -- 8. frames a hostile peer sends out of turn or without end ------------------------------
+
+
+def _before_hello_frames(state: bytes) -> dict[str, list[Any]]:
+    """One frame of each type but hello, each of which would change or reveal something
+    if it were handled before the hello."""
+    session = {"id": "intruder", "user_id": "u", "subscriptions": ["d"]}
+    return {
+        "step1": [F_SV, "d", b"\x00"],  # would be answered with A's state
+        "step2": [F_DIFF, "fresh", state, False],  # would create "fresh" with content
+        "update": [F_UPDATE, "fresh", "early", state],  # likewise, as a live update
+        "sessions": [F_SESSIONS, [session]],  # would list a remote session
+        "peers": [F_PEERS, ["someone"]],
+        "namespace": [F_NAMESPACE, "fresh"],
+        "resync": [F_RESYNC, "d"],  # would be answered with a step 1
+    }
+
+
+@pytest.mark.parametrize("kind", list(_before_hello_frames(b"")))
+async def test_a_frame_before_the_hello_closes_the_link_and_changes_nothing(kind: str) -> None:
+    """The hello comes first (it sets the peer's filter and frame limit): any other frame
+    before it closes the link with 4000 ("frame before hello"), even if a hello follows;
+    the node creates, lists and sends nothing for it and goes on serving."""
+    state = (await _states(["fresh"]))["fresh"]
+    async with memory_node() as a:
+        sa = await a.register_session("a1", subscribe=["d"])
+        await sa.capture("d", "mine")
+        before = (a.namespaces(), a.state_hash("d"), {s.id for s in a.sessions.list()})
+        ours, theirs = raw_peer(a, "early")
+        await theirs.send(pack(_before_hello_frames(state)[kind]))
+        await theirs.send(pack([F_HELLO, ["d", "fresh"], None, [], []]))  # too late
+        await wait_for(lambda: ours.closed and "early" not in a._links, 5, "link closed")
+        assert ours.close_code == 4000
+        assert ours.close_reason == "frame before hello"
+        after = (a.namespaces(), a.state_hash("d"), {s.id for s in a.sessions.list()})
+        assert after == before
+        # A sent its hello (and perhaps its peer list), nothing about any namespace.
+        assert {f[0] for f in frames_of(ours.sent_frames)} <= {F_HELLO, F_PEERS}
+        await sa.capture("d", "still serving")
+        assert sorted(m.content for m in a.memories("d")) == ["mine", "still serving"]
+
+
+async def test_a_step_2_that_never_ends_closes_the_link_at_the_reassembly_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A peer sends step-2 chunks that all say "more follows": what is buffered for
+    reassembly is bounded; past the bound the link closes with 4000 and nothing of it is
+    applied (bound lowered to 64 KiB here, 1 GiB by default)."""
+    bound = 64 * 1024
+    monkeypatch.setattr(_peering, "_MAX_DIFF", bound)
+    async with memory_node() as a:
+        sa = await a.register_session("a1", subscribe=["d"])
+        await sa.capture("d", "mine")
+        before = (a.namespaces(), a.state_hash("d"))
+        ours, theirs = raw_peer(a, "endless")
+        await theirs.send(pack([F_HELLO, ["d"], None, [], []]))
+        await processed(a, theirs)
+        for _ in range(5):  # 80 KiB in all
+            await theirs.send(pack([F_DIFF, "d", b"\x01" * (16 * 1024), True]))
+        await wait_for(lambda: ours.closed and "endless" not in a._links, 5, "link closed")
+        assert ours.close_code == 4000
+        assert ours.close_reason == f"step-2 being reassembled exceeds {bound} bytes"
+        assert (a.namespaces(), a.state_hash("d")) == before
+        await sa.capture("d", "still serving")
+        assert sorted(m.content for m in a.memories("d")) == ["mine", "still serving"]
+
+
+async def test_the_step_2_bound_is_for_the_node_not_per_link(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two links each under the bound but over it together: the link whose chunk crosses
+    it is closed with 4000, the other keeps its partial step 2 and completes it once the
+    closed link's buffer is released (more links must not multiply what peers can make
+    a node buffer)."""
+    content = "honest " + "h" * 30_000
+    full = (await _states_with("d", content))["d"]
+    bound = len(full) + len(full) // 4
+    monkeypatch.setattr(_peering, "_MAX_DIFF", bound)
+    half = len(full) // 2
+    async with memory_node() as a:
+        sa = await a.register_session("a1", subscribe=["d"])
+        await sa.capture("d", "mine")
+        honest_ours, honest = raw_peer(a, "honest")
+        greedy_ours, greedy = raw_peer(a, "greedy")
+        for end in (honest, greedy):
+            await end.send(pack([F_HELLO, ["d"], None, [], []]))
+        await honest.send(pack([F_DIFF, "d", full[:half], True]))
+        await processed(a, honest)
+        hash_before = a.state_hash("d")
+        # Alone under the bound (len(full) < bound), with the honest half over it.
+        await greedy.send(pack([F_DIFF, "d", b"\x01" * len(full), True]))
+        await wait_for(lambda: "greedy" not in a._links, 5, "greedy link closed")
+        assert greedy_ours.close_code == 4000
+        assert "step-2 being reassembled exceeds" in greedy_ours.close_reason
+        assert a.state_hash("d") == hash_before
+        assert not honest_ours.closed
+        await honest.send(pack([F_DIFF, "d", full[half:], False]))
+        await processed(a, honest)
+        assert sorted(m.content for m in a.memories("d")) == sorted([content, "mine"])
+        assert not honest_ours.closed
+
+
+async def _states_with(ns: str, content: str) -> dict[str, bytes]:
+    async with memory_node() as scratch:
+        s = await scratch.register_session("w1")
+        await s.capture(ns, content)
+        return {ns: scratch._docs[ns].diff()}

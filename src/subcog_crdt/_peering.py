@@ -221,6 +221,8 @@ class PeerSync:
     def send(self, frame: list[Any]) -> None:
         """Queue a control frame (never dropped; a peer that lets them pile up past
         :data:`_QUEUE_HARD_BYTES` is disconnected)."""
+        if self._closed:  # the link is going: nothing more to send (or to warn about)
+            return
         data = _pack(frame)
         if self._queued_bytes + len(data) > _QUEUE_HARD_BYTES:
             log.warning("closing link to %s: it does not read what it asks for", self.node_id)
