@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import secrets
+import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -28,10 +29,12 @@ from support.nodeproc import NodeProc, stop_all
 from support.sniff import sniff
 
 NS = "d"
-FIND_TIMEOUT = 15.0  # discovery + connect; typically ~1 s
-SYNC_TIMEOUT = 15.0  # convergence once connected; typically milliseconds
-DEAD_TIMEOUT = 3.0  # the contract: a dead peer is gone from peers and sessions within 3 s
-OBSERVE = 2.0  # how long a negative ("never connects") is watched after the mesh formed
+# Deadlines are bounds against hangs on a loaded machine, never claims about speed.
+FIND_TIMEOUT = 20.0  # discovery + connect; typically ~1 s
+SYNC_TIMEOUT = 20.0  # convergence once connected; typically milliseconds
+DEAD_TIMEOUT = 20.0  # a dead peer gone from peers and sessions; typically 0.1-2 s
+OBSERVE = 2.0  # the secondary hold of a negative ("never connects"); see its test
+HEARTBEAT_DROP = "No PONG received"  # aiohttp's words in the close reason of a heartbeat drop
 SERVICE_LABELS = b"\x0c_subcog-crdt\x04_tcp\x05local"  # _subcog-crdt._tcp.local. on the wire
 
 Pred = Callable[[dict[str, Any]], bool]
@@ -43,6 +46,20 @@ def nodes(netns_lan: NetnsLan) -> Iterator[list[NodeProc]]:
     started: list[NodeProc] = []
     yield started
     stop_all(started)
+
+
+class LanNode(NodeProc):
+    """A node process in a LAN host whose stderr goes to the file ``log``."""
+
+    def __init__(self, proc: subprocess.Popen[str], name: str, log: Path) -> None:
+        self.log = log
+        super().__init__(proc, name)
+
+    def link_closes(self, peer: NodeProc) -> list[str]:
+        """The lines in which this node logged that its link to ``peer`` closed abnormally
+        (the transport logs those at WARNING; Python's last-resort handler prints them)."""
+        text = self.log.read_text(errors="replace")
+        return [line for line in text.splitlines() if f"link to {peer.node_id} closed" in line]
 
 
 def listen_args(host: Host) -> list[str]:
@@ -60,22 +77,46 @@ def session_of(node: NodeProc) -> str:
 
 
 def start_nodes(
-    nodes: list[NodeProc], hosts: list[Host], secret: str, *extra: str
-) -> list[NodeProc]:
-    """Start one node per host (all processes first, then wait for each to be ready)."""
+    nodes: list[NodeProc], hosts: list[Host], secret: str, logs: Path, *extra: str
+) -> list[LanNode]:
+    """Start one node per host (all processes first, then wait for each to be ready);
+    each node's stderr goes to ``logs / <host>.stderr``."""
     procs = []
     for host in hosts:
         argv = NodeProc.argv(
             "--secret", secret, "--discovery", "mdns", "--session", f"s-{host.name}",
             "--subscribe", NS, *listen_args(host), *extra,
         )  # fmt: skip
-        proc = host.popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        procs.append((host, proc))
+        log = logs / f"{host.name}.stderr"
+        with log.open("w") as err:  # the child keeps its own copy of the descriptor
+            proc = host.popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True
+            )
+        procs.append((host, proc, log))
     out = []
-    for host, proc in procs:
-        node = NodeProc(proc, host.name)
+    for host, proc, log in procs:
+        node = LanNode(proc, host.name, log)
         nodes.append(node)
         out.append(node)
+    return out
+
+
+def tcp_syns(frames: list[bytes]) -> set[tuple[str, str, int]]:
+    """``(source, destination, destination port)`` of every TCP connection attempt (SYN
+    without ACK) in the IPv4 Ethernet frames ``frames``."""
+    out: set[tuple[str, str, int]] = set()
+    for f in frames:
+        if len(f) < 14 + 20 + 20 or f[12:14] != b"\x08\x00":  # IPv4 only
+            continue
+        ip = f[14:]
+        ihl = (ip[0] & 0x0F) * 4
+        if ip[9] != 6 or len(ip) < ihl + 14:  # TCP only
+            continue
+        (dport,) = struct.unpack_from("!H", ip, ihl + 2)
+        flags = ip[ihl + 13]
+        if flags & 0x02 and not flags & 0x10:
+            src, dst = (".".join(str(b) for b in ip[i : i + 4]) for i in (12, 16))
+            out.add((src, dst, dport))
     return out
 
 
@@ -152,10 +193,10 @@ def expect_captures_from_others(mesh: list[NodeProc], timeout: float = SYNC_TIME
 
 
 def test_three_hosts_find_each_other_by_mdns_and_converge(
-    netns_lan: NetnsLan, nodes: list[NodeProc]
+    netns_lan: NetnsLan, nodes: list[NodeProc], tmp_path: Path
 ) -> None:
     secret = f"lan-secret-{secrets.token_hex(8)}"
-    mesh = start_nodes(nodes, netns_lan.hosts, secret)
+    mesh = start_nodes(nodes, netns_lan.hosts, secret, tmp_path)
     wait_meshed(mesh)
 
     contents = capture_each(mesh, lambda n: f"fact from {n.name} on {n.node_id}")
@@ -171,15 +212,15 @@ def test_three_hosts_find_each_other_by_mdns_and_converge(
     assert len({s["hash"] for s in states}) == 1
 
 
-def test_late_host_catches_up(netns_lan: NetnsLan, nodes: list[NodeProc]) -> None:
+def test_late_host_catches_up(netns_lan: NetnsLan, nodes: list[NodeProc], tmp_path: Path) -> None:
     secret = f"lan-secret-{secrets.token_hex(8)}"
-    mesh = start_nodes(nodes, netns_lan.hosts, secret)
+    mesh = start_nodes(nodes, netns_lan.hosts, secret, tmp_path)
     contents = capture_each(mesh, lambda n: f"early fact from {n.name}")
     before = wait_converged(mesh, contents)
     wait_meshed(mesh)
 
     late_host = netns_lan.add_host()
-    (late,) = start_nodes(nodes, [late_host], secret)
+    (late,) = start_nodes(nodes, [late_host], secret, tmp_path)
     # It finds everyone, gets every earlier memory (as events naming their origin) ...
     wait_meshed([*mesh, late])
     for o in mesh:
@@ -194,11 +235,15 @@ def test_late_host_catches_up(netns_lan: NetnsLan, nodes: list[NodeProc]) -> Non
 
 
 @pytest.mark.parametrize("unplug", [False, True], ids=["sigkill", "unplugged-then-sigkill"])
-def test_killed_host_disappears_from_peers_and_sessions_within_3s(
-    netns_lan: NetnsLan, nodes: list[NodeProc], unplug: bool
+def test_killed_host_disappears_from_peers_and_sessions(
+    netns_lan: NetnsLan, nodes: list[NodeProc], tmp_path: Path, unplug: bool
 ) -> None:
+    """A host that dies is dropped from the survivors' peers and sessions, by the path
+    that fits how it died: its kernel's FIN when only the process died, the heartbeat
+    when its cable went too (no FIN can arrive). The heartbeat's schedule (dead within
+    ``dead_after``) is checked in tests/transport/test_websocket.py."""
     secret = f"lan-secret-{secrets.token_hex(8)}"
-    mesh = start_nodes(nodes, netns_lan.hosts, secret)
+    mesh = start_nodes(nodes, netns_lan.hosts, secret, tmp_path)
     wait_meshed(mesh)
     a, b, victim = mesh
 
@@ -222,48 +267,85 @@ def test_killed_host_disappears_from_peers_and_sessions_within_3s(
             and sb["sessions"] == remote_sessions([a])
         )
 
-    # The contract: gone from both survivors' peers and sessions within 3 s of the kill.
     a.wait_until(gone, DEAD_TIMEOUT, f"{victim.name} gone from {a.name} and {b.name}")
+    # The close is logged when the link ends, before the peer is forgotten; the wait only
+    # covers the log file being read while it is written.
+    a.wait_until(
+        lambda: all(s.link_closes(victim) for s in (a, b)), DEAD_TIMEOUT, "link ends logged"
+    )
+    for survivor in (a, b):
+        closes = survivor.link_closes(victim)
+        by_heartbeat = [line for line in closes if HEARTBEAT_DROP in line]
+        if unplug:
+            # Nothing else could end the link: the heartbeat did, on both survivors.
+            assert by_heartbeat, (survivor.name, closes)
+        else:
+            # Its kernel closed the connection (FIN, or RST) at once; the heartbeat never
+            # had to.
+            assert not by_heartbeat, (survivor.name, closes)
 
 
 def test_host_with_another_secret_is_never_connected(
-    netns_lan: NetnsLan, nodes: list[NodeProc]
+    netns_lan: NetnsLan, nodes: list[NodeProc], tmp_path: Path
 ) -> None:
+    """Nodes of another mesh on the same LAN are filtered out by discovery: never dialled
+    (no TCP connection attempt crosses between the meshes), so never linked either."""
     secret = f"lan-secret-{secrets.token_hex(8)}"
     other_secret = f"other-secret-{secrets.token_hex(8)}"
     h4, h5 = netns_lan.add_host(), netns_lan.add_host()
-    mesh = start_nodes(nodes, netns_lan.hosts[:3], secret)
-    # Two nodes of another mesh: they must find each other (so their mDNS works and they
-    # do see the LAN), yet never the first mesh.
-    other = start_nodes(nodes, [h4, h5], other_secret)
-    wait_meshed(mesh)
-    wait_meshed(other)
+    with sniff(netns_lan.bridge_netns, tmp_path / "lan.frames") as cap:
+        mesh = start_nodes(nodes, netns_lan.hosts[:3], secret, tmp_path)
+        # Two nodes of another mesh: they must find each other (so their mDNS works and
+        # they do see the LAN), yet never the first mesh.
+        other = start_nodes(nodes, [h4, h5], other_secret, tmp_path)
+        wait_meshed(mesh)
+        wait_meshed(other)
+        # The signal that every node has had the foreign adverts: both meshes formed from
+        # the same multicast packets, which the bridge delivers to every host (snooping
+        # off). A node that did not filter them would dial as soon as its own mesh does.
+        mdns = b"\n".join(cap.udp_payloads(5353))
+        for n in [*mesh, *other]:
+            assert n.node_id.encode() in mdns, n.name
 
-    contents = capture_each(mesh, lambda n: f"mesh fact from {n.name}")
-    other_contents = capture_each(other, lambda n: f"other-mesh fact from {n.name}")
-    expect_captures_from_others(mesh)
-    expect_captures_from_others(other)
-    wait_converged(mesh, contents)
-    wait_converged(other, other_contents)
+        contents = capture_each(mesh, lambda n: f"mesh fact from {n.name}")
+        other_contents = capture_each(other, lambda n: f"other-mesh fact from {n.name}")
+        expect_captures_from_others(mesh)
+        expect_captures_from_others(other)
+        wait_converged(mesh, contents)
+        wait_converged(other, other_contents)
 
-    ids = {n.node_id for n in mesh}
-    other_ids = {n.node_id for n in other}
-    deadline = time.monotonic() + OBSERVE
-    polls = 0
-    while polls == 0 or time.monotonic() < deadline:  # bounded: OBSERVE seconds
-        polls += 1
-        for group, own_ids, own_contents in (
-            (mesh, ids, contents),
-            (other, other_ids, other_contents),
-        ):
-            for n in group:
-                st = n.state(NS)
-                assert set(st["peers"]) == own_ids - {n.node_id}, (n.name, st)
-                assert {s.split("@")[1] for s in st["sessions"]} == own_ids - {n.node_id}
-                assert st["memories"] == sorted(own_contents), (n.name, st)
+        ids = {n.node_id for n in mesh}
+        other_ids = {n.node_id for n in other}
+        # Secondary: hold the negative a little longer, in case a dial came late.
+        deadline = time.monotonic() + OBSERVE
+        polls = 0
+        while polls == 0 or time.monotonic() < deadline:  # bounded: OBSERVE seconds
+            polls += 1
+            for group, own_ids, own_contents in (
+                (mesh, ids, contents),
+                (other, other_ids, other_contents),
+            ):
+                for n in group:
+                    st = n.state(NS)
+                    assert set(st["peers"]) == own_ids - {n.node_id}, (n.name, st)
+                    assert {s.split("@")[1] for s in st["sessions"]} == own_ids - {n.node_id}
+                    assert st["memories"] == sorted(own_contents), (n.name, st)
+
     for n in [*mesh, *other]:
         foreign = other_ids if n in mesh else ids
         assert not [m for m in n.lines if m.get("node") in foreign], n.name
+    # The mechanism: discovery dropped the foreign adverts, so no node ever dialled across
+    # (the handshake would refuse such a dial too; these tests are about discovery).
+    syns = tcp_syns(cap.frames())
+    mesh_hosts = {netns_lan[n.name].address for n in mesh}
+    other_hosts = {h4.address, h5.address}
+    assert any(src in other_hosts and dst in other_hosts for src, dst, _ in syns), syns
+    crossing = {
+        (src, dst, port)
+        for src, dst, port in syns
+        if (src in mesh_hosts and dst in other_hosts) or (src in other_hosts and dst in mesh_hosts)
+    }
+    assert not crossing, f"connection attempts between the meshes: {sorted(crossing)}"
 
 
 def test_mdns_packets_carry_no_secret_and_no_content(
@@ -275,8 +357,8 @@ def test_mdns_packets_carry_no_secret_and_no_content(
     h4 = netns_lan.add_host()
 
     with sniff(netns_lan.bridge_netns, tmp_path / "lan.frames") as cap:
-        mesh = start_nodes(nodes, netns_lan.hosts[:3], secret)
-        (outsider,) = start_nodes(nodes, [h4], other_secret)
+        mesh = start_nodes(nodes, netns_lan.hosts[:3], secret, tmp_path)
+        (outsider,) = start_nodes(nodes, [h4], other_secret, tmp_path)
         wait_meshed(mesh)
         contents = capture_each([*mesh, outsider], lambda n: f"{marker} from {n.name}")
         expect_captures_from_others(mesh)

@@ -7,9 +7,12 @@ Meant to run inside a NetnsLan host namespace (tests/support/netns.py)::
 Lines: ``{"event": "started", ...}`` once discovery runs; ``{"event": "found", "node_id",
 "url", "protocol", "mesh_tag", "t"}``; ``{"event": "lost", "node_id", "t"}``; and after
 SIGTERM/SIGINT (or ``--seconds``) a clean ``aclose()`` and ``{"event": "closed", "took"}``.
-``t`` is seconds since start. ``--content`` is a marker this node holds in memory (as a
-node holds memories); it must never reach the wire. The zeroconf guard of the test suite
-is installed here too: in the host's own network namespace this script refuses to run.
+``t`` is seconds since start. The zeroconf guard of the test suite is installed here too:
+in the host's own network namespace this script refuses to run.
+
+The probe holds no memories (discovery never sees any), so it cannot show that content
+stays off the wire; tests/test_lan.py::test_mdns_packets_carry_no_secret_and_no_content
+checks that with real nodes holding content.
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ def now() -> float:
 
 
 async def run(args: argparse.Namespace) -> int:
-    memory = {"content": args.content}  # held by the node, never announced
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -68,7 +70,7 @@ async def run(args: argparse.Namespace) -> int:
         pass
     t = time.monotonic()
     await disc.aclose()
-    emit("closed", t=now(), took=round(time.monotonic() - t, 4), held=len(memory))
+    emit("closed", t=now(), took=round(time.monotonic() - t, 4))
     return 0
 
 
@@ -82,7 +84,6 @@ def main() -> int:
     parser.add_argument(
         "--interface", action="append", help="interface name or IPv4 address (repeatable)"
     )
-    parser.add_argument("--content", default="", help="a content marker the node holds")
     args = parser.parse_args()
     allowed, why = zeroconf_allowed()
     if not allowed:

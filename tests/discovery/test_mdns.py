@@ -32,7 +32,9 @@ from support.sniff import sniff
 
 PROBE = Path(__file__).with_name("mdns_probe.py")
 FIND_DEADLINE = 15.0
-LOST_DEADLINE = 5.0
+# Bounds against hangs, not speed claims. Without the goodbye a peer's records stay cached
+# for their TTL (PTR 75 min, SRV 2 min), so a loss seen within this bound is the goodbye.
+LOST_DEADLINE = 20.0
 
 
 class Probe:
@@ -121,7 +123,6 @@ def test_mdns_mesh_on_a_lan(netns_lan: NetnsLan, tmp_path: Path) -> None:
     h4 = lan.add_host()
     secret = f"mesh-secret-{secrets.token_hex(8)}"
     other_secret = f"other-secret-{secrets.token_hex(8)}"
-    marker = f"CONTENT-MARKER-{secrets.token_hex(8)}"
     tag, other_tag = mesh_tag(secret.encode()), mesh_tag(other_secret.encode())
     run = secrets.token_hex(3)
     capture = tmp_path / "lan.frames"
@@ -129,13 +130,13 @@ def test_mdns_mesh_on_a_lan(netns_lan: NetnsLan, tmp_path: Path) -> None:
     with sniff(lan.bridge_netns, capture) as cap:
         probes = [
             # all interfaces, explicit address in the url
-            Probe(h1, f"n1-{run}", f"ws://{h1.address}:7001", secret, "--content", marker),
+            Probe(h1, f"n1-{run}", f"ws://{h1.address}:7001", secret),
             # interface chosen by name
             Probe(h2, f"n2-{run}", f"ws://{h2.address}:7002", secret, "--interface", "lan0"),
             # listening on every address: the interface addresses are advertised
             Probe(h3, f"n3-{run}", "ws://0.0.0.0:7003", secret, "--interface", h3.address),
             # another mesh on the same LAN
-            Probe(h4, f"n4-{run}", f"ws://{h4.address}:7004", other_secret, "--content", marker),
+            Probe(h4, f"n4-{run}", f"ws://{h4.address}:7004", other_secret),
         ]
         p1, p2, p3, p4 = probes
         mesh = [p1, p2, p3]
@@ -158,7 +159,7 @@ def test_mdns_mesh_on_a_lan(netns_lan: NetnsLan, tmp_path: Path) -> None:
             for p in mesh:
                 assert p4.node_id not in p.found_ids()
 
-            # A clean shutdown (SIGTERM -> aclose, awaiting the goodbye) is seen at once.
+            # A clean shutdown (SIGTERM -> aclose, awaiting the goodbye) is seen by the others.
             assert p1.stop() == 0, p1.describe()
             assert p1.of("closed"), p1.describe()
             wait_until(
@@ -184,8 +185,10 @@ def test_mdns_mesh_on_a_lan(netns_lan: NetnsLan, tmp_path: Path) -> None:
         assert p.node_id.encode() in wire
     assert tag.encode() in wire
     assert other_tag.encode() in wire
-    # ...and never a secret or content.
-    for s in (secret, other_secret, marker):
+    # ...and never a secret. (Content cannot be checked here: a probe holds none, and
+    # discovery is never given any. tests/test_lan.py::
+    # test_mdns_packets_carry_no_secret_and_no_content checks it with real nodes.)
+    for s in (secret, other_secret):
         assert s.encode() not in wire
         assert s.encode().hex().encode() not in wire
     # The TXT records carry exactly id, v and mesh.
