@@ -4,6 +4,8 @@ is detected and named, a second opener is refused (DESIGN items 4 and 6)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import itertools
 import os
 import random
@@ -11,6 +13,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,6 +53,10 @@ def test_kill_9_never_loses_an_acknowledged_capture(tmp_path):
 
         child.wait_until(enough, 60, f"{target} acks")
         child.kill()  # mid-loop: the next capture may be half done
+        # the reader thread may still hold acks printed just before the kill: let it
+        # reach the end of the dead child's stdout before counting them
+        child._reader.join(10)
+        assert not child._reader.is_alive(), "the killed child's stdout did not end"
         acked |= {m["acked"] for m in child.lines if "acked" in m}
         child.stop()
 
@@ -206,25 +213,71 @@ async def test_corrupt_snapshot_is_refused_naming_the_file(tmp_path):
     assert snaps[0].read_bytes() == bytes(data)
 
 
-async def test_fsync_durability_round_trip(tmp_path):
-    async with durable(tmp_path, durability="fsync") as api:
+def _count_log_syncs(monkeypatch: pytest.MonkeyPatch, log: Path) -> list[int]:
+    """Record each completed ``os.fdatasync``/``os.fsync`` of ``log`` (the storage's
+    durability point, ``SqliteStorage._fsync_log``), by file descriptor."""
+    done: list[int] = []
+    for name in ("fdatasync", "fsync"):
+        real = getattr(os, name)
+
+        def counting(fd: int, real: Any = real) -> None:
+            real(fd)
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/self/fd/{fd}") == str(log.resolve()):
+                    done.append(fd)
+
+        monkeypatch.setattr(os, name, counting)
+    return done
+
+
+@pytest.mark.parametrize("durability", ["fsync", "process"])
+async def test_fsync_durability_syncs_the_log_before_a_capture_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: str
+) -> None:
+    """``durability="fsync"`` must reach the storage: a capture returns only after the
+    log was synced (power-loss safe); ``"process"`` never syncs it (that is its speed)."""
+    syncs = _count_log_syncs(monkeypatch, tmp_path / "updates.log")
+    async with durable(tmp_path, durability=durability) as api:
         s = await api.register_session("s", subscribe=["d"])
+        before = len(syncs)
         m = await s.capture("d", "power-loss safe")
-    async with durable(tmp_path, durability="fsync") as api:
+        at_return = len(syncs)
+        if durability == "fsync":
+            assert at_return > before, "capture returned before the log was synced"
+        else:
+            assert at_return == 0
+    async with durable(tmp_path, durability=durability) as api:
         assert api.get(m.id).content == "power-loss safe"
+    if durability == "process":
+        assert syncs == []
 
 
-def test_env_has_no_stray_data_dir_locks(tmp_path):
-    # a closed node leaves a lock file that the next opener can take
+def _flock_free(path: Path) -> bool:
+    """Whether an exclusive flock on ``path`` can be taken now (then released)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # closing drops a lock taken here
+    return True
+
+
+def test_env_has_no_stray_data_dir_locks(tmp_path: Path) -> None:
+    """A closed node leaves its lock file unlocked, so the next opener can take it (an
+    open node holds it)."""
+    lock = tmp_path / "subcog.lock"
+
     async def run() -> None:
         async with durable(tmp_path):
-            pass
+            assert not _flock_free(lock)  # held while open: the check below can fail
         async with durable(tmp_path):
             pass
 
     asyncio.run(run())
-    assert (tmp_path / "subcog.lock").exists()
-    assert os.access(tmp_path, os.W_OK)
+    assert lock.exists()
+    assert _flock_free(lock)
 
 
 async def test_since_datetime_after_pruned_events_is_complete(tmp_path):

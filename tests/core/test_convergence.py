@@ -304,7 +304,11 @@ def test_concurrent_updates_later_wins_and_loser_in_history():
     w.flush(1)
     w.deliver(0, 1, 0, dup=False)
     w.deliver(1, 0, 0, dup=False)
-    for node, own in ((a, ev_a), (b, ev_b)):
+    sides = (
+        (a, ev_a, "Never deploy on Fridays", ev_b),
+        (b, ev_b, "Deploy on Fridays before noon", ev_a),
+    )
+    for node, own, wrote, theirs in sides:
         mem = node.doc.get(m.id)
         assert mem is not None
         assert mem.content == "Deploy on Fridays before noon"  # b's write is later
@@ -315,7 +319,11 @@ def test_concurrent_updates_later_wins_and_loser_in_history():
             (ev_b[0].write_id, ev_a[0].write_id)
         ]
         assert conflicts[0].fields == ("content",)
-        assert own  # each side emitted its own Updated
+        # each side emitted one Updated for its own write, and one for the other's on
+        # arrival (every write yields one event on every node, loser included)
+        assert [(type(e), dict(e.changes)) for e in own] == [(Updated, {"content": wrote})]
+        received = [e for e in node.events if isinstance(e, Updated)]
+        assert [e.write_id for e in received] == [theirs[0].write_id]
 
 
 def test_ties_break_by_session_id():

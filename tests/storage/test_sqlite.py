@@ -557,28 +557,63 @@ async def test_missing_store_with_data_is_refused(tmp_path: Path) -> None:
 # -- crashes ------------------------------------------------------------------------------
 
 
+class _Printed:
+    """A child's stdout lines, collected on a thread; the test waits for a number of them
+    with a deadline (a guard against a hang, never a claim about speed)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: Any) -> None:
+        for line in stream:
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, n: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self.lines) < n:
+                left = deadline - time.monotonic()
+                assert left > 0 and self._thread.is_alive(), (
+                    f"the child printed {len(self.lines)} of {n} lines: {self.lines[-3:]}"
+                )
+                self._cond.wait(left)
+
+    def join(self, timeout: float) -> list[str]:
+        """Every complete line, once the stream ended (the child is dead)."""
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the child's stdout did not end"
+        return [line for line in self.lines if line.endswith("\n")]
+
+
 @pytest.mark.parametrize("durability", ["process", "fsync"])
 async def test_kill_9_loses_no_returned_commit(tmp_path: Path, durability: str) -> None:
+    """SIGKILL at a random commit count: every commit whose ``commit()`` returned (the
+    child printed its seq) is in the reopened store, in order, with its journal record."""
     rounds = 10 if durability == "process" else 3
     rng = random.Random(1234)
     printed: list[int] = []
     for _ in range(rounds):
-        lines: list[str] = []
         p = child("commit", str(tmp_path), durability)
         try:
             assert p.stdout is not None
             assert p.stdout.readline().strip() == "ready"
-            stream = p.stdout
-            reader = threading.Thread(target=lines.extend, args=(stream,), daemon=True)
-            reader.start()
-            time.sleep(rng.uniform(0.05, 0.4))  # the random kill moment, not a wait on anything
+            out = _Printed(p.stdout)
+            # the random kill moment: after a random number of returned commits (more
+            # may follow before the signal lands)
+            out.wait_for(rng.randint(1, 300), 60)
             os.killpg(p.pid, signal.SIGKILL)
             p.wait(timeout=10)
-            reader.join(timeout=10)
+            lines = out.join(10)
         finally:
             reap(p)
-        printed.extend(int(x) for x in lines if x.strip())
-        assert printed, "the child committed nothing"
+        printed.extend(int(x) for x in lines)
         async with SqliteStorage(tmp_path) as s:
             state = await s.open("n")
             docs = state.docs[NS]
