@@ -928,9 +928,8 @@ class ConversationsApi:
         if doc is None:
             return None
         mid = rec.write_id.split("/", 1)[0]
-        writes = doc.writes(mid)
-        by_key = {w.key: w for w in writes}
-        w = by_key.get(rec.write_id)
+        # Only the writes this event needs are read: a memory can have thousands.
+        w = doc.write(rec.write_id)
         if w is None:
             return None
         common: dict[str, Any] = {
@@ -943,7 +942,7 @@ class ConversationsApi:
             "memory_id": mid,
         }
         if rec.kind == "captured":
-            mem = fold(rec.namespace, [x for x in writes if x.order <= w.order])
+            mem = fold(rec.namespace, doc.writes_until(w.key))
             if mem is None:
                 return None
             return Captured(memory=mem, **common)
@@ -951,8 +950,8 @@ class ConversationsApi:
             return Updated(changes=w.changes, **common)
         if rec.kind == "deleted":
             return Deleted(**common)
-        winner = by_key.get(rec.other)
-        if winner is None:
+        winner = doc.write(rec.other)
+        if winner is None or winner.memory_id != mid:
             return None
         found = [c for c in find_conflicts(winner, [w]) if c.loser.key == w.key]
         fields = found[0].fields if found else ()

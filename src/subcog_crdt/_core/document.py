@@ -19,7 +19,14 @@ from pycrdt import Doc, Map, TransactionEvent
 
 from subcog_crdt._core.events import Conflict, Deleted, Event, Updated, new_captured
 from subcog_crdt._core.hlc import STAMP_LEN, Hlc, stamp_after, stamp_datetime, valid_stamp
-from subcog_crdt._core.memory import Memory, find_conflicts, first_capture, fold
+from subcog_crdt._core.memory import (
+    FoldState,
+    Memory,
+    find_conflicts,
+    first_capture,
+    fold,
+    fold_state,
+)
 from subcog_crdt._core.recall import RecallIndex, tokenize
 from subcog_crdt._core.schema import (
     ENTRIES,
@@ -58,7 +65,7 @@ class _Mem:
     """What a node keeps in Python per memory: keys of its writes (sorted by order) and a
     few derived flags. Values are read back from the document when needed."""
 
-    __slots__ = ("deferred", "deleted", "doc", "exists", "keys", "normh", "resolved")
+    __slots__ = ("deferred", "deleted", "doc", "exists", "folded", "keys", "normh", "resolved")
 
     def __init__(self, doc: int, resolved: bool = True) -> None:
         # A tuple, not a list: a tuple of str is untracked by the cyclic GC, and with
@@ -71,6 +78,9 @@ class _Mem:
         self.normh = 0
         self.doc = doc
         self.deferred: list[Write] | None = None
+        self.folded: FoldState | None = None
+        """Its writes folded (kept for memories with several writes; None: fold them from
+        the document when needed). Whatever changes ``keys`` sets or clears it."""
 
 
 class NamespaceDoc:
@@ -204,6 +214,7 @@ class NamespaceDoc:
             # fold would say, without building the Memory).
             w = writes[0]
             m.keys = (w.key,)
+            m.folded = None
             m.exists = True
             m.normh = hash(normalise(w.changes["content"]))
             self._to_index.append((m.doc, w.changes["content"], w.changes.get("tags")))
@@ -217,7 +228,9 @@ class NamespaceDoc:
         are in the recall index and must be replaced)."""
         writes.sort(key=lambda w: w.order)
         m.keys = tuple(w.key for w in writes)
-        mem = fold(self.namespace, writes)
+        st = fold_state(writes)
+        m.folded = st if len(writes) > 1 else None
+        mem = st.memory(self.namespace)
         if mem is None:
             m.exists = m.deleted = False
             m.deferred = writes or None  # orphans: their capture has not arrived
@@ -228,7 +241,7 @@ class NamespaceDoc:
         m.deleted = mem.deleted
         normh = hash(normalise(mem.content))
         self._set_normh(m, mid, normh)
-        if any(w.op == "update" and "content" in w.changes for w in writes):
+        if st.moved:
             self._note_moved(normh, mid)
         else:  # (its content update may have been removed by a hostile writer)
             self._forget_moved(normh, mid)
@@ -331,7 +344,29 @@ class NamespaceDoc:
         m = self._mem(memory_id)
         if m is None or not m.exists:
             return None
+        if m.folded is not None:
+            return m.folded.memory(self.namespace)
         return fold(self.namespace, self.writes(memory_id))
+
+    def write(self, key: str) -> Write | None:
+        """One write of a memory, by its key (None if the memory has no such write)."""
+        m = self._mem(key[:20]) if isinstance(key, str) else None
+        if m is None or key not in m.keys:
+            return None
+        return self._read(key)
+
+    def writes_until(self, key: str) -> list[Write]:
+        """A memory's writes up to and including ``key``, in order ([] if it has no such
+        write): what the memory was made of when that write was folded."""
+        m = self._mem(key[:20]) if isinstance(key, str) else None
+        if m is None or key not in m.keys:
+            return []
+        out = []
+        for k in m.keys[: m.keys.index(key) + 1]:
+            w = self._read(k)
+            if w is not None:
+                out.append(w)
+        return out
 
     def memory_ids(self, include_deleted: bool = False) -> Iterator[str]:
         for mid in list(self._mems):
@@ -340,15 +375,14 @@ class NamespaceDoc:
             if m.exists and (include_deleted or not m.deleted):
                 yield mid
 
-    def live_version(self, memory_id: str) -> tuple[Memory, list[Write]]:
-        m = self._mem(memory_id)
-        if m is None or not m.exists:
+    def live_version(self, memory_id: str) -> Memory:
+        """The memory if it is live; else NotFound."""
+        mem = self.get(memory_id)
+        if mem is None:
             raise NotFound(f"no memory {memory_id!r} in namespace {self.namespace!r}")
-        writes = self.writes(memory_id)
-        mem = fold(self.namespace, writes)
-        if mem is None or mem.deleted:
+        if mem.deleted:
             raise NotFound(f"memory {memory_id!r} is deleted")
-        return mem, writes
+        return mem
 
     # -- local writes ------------------------------------------------------------------
 
@@ -437,7 +471,7 @@ class NamespaceDoc:
 
     def _check_version(self, memory_id: str, expected: int | None) -> None:
         """NotFound unless live; ConflictError if ``expected`` is given and stale."""
-        current, _ = self.live_version(memory_id)
+        current = self.live_version(memory_id)
         if expected is not None and expected != current.version:
             raise ConflictError(
                 f"memory {memory_id!r} is at version {current.version}, not {expected}",
@@ -695,6 +729,7 @@ class NamespaceDoc:
                 self._set_normh(m, mid, 0)
                 self._changed_docs.add(m.doc)  # it may hold words of an earlier content
             m.keys = (w.key,)
+            m.folded = None
             if w.op == "capture":
                 # The common case, kept short: a brand-new memory.
                 mem: Memory | None = first_capture(self.namespace, w)
@@ -705,15 +740,20 @@ class NamespaceDoc:
                     return [], mem
                 assert mem is not None
                 return self._events_for(w, mem, []), mem
-            previous: list[Write] = []
+            st = fold_state([w])
         elif order > _key_order(m.keys[-1]):
-            previous = self._writes_except(m, w.key)
+            # After every write it has (local writes, and remote ones arriving in order):
+            # fold just this one onto what is folded already.
+            st = m.folded if m.folded is not None else fold_state(self._writes_except(m, ""))
+            st.step(w)
             m.keys = (*m.keys, w.key)
         else:
-            previous = self._writes_except(m, w.key)
+            # Before some write it has (concurrent writes arriving out of order): fold all.
+            st = fold_state([*self._writes_except(m, w.key), w])
             i = bisect.bisect([_key_order(k) for k in m.keys], order)
             m.keys = (*m.keys[:i], w.key, *m.keys[i:])
-        mem = fold(self.namespace, [*previous, w])
+        m.folded = st if len(m.keys) > 1 else None
+        mem = st.memory(self.namespace)
         if mem is not None:
             m.exists = True
             m.deleted = mem.deleted
@@ -721,7 +761,7 @@ class NamespaceDoc:
             changed = self._set_normh(m, mid, normh)
             # The same rule as at a restart (_resolve): content set by an update is
             # "moved here", whether or not this write changed it.
-            if any(x.op == "update" and "content" in x.changes for x in (*previous, w)):
+            if st.moved:
                 self._note_moved(normh, mid)
             if changed or ("tags" in w.changes and w.op != "delete"):
                 self._to_index.append((m.doc, mem.content, mem.tags))
@@ -741,12 +781,12 @@ class NamespaceDoc:
             events: list[Event] = []
             # Compare each pair of writes once, as a node that got them in order would.
             held_keys = {h.key for h in held}
-            seen = [y for y in previous if y.key not in held_keys]
+            seen = [y for y in self._writes_except(m, w.key) if y.key not in held_keys]
             for x in sorted([*held, w], key=lambda x: x.order):
                 events.extend(self._events_for(x, mem, seen))
                 seen.append(x)
             return events, mem
-        return self._events_for(w, mem, previous), mem
+        return self._events_for(w, mem, self._writes_after(m, w.base, w.key)), mem
 
     def flush_index(self, budget: int | None = None) -> int:
         """Index pending memories (all, or at most ``budget``); return how many remain.
@@ -773,6 +813,21 @@ class NamespaceDoc:
             else:
                 index.add(doc, tokens)
         return len(self._to_index)
+
+    def _writes_after(self, m: _Mem, stamp: str, key: str) -> list[Write]:
+        """The writes stamped after ``stamp``, but ``key``: the only ones a write whose
+        ``base`` is ``stamp`` can conflict with (see find_conflicts). Keys are sorted by
+        stamp first, so they are a tail, usually empty."""
+        out = []
+        for k in reversed(m.keys):
+            if _key_order(k)[0] <= stamp:
+                break
+            if k != key:
+                w = self._read(k)
+                if w is not None:
+                    out.append(w)
+        out.reverse()
+        return out
 
     def _writes_except(self, m: _Mem, key: str) -> list[Write]:
         out = []

@@ -25,7 +25,15 @@ from subcog_crdt._core.hlc import stamp_datetime
 from subcog_crdt._core.schema import FIELDS, Write, normalise
 from subcog_crdt._core.slots import slot_setters
 
-__all__ = ["Memory", "WriteConflict", "find_conflicts", "first_capture", "fold"]
+__all__ = [
+    "FoldState",
+    "Memory",
+    "WriteConflict",
+    "find_conflicts",
+    "first_capture",
+    "fold",
+    "fold_state",
+]
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
@@ -113,12 +121,20 @@ class WriteConflict:
     fields: tuple[str, ...]
 
 
-class _Fold:
+class FoldState:
+    """A fold in progress: the writes of one memory folded so far, in order. Folding the
+    next write in order is :meth:`step`; :meth:`memory` is the memory they make. A node
+    keeps one per memory with several writes, so a write after the latest costs the same
+    whatever the length of the history."""
+
     __slots__ = (
         "captured_by",
+        "count",
         "created",
         "deleted",
         "exists",
+        "last",
+        "moved",
         "source_session",
         "values",
     )
@@ -130,6 +146,72 @@ class _Fold:
         self.captured_by: list[str] = []
         self.source_session = ""
         self.created = ""
+        self.count = 0
+        self.last: Write | None = None
+        self.moved = False
+        """Whether an update ever set the content (see "moved here" in docs/schema.md)."""
+
+    def step(self, w: Write) -> None:
+        """Fold ``w``, which must come after every write folded so far (by ``order``)."""
+        self.count += 1
+        self.last = w
+        if w.op == "capture":
+            if not self.exists or self.deleted:
+                if not self.exists:
+                    self.created = w.at
+                    self.source_session = w.session
+                self.exists = True
+                self.deleted = False
+                self.values.update(w.changes)
+            elif "tags" in w.changes:
+                tags = list(self.values.get("tags", ()))
+                tags.extend(t for t in w.changes["tags"] if t not in tags)
+                self.values["tags"] = tags
+            if w.session not in self.captured_by:
+                self.captured_by.append(w.session)
+        elif w.op == "update":
+            if "content" in w.changes:
+                self.moved = True
+            if self.exists:
+                self.values.update(w.changes)
+        elif self.exists:
+            self.deleted = True
+
+    def memory(self, namespace: str) -> Memory | None:
+        """The memory the writes folded so far make (``None``: never captured)."""
+        last = self.last
+        if not self.exists or last is None:
+            return None
+        v = self.values
+        expires = v.get("expires_at")
+        meta = v.get("metadata")
+        return Memory(
+            id=last.memory_id,
+            namespace=namespace,
+            content=v["content"],
+            tags=tuple(v.get("tags", ())),
+            metadata=MappingProxyType(meta) if meta else _EMPTY,
+            source_session=self.source_session,
+            captured_by=tuple(self.captured_by),
+            created_at=stamp_datetime(self.created),
+            updated_at=stamp_datetime(last.at),
+            updated_by=last.session,
+            version=self.count,
+            deleted=self.deleted,
+            domain=v.get("domain"),
+            status=v.get("status"),
+            source=v.get("source"),
+            expires_at=datetime.fromisoformat(expires) if expires else None,
+            clock=last.at,
+        )
+
+
+def fold_state(writes: Iterable[Write]) -> FoldState:
+    """Fold writes given in any order."""
+    st = FoldState()
+    for w in sorted(writes, key=lambda w: w.order):
+        st.step(w)
+    return st
 
 
 def first_capture(namespace: str, w: Write) -> Memory:
@@ -164,55 +246,7 @@ def fold(namespace: str, writes: Iterable[Write]) -> Memory | None:
     ordered = sorted(writes, key=lambda w: w.order)
     if len(ordered) == 1 and ordered[0].op == "capture":
         return first_capture(namespace, ordered[0])
-    st = _Fold()
-    last: Write | None = None
-    count = 0
-    for w in ordered:
-        count += 1
-        last = w
-        if w.op == "capture":
-            if not st.exists or st.deleted:
-                if not st.exists:
-                    st.created = w.at
-                    st.source_session = w.session
-                st.exists = True
-                st.deleted = False
-                st.values.update(w.changes)
-            elif "tags" in w.changes:
-                tags = list(st.values.get("tags", ()))
-                tags.extend(t for t in w.changes["tags"] if t not in tags)
-                st.values["tags"] = tags
-            if w.session not in st.captured_by:
-                st.captured_by.append(w.session)
-        elif w.op == "update":
-            if st.exists:
-                st.values.update(w.changes)
-        elif st.exists:
-            st.deleted = True
-    if not st.exists or last is None:
-        return None
-    v = st.values
-    expires = v.get("expires_at")
-    meta = v.get("metadata")
-    return Memory(
-        id=last.memory_id,
-        namespace=namespace,
-        content=v["content"],
-        tags=tuple(v.get("tags", ())),
-        metadata=MappingProxyType(meta) if meta else _EMPTY,
-        source_session=st.source_session,
-        captured_by=tuple(st.captured_by),
-        created_at=stamp_datetime(st.created),
-        updated_at=stamp_datetime(last.at),
-        updated_by=last.session,
-        version=count,
-        deleted=st.deleted,
-        domain=v.get("domain"),
-        status=v.get("status"),
-        source=v.get("source"),
-        expires_at=datetime.fromisoformat(expires) if expires else None,
-        clock=last.at,
-    )
+    return fold_state(ordered).memory(namespace)
 
 
 def _effect(w: Write) -> dict[str, Any]:
