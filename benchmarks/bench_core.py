@@ -110,6 +110,25 @@ def bench_remote_apply(n: int = 20_000, run: int = 64) -> dict[str, float]:
     return out
 
 
+async def bench_long_history(
+    marks: tuple[int, ...] = (10, 1000, 4000), probe: int = 50
+) -> dict[str, float]:
+    """One memory updated again and again (a status note): the cost of an update at a few
+    history lengths. Microseconds per update, awaited one at a time."""
+    out: dict[str, float] = {}
+    async with ConversationsApi(listen=False, discovery=()) as api:
+        s = await api.register_session("bench", subscribe=[])
+        m = await s.capture("status", "status: starting")
+        for mark in marks:
+            while m.version < mark:
+                m = await s.update(m.id, content=f"status: step {m.version}")
+            t = time.perf_counter()
+            for i in range(probe):
+                m = await s.update(m.id, content=f"status: probe {mark} {i}")
+            out[f"update_us_at_{mark}"] = (time.perf_counter() - t) / probe * 1e6
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--memories", type=int, default=100_000)
@@ -117,6 +136,7 @@ def main() -> None:
     args = ap.parse_args()
     r = asyncio.run(bench(args.memories))
     r.update(bench_remote_apply())
+    r.update(asyncio.run(bench_long_history()))
     if args.json:
         print(json.dumps(r))
         return
@@ -130,6 +150,9 @@ def main() -> None:
     )
     one, merged = r["apply_us_one_by_one"], r["apply_us_merged_runs"]
     print(f"a peer's captures applied: {one:7.1f} us each one by one, {merged:.1f} in runs of 64")
+    marks = sorted(int(k.rsplit("_", 1)[1]) for k in r if k.startswith("update_us_at_"))
+    hist = ", ".join(f"{r[f'update_us_at_{k}']:.0f} us at {k}" for k in marks)
+    print(f"update of one memory     : {hist} writes of history")
 
 
 if __name__ == "__main__":

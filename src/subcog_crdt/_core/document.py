@@ -61,6 +61,20 @@ def _key_order(key: str) -> tuple[str, str, str]:
     return (at, session, node)
 
 
+def _position(m: _Mem, key: str) -> int:
+    """Where ``key`` is in ``m.keys`` (-1: not there), by bisection: a history can be
+    long, and its keys are sorted by order."""
+    keys = m.keys
+    if not keys:
+        return -1
+    try:
+        order = _key_order(key)
+    except ValueError:  # not a write key
+        return -1
+    i = bisect.bisect_left(keys, order, key=_key_order)
+    return i if i < len(keys) and keys[i] == key else -1
+
+
 class _Mem:
     """What a node keeps in Python per memory: keys of its writes (sorted by order) and a
     few derived flags. Values are read back from the document when needed."""
@@ -68,9 +82,11 @@ class _Mem:
     __slots__ = ("deferred", "deleted", "doc", "exists", "folded", "keys", "normh", "resolved")
 
     def __init__(self, doc: int, resolved: bool = True) -> None:
-        # A tuple, not a list: a tuple of str is untracked by the cyclic GC, and with
-        # 100k memories every object the collector must walk costs on every full pass.
-        self.keys: tuple[str, ...] = ()
+        # A tuple, not a list, for a memory written once (most): a tuple of str is
+        # untracked by the cyclic GC, and with 100k memories every object the collector
+        # must walk costs on every full pass. A list once written again: appending to a
+        # long history must not copy it.
+        self.keys: tuple[str, ...] | list[str] = ()
         self.resolved = resolved
         """False after a fast load: only ``keys`` is known until :meth:`_resolve`."""
         self.exists = False
@@ -351,7 +367,7 @@ class NamespaceDoc:
     def write(self, key: str) -> Write | None:
         """One write of a memory, by its key (None if the memory has no such write)."""
         m = self._mem(key[:20]) if isinstance(key, str) else None
-        if m is None or key not in m.keys:
+        if m is None or _position(m, key) < 0:
             return None
         return self._read(key)
 
@@ -359,10 +375,11 @@ class NamespaceDoc:
         """A memory's writes up to and including ``key``, in order ([] if it has no such
         write): what the memory was made of when that write was folded."""
         m = self._mem(key[:20]) if isinstance(key, str) else None
-        if m is None or key not in m.keys:
+        i = -1 if m is None else _position(m, key)
+        if m is None or i < 0:
             return []
         out = []
-        for k in m.keys[: m.keys.index(key) + 1]:
+        for k in m.keys[: i + 1]:
             w = self._read(k)
             if w is not None:
                 out.append(w)
@@ -652,7 +669,7 @@ class NamespaceDoc:
                 log.debug("ignoring non-conforming entry %r in %s", key[:80], self.namespace)
             return []
         m = self._mem(w.memory_id)
-        if m is not None and key in m.keys:
+        if m is not None and _position(m, key) >= 0:
             return []  # duplicate delivery
         if (verify or self._tainted) and self._entry(key) != value:
             return []  # overwritten, removed or never this value: not a write to trust
@@ -746,12 +763,16 @@ class NamespaceDoc:
             # fold just this one onto what is folded already.
             st = m.folded if m.folded is not None else fold_state(self._writes_except(m, ""))
             st.step(w)
-            m.keys = (*m.keys, w.key)
+            if type(m.keys) is list:
+                m.keys.append(w.key)
+            else:
+                m.keys = [*m.keys, w.key]
         else:
             # Before some write it has (concurrent writes arriving out of order): fold all.
             st = fold_state([*self._writes_except(m, w.key), w])
-            i = bisect.bisect([_key_order(k) for k in m.keys], order)
-            m.keys = (*m.keys[:i], w.key, *m.keys[i:])
+            keys = list(m.keys)
+            keys.insert(bisect.bisect(keys, order, key=_key_order), w.key)
+            m.keys = keys
         m.folded = st if len(m.keys) > 1 else None
         mem = st.memory(self.namespace)
         if mem is not None:
