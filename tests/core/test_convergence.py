@@ -752,8 +752,12 @@ def test_a_write_to_a_long_history_reads_no_earlier_write(monkeypatch: pytest.Mo
     b.apply_update(a.diff())
     reads: list[str] = []
     for doc in (a, b):
-        real = doc._read
-        monkeypatch.setattr(doc, "_read", lambda k, real=real: reads.append(k) or real(k))
+
+        def counting(key: str, real: Any = doc._read) -> Any:
+            reads.append(key)
+            return real(key)
+
+        monkeypatch.setattr(doc, "_read", counting)
     world.clock[0] += 1
     mem, events = a.update("s1", mem.id, {"content": "status: done"}, mem.version)
     assert [type(e) for e in events] == [Updated] and mem.version == 202

@@ -51,6 +51,8 @@ class NodeProc:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for raw in self.proc.stdout:
+            if not raw.endswith("\n"):
+                continue  # cut short by a kill: the node never finished printing it
             try:
                 msg = json.loads(raw)
             except ValueError:
@@ -94,10 +96,30 @@ class NodeProc:
             with self._cond:
                 self._cond.wait(0.02)  # a short pause between polls; pred decides
 
+    def count(self, pred: Callable[[dict[str, Any]], bool]) -> int:
+        """How many lines printed so far match ``pred``."""
+        with self._cond:
+            return sum(1 for m in self.lines if pred(m))
+
+    def drain(self, timeout: float = 10.0) -> None:
+        """After the process ended: wait until every line it printed has been read (a line
+        printed just before a kill may still be in the pipe)."""
+        self.proc.wait(timeout)
+        self._reader.join(timeout)
+        if self._reader.is_alive():
+            raise AssertionError(f"{self.name}: its stdout did not end within {timeout}s")
+
     def send(self, **cmd: Any) -> None:
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps(cmd) + "\n")
         self.proc.stdin.flush()
+
+    def ask(self, reply: str, timeout: float = 15.0, **cmd: Any) -> dict[str, Any]:
+        """Send ``cmd`` and return the first later line that has the key ``reply``."""
+        with self._cond:
+            n = len(self.lines)
+        self.send(**cmd)
+        return self.expect(lambda m: reply in m, timeout, f"{reply} reply", start=n)
 
     def state(self, ns: str, timeout: float = 15.0) -> dict[str, Any]:
         with self._cond:
