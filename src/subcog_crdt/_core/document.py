@@ -61,6 +61,17 @@ def _key_order(key: str) -> tuple[str, str, str]:
     return (at, session, node)
 
 
+_MARK_EVERY = 16
+
+
+def _arrival_order(key: Any) -> tuple[str, str, str]:
+    """The fold order of an inserted key (junk first): integrating the entries of an update
+    in this order makes most of them land after the memory's latest write."""
+    if isinstance(key, str) and key.count("/") >= 3:
+        return _key_order(key)
+    return ("", "", "")
+
+
 def _position(m: _Mem, key: str) -> int:
     """Where ``key`` is in ``m.keys`` (-1: not there), by bisection: a history can be
     long, and its keys are sorted by order."""
@@ -79,7 +90,17 @@ class _Mem:
     """What a node keeps in Python per memory: keys of its writes (sorted by order) and a
     few derived flags. Values are read back from the document when needed."""
 
-    __slots__ = ("deferred", "deleted", "doc", "exists", "folded", "keys", "normh", "resolved")
+    __slots__ = (
+        "deferred",
+        "deleted",
+        "doc",
+        "exists",
+        "folded",
+        "keys",
+        "marks",
+        "normh",
+        "resolved",
+    )
 
     def __init__(self, doc: int, resolved: bool = True) -> None:
         # A tuple, not a list, for a memory written once (most): a tuple of str is
@@ -97,6 +118,10 @@ class _Mem:
         self.folded: FoldState | None = None
         """Its writes folded (kept for memories with several writes; None: fold them from
         the document when needed). Whatever changes ``keys`` sets or clears it."""
+        self.marks: list[FoldState] | None = None
+        """Checkpoints: ``marks[j]`` is the fold of ``keys[: (j + 1) * _MARK_EVERY]``, so a
+        write that arrives before later ones refolds at most that many plus the tail.
+        Only valid with ``folded``; None: rebuilt when needed."""
 
 
 class NamespaceDoc:
@@ -230,7 +255,7 @@ class NamespaceDoc:
             # fold would say, without building the Memory).
             w = writes[0]
             m.keys = (w.key,)
-            m.folded = None
+            m.folded = m.marks = None
             m.exists = True
             m.normh = hash(normalise(w.changes["content"]))
             self._to_index.append((m.doc, w.changes["content"], w.changes.get("tags")))
@@ -246,6 +271,7 @@ class NamespaceDoc:
         m.keys = tuple(w.key for w in writes)
         st = fold_state(writes)
         m.folded = st if len(writes) > 1 else None
+        m.marks = None
         mem = st.memory(self.namespace)
         if mem is None:
             m.exists = m.deleted = False
@@ -638,6 +664,10 @@ class NamespaceDoc:
             self._tainted = True
         if not inserts and not unknown and not self._pending:
             return []
+        if len(inserts) > 1:
+            # In fold order (a catch-up holds several writers' writes of one memory,
+            # interleaved): most then fold onto what is folded, not refold the memory.
+            inserts = sorted(inserts, key=lambda i: _arrival_order(i.key))
         events: list[Event] = []
         if known_integrated:
             for ins in inserts:
@@ -746,7 +776,7 @@ class NamespaceDoc:
                 self._set_normh(m, mid, 0)
                 self._changed_docs.add(m.doc)  # it may hold words of an earlier content
             m.keys = (w.key,)
-            m.folded = None
+            m.folded = m.marks = None
             if w.op == "capture":
                 # The common case, kept short: a brand-new memory.
                 mem: Memory | None = first_capture(self.namespace, w)
@@ -761,18 +791,25 @@ class NamespaceDoc:
         elif order > _key_order(m.keys[-1]):
             # After every write it has (local writes, and remote ones arriving in order):
             # fold just this one onto what is folded already.
-            st = m.folded if m.folded is not None else fold_state(self._writes_except(m, ""))
+            st = m.folded if m.folded is not None else self._fold_from(m, 0)
             st.step(w)
             if type(m.keys) is list:
                 m.keys.append(w.key)
             else:
                 m.keys = [*m.keys, w.key]
+            marks = m.marks
+            if marks is not None and len(m.keys) == (len(marks) + 1) * _MARK_EVERY:
+                marks.append(st.copy())
         else:
-            # Before some write it has (concurrent writes arriving out of order): fold all.
-            st = fold_state([*self._writes_except(m, w.key), w])
+            # Before some write it has (concurrent writes arriving out of order): fold
+            # again from the last checkpoint before it.
             keys = list(m.keys)
-            keys.insert(bisect.bisect(keys, order, key=_key_order), w.key)
+            i = bisect.bisect(keys, order, key=_key_order)
+            keys.insert(i, w.key)
             m.keys = keys
+            if m.folded is None:
+                m.marks = None
+            st = self._fold_from(m, i)
         m.folded = st if len(m.keys) > 1 else None
         mem = st.memory(self.namespace)
         if mem is not None:
@@ -834,6 +871,23 @@ class NamespaceDoc:
             else:
                 index.add(doc, tokens)
         return len(self._to_index)
+
+    def _fold_from(self, m: _Mem, i: int) -> FoldState:
+        """Fold ``m.keys`` again from the last checkpoint at or before index ``i`` (the
+        writes before it are unchanged), keeping checkpoints as it goes."""
+        marks = m.marks if m.marks is not None else []
+        del marks[i // _MARK_EVERY :]  # those include index i or later
+        m.marks = marks
+        start = len(marks) * _MARK_EVERY
+        st = marks[-1].copy() if marks else FoldState()
+        keys = m.keys
+        for n in range(start, len(keys)):
+            w = self._read(keys[n])
+            if w is not None:
+                st.step(w)
+            if (n + 1) % _MARK_EVERY == 0:
+                marks.append(st.copy())
+        return st
 
     def _writes_after(self, m: _Mem, stamp: str, key: str) -> list[Write]:
         """The writes stamped after ``stamp``, but ``key``: the only ones a write whose

@@ -143,7 +143,9 @@ class FoldState:
         self.exists = False
         self.deleted = False
         self.values: dict[str, Any] = {}
-        self.captured_by: list[str] = []
+        # A dict as an ordered set: a fact captured by thousands of sessions (or again
+        # and again) must not cost a scan per capture.
+        self.captured_by: dict[str, None] = {}
         self.source_session = ""
         self.created = ""
         self.count = 0
@@ -167,8 +169,7 @@ class FoldState:
                 tags = list(self.values.get("tags", ()))
                 tags.extend(t for t in w.changes["tags"] if t not in tags)
                 self.values["tags"] = tags
-            if w.session not in self.captured_by:
-                self.captured_by.append(w.session)
+            self.captured_by.setdefault(w.session)
         elif w.op == "update":
             if "content" in w.changes:
                 self.moved = True
@@ -176,6 +177,21 @@ class FoldState:
                 self.values.update(w.changes)
         elif self.exists:
             self.deleted = True
+
+    def copy(self) -> FoldState:
+        """An independent copy (values are shared: they are never mutated in place)."""
+        c = FoldState()
+        c.exists, c.deleted, c.count, c.last, c.moved = (
+            self.exists,
+            self.deleted,
+            self.count,
+            self.last,
+            self.moved,
+        )
+        c.values = dict(self.values)
+        c.captured_by = dict(self.captured_by)
+        c.source_session, c.created = self.source_session, self.created
+        return c
 
     def memory(self, namespace: str) -> Memory | None:
         """The memory the writes folded so far make (``None``: never captured)."""
