@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 from collections.abc import Sequence
+from itertools import islice, pairwise
 from typing import Any
 
 from subcog_crdt._storage.base import JournalRecord, Retention, StoredState
@@ -14,6 +16,10 @@ __all__ = ["MemoryStorage"]
 _CURSOR, _AT_MS, _NAMESPACE, _SESSION = (
     JournalRecord._fields.index(name) for name in ("cursor", "at_ms", "namespace", "session")
 )
+
+
+def _cursor_of(row: tuple[Any, ...]) -> Any:
+    return row[_CURSOR]
 
 
 class MemoryStorage:
@@ -36,6 +42,9 @@ class MemoryStorage:
         self._oldest = 1
         self._pruned_max_at_ms = 0
         self._last_cursor = 0
+        self._in_order = True
+        """Whether the journal's cursors increase (they do when commits come in cursor
+        order, as the node makes them): then a read starts by bisection."""
 
     async def open(self, node_id: str) -> StoredState:
         if self._node_id is None:
@@ -62,7 +71,13 @@ class MemoryStorage:
             self._seq[ns] = self._seq.get(ns, 0) + 1
             self._tail_bytes[ns] = self._tail_bytes.get(ns, 0) + len(update)
         if journal:
-            self._journal.extend(map(tuple, journal))
+            j = self._journal
+            if self._in_order and (
+                (j and journal[0].cursor <= j[-1][_CURSOR])
+                or any(a.cursor >= b.cursor for a, b in pairwise(journal))
+            ):
+                self._in_order = False
+            j.extend(map(tuple, journal))
             self._last_cursor = journal[-1].cursor
             self._prune()
 
@@ -109,7 +124,11 @@ class MemoryStorage:
     ) -> list[JournalRecord]:
         self._prune()
         out: list[JournalRecord] = []
-        for row in self._journal:
+        j = self._journal
+        # Skip what is at or before ``after`` without running Python over it: paging
+        # through a long journal must not cost a Python pass from its start per page.
+        start = bisect.bisect_right(j, after, key=_cursor_of) if self._in_order else 0
+        for row in islice(j, start, None):
             if row[_CURSOR] <= after:
                 continue
             if namespaces is not None and row[_NAMESPACE] not in namespaces:
