@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 _KIND = {Captured: "captured", Updated: "updated", Deleted: "deleted", Conflict: "conflict"}
 _COMPACT_BYTES = 8 * 1024 * 1024
+_MAX_HOMES = 4096
 MAX_NAMESPACES = 10_000
 MAX_SYNC_NAMESPACES = 512
 """The most names ``sync_namespaces`` may hold (it travels in the link handshake)."""
@@ -233,6 +234,7 @@ class ConversationsApi:
         self._cursor = 0
         self._committed_cursor = 0
         self._docs: dict[str, NamespaceDoc] = {}
+        self._homes: dict[str, NamespaceDoc] = {}  # memory id -> its namespace (_doc_of)
         self._bus = EventBus()
         self.sessions = SessionRegistry()
         self._links: dict[str, PeerSync] = {}
@@ -551,8 +553,16 @@ class ConversationsApi:
     def _doc_of(self, memory_id: str) -> NamespaceDoc:
         if not isinstance(memory_id, str):
             raise InvalidArgument("memory_id must be a str")
+        # Remembered from the last lookup (checked again): scanning every namespace cost
+        # ~0.3 ms per update or get at 2000 namespaces. Bounded: cleared when full.
+        doc = self._homes.get(memory_id)
+        if doc is not None and self._docs.get(doc.namespace) is doc and doc.has(memory_id):
+            return doc
         for doc in self._docs.values():
             if doc.has(memory_id):
+                if len(self._homes) >= _MAX_HOMES:
+                    self._homes.clear()
+                self._homes[memory_id] = doc
                 return doc
         raise NotFound(f"no memory {memory_id!r}")
 
