@@ -648,6 +648,47 @@ async def test_sync_rebuilds_a_captured_event_with_the_memory_as_it_was_captured
         assert a.get(m.id).content == "new content"  # the current state moved on
 
 
+async def test_sync_rebuilds_the_events_of_a_long_history_as_they_were(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fact captured again and again by several sessions, updated in between: every
+    event sync() rebuilds is the one the live stream delivered (checkpoints every four
+    writes here, so rebuilding starts from them), and rebuilding the newest events reads
+    only the writes since a checkpoint: each Captured refolded the history up to it."""
+    from subcog_crdt._core import document
+
+    monkeypatch.setattr(document, "_MARK_EVERY", 4)
+    async with node() as a:
+        sessions = [await a.register_session(f"w{i}", subscribe=["d"]) for i in range(3)]
+        r = await a.register_session("r", subscribe=["d"])
+        live = r.events()
+        m = await sessions[0].capture("d", "the shared fact")
+        n_events = 1
+        for i in range(60):
+            s = sessions[i % 3]
+            if i % 4 == 3:
+                await s.update(m.id, status=f"s{i}")
+            else:
+                await s.capture("d", "the shared fact", tags=[f"t{i % 7}"])
+            n_events += 1
+        delivered = [await live.next(5) for _ in range(n_events)]
+        batch = await r.sync(since=0, limit=1000)
+        assert batch.events == delivered
+        assert [e.memory.version for e in batch.events if isinstance(e, Captured)][-1] == 60
+        reads: list[str] = []
+        doc = a._docs["d"]
+        real = doc._read
+
+        def counting(key: str) -> Any:
+            reads.append(key)
+            return real(key)
+
+        monkeypatch.setattr(doc, "_read", counting)
+        last = await r.sync(since=delivered[-3].cursor)
+        assert last.events == delivered[-2:]
+        assert len(reads) <= 2 * (4 + 1), len(reads)
+
+
 UTC2 = timezone(timedelta(hours=2))
 
 

@@ -22,7 +22,7 @@ from subcog_crdt._bus import EventBus
 from subcog_crdt._core.document import NamespaceDoc
 from subcog_crdt._core.events import Captured, Conflict, Deleted, Event, Updated
 from subcog_crdt._core.hlc import Hlc, stamp_datetime
-from subcog_crdt._core.memory import Memory, find_conflicts, fold
+from subcog_crdt._core.memory import Memory, find_conflicts
 from subcog_crdt._core.schema import (
     Write,
     check_names,
@@ -952,7 +952,7 @@ class ConversationsApi:
             "memory_id": mid,
         }
         if rec.kind == "captured":
-            mem = fold(rec.namespace, doc.writes_until(w.key))
+            mem = doc.memory_at(w.key)
             if mem is None:
                 return None
             return Captured(memory=mem, **common)

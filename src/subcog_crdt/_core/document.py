@@ -397,19 +397,24 @@ class NamespaceDoc:
             return None
         return self._read(key)
 
-    def writes_until(self, key: str) -> list[Write]:
-        """A memory's writes up to and including ``key``, in order ([] if it has no such
-        write): what the memory was made of when that write was folded."""
+    def memory_at(self, key: str) -> Memory | None:
+        """The memory as it was once write ``key`` was folded (None if it has no such
+        write, or was not captured then). From the nearest checkpoint: a sync that
+        rebuilds the events of a long history must not refold it per event."""
         m = self._mem(key[:20]) if isinstance(key, str) else None
         i = -1 if m is None else _position(m, key)
         if m is None or i < 0:
-            return []
-        out = []
-        for k in m.keys[: i + 1]:
-            w = self._read(k)
+            return None
+        if m.folded is not None and m.marks is None:
+            m.folded = self._fold_from(m, len(m.keys))  # the same fold, with checkpoints
+        marks = m.marks or []
+        k = min((i + 1) // _MARK_EVERY, len(marks))
+        st = marks[k - 1].copy() if k else FoldState()
+        for n in range(k * _MARK_EVERY, i + 1):
+            w = self._read(m.keys[n])
             if w is not None:
-                out.append(w)
-        return out
+                st.step(w)
+        return st.memory(self.namespace)
 
     def memory_ids(self, include_deleted: bool = False) -> Iterator[str]:
         for mid in list(self._mems):
