@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import secrets
-import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +25,7 @@ import pytest
 from subcog_crdt._discovery.base import mesh_tag
 from support.netns import Host, NetnsLan
 from support.nodeproc import NodeProc, stop_all
-from support.sniff import sniff
+from support.sniff import sniff, tcp_syns
 
 NS = "d"
 # Deadlines are bounds against hangs on a loaded machine, never claims about speed.
@@ -98,25 +97,6 @@ def start_nodes(
         node = LanNode(proc, host.name, log)
         nodes.append(node)
         out.append(node)
-    return out
-
-
-def tcp_syns(frames: list[bytes]) -> set[tuple[str, str, int]]:
-    """``(source, destination, destination port)`` of every TCP connection attempt (SYN
-    without ACK) in the IPv4 Ethernet frames ``frames``."""
-    out: set[tuple[str, str, int]] = set()
-    for f in frames:
-        if len(f) < 14 + 20 + 20 or f[12:14] != b"\x08\x00":  # IPv4 only
-            continue
-        ip = f[14:]
-        ihl = (ip[0] & 0x0F) * 4
-        if ip[9] != 6 or len(ip) < ihl + 14:  # TCP only
-            continue
-        (dport,) = struct.unpack_from("!H", ip, ihl + 2)
-        flags = ip[ihl + 13]
-        if flags & 0x02 and not flags & 0x10:
-            src, dst = (".".join(str(b) for b in ip[i : i + 4]) for i in (12, 16))
-            out.add((src, dst, dport))
     return out
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -30,16 +28,7 @@ def start_logged(log: Path, *args: str, name: str) -> NodeProc:
     """Like :meth:`NodeProc.start`, with the node's stderr (its warnings, e.g. why a link
     closed) written to ``log``."""
     with log.open("w") as err:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(
-            NodeProc.argv(*args),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-            start_new_session=True,
-            env=dict(os.environ),
-        )
-    return NodeProc(proc, name)
+        return NodeProc.start(*args, name=name, stderr=err)
 
 
 def _peer_count_is(n: NodeProc, count: int) -> bool:

@@ -738,26 +738,40 @@ def test_an_item_claiming_an_id_we_hold_is_not_integrated():
     assert list(doc.memory_ids()) == ["0123456789abcdef0123"]
 
 
-def test_a_write_to_a_long_history_reads_no_earlier_write(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An update of a memory with a long history (a status note updated all day) folds onto
-    what is folded already: it used to read and fold every earlier write, and check every
-    one for a conflict, so the 4000th update of one memory took ~0.13 s. Counted in reads
-    of the document, not in time."""
+def _status_history(n: int) -> tuple[World, NamespaceDoc, NamespaceDoc, Any]:
+    """Node a captures a status memory and updates it ``n`` times; node b gets it all."""
     world = make_world(2)
     a, b = world.nodes[0].doc, world.nodes[1].doc
     mem, _ = a.capture("s1", "status: starting", {})
-    for i in range(200):
+    for i in range(n):
         world.clock[0] += 1
         mem, _ = a.update("s1", mem.id, {"content": f"status: step {i}"}, mem.version)
     b.apply_update(a.diff())
+    a.take_outbox()
+    b.take_outbox()
+    return world, a, b, mem
+
+
+def _count_reads(monkeypatch: pytest.MonkeyPatch, *docs: NamespaceDoc) -> list[str]:
+    """The keys the documents read from now on."""
     reads: list[str] = []
-    for doc in (a, b):
+    for doc in docs:
 
         def counting(key: str, real: Any = doc._read) -> Any:
             reads.append(key)
             return real(key)
 
         monkeypatch.setattr(doc, "_read", counting)
+    return reads
+
+
+def test_a_write_to_a_long_history_reads_no_earlier_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An update of a memory with a long history (a status note updated all day) folds onto
+    what is folded already: it used to read and fold every earlier write, and check every
+    one for a conflict, so the 4000th update of one memory took ~0.13 s. Counted in reads
+    of the document, not in time."""
+    world, a, b, mem = _status_history(200)
+    reads = _count_reads(monkeypatch, a, b)
     world.clock[0] += 1
     mem, events = a.update("s1", mem.id, {"content": "status: done"}, mem.version)
     assert [type(e) for e in events] == [Updated] and mem.version == 202
@@ -783,29 +797,14 @@ def test_a_write_arriving_before_later_ones_refolds_from_a_checkpoint(
     """Two nodes updating one memory at once: nearly every write from the other node
     lands before the latest one here. That refolded the memory's whole history (120 ms at
     4000 writes); now it reads at most the writes since the last checkpoint."""
-    world = make_world(2)
-    a, b = world.nodes[0].doc, world.nodes[1].doc
-    mem, _ = a.capture("s1", "status: starting", {})
-    for i in range(1000):
-        world.clock[0] += 1
-        mem, _ = a.update("s1", mem.id, {"content": f"status: step {i}"}, mem.version)
-    b.apply_update(a.diff())
-    a.take_outbox()
-    b.take_outbox()
+    world, a, b, mem = _status_history(1000)
     # b writes, then a writes later by clock; a then receives b's (earlier) write.
     world.clock[0] += 1
     _, from_b = b.update("s2", mem.id, {"status": "from b"})
     update_b = b.take_outbox()[-1]
     world.clock[0] += 1
     a.update("s1", mem.id, {"content": "status: a wins"})
-    reads: list[str] = []
-    real = a._read
-
-    def counting(key: str) -> Any:
-        reads.append(key)
-        return real(key)
-
-    monkeypatch.setattr(a, "_read", counting)
+    reads = _count_reads(monkeypatch, a)
     events = a.apply_update(update_b)
     got = a.get(mem.id)
     assert len(reads) <= 16 + 2, f"{len(reads)} writes read"

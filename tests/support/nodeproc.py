@@ -36,12 +36,19 @@ class NodeProc:
         return [sys.executable, str(NODERUN), *args]
 
     @classmethod
-    def start(cls, *args: str, name: str = "node", env: dict[str, str] | None = None) -> NodeProc:
+    def start(
+        cls,
+        *args: str,
+        name: str = "node",
+        env: dict[str, str] | None = None,
+        stderr: Any = None,
+    ) -> NodeProc:
+        """Start a node; ``stderr``: where its log goes (inherited by default)."""
         proc = subprocess.Popen(
             cls.argv(*args),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=None,
+            stderr=stderr,
             text=True,
             start_new_session=True,
             env={**os.environ, **(env or {})},

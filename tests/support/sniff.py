@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Capture", "read_frames", "sniff", "udp_payloads"]
+__all__ = ["Capture", "read_frames", "sniff", "tcp_syns", "udp_payloads"]
 
 _STOP_TIMEOUT = 5.0
 
@@ -62,19 +62,38 @@ def read_frames(path: Path) -> list[bytes]:
     return frames
 
 
-def udp_payloads(frames: list[bytes], port: int) -> list[bytes]:
-    """UDP payloads sent from or to ``port`` in the IPv4 Ethernet frames ``frames``."""
-    out: list[bytes] = []
+def _ipv4(frames: list[bytes], proto: int, header: int) -> Iterator[tuple[bytes, int]]:
+    """``(IP packet, IP header length)`` of the IPv4 Ethernet frames carrying ``proto``
+    (6 TCP, 17 UDP) with at least ``header`` bytes of it."""
     for f in frames:
         if len(f) < 14 + 20 + 8 or f[12:14] != b"\x08\x00":  # IPv4 only
             continue
         ip = f[14:]
         ihl = (ip[0] & 0x0F) * 4
-        if ip[9] != 17 or len(ip) < ihl + 8:  # UDP only
-            continue
+        if ip[9] == proto and len(ip) >= ihl + header:
+            yield ip, ihl
+
+
+def udp_payloads(frames: list[bytes], port: int) -> list[bytes]:
+    """UDP payloads sent from or to ``port`` in the IPv4 Ethernet frames ``frames``."""
+    out: list[bytes] = []
+    for ip, ihl in _ipv4(frames, 17, 8):
         sport, dport = struct.unpack_from("!HH", ip, ihl)
         if port in (sport, dport):
             out.append(ip[ihl + 8 :])
+    return out
+
+
+def tcp_syns(frames: list[bytes]) -> set[tuple[str, str, int]]:
+    """``(source, destination, destination port)`` of every TCP connection attempt (SYN
+    without ACK) in the IPv4 Ethernet frames ``frames``."""
+    out: set[tuple[str, str, int]] = set()
+    for ip, ihl in _ipv4(frames, 6, 14):
+        (dport,) = struct.unpack_from("!H", ip, ihl + 2)
+        flags = ip[ihl + 13]
+        if flags & 0x02 and not flags & 0x10:
+            src, dst = (".".join(str(b) for b in ip[i : i + 4]) for i in (12, 16))
+            out.add((src, dst, dport))
     return out
 
 
