@@ -278,6 +278,9 @@ class NamespaceDoc:
             m.deferred = writes or None  # orphans: their capture has not arrived
             self._set_normh(m, mid, 0)
             self.index.set_live(m.doc, False)
+            if indexed:  # its earlier words must go, as a restarted node never had them
+                self._to_index.append((m.doc, "", None))
+                self._changed_docs.add(m.doc)
             return
         m.exists = True
         m.deleted = mem.deleted
