@@ -9,6 +9,8 @@ control frames are never dropped, and past the hard limit the peer is disconnect
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import pytest
@@ -97,6 +99,10 @@ async def test_a_slow_peer_gets_the_dropped_updates_back_by_one_resync(
         )
 
 
+def _queued_or_closed(link: Any, queued: Callable[[], int], n: int) -> bool:
+    return bool(link._closed) or queued() >= n
+
+
 async def test_control_frames_are_kept_until_the_hard_limit_then_the_peer_is_disconnected(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -129,6 +135,8 @@ async def test_control_frames_are_kept_until_the_hard_limit_then_the_peer_is_dis
             assert registered < 200, "never disconnected"
             await a.register_session(f"session-{registered:03d}-" + "x" * 100)
             registered += 1
+            # The sessions frame is queued on the next loop turn.
+            await wait_for(partial(_queued_or_closed, slow, sessions_queued, registered), 5)
             if not slow._closed:
                 assert sessions_queued() == registered  # none dropped
             assert slow._queued_bytes <= hard
@@ -143,3 +151,24 @@ async def test_control_frames_are_kept_until_the_hard_limit_then_the_peer_is_dis
         await sa.capture("d", "still serving")
         await wait_for(lambda: converged([a, b], "d"), 5, "B gets the write")
         assert [m.content for m in b.memories("d")] == ["still serving"]
+
+
+async def test_sessions_registered_together_reach_a_peer_in_one_frame() -> None:
+    """Each sessions frame lists every local session; registering many at once sent one
+    per registration (quadratic bytes: 41 MB to each peer for 1000 sessions)."""
+    async with memory_node() as a:
+        _ours, _theirs = raw_peer(a, "peer", gated=True)
+        await wait_for(lambda: "peer" in a._links, 5, "link")
+        slow = a._links["peer"]
+
+        def sessions_frames() -> list[list[Any]]:
+            queued = [x for x in slow._queue if isinstance(x, bytes)]
+            return [f for f in frames_of(queued) if f[0] == F_SESSIONS]
+
+        before = len(sessions_frames())
+        for i in range(20):
+            await a.register_session(f"s{i}", subscribe=["d"])
+        await wait_for(lambda: len(sessions_frames()) > before, 5, "a sessions frame")
+        frames = sessions_frames()[before:]
+        assert len(frames) == 1
+        assert sorted(s["id"] for s in frames[0][1]) == sorted(f"s{i}" for i in range(20))
