@@ -130,6 +130,11 @@ step = st.one_of(
     ],
     seed=0,
 )
+# A delete arriving before later re-captures: they revive the memory with their own tags,
+# so the words a node had indexed (a tag of an earlier capture) must be replaced.
+@example(
+    n=2, steps=[("capture", 0, 0, 0)] * 8 + [("capture", 1, 1, 0), ("delete", 1, 0, 0)], seed=1
+)
 def test_random_writes_converge_and_lose_nothing(n, steps, seed):
     w = make_world(n)
     rng = random.Random(seed)

@@ -785,6 +785,7 @@ class NamespaceDoc:
                 self._changed_docs.add(m.doc)  # it may hold words of an earlier content
             m.keys = (w.key,)
             m.folded = m.marks = None
+            refolded = False
             if w.op == "capture":
                 # The common case, kept short: a brand-new memory.
                 mem: Memory | None = first_capture(self.namespace, w)
@@ -801,6 +802,7 @@ class NamespaceDoc:
             # fold just this one onto what is folded already.
             st = m.folded if m.folded is not None else self._fold_from(m, 0)
             st.step(w)
+            refolded = False
             if type(m.keys) is list:
                 m.keys.append(w.key)
             else:
@@ -818,6 +820,7 @@ class NamespaceDoc:
             if m.folded is None:
                 m.marks = None
             st = self._fold_from(m, i)
+            refolded = True
         m.folded = st if len(m.keys) > 1 else None
         mem = st.memory(self.namespace)
         if mem is not None:
@@ -829,7 +832,9 @@ class NamespaceDoc:
             # "moved here", whether or not this write changed it.
             if st.moved:
                 self._note_moved(normh, mid)
-            if changed or ("tags" in w.changes and w.op != "delete"):
+            # Words change with the content, a write's tags, or a write that lands before
+            # later ones (a delete there makes a later capture revive with its own tags).
+            if changed or refolded or ("tags" in w.changes and w.op != "delete"):
                 self._to_index.append((m.doc, mem.content, mem.tags))
                 self._changed_docs.add(m.doc)
             self.index.set_live(m.doc, not mem.deleted)
