@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from pycrdt import Doc, Map, TransactionEvent
@@ -78,11 +78,7 @@ def _position(m: _Mem, key: str) -> int:
     keys = m.keys
     if not keys:
         return -1
-    try:
-        order = _key_order(key)
-    except ValueError:  # not a write key
-        return -1
-    i = bisect.bisect_left(keys, order, key=_key_order)
+    i = bisect.bisect_left(keys, _arrival_order(key), key=_key_order)
     return i if i < len(keys) and keys[i] == key else -1
 
 
@@ -413,10 +409,7 @@ class NamespaceDoc:
         marks = m.marks or []
         k = min((i + 1) // _MARK_EVERY, len(marks))
         st = marks[k - 1].copy() if k else FoldState()
-        for n in range(k * _MARK_EVERY, i + 1):
-            w = self._read(m.keys[n])
-            if w is not None:
-                st.step(w)
+        self._fold_keys(st, m.keys, k * _MARK_EVERY, i + 1, None)
         return st.memory(self.namespace)
 
     def memory_ids(self, include_deleted: bool = False) -> Iterator[str]:
@@ -891,16 +884,26 @@ class NamespaceDoc:
         marks = m.marks if m.marks is not None else []
         del marks[i // _MARK_EVERY :]  # those include index i or later
         m.marks = marks
-        start = len(marks) * _MARK_EVERY
         st = marks[-1].copy() if marks else FoldState()
-        keys = m.keys
-        for n in range(start, len(keys)):
+        self._fold_keys(st, m.keys, len(marks) * _MARK_EVERY, len(m.keys), marks)
+        return st
+
+    def _fold_keys(
+        self,
+        st: FoldState,
+        keys: Sequence[str],
+        start: int,
+        stop: int,
+        marks: list[FoldState] | None,
+    ) -> None:
+        """Fold the writes of ``keys[start:stop]`` onto ``st``; with ``marks``, append a
+        checkpoint at every multiple of :data:`_MARK_EVERY`."""
+        for n in range(start, stop):
             w = self._read(keys[n])
             if w is not None:
                 st.step(w)
-            if (n + 1) % _MARK_EVERY == 0:
+            if marks is not None and (n + 1) % _MARK_EVERY == 0:
                 marks.append(st.copy())
-        return st
 
     def _writes_after(self, m: _Mem, stamp: str, key: str) -> list[Write]:
         """The writes stamped after ``stamp``, but ``key``: the only ones a write whose

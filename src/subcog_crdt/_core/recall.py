@@ -170,8 +170,12 @@ class RecallIndex:
                 keep.extend([d] * count)
         self._entries += len(keep) - len(p)
         self._term_stale.pop(term, None)
-        if keep:
-            self._postings[term] = keep
+        self._put(term, keep)
+
+    def _put(self, term: str, p: array[int]) -> None:
+        """Store a rewritten posting list (an empty one is dropped)."""
+        if p:
+            self._postings[term] = p
         else:
             del self._postings[term]
 
@@ -191,10 +195,7 @@ class RecallIndex:
             keep = array("I", filterfalse(is_dirty, p))  # in C too, ~80 ns an entry
             if len(keep) != len(p):
                 removed += len(p) - len(keep)
-                if keep:
-                    postings[term] = keep
-                else:
-                    del postings[term]
+                self._put(term, keep)
         added = 0
         for d, text in dirty.items():
             for tok in _words(text):
@@ -279,14 +280,19 @@ class RecallIndex:
                 else:
                     chosen = heapq.nsmallest(need, at_cut, key=tie_key)
                 top = above + [(d, cut) for d in chosen]
-        # Ties by tie_key (the memory id: the same on every node, unlike doc numbers,
-        # which follow arrival order), so every node returns the same top results.
-        if tie_key is None:
-            top.sort(key=lambda kv: (-kv[1], kv[0]))
-        else:
-            top.sort(key=lambda kv: (-kv[1], tie_key(kv[0])))
+        _rank(top, tie_key)
         best = top[:limit]
         return [(score, d) for d, score in best]
+
+
+def _rank(pairs: list[tuple[int, float]], tie_key: Callable[[int], str] | None) -> None:
+    """Sort (doc, score) pairs best first. Ties by tie_key (the memory id: the same on
+    every node, unlike doc numbers, which follow arrival order), so every node returns
+    the same top results."""
+    if tie_key is None:
+        pairs.sort(key=lambda kv: (-kv[1], kv[0]))
+    else:
+        pairs.sort(key=lambda kv: (-kv[1], tie_key(kv[0])))
 
 
 def _accepted(
@@ -307,10 +313,7 @@ def _accepted(
     while start < len(values):
         cut = values[min(len(values), start + width) - 1]
         band = [(d, sc) for d, sc in scores.items() if cut <= sc < upper]
-        if tie_key is None:
-            band.sort(key=lambda kv: (-kv[1], kv[0]))
-        else:
-            band.sort(key=lambda kv: (-kv[1], tie_key(kv[0])))
+        _rank(band, tie_key)
         for d, sc in band:
             if accept(d):
                 out.append((sc, d))
