@@ -41,6 +41,7 @@ from pycrdt import merge_updates
 
 from subcog_crdt._core.schema import check_namespace
 from subcog_crdt._core.ydecode import UpdateDecodeError, decode_state_vector, read_update
+from subcog_crdt._core.ysplit import UpdateScan
 from subcog_crdt._errors import (
     ClosedError,
     FrameTooLarge,
@@ -73,6 +74,13 @@ _EMPTY_SV = b"\x00"  # the state vector of an empty document: "send me everythin
 _QUEUE_BYTES = 64 << 20  # past this, live updates are dropped and the peer resynced
 _QUEUE_HARD_BYTES = 512 << 20  # past this even control frames: the peer is disconnected
 _QUEUE_FRAMES = 4096
+_SLICE_BYTES = 256 << 10
+"""A received update larger than this is applied in pieces (:class:`UpdateScan`), each one
+applied, journalled and persisted on its own, with the event loop running in between: a
+catch-up of 100k memories takes seconds to derive, and must not stall heartbeats, other
+peers and local writes that long. Also the largest piece, in bytes."""
+_PIECE_STRUCTS = 512  # writes per piece: ~10-25 ms of work here
+_SCAN_STEP = 8192  # structs scanned per loop turn (~10 ms)
 _EAGER_GAP = 0.0005  # seconds: writes closer together than this are coalesced
 YIELD_TO_LOCAL_PEERS = True
 """After an eager send to a peer on this machine, give up the CPU (``sched_yield``).
@@ -210,6 +218,9 @@ class PeerSync:
         self._overflowed = False
         self._hello_seen = False
         self._to_persist: list[Any] = []
+        self._large: list[tuple[str, str, bytes, bool]] = []
+        """Large updates of the message being handled, applied in pieces after it (and
+        every update after one of them, to keep their order)."""
         self._closed = False
         self._warned: set[str] = set()
         self._yield_after_send = YIELD_TO_LOCAL_PEERS and getattr(link, "same_host", False)
@@ -468,6 +479,7 @@ class PeerSync:
                     else:
                         self._handle(frame)
         except Exception as exc:
+            self._large.clear()  # the link ends: the peer still holds them
             if not self._to_persist:
                 raise
             # What was applied before the bad frame is still persisted, then the error
@@ -476,7 +488,45 @@ class PeerSync:
             if pending is None:
                 raise
             return _raise_after(pending, exc)
+        if self._large:
+            large, self._large = self._large, []
+            pending = self._persist_applied() if self._to_persist else None
+            return self._apply_large(pending, large)
         return self._persist_applied() if self._to_persist else None
+
+    async def _apply_large(
+        self, pending: Awaitable[None] | None, large: list[tuple[str, str, bytes, bool]]
+    ) -> None:
+        """Apply large updates in pieces (see :data:`_SLICE_BYTES`), after the commit of
+        what the message applied before them. The link hands over no further message
+        meanwhile, so the order of this peer's updates is kept."""
+        if pending is not None:
+            await pending
+        for ns, origin, update, from_diff in large:
+            if len(update) <= _SLICE_BYTES:  # queued behind a large one only to keep order
+                if self._accepts_content(ns, update):
+                    self._apply(ns, origin, update, from_diff=from_diff)
+            else:
+                scan = UpdateScan(update, piece_structs=_PIECE_STRUCTS, piece_bytes=_SLICE_BYTES)
+                try:
+                    while not scan.step(_SCAN_STEP):
+                        await asyncio.sleep(0)  # a slice per turn: let the loop run
+                except UpdateDecodeError as exc:
+                    raise ProtocolError(f"invalid Yjs update for {ns!r}: {exc}") from exc
+                if not self._accepts_content(ns, update, scan.blocks):
+                    continue
+                for piece in scan.pieces():
+                    await asyncio.sleep(0)
+                    self._apply(ns, origin, piece, from_diff=from_diff)
+                    if self._to_persist:
+                        await self._persisted()
+            if self._to_persist:
+                await self._persisted()
+
+    async def _persisted(self) -> None:
+        pending = self._persist_applied()
+        if pending is not None:
+            await pending
 
     @staticmethod
     def _unpack_all(message: bytes) -> list[Any]:
@@ -627,7 +677,9 @@ class PeerSync:
         self.offered.add(ns)
         return True
 
-    def _adopt(self, ns: str, update: bytes) -> bool:
+    def _adopt(
+        self, ns: str, update: bytes, blocks: list[tuple[int, int, int]] | None = None
+    ) -> bool:
         """Create ``ns`` here because the peer sent content for it; False (the content is
         dropped) if there is none, or past this link's or the node's bound."""
         from subcog_crdt import _api  # here: _api imports this module
@@ -637,10 +689,11 @@ class PeerSync:
         if self.adopted >= _MAX_ADOPTED or len(api._docs) >= budget:
             self._warn_once("adopt", "creates no more namespaces for it (limit reached)")
             return False
-        try:
-            blocks = read_update(update, "").blocks
-        except UpdateDecodeError as exc:
-            raise ProtocolError(f"invalid Yjs update for {ns!r}: {exc}") from exc
+        if blocks is None:
+            try:
+                blocks = read_update(update, "").blocks
+            except UpdateDecodeError as exc:
+                raise ProtocolError(f"invalid Yjs update for {ns!r}: {exc}") from exc
         if not blocks:
             return False  # nothing to hold
         try:
@@ -717,7 +770,9 @@ class PeerSync:
         update = b"".join(parts)
         self._diff_total -= self._diff_size.pop(ns)
         del self._diff_parts[ns]
-        if self._accepts_content(ns, update):
+        if self._large or len(update) > _SLICE_BYTES:
+            self._large.append((ns, self.node_id, update, True))
+        elif self._accepts_content(ns, update):
             self._apply(ns, self.node_id, update, from_diff=True)
 
     def _on_update_run(self, run: _UpdateRun) -> None:
@@ -741,18 +796,22 @@ class PeerSync:
             self._handle([F_UPDATE, run.ns, run.origin, update])
 
     def _on_update(self, ns: str, origin: str, update: bytes) -> None:
-        if self._accepts_content(ns, update):
+        if self._large or len(update) > _SLICE_BYTES:
+            self._large.append((ns, origin, update, False))
+        elif self._accepts_content(ns, update):
             self._apply(ns, origin, update, from_diff=False)
 
-    def _accepts_content(self, ns: str, update: bytes) -> bool:
+    def _accepts_content(
+        self, ns: str, update: bytes, blocks: list[tuple[int, int, int]] | None = None
+    ) -> bool:
         """Whether the peer's content for ``ns`` is applied here: not if private or
         filtered here; a namespace this node does not hold yet is created for it (within
-        the bounds of :meth:`_adopt`)."""
+        the bounds of :meth:`_adopt`; ``blocks``: the update's, if already scanned)."""
         if ns in self.shared:
             return True
         if not self._exchanges(ns):
             return False  # private or filtered here: drop without applying
-        if ns not in self.api._docs and not self._adopt(ns, update):
+        if ns not in self.api._docs and not self._adopt(ns, update, blocks):
             return False
         self._offer(ns)
         return True

@@ -1,0 +1,227 @@
+"""Cut a large Yjs v1 update into smaller updates that, applied in order, hold the same.
+
+Why: a catch-up of a large namespace arrives as one update (36 MB for 100k memories), and
+deriving its memories and events takes seconds of Python. Applied whole, it would stall the
+event loop that long (heartbeats, other peers, local writes). Cut at struct boundaries, each
+piece is an ordinary update that is applied, journalled and persisted on its own, with the
+loop running in between; a crash between pieces leaves a consistent prefix that the peer
+completes on the next catch-up.
+
+A piece holds a run of consecutive structs of one client (Yjs integrates a client's
+structs in clock order, and holds back what depends on a piece not yet applied until it
+arrives, as for any update). The update's delete set travels with its last piece. The scan
+only finds boundaries (strings are skipped, not decoded), and it runs a slice at a time, so
+even the scan of a huge update never blocks for long. An update that is not well formed
+is refused by the scan before any piece exists.
+"""
+
+from __future__ import annotations
+
+from subcog_crdt._core.ydecode import UpdateDecodeError, _Reader
+
+__all__ = ["UpdateScan"]
+
+
+def _varuint_bytes(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _skip_string(r: _Reader) -> None:
+    n = r.varuint()
+    end = r.pos + n
+    if end > len(r.buf):
+        raise UpdateDecodeError("unexpected end of update")
+    r.pos = end
+
+
+def _skip_any(r: _Reader, depth: int = 0) -> None:
+    if depth > 64:
+        raise UpdateDecodeError("value nested too deeply")
+    t = r.u8()
+    if t == 119:
+        _skip_string(r)
+    elif t == 118:
+        for _ in range(r.varuint()):
+            _skip_string(r)
+            _skip_any(r, depth + 1)
+    elif t == 117:
+        for _ in range(r.varuint()):
+            _skip_any(r, depth + 1)
+    elif t == 125:
+        r.varint()
+    elif t in (123, 122):
+        r.raw(8)
+    elif t == 124:
+        r.raw(4)
+    elif t == 116:
+        _skip_string(r)  # a byte buffer: the same layout
+    elif t not in (120, 121, 126, 127):
+        raise UpdateDecodeError(f"unknown value type {t}")
+
+
+def _skip_content(r: _Reader, ref: int) -> int:
+    """Skip one item's content; return its length in clock units."""
+    if ref == 8:  # any: by far the most common (every entry of our schema)
+        n = r.varuint()
+        for _ in range(n):
+            _skip_any(r)
+        return n
+    if ref == 1:  # deleted
+        return r.varuint()
+    if ref == 2:  # json
+        n = r.varuint()
+        for _ in range(n):
+            _skip_string(r)
+        return n
+    if ref in (3, 5):  # binary, embed
+        _skip_string(r)
+        return 1
+    if ref == 4:  # string: Yjs counts UTF-16 code units, so this one is decoded
+        return len(r.string().encode("utf-16-le", "surrogatepass")) // 2
+    if ref == 6:  # format
+        _skip_string(r)
+        _skip_string(r)
+        return 1
+    if ref == 7:  # type
+        if r.varuint() in (3, 5):
+            _skip_string(r)
+        return 1
+    if ref == 9:  # doc
+        _skip_string(r)
+        _skip_any(r)
+        return 1
+    raise UpdateDecodeError(f"unknown content type {ref}")
+
+
+class UpdateScan:
+    """Scan an update a slice at a time (:meth:`step`), then cut it (:meth:`pieces`).
+
+    ``piece_structs`` and ``piece_bytes`` bound each piece (a single struct larger than
+    ``piece_bytes`` is a piece of its own)."""
+
+    def __init__(self, update: bytes, *, piece_structs: int, piece_bytes: int) -> None:
+        if piece_structs < 1 or piece_bytes < 1:
+            raise ValueError("pieces must hold at least one struct")
+        self._r = _Reader(update)
+        self._piece_structs = piece_structs
+        self._piece_bytes = piece_bytes
+        self._clients_left = -1  # not read yet
+        self._structs_left = 0
+        self._client = 0
+        self._clock = 0
+        # The open cut: (first struct's position, its clock, structs in it so far).
+        self._cut_pos = 0
+        self._cut_clock = 0
+        self._cut_n = 0
+        self._cuts: list[tuple[int, int, int, int, int]] = []
+        """(client, first clock, structs, start, end) per piece, in update order."""
+        self.blocks: list[tuple[int, int, int]] = []
+        """``(client, first clock, clock after the last struct)`` per client."""
+        self._block_start = 0
+        self._delete_set = b""
+        self._items_only = True
+        self.done = False
+
+    def step(self, budget: int) -> bool:
+        """Scan up to ``budget`` more structs; True once the whole update is scanned.
+        Raises :class:`UpdateDecodeError` if it is not a well-formed update."""
+        r = self._r
+        if self.done:
+            return True
+        if self._clients_left < 0:
+            self._clients_left = r.varuint()
+        while budget > 0:
+            if self._structs_left == 0:
+                if self._cut_n:
+                    self._close_cut()
+                if self._clients_left == 0:
+                    self._finish()
+                    return True
+                self._clients_left -= 1
+                self._structs_left = r.varuint()
+                self._client = r.varuint()
+                self._clock = self._block_start = r.varuint()
+                self._cut_pos, self._cut_clock, self._cut_n = r.pos, self._clock, 0
+                if self._structs_left == 0:
+                    self.blocks.append((self._client, self._clock, self._clock))
+                continue
+            start = r.pos
+            clock_before = self._clock
+            self._clock += self._skip_struct(r)
+            self._structs_left -= 1
+            budget -= 1
+            if self._cut_n and r.pos - self._cut_pos > self._piece_bytes:
+                # This struct would make the open piece too large: cut before it.
+                self._cuts.append(
+                    (self._client, self._cut_clock, self._cut_n, self._cut_pos, start)
+                )
+                self._cut_pos, self._cut_clock, self._cut_n = start, clock_before, 0
+            self._cut_n += 1
+            if self._cut_n >= self._piece_structs:
+                self._close_cut()
+                self._cut_pos, self._cut_clock, self._cut_n = r.pos, self._clock, 0
+            if self._structs_left == 0:
+                self.blocks.append((self._client, self._block_start, self._clock))
+        return False
+
+    def _skip_struct(self, r: _Reader) -> int:
+        info = r.u8()
+        ref = info & 0x1F
+        if ref in (0, 10):  # GC or skip: such an update is left whole (see pieces)
+            self._items_only = False
+            return r.varuint()
+        has_origin = info & 0x80
+        has_right = info & 0x40
+        if has_origin:
+            r.varuint()
+            r.varuint()
+        if has_right:
+            r.varuint()
+            r.varuint()
+        if not has_origin and not has_right:
+            if r.varuint() == 1:
+                _skip_string(r)
+            else:
+                r.varuint()
+                r.varuint()
+            if info & 0x20:
+                _skip_string(r)
+        return _skip_content(r, ref)
+
+    def _close_cut(self) -> None:
+        self._cuts.append((self._client, self._cut_clock, self._cut_n, self._cut_pos, self._r.pos))
+        self._cut_n = 0
+
+    def _finish(self) -> None:
+        r = self._r
+        ds_start = r.pos
+        for _ in range(r.varuint()):
+            r.varuint()
+            for _ in range(r.varuint()):
+                r.varuint()
+                r.varuint()
+        # (Bytes after the delete set are ignored, as pycrdt ignores them.)
+        self._delete_set = bytes(r.buf[ds_start : r.pos])
+        self.done = True
+
+    def pieces(self) -> list[bytes]:
+        """The update cut into pieces (after the scan is done). An update that fits one
+        piece, or holds garbage-collected or skipped ranges (never in what a node sends,
+        and not worth the risk of cutting), is one piece: itself."""
+        if not self.done:
+            raise RuntimeError("scan the update first")
+        if len(self._cuts) < 2 or not self._items_only:
+            return [bytes(self._r.buf)]
+        buf = self._r.buf
+        out = []
+        last = len(self._cuts) - 1
+        for i, (client, clock, n, start, end) in enumerate(self._cuts):
+            head = b"\x01" + _varuint_bytes(n) + _varuint_bytes(client) + _varuint_bytes(clock)
+            tail = self._delete_set if i == last else b"\x00"
+            out.append(head + buf[start:end] + tail)
+        return out
