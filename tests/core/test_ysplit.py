@@ -100,7 +100,7 @@ def test_pieces_applied_in_order_hold_what_the_update_held(
         target.apply_update(base.get_update())
     whole.apply_update(update)
     scan = _scan(update, structs, size)
-    pieces = scan.pieces()
+    pieces = list(scan.pieces())
     for piece in pieces:
         cut.apply_update(piece)
     assert cut.get_state() == whole.get_state()
@@ -118,7 +118,7 @@ def test_an_update_of_many_writes_is_cut_by_count_and_by_size() -> None:
         for i in range(1000):
             m[f"key-{i:04d}"] = "v" * (2000 if i == 500 else 20)
     update = d.get_update()
-    pieces = _scan(update, 100, 10_000).pieces()
+    pieces = list(_scan(update, 100, 10_000).pieces())
     # 100 writes per piece, except that the 2 KB one starts a piece of its own size
     assert len(pieces) in (10, 11)
     assert all(len(p) < 10_000 + 2100 for p in pieces)
@@ -127,7 +127,7 @@ def test_an_update_of_many_writes_is_cut_by_count_and_by_size() -> None:
         cut.apply_update(p)
     assert cut.get("entries", type=Map).to_py() == m.to_py()
     # one struct larger than the byte bound is still a piece (never an empty one)
-    assert len(_scan(update, 1000, 1).pieces()) == 1000
+    assert len(list(_scan(update, 1000, 1).pieces())) == 1000
 
 
 def test_each_step_scans_at_most_its_budget() -> None:

@@ -17,6 +17,8 @@ is refused by the scan before any piece exists.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from subcog_crdt._core.ydecode import UpdateDecodeError, _Reader
 
 __all__ = ["UpdateScan"]
@@ -209,19 +211,21 @@ class UpdateScan:
         self._delete_set = bytes(r.buf[ds_start : r.pos])
         self.done = True
 
-    def pieces(self) -> list[bytes]:
-        """The update cut into pieces (after the scan is done). An update that fits one
-        piece, or holds garbage-collected or skipped ranges (never in what a node sends,
-        and not worth the risk of cutting), is one piece: itself."""
+    def pieces(self) -> Iterator[bytes]:
+        """The update cut into pieces (after the scan is done), made one at a time (the
+        update is not held twice). An update that fits one piece, or holds
+        garbage-collected or skipped ranges (never in what a node sends, and not worth
+        the risk of cutting), is one piece: itself."""
         if not self.done:
             raise RuntimeError("scan the update first")
         if len(self._cuts) < 2 or not self._items_only:
-            return [bytes(self._r.buf)]
+            return iter([bytes(self._r.buf)])
+        return self._cut()
+
+    def _cut(self) -> Iterator[bytes]:
         buf = self._r.buf
-        out = []
         last = len(self._cuts) - 1
         for i, (client, clock, n, start, end) in enumerate(self._cuts):
             head = b"\x01" + _varuint_bytes(n) + _varuint_bytes(client) + _varuint_bytes(clock)
             tail = self._delete_set if i == last else b"\x00"
-            out.append(head + buf[start:end] + tail)
-        return out
+            yield head + buf[start:end] + tail
