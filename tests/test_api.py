@@ -26,6 +26,8 @@ from subcog_crdt import (
     NotFound,
     PeerInfo,
     Retention,
+    StorageError,
+    StorageLocked,
     Updated,
 )
 from subcog_crdt._peering import is_live_update
@@ -936,3 +938,78 @@ async def test_an_update_by_id_does_not_search_every_namespace(
         with pytest.raises(NotFound):
             await s.update(m.id, status="three")
         assert a.get(m.id).deleted
+
+
+async def test_registering_a_session_again_without_subscribe_keeps_its_subscriptions() -> None:
+    """`register_session(id)` again ("give me my handle") used to wipe the session's
+    subscriptions: its open stream went silent and `sync("last")` moved past the events
+    it missed, for good."""
+    async with node() as a, node() as b:
+        link(a, b)
+        s = await a.register_session("agent-1", subscribe=["decisions"])
+        stream = s.events()
+        again = await a.register_session("agent-1")
+        assert again is s
+        assert s.subscriptions == frozenset({"decisions"})
+        other = await b.register_session("agent-2", subscribe=["decisions"])
+        await other.capture("decisions", "we chose SQLite WAL")
+        ev = await stream.next(10)
+        assert isinstance(ev, Captured) and ev.memory.content == "we chose SQLite WAL"
+        batch = await s.sync()
+        assert [e.memory.content for e in batch.events] == ["we chose SQLite WAL"]
+        # a new session with subscribe left out has none
+        fresh = await a.register_session("agent-3")
+        assert fresh.subscriptions == frozenset()
+
+
+async def test_a_closed_node_refuses_streams_and_reads() -> None:
+    """After close, `events()` used to return a stream that never ended, and `memories`,
+    `history` and `state_hash` answered while `get` refused."""
+    api = node()
+    await api.open()
+    s = await api.register_session("s", subscribe=["d"])
+    m = await s.capture("d", "a fact")
+    await api.aclose()
+    for call in (
+        s.events,
+        lambda: api.memories("d"),
+        lambda: api.history(m.id),
+        lambda: api.state_hash("d"),
+        lambda: api.get(m.id),
+        lambda: s.recall("fact"),
+    ):
+        with pytest.raises(ClosedError):
+            call()
+    # a stream made before the close ends with it
+    assert api._bus.subscribe(lambda ev: True)._closed
+
+
+async def test_recall_trims_tags_and_takes_one_namespace_or_several() -> None:
+    """Capture trims tags, so recall must too; `namespace=` and `namespaces=` work on
+    both the node and a session (each used to raise TypeError on the other)."""
+    async with node() as api:
+        s = await api.register_session("s", subscribe=["a", "b"])
+        await s.capture("a", "storage engine notes", tags=[" Storage "])
+        await s.capture("b", "storage layout notes", tags=["Storage"])
+        assert len(api.recall("storage", tags=[" Storage "])) == 2
+        assert [m.namespace for m in api.recall("storage", namespace="a")] == ["a"]
+        assert [m.namespace for m in s.recall("storage", namespaces=["b"])] == ["b"]
+        assert len(s.recall("storage")) == 2  # its subscriptions
+
+
+async def test_connect_on_a_node_without_a_server_is_an_invalid_argument() -> None:
+    async with node() as api:
+        with pytest.raises(InvalidArgument, match="listen=False"):
+            await api.connect("ws://127.0.0.1:9")
+
+
+async def test_a_data_dir_that_is_a_file_or_in_use_says_so(tmp_path: Path) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(StorageError, match="not a directory"):
+        async with node(data_dir=f):
+            pass
+    async with node(data_dir=tmp_path / "d"):
+        with pytest.raises(StorageLocked, match="its own data_dir"):
+            async with node(data_dir=tmp_path / "d"):
+                pass

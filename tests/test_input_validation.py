@@ -18,6 +18,7 @@ from subcog_crdt import (
     ConversationsApi,
     InvalidArgument,
     InvalidNamespace,
+    Retention,
     Session,
     SubcogError,
 )
@@ -134,6 +135,43 @@ async def expect_nothing_changed(p: Pair, call: Callable[[], Any]) -> None:
 def test_constructor_refuses_a_str_for_a_collection(kw):
     with pytest.raises(InvalidArgument):
         ConversationsApi(listen=False, **kw)
+
+
+@pytest.mark.parametrize(
+    ("kw", "named"),
+    [
+        ({"data_dir": 123}, "data_dir"),
+        ({"discovery_dir": 5}, "discovery_dir"),
+        ({"host": 5}, "host"),
+        ({"advertise_host": 5}, "advertise_host"),
+        ({"mesh_secret": 5}, "mesh_secret"),
+        ({"listen": "no"}, "listen"),
+        ({"retention": 5}, "retention"),
+        ({"heartbeat": "x"}, "heartbeat"),
+        ({"heartbeat": -1}, "heartbeat"),
+        ({"heartbeat": True}, "heartbeat"),
+        ({"max_frame": "big"}, "max_frame"),
+        ({"max_frame": 10}, "max_frame"),
+        ({"ssl": 5}, "ssl"),
+        ({"client_ssl": "x"}, "client_ssl"),
+    ],
+)
+def test_constructor_names_a_wrongly_typed_argument(kw: dict[str, Any], named: str) -> None:
+    """Refused at construction, naming the argument: these used to pass and fail later
+    (at open, at the first write, at a dial) with a TypeError or AttributeError."""
+    with pytest.raises(InvalidArgument, match=named):
+        ConversationsApi(discovery=(), **kw)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{"max_events": 0}, {"max_events": -1}, {"max_events": "x"}, {"max_age": 0}, {"max_age": "x"}],
+)
+def test_retention_is_checked_when_made(kw: dict[str, Any]) -> None:
+    """A bad retention failed at the first write (IndexError, TypeError) or made a durable
+    node refuse writes."""
+    with pytest.raises(InvalidArgument, match="Retention"):
+        Retention(**kw)
 
 
 # -- 2. content within its limit whose entry would be too long ------------------------
@@ -299,7 +337,6 @@ async def test_a_failing_subscriber_cannot_fail_another_sessions_write(tmp_path,
 # -- 7. wrong types raise InvalidArgument, never a raw TypeError -----------------------
 
 BAD_CALLS: dict[str, Callable[[Pair], Any]] = {
-    "register subscribe=None": lambda p: p.a.register_session("s2", subscribe=None),
     "register subscribe=5": lambda p: p.a.register_session("s3", subscribe=5),
     "register user_id=5": lambda p: p.a.register_session("s4", user_id=5),
     "unregister ['x']": lambda p: p.a.unregister_session(["x"]),
@@ -321,6 +358,11 @@ BAD_CALLS: dict[str, Callable[[Pair], Any]] = {
     "sessions.get list": lambda p: p.a.sessions.get(["x"]),
     "sessions.local list": lambda p: p.a.sessions.local(["x"]),
     "sync limit=True": lambda p: p.sa.sync(limit=True),
+    "sync include_own='yes'": lambda p: p.sa.sync(include_own="yes"),
+    "events include_own=1": lambda p: p.sa.events(include_own=1),
+    "recall namespace and namespaces": lambda p: p.a.recall("x", namespace=NS, namespaces=[NS]),
+    "sync since a cursor ahead": lambda p: p.sa.sync(since=10**6),
+    "re-register as another user": lambda p: p.a.register_session(p.sa.id, user_id="mallory"),
 }
 
 

@@ -78,6 +78,47 @@ class PeerInfo:
     of them private (it never names those) and then ignores what it gets for them."""
 
 
+def _check_arguments(
+    *,
+    data_dir: object,
+    mesh_secret: object,
+    host: object,
+    listen: object,
+    retention: object,
+    heartbeat: object,
+    max_frame: object,
+    advertise_host: object,
+    discovery_dir: object,
+    ssl: object,
+    client_ssl: object,
+) -> None:
+    """Refuse wrongly typed constructor arguments here, naming them, rather than fail
+    later (at open, at the first write, at a dial) with a builtin error."""
+    for name, path in (("data_dir", data_dir), ("discovery_dir", discovery_dir)):
+        if path is not None and not isinstance(path, str | os.PathLike):
+            raise InvalidArgument(f"{name} must be a path (str or os.PathLike) or None")
+    if mesh_secret is not None and not isinstance(mesh_secret, str | bytes):
+        raise InvalidArgument("mesh_secret must be a str or bytes, or None")
+    for name, value in (("host", host), ("advertise_host", advertise_host)):
+        if value is not None and not isinstance(value, str):
+            raise InvalidArgument(f"{name} must be an address (a str) or None, not {value!r}")
+    if not isinstance(listen, bool):
+        raise InvalidArgument(f"listen must be True or False, not {listen!r}")
+    if retention is not None and not isinstance(retention, Retention):
+        raise InvalidArgument("retention must be a Retention(max_events=..., max_age=...)")
+    if (
+        isinstance(heartbeat, bool)
+        or not isinstance(heartbeat, int | float)
+        or not 0 < heartbeat <= 60
+    ):
+        raise InvalidArgument(f"heartbeat must be seconds, > 0 and <= 60, not {heartbeat!r}")
+    if isinstance(max_frame, bool) or not isinstance(max_frame, int) or max_frame < 4096:
+        raise InvalidArgument(f"max_frame must be an int >= 4096 (bytes), not {max_frame!r}")
+    for name, ctx in (("ssl", ssl), ("client_ssl", client_ssl)):
+        if ctx is not None and not isinstance(ctx, SSLContext):
+            raise InvalidArgument(f"{name} must be an ssl.SSLContext or None")
+
+
 def _journal_record(ns: str, ev: Event) -> JournalRecord:
     if type(ev) is Conflict:
         # A conflict concerns both writers: no session, so no one filters it out as their
@@ -105,23 +146,26 @@ class ConversationsApi:
             discovery only); with a secret it listens on the LAN, finds peers by mDNS and
             authenticates every link with it.
         host: listen address (default 127.0.0.1, or 0.0.0.0 with a secret). Without a
-            secret only a loopback address is accepted (:class:`InvalidArgument` at
-            :meth:`open`).
+            secret only a loopback address is accepted (``InvalidArgument`` at
+            ``open``).
         port: listen port, 0 to 65535 (0, the default, picks a free one).
         peers: static peer URLs (``ws://host:port``), kept connected. Without a secret
-            only loopback peers are accepted (:class:`InvalidArgument` at :meth:`open`).
+            only loopback peers are accepted (``InvalidArgument`` at ``open``).
         discovery: ``("local", "mdns")`` by default; mDNS runs only with a secret; ``()``
             disables discovery.
         sync_namespaces: ``None`` replicates every namespace; a set replicates only those
-            (at most :data:`MAX_SYNC_NAMESPACES`).
+            (at most ``MAX_SYNC_NAMESPACES``).
         private_namespaces: never leave this node, whatever else is configured.
         relay: a y-websocket server URL for peers beyond the LAN (not supported yet: a
-            value raises :class:`InvalidArgument`).
+            value raises ``InvalidArgument``).
         durability: ``"process"`` (an acknowledged write survives kill -9) or ``"fsync"``
             (it also survives power loss).
         listen: ``False`` starts no server and no discovery (link nodes with
-            :meth:`attach`, e.g. in tests).
-        retention: how much of the event journal to keep (:class:`Retention`).
+            ``attach``, e.g. in tests).
+        retention: how much of the event journal to keep (``Retention``).
+        storage: a storage object to use instead of the one ``data_dir`` selects (for
+            tests and embedding; it must behave as the built-in ones, see
+            ``subcog_crdt._storage.base.Storage``).
         heartbeat: seconds between pings; a silent peer is dropped within 3 s.
         max_frame: the largest frame sent or accepted (default 16 MiB).
         advertise_host: the address peers on the LAN should dial, if not the one mDNS sees.
@@ -159,6 +203,19 @@ class ConversationsApi:
     ) -> None:
         if durability not in ("process", "fsync"):
             raise InvalidArgument(f"durability must be 'process' or 'fsync', not {durability!r}")
+        _check_arguments(
+            data_dir=data_dir,
+            mesh_secret=mesh_secret,
+            host=host,
+            listen=listen,
+            retention=retention,
+            heartbeat=heartbeat,
+            max_frame=max_frame,
+            advertise_host=advertise_host,
+            discovery_dir=discovery_dir,
+            ssl=ssl,
+            client_ssl=client_ssl,
+        )
         if isinstance(discovery, str):
             raise InvalidArgument("discovery is a sequence such as ('local', 'mdns') or ()")
         discovery = check_names("discovery", discovery)
@@ -230,6 +287,7 @@ class ConversationsApi:
 
             self._storage = SqliteStorage(self.data_dir, durability=durability, retention=retention)
         self.node_id = secrets.token_hex(8)
+        """This node's id (16 hex digits; a durable node keeps its id across restarts)."""
         self._hlc = Hlc()
         self._cursor = 0
         self._committed_cursor = 0
@@ -238,6 +296,8 @@ class ConversationsApi:
         self._sessions_due = False  # a sessions frame is scheduled (_broadcast_sessions)
         self._bus = EventBus()
         self.sessions = SessionRegistry()
+        """The sessions this node knows: its own and those of connected peers
+        (``list()``, ``get(id)``)."""
         self._links: dict[str, PeerSync] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._compacting: dict[str, asyncio.Task[None]] = {}
@@ -248,6 +308,7 @@ class ConversationsApi:
         self._discovery: list[Any] = []
         self._relays: list[Any] = []
         self.url: str | None = None
+        """The URL peers dial (``ws://host:port``), once open; None without a server."""
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -261,6 +322,8 @@ class ConversationsApi:
         await self.aclose()
 
     async def open(self) -> None:
+        """Load stored state, then start the server and discovery (``async with`` does
+        this). A node opens once."""
         if self._state is not _State.NEW:
             raise ClosedError("a ConversationsApi can be opened once")
         self._state = _State.OPENING
@@ -443,29 +506,49 @@ class ConversationsApi:
         return names
 
     def namespaces(self) -> list[str]:
+        """The namespaces this node holds, sorted."""
         return sorted(self._docs)
 
     # -- sessions ----------------------------------------------------------------------
 
     async def register_session(
-        self, session_id: str, subscribe: Iterable[str] = (), *, user_id: str | None = None
+        self,
+        session_id: str,
+        subscribe: Iterable[str] | None = None,
+        *,
+        user_id: str | None = None,
     ) -> Session:
-        """Register a session on this node. Registering an id again (for example after a
-        restart) resumes its ``sync(since="last")`` cursor."""
+        """Register a session on this node (``subscribe``: the namespaces whose events it
+        gets; None: none for a new session). Registering an id again (for example after
+        a restart) resumes its ``sync(since="last")`` cursor; for a session registered
+        now it returns the same session, with ``subscribe`` replacing its subscriptions
+        (also for its open event streams) unless None."""
         self._check_open()
         check_session_id(session_id)
         if isinstance(subscribe, str):
             raise InvalidArgument("subscribe must be a list of namespaces, not a str")
-        subs = frozenset(check_names("subscribe", subscribe, check_namespace))
+        subs = (
+            None
+            if subscribe is None
+            else frozenset(check_names("subscribe", subscribe, check_namespace))
+        )
         user_id = _check_user_id(user_id)
         existing = self.sessions._local.get(session_id)
         if existing is not None:
+            if user_id is not None and user_id != existing.user_id:
+                raise InvalidArgument(
+                    f"session {session_id!r} is registered for user {existing.user_id!r}, "
+                    f"not {user_id!r}: unregister it first"
+                )
+            if subs is None:
+                return existing
             # New subscriptions apply at once, also to its open event streams.
             existing.subscriptions = subs
             for ns in subs:
                 self._ensure_doc(ns)
             self._broadcast_sessions()
             return existing
+        subs = subs or frozenset()
         last = self._saved_cursors.get(session_id, self._committed_cursor)
         s = Session(self, session_id, user_id or self.user_id, subs, last)
         self.sessions._local[session_id] = s
@@ -478,6 +561,9 @@ class ConversationsApi:
         return s
 
     async def unregister_session(self, session_id: str) -> None:
+        """End a local session: its event streams end and its calls raise
+        ``ClosedError``. Its ``sync`` cursor is kept: registering the id again resumes
+        it. NotFound if no such session is registered here."""
         self._check_open()
         check_session_id(session_id)
         session = self.sessions._local.pop(session_id, None)
@@ -629,7 +715,7 @@ class ConversationsApi:
         """Forward a remote update and publish events; return what must be persisted.
 
         Nothing here may raise once the outbox is taken (the caller persists what this
-        returns): publishing cannot (:meth:`EventBus.publish`), and comes last anyway."""
+        returns): publishing cannot (``EventBus.publish``), and comes last anyway."""
         ns = doc.namespace
         updates = doc.take_outbox()
         records = [_journal_record(ns, ev) for ev in events]
@@ -668,7 +754,7 @@ class ConversationsApi:
 
     def _maybe_compact(self, doc: NamespaceDoc) -> None:
         """Start compacting a namespace in the background once its tail outgrows both
-        :data:`_COMPACT_BYTES` and its last snapshot. Growing the threshold with the
+        ``_COMPACT_BYTES`` and its last snapshot. Growing the threshold with the
         snapshot keeps the total work linear in the number of writes (a fixed 8 MB made
         compaction ~40 % of a 100k-memory bulk load), and no write waits for it."""
         ns = doc.namespace
@@ -777,7 +863,9 @@ class ConversationsApi:
         the background)."""
         self._check_open()
         if self._transport is None:
-            raise ClosedError("this node has no network transport (listen=False)")
+            raise InvalidArgument(
+                "this node has no network transport (listen=False): it cannot dial peers"
+            )
         await self._transport.connect(url)
         self._kept_urls.add(url)
         self._transport.add_peer(url)  # keep it: redial after a drop (no-op if kept already)
@@ -802,6 +890,7 @@ class ConversationsApi:
 
     def memories(self, namespace: str, *, include_deleted: bool = False) -> list[Memory]:
         """Every memory of a namespace."""
+        self._check_open()
         doc = self._docs.get(check_namespace(namespace))
         if doc is None:
             return []
@@ -814,11 +903,13 @@ class ConversationsApi:
 
     def history(self, memory_id: str) -> list[Write]:
         """Every write of a memory, in clock order, losers of conflicts included."""
+        self._check_open()
         doc = self._doc_of(memory_id)
         return sorted(doc.writes(memory_id), key=lambda w: w.order)
 
     def state_hash(self, namespace: str) -> str:
         """Equal on two nodes iff they hold the same state of ``namespace``."""
+        self._check_open()
         doc = self._docs.get(check_namespace(namespace))
         return doc.state_hash() if doc is not None else "0" * 64
 
@@ -826,22 +917,29 @@ class ConversationsApi:
         self,
         query: str,
         *,
+        namespace: str | None = None,
         namespaces: Iterable[str] | None = None,
         tags: Iterable[str] = (),
         limit: int = 10,
     ) -> list[Memory]:
-        """Ranked full-text search over content and tags (BM25), best first."""
+        """Ranked full-text search over content and tags (BM25), best first, in one
+        ``namespace``, several ``namespaces``, or (neither given) every namespace. With
+        ``tags``, only memories holding every one of them."""
         self._check_open()
         if not isinstance(query, str):
             raise InvalidArgument("query must be a str")
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
             raise InvalidArgument("limit must be an int in 1..10000")
-        if namespaces is None:
+        if namespace is not None:
+            if namespaces is not None:
+                raise InvalidArgument("give namespace= or namespaces=, not both")
+            names = [check_namespace(namespace)]
+        elif namespaces is None:
             names = list(self._docs)
         else:
             names = check_names("namespaces", namespaces, check_namespace)
-        # a str is refused, as capture(tags="x") refuses it
-        tagset = frozenset(check_names("tags", tags))
+        # a str is refused, as capture(tags="x") refuses it; trimmed, as capture trims them
+        tagset = frozenset(t.strip() for t in check_names("tags", tags))
         scored: list[tuple[float, Memory]] = []
         for ns in names:
             doc = self._docs.get(ns)
@@ -857,6 +955,8 @@ class ConversationsApi:
     ) -> SyncBatch:
         self._check_open()
         session._check_active()
+        if not isinstance(include_own, bool):
+            raise InvalidArgument(f"include_own must be True or False, not {include_own!r}")
         # One sync per session at a time: two concurrent "last" calls must not both read
         # the same cursor (and return the same events twice).
         async with session._sync_lock:
@@ -875,6 +975,12 @@ class ConversationsApi:
         elif isinstance(since, int):
             if since < 0:
                 raise InvalidArgument("a cursor is >= 0")
+            if since > self._cursor:
+                # Continuing from it would skip every event up to it, silently.
+                raise InvalidArgument(
+                    f"cursor {since} is ahead of this node's newest ({self._cursor}): a "
+                    "cursor is only meaningful on the node that returned it"
+                )
             after = since
         elif isinstance(since, datetime):
             if since.tzinfo is None:

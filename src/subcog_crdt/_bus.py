@@ -2,7 +2,7 @@
 
 A subscriber that falls behind never makes the node hold unbounded memory: past
 ``maxsize`` queued events new ones are dropped and, once the consumer has read what was
-queued, it receives one :class:`Lagged` marker saying how many it missed and the cursor
+queued, it receives one ``Lagged`` marker saying how many it missed and the cursor
 to resync from.
 """
 
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 class Subscription:
-    """An async iterator of events (and :class:`Lagged` markers). Subscribed from creation,
+    """An async iterator of events (and ``Lagged`` markers). Subscribed from creation,
     not from the first iteration. ``close()`` ends the iteration."""
 
     def __init__(self, bus: EventBus, accept: Callable[[Event], bool], maxsize: int) -> None:
@@ -110,10 +110,15 @@ class EventBus:
 
     def __init__(self) -> None:
         self._subs: set[Subscription] = set()
+        self._closed = False
 
     def subscribe(self, accept: Callable[[Event], bool], maxsize: int = 10_000) -> Subscription:
+        """A new subscription; an ended one if the bus is closed (no event can come)."""
         sub = Subscription(self, accept, maxsize)
-        self._subs.add(sub)
+        if self._closed:
+            sub.close()
+        else:
+            self._subs.add(sub)
         return sub
 
     def publish(self, events: Iterable[Event]) -> None:
@@ -135,5 +140,6 @@ class EventBus:
                     )
 
     def close(self) -> None:
+        self._closed = True
         for sub in list(self._subs):
             sub.close()

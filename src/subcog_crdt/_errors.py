@@ -1,5 +1,5 @@
 """The exception tree of subcog-crdt. Every error raised through the public API derives
-from :class:`SubcogError`; errors of aiohttp, sqlite3 and zeroconf are mapped at the seam.
+from ``SubcogError``; errors of aiohttp, sqlite3 and zeroconf are mapped at the seam.
 
 ```
 SubcogError

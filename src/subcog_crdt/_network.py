@@ -1,6 +1,6 @@
 """Wires a node to the network: the WebSocket transport, static peers and discovery.
 
-Kept apart from :mod:`._api` so that an in-memory node (``listen=False``) never imports
+Kept apart from ``_api`` so that an in-memory node (``listen=False``) never imports
 aiohttp or zeroconf.
 """
 
@@ -77,7 +77,7 @@ async def _start_discovery(api: ConversationsApi, transport: WebSocketTransport)
 
     def release(url: str) -> None:
         """Stop redialling ``url`` unless a mechanism still reports it or the user asked to
-        keep it (``peers=``, :meth:`~ConversationsApi.connect`)."""
+        keep it (``peers=``, ``connect``)."""
         if url in reported.values() or url in api._kept_urls:
             return
         # The loop stops now (a found at this url right after starts a new one); only the

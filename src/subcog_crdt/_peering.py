@@ -75,7 +75,7 @@ _QUEUE_BYTES = 64 << 20  # past this, live updates are dropped and the peer resy
 _QUEUE_HARD_BYTES = 512 << 20  # past this even control frames: the peer is disconnected
 _QUEUE_FRAMES = 4096
 _SLICE_BYTES = 256 << 10
-"""A received update larger than this is applied in pieces (:class:`UpdateScan`), each one
+"""A received update larger than this is applied in pieces (``UpdateScan``), each one
 applied, journalled and persisted on its own, with the event loop running in between: a
 catch-up of 100k memories takes seconds to derive, and must not stall heartbeats, other
 peers and local writes that long. Also the largest piece, in bytes."""
@@ -116,7 +116,7 @@ class _UpdateRun:
 
 def _merge_runs(frames: list[Any]) -> list[Any]:
     """``frames`` with each run of two or more well-formed live updates of the same
-    namespace and origin replaced by one :class:`_UpdateRun` (anything else as it was,
+    namespace and origin replaced by one ``_UpdateRun`` (anything else as it was,
     in order; malformed frames are left for the frame checks)."""
     out: list[Any] = []
     run: list[Any] = []
@@ -199,7 +199,7 @@ class PeerSync:
         """Namespaces synced with this peer: this node holds them and both sides sync them."""
         self.offered: set[str] = set()
         """Namespaces the peer holds, both sides sync, and this node does not hold (yet);
-        at most :data:`_MAX_OFFERED`."""
+        at most ``_MAX_OFFERED``."""
         self.adopted = 0
         """Documents this link's content made this node create."""
         self._limit = api._max_frame  # min(ours, the peer's) once its hello is in
@@ -231,7 +231,7 @@ class PeerSync:
 
     def send(self, frame: list[Any]) -> None:
         """Queue a control frame (never dropped; a peer that lets them pile up past
-        :data:`_QUEUE_HARD_BYTES` is disconnected)."""
+        ``_QUEUE_HARD_BYTES`` is disconnected)."""
         if self._closed:  # the link is going: nothing more to send (or to warn about)
             return
         data = _pack(frame)
@@ -291,7 +291,7 @@ class PeerSync:
         writer task: a send usually completes without suspending (aiohttp writes to the
         socket and only awaits when its buffer is full), and the hop to another task costs
         more than the send. If it does suspend, a task finishes it and the writer waits.
-        See :data:`YIELD_TO_LOCAL_PEERS` for what follows a completed send."""
+        See ``YIELD_TO_LOCAL_PEERS`` for what follows a completed send."""
         coro = self.link.send(data)
         try:
             suspended_on = coro.send(None)
@@ -497,7 +497,7 @@ class PeerSync:
     async def _apply_large(
         self, pending: Awaitable[None] | None, large: list[tuple[str, str, bytes, bool]]
     ) -> None:
-        """Apply large updates in pieces (see :data:`_SLICE_BYTES`), after the commit of
+        """Apply large updates in pieces (see ``_SLICE_BYTES``), after the commit of
         what the message applied before them. The link hands over no further message
         meanwhile, so the order of this peer's updates is kept."""
         if pending is not None:
@@ -668,7 +668,7 @@ class PeerSync:
 
     def _remember(self, ns: str) -> bool:
         """Note that the peer holds ``ns``, which this node does not; False if this link
-        already made it remember :data:`_MAX_OFFERED` names."""
+        already made it remember ``_MAX_OFFERED`` names."""
         if ns in self.offered:
             return True
         if len(self.offered) >= _MAX_OFFERED:
@@ -806,7 +806,7 @@ class PeerSync:
     ) -> bool:
         """Whether the peer's content for ``ns`` is applied here: not if private or
         filtered here; a namespace this node does not hold yet is created for it (within
-        the bounds of :meth:`_adopt`; ``blocks``: the update's, if already scanned)."""
+        the bounds of ``_adopt``; ``blocks``: the update's, if already scanned)."""
         if ns in self.shared:
             return True
         if not self._exchanges(ns):

@@ -23,7 +23,7 @@ __all__ = ["Session", "SyncBatch"]
 
 @dataclass(frozen=True, slots=True)
 class SyncBatch:
-    """What :meth:`Session.sync` returns."""
+    """What ``Session.sync`` returns."""
 
     events: list[Event]
     cursor: int
@@ -60,9 +60,10 @@ class Session:
     def _check_active(self) -> None:
         if not self._active:
             raise ClosedError(f"session {self.id!r} was unregistered")
+        self._api._check_open()
 
     def _end(self) -> None:
-        """Unregistered: later calls raise :class:`ClosedError`, event streams end."""
+        """Unregistered: later calls raise ``ClosedError``, event streams end."""
         self._active = False
         for stream in list(self._streams):
             stream.close()
@@ -90,7 +91,9 @@ class Session:
         expires_at: datetime | str | None = None,
     ) -> Memory:
         """Capture a memory. The same content (ignoring whitespace and case) already in the
-        namespace yields that memory, with this session added to ``captured_by``."""
+        namespace yields that memory, with this session added to ``captured_by`` and
+        ``tags`` added to its tags; its other fields are left as they are (change them
+        with ``update``)."""
         try:
             # a str stays one (check_tags refuses it), anything iterable becomes a list
             fields: dict[str, Any] = {"tags": tags if isinstance(tags, str) else list(tags)}
@@ -122,7 +125,7 @@ class Session:
     ) -> Memory:
         """Change fields of a memory (``content``, ``tags``, ``metadata``, ``domain``,
         ``status``, ``source``, ``expires_at``). With ``expected_version`` a stale version
-        raises :class:`ConflictError` and changes nothing."""
+        raises ``ConflictError`` and changes nothing."""
         return await self._api._update(self, memory_id, fields, expected_version)
 
     async def delete(self, memory_id: str, *, expected_version: int | None = None) -> Memory:
@@ -134,14 +137,19 @@ class Session:
         query: str,
         *,
         namespace: str | None = None,
+        namespaces: Iterable[str] | None = None,
         tags: Iterable[str] = (),
         limit: int = 10,
     ) -> list[Memory]:
-        """Ranked full-text search (BM25 over content and tags), best first. Without
-        ``namespace`` it searches this session's subscriptions."""
-        names = [namespace] if namespace is not None else sorted(self.subscriptions)
+        """Ranked full-text search (BM25 over content and tags), best first, in one
+        ``namespace`` or several ``namespaces``; without either, in this session's
+        subscriptions. With ``tags``, only memories holding every one of them."""
         self._check_active()
-        return self._api.recall(query, namespaces=names, tags=tags, limit=limit)
+        if namespace is None and namespaces is None:
+            namespaces = sorted(self.subscriptions)
+        return self._api.recall(
+            query, namespace=namespace, namespaces=namespaces, tags=tags, limit=limit
+        )
 
     async def sync(
         self,
@@ -160,8 +168,10 @@ class Session:
         """Live events for this session's subscriptions (as they are at each event), from
         now on (subscribed when called, not at first iteration). Own events (of this
         session on this node) are left out unless ``include_own``; ``maxsize`` bounds the
-        queue (see :class:`Lagged`)."""
+        queue (see ``Lagged``)."""
         self._check_active()
+        if not isinstance(include_own, bool):
+            raise InvalidArgument(f"include_own must be True or False, not {include_own!r}")
         if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
             raise InvalidArgument(f"maxsize must be an int >= 1, not {maxsize!r}")
         me = self.id

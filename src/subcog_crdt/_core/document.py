@@ -1,10 +1,10 @@
 """One namespace: its pycrdt document and the memories derived from it.
 
-Writes go in as new keys of the root map (see :mod:`subcog_crdt._core.schema`); what comes
+Writes go in as new keys of the root map (see ``subcog_crdt._core.schema``); what comes
 out is events. Local writes know what they wrote; remote updates are read with the small
-decoder in :mod:`subcog_crdt._core.ydecode` (pycrdt's observers would convert every value
+decoder in ``subcog_crdt._core.ydecode`` (pycrdt's observers would convert every value
 of every transaction, local ones included). The update bytes of every transaction are
-collected in :attr:`NamespaceDoc.outbox` for storage and peers to take.
+collected in ``NamespaceDoc.outbox`` for storage and peers to take.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class _Mem:
         # long history must not copy it.
         self.keys: tuple[str, ...] | list[str] = ()
         self.resolved = resolved
-        """False after a fast load: only ``keys`` is known until :meth:`_resolve`."""
+        """False after a fast load: only ``keys`` is known until ``_resolve``."""
         self.exists = False
         self.deleted = False
         self.normh = 0
@@ -213,7 +213,7 @@ class NamespaceDoc:
     def _entry(self, key: str) -> Any:
         """``entries.get(key)`` through pycrdt's native map: ``Map.get`` opens four nested
         Python transactions (~10 us here, against ~1 us). Inside a transaction (a batch,
-        :meth:`resolve_some`) the read joins it. A value that is not a primitive comes
+        ``resolve_some``) the read joins it. A value that is not a primitive comes
         back as pycrdt's native object, which no decoder accepts, as before."""
         outer = self.doc._txn
         if outer is not None:
@@ -293,7 +293,7 @@ class NamespaceDoc:
 
     def _rederive(self, keys: list[str]) -> None:
         """Derive again the memories whose integrated entries were overwritten or removed:
-        from the values the map holds now (what :meth:`_resolve` reads after a restart),
+        from the values the map holds now (what ``_resolve`` reads after a restart),
         dropping entries that no longer decode. No events: a restarted node has none."""
         by_mid: dict[str, list[str]] = {}
         for k in keys:
@@ -580,7 +580,7 @@ class NamespaceDoc:
 
     def apply_update(self, update: bytes) -> list[Event]:
         """Apply a Yjs update from a peer; return the events of the writes it brought.
-        Raises :class:`ProtocolError` (and changes nothing) if the bytes are not an update."""
+        Raises ``ProtocolError`` (and changes nothing) if the bytes are not an update."""
         try:
             decoded = read_update(update, ENTRIES)
         except UpdateDecodeError as exc:
@@ -897,7 +897,7 @@ class NamespaceDoc:
         marks: list[FoldState] | None,
     ) -> None:
         """Fold the writes of ``keys[start:stop]`` onto ``st``; with ``marks``, append a
-        checkpoint at every multiple of :data:`_MARK_EVERY`."""
+        checkpoint at every multiple of ``_MARK_EVERY``."""
         for n in range(start, stop):
             w = self._read(keys[n])
             if w is not None:

@@ -1,9 +1,9 @@
 """Events: what happened to a memory, naming the session that did it.
 
-Every write yields exactly one of :class:`Captured`, :class:`Updated`, :class:`Deleted`
+Every write yields exactly one of ``Captured``, ``Updated``, ``Deleted``
 on every node that receives it (same ``write_id``, ``source_session`` and ``at`` as on the
 node where it was made); concurrent writes that overwrite each other also yield a
-:class:`Conflict` on every node. ``cursor`` is local to the node and increases by one per
+``Conflict`` on every node. ``cursor`` is local to the node and increases by one per
 event.
 """
 

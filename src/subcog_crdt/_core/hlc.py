@@ -3,7 +3,7 @@
 A stamp is a fixed-width string ``WWWWWWWWWWWWWCCCCCC``: 13 decimal digits of wall-clock
 milliseconds and 6 hex digits of a logical counter. Fixed width makes string order equal
 time order, which JavaScript clients can compare without parsing. The clock never goes
-backwards, and after :meth:`Hlc.observe` it is ahead of everything seen, so a write made
+backwards, and after ``Hlc.observe`` it is ahead of everything seen, so a write made
 after seeing another always sorts after it.
 """
 
@@ -60,7 +60,7 @@ class Hlc:
 
     def observe(self, stamp: str) -> None:
         """Move ahead of a stamp seen from elsewhere (never backwards). A stamp more than
-        :data:`MAX_DRIFT_MS` ahead of our wall clock is not followed: one bad clock (or a
+        ``MAX_DRIFT_MS`` ahead of our wall clock is not followed: one bad clock (or a
         hostile peer) must not drag every node's clock into the far future, where its
         stamps would stop fitting the fixed width."""
         if not valid_stamp(stamp):
@@ -78,7 +78,7 @@ class Hlc:
 
 def stamp_after(stamp: str) -> str | None:
     """The smallest stamp after ``stamp`` (None past the last one). A write to a memory
-    whose newest write is further ahead than the clock follows (:data:`MAX_DRIFT_MS`)
+    whose newest write is further ahead than the clock follows (``MAX_DRIFT_MS``)
     takes it, so a write made after seeing another still sorts after it, without
     dragging the node's clock forward."""
     wall = int(stamp[:13])

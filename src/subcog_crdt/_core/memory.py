@@ -123,7 +123,7 @@ class WriteConflict:
 
 class FoldState:
     """A fold in progress: the writes of one memory folded so far, in order. Folding the
-    next write in order is :meth:`step`; :meth:`memory` is the memory they make. A node
+    next write in order is ``step``; ``memory`` is the memory they make. A node
     keeps one per memory with several writes, so a write after the latest costs the same
     whatever the length of the history."""
 

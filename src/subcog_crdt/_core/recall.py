@@ -113,7 +113,7 @@ class RecallIndex:
 
     def add(self, doc: int, tokens: Iterable[str]) -> None:
         """Index a document's tokens (first version of its text). Whether it is searchable
-        is set separately (:meth:`set_live`)."""
+        is set separately (``set_live``)."""
         if self._lengths[doc] or doc in self._dirty:
             # Not its first text after all: its earlier words must not count.
             self.replace(doc, list(tokens))

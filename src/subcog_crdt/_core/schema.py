@@ -51,7 +51,7 @@ MAX_TEXT: Final = 1024
 MAX_ENTRY: Final = 4 * MAX_CONTENT + MAX_METADATA
 """The longest entry value (characters of JSON) any node accepts; a longer one is ignored.
 JSON escapes a character in at most 6 (``\\u0001``), so content dense in control characters
-can exceed it: a local write whose entry would is refused (see :func:`prepare_fields`)."""
+can exceed it: a local write whose entry would is refused (see ``prepare_fields``)."""
 # The most an entry's JSON can take besides its content: framing (op, base, field names)
 # and every other field at its limit, each character escaped to 6.
 _OTHER_MAX: Final = (
@@ -184,7 +184,7 @@ def prepare_fields(fields: dict[str, Any], *, measure: bool = True) -> dict[str,
     Everything that could make the write fail later is checked here, before anything is
     written (a batch prepares all its items first): types, limits, text that UTF-8 cannot
     encode, and (with ``measure``) the size of the entry the fields make: at most
-    :data:`MAX_ENTRY`. (A received entry was measured as it is: no ``measure``.)"""
+    ``MAX_ENTRY``. (A received entry was measured as it is: no ``measure``.)"""
     out: dict[str, Any] = {}
     if len(fields) <= 2 and fields.keys() <= _CONTENT_AND_TAGS:
         # the common capture: content and a (usually short) list of tags
@@ -206,7 +206,7 @@ _CONTENT_AND_TAGS: Final = frozenset({"content", "tags"})
 
 
 def _measure(out: dict[str, Any]) -> None:
-    """Refuse fields whose entry would exceed :data:`MAX_ENTRY` (framed as the longest op,
+    """Refuse fields whose entry would exceed ``MAX_ENTRY`` (framed as the longest op,
     with a base): every node would ignore it."""
     size = len(encode_write("capture", "0" * 19, out))
     if size > MAX_ENTRY:
@@ -217,7 +217,7 @@ def _measure(out: dict[str, Any]) -> None:
 
 
 def _prepare_rest(fields: dict[str, Any], out: dict[str, Any]) -> None:
-    """:func:`prepare_fields` beyond content and tags, field by field, into ``out``."""
+    """``prepare_fields`` beyond content and tags, field by field, into ``out``."""
     for name, value in fields.items():
         if name == "content":
             out[name] = check_content(value)
@@ -292,14 +292,14 @@ def normalise(content: str) -> str:
 
 
 def first_memory_id(namespace: str, norm: str) -> str:
-    """The first id of :func:`memory_id_chain` (what almost every capture uses)."""
+    """The first id of ``memory_id_chain`` (what almost every capture uses)."""
     return hashlib.sha256(f"{namespace}\x00{norm}".encode()).hexdigest()[:20]
 
 
 def memory_id_chain(namespace: str, norm: str, first: str | None = None) -> Any:
     """Yield candidate ids for a normalised content: a deterministic chain of hashes, so
     every node picks the same id for the same content without talking to the others.
-    ``first`` is :func:`first_memory_id` if the caller has it already."""
+    ``first`` is ``first_memory_id`` if the caller has it already."""
     # SHA-256 because every JavaScript runtime has it (WebCrypto, node:crypto).
     h = first or first_memory_id(namespace, norm)
     while True:

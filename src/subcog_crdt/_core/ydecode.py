@@ -177,7 +177,7 @@ def _skip_content(r: _Reader, ref: int) -> int:
 
 
 class Decoded(NamedTuple):
-    """What :func:`read_update` found in an update."""
+    """What ``read_update`` found in an update."""
 
     inserts: list[MapInsert]
     unknown: bool

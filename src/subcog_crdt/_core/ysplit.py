@@ -101,7 +101,7 @@ def _skip_content(r: _Reader, ref: int) -> int:
 
 
 class UpdateScan:
-    """Scan an update a slice at a time (:meth:`step`), then cut it (:meth:`pieces`).
+    """Scan an update a slice at a time (``step``), then cut it (``pieces``).
 
     ``piece_structs`` and ``piece_bytes`` bound each piece (a single struct larger than
     ``piece_bytes`` is a piece of its own)."""
@@ -131,7 +131,7 @@ class UpdateScan:
 
     def step(self, budget: int) -> bool:
         """Scan up to ``budget`` more structs; True once the whole update is scanned.
-        Raises :class:`UpdateDecodeError` if it is not a well-formed update."""
+        Raises ``UpdateDecodeError`` if it is not a well-formed update."""
         r = self._r
         if self.done:
             return True

@@ -1,14 +1,14 @@
 """The discovery contract.
 
-A discovery mechanism announces this node (an :class:`Advert`) and reports other nodes of
-the same mesh (:class:`Found`) and their departure (``on_lost(node_id)``). It never dials
+A discovery mechanism announces this node (an ``Advert``) and reports other nodes of
+the same mesh (``Found``) and their departure (``on_lost(node_id)``). It never dials
 and never authenticates: it only hands URLs to the node, which connects and proves the mesh
 secret over the transport. Mechanisms compare *mesh tags* (a one-way digest of the secret,
-see :func:`mesh_tag`) to skip peers of another mesh before any connection is attempted.
+see ``mesh_tag``) to skip peers of another mesh before any connection is attempted.
 
-Implementations: :class:`~subcog_crdt._discovery.local.LocalDiscovery` (same machine, a
-registry directory), :class:`~subcog_crdt._discovery.mdns.MdnsDiscovery` (LAN, mDNS) and
-:class:`~subcog_crdt._discovery.static.StaticDiscovery` (configured URLs).
+Implementations: ``LocalDiscovery`` (same machine, a
+registry directory), ``MdnsDiscovery`` (LAN, mDNS) and
+``StaticDiscovery`` (configured URLs).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 MESH_TAG_CONTEXT = b"subcog-crdt mesh tag v1"
-"""The message that :func:`mesh_tag` authenticates with the secret."""
+"""The message that ``mesh_tag`` authenticates with the secret."""
 
 _MESH_TAG_RE = re.compile(r"^(?:[0-9a-f]{16})?$")
 
@@ -64,7 +64,7 @@ class Advert:
     """Where peers dial this node, e.g. ``ws://10.0.0.5:8765``."""
     protocol: int
     mesh_tag: str
-    """:func:`mesh_tag` of the mesh secret; ``""`` when the node has no secret."""
+    """``mesh_tag`` of the mesh secret; ``""`` when the node has no secret."""
 
 
 @dataclass(frozen=True)

@@ -164,7 +164,7 @@ def _make_private(path: Path) -> None:
 class LocalDiscovery(AsyncClosing):
     """Discovery of the nodes on this machine through a shared registry directory.
 
-    ``directory``: the registry (default: :func:`default_directory`). ``poll``: seconds
+    ``directory``: the registry (default: ``default_directory``). ``poll``: seconds
     between two scans of the directory.
     """
 

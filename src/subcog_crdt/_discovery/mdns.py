@@ -1,18 +1,18 @@
 """LAN discovery over mDNS / DNS-SD (python-zeroconf), IPv4 only.
 
-Each node registers one service of type :data:`SERVICE_TYPE` whose instance name is its
+Each node registers one service of type ``SERVICE_TYPE`` whose instance name is its
 node id, with exactly three TXT keys: ``id`` (node id), ``v`` (protocol version) and
-``mesh`` (:func:`~subcog_crdt._discovery.base.mesh_tag` of the secret). Nothing else goes
+``mesh`` (``mesh_tag`` of the secret). Nothing else goes
 on the wire: never the secret, never content. Peers whose mesh tag differs are ignored
 before any connection; the node itself is never reported.
 
 mDNS is only for *finding* peers: a peer killed with ``kill -9`` sends no goodbye and
 receivers keep its records for a long time, so liveness belongs to the transport
-(heartbeats). A clean :meth:`MdnsDiscovery.aclose` awaits the goodbye packets, which peers
+(heartbeats). A clean ``MdnsDiscovery.aclose`` awaits the goodbye packets, which peers
 see within milliseconds.
 
 Registration (probing + announcing, about a second) runs in the background, so
-:meth:`MdnsDiscovery.start` returns as soon as the sockets are open and browsing runs.
+``MdnsDiscovery.start`` returns as soon as the sockets are open and browsing runs.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ class MdnsDiscovery(AsyncClosing):
         on_lost: Callable[[str], None],
     ) -> None:
         """Open the mDNS sockets, start browsing and register ``advert`` (in the
-        background). Raises :class:`InvalidArgument` for unusable interfaces or adverts."""
+        background). Raises ``InvalidArgument`` for unusable interfaces or adverts."""
         _check_startable(self._state, "MdnsDiscovery")
         _check_advert(advert)
         if not _NODE_ID_RE.match(advert.node_id):

@@ -13,7 +13,7 @@ __all__ = ["StaticDiscovery"]
 
 
 class StaticDiscovery(AsyncClosing):
-    """Reports each configured URL once, at :meth:`start`, and never loses one.
+    """Reports each configured URL once, at ``start``, and never loses one.
 
     The node id behind a static URL is unknown (``Found.node_id == ""``): the caller dials
     and learns it from the handshake. Such peers are assumed to speak our protocol and to be

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, Protocol
 
+from subcog_crdt._errors import InvalidArgument
+
 __all__ = ["Durability", "JournalRecord", "Retention", "Storage", "StoredState"]
 
 Durability = Literal["process", "fsync"]
@@ -41,10 +43,20 @@ class Retention:
     max_events: int = 100_000
     max_age: float | None = 30 * 24 * 3600.0
 
+    def __post_init__(self) -> None:
+        n = self.max_events
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InvalidArgument(f"Retention.max_events must be an int >= 1, not {n!r}")
+        age = self.max_age
+        if age is not None and (
+            isinstance(age, bool) or not isinstance(age, int | float) or not age > 0
+        ):
+            raise InvalidArgument(f"Retention.max_age must be seconds > 0 or None, not {age!r}")
+
 
 @dataclass
 class StoredState:
-    """What :meth:`Storage.open` returns."""
+    """What ``Storage.open`` returns."""
 
     node_id: str | None = None
     docs: dict[str, list[bytes]] = field(default_factory=dict)
@@ -106,7 +118,7 @@ class Storage(Protocol):
         a peer keeps its own, older time), so this, not the oldest record kept, tells
         whether a read with ``since_ms`` can have missed something: it can iff
         ``since_ms <= pruned_max_at_ms()``. Exact as of the last ``read_journal()``,
-        like :meth:`oldest_cursor`."""
+        like ``oldest_cursor``."""
         ...
 
     async def aclose(self) -> None: ...

@@ -1,4 +1,4 @@
-"""Checks every :class:`~subcog_crdt._storage.base.Storage` implementation must pass.
+"""Checks every ``Storage`` implementation must pass.
 
 Like automerge-repo's ``runStorageAdapterTests(setup)``: the suite ships with the library
 and each implementation's tests run it with a factory::
@@ -11,7 +11,7 @@ the suite closed that one (a durable implementation reads its files back; the in
 may return the same object). Each check runs on its own fresh location.
 
 Run them all with ``await run_storage_conformance(make)``, or one by one from
-:data:`CHECKS` (name -> coroutine function taking the factory) to get one test per check.
+``CHECKS`` (name -> coroutine function taking the factory) to get one test per check.
 """
 
 from __future__ import annotations

@@ -41,12 +41,12 @@ def _libc_write() -> Callable[[int, bytes, int], int] | None:
 
 _WRITE: Final = _libc_write()
 HOLDS_GIL: Final = _WRITE is not None
-"""Whether :func:`write_all` keeps the GIL (False: it falls back to ``os.write``)."""
+"""Whether ``write_all`` keeps the GIL (False: it falls back to ``os.write``)."""
 
 
 def write_all(fd: int, data: bytes) -> None:
     """Write all of ``data`` (``bytes``) to the regular file ``fd``, retrying short writes
-    and EINTR; up to :data:`KEEP_GIL_UP_TO` bytes without releasing the GIL.
+    and EINTR; up to ``KEEP_GIL_UP_TO`` bytes without releasing the GIL.
 
     Raises ``OSError`` like ``os.write``; on error some prefix of ``data`` may have been
     written."""

@@ -79,7 +79,7 @@ Opening: take the lock, ``PRAGMA quick_check``, read the log, apply the journal 
 newer than ``applied_lsn`` and keep the updates of frames newer than ``retired_lsn``, then
 load. A torn last frame (a half-written tail) is cut off with a warning and everything
 before it is kept; a damaged frame followed by valid ones is corruption, not a torn tail,
-and raises :class:`CorruptStorage` naming the log. So do a snapshot whose length or CRC
+and raises ``CorruptStorage`` naming the log. So do a snapshot whose length or CRC
 does not match, SQLite damage (``quick_check``, or a namespace whose updates have a gap),
 a log that lost frames SQLite already applied (possible only after an OS crash or power
 loss with ``"process"``; refused before the torn tail is cut off), and a fresh (empty)
@@ -554,6 +554,8 @@ class SqliteStorage(AsyncClosing):
         while not d.exists() and d.parent != d:
             missing.append(d)
             d = d.parent
+        if self.data_dir.exists() and not self.data_dir.is_dir():
+            raise StorageError(f"data_dir {self.data_dir} exists and is not a directory")
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if self.durability == "fsync":
             for d in reversed(missing):
@@ -576,7 +578,9 @@ class SqliteStorage(AsyncClosing):
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise StorageLocked(
-                    f"data directory {self.data_dir} is in use by another storage{holder}"
+                    f"data directory {self.data_dir} is in use by another storage{holder}: "
+                    "each node (each agent process) needs its own data_dir; they share "
+                    "memories by syncing"
                 ) from None
             raise StorageError(f"cannot lock {lock_path}: {exc}") from exc
         os.ftruncate(fd, 0)
@@ -1213,7 +1217,7 @@ class SqliteStorage(AsyncClosing):
         """Drop journal rows beyond the retention; runs inside a write transaction, and
         stores what it changed (``journal_count``, ``oldest``, ``pruned_max_at_ms``) in
         the same one, so a commit never leaves the stored count behind the rows (a rollback
-        must call :meth:`_reload_thread_state`). When draining (not exact) it waits for a
+        must call ``_reload_thread_state``). When draining (not exact) it waits for a
         little excess so most drains skip it."""
         db = self._db
         r = self.retention

@@ -1,1 +1,1 @@
-"""Transports: how frames move between two nodes (see :mod:`.base` for the contract)."""
+"""Transports: how frames move between two nodes (see ``base`` for the contract)."""

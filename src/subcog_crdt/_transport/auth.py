@@ -16,13 +16,13 @@ empty byte strings; the transport enforces the loopback restriction instead.
 Proofs alone authenticate the two *endpoints*, not the bytes that follow: a relay that
 forwards the handshake verbatim would end up in the middle of an authenticated link. So a
 successful handshake with a secret also derives two *link keys*, one per direction, from
-the secret and the whole handshake transcript (:func:`link_keys`), and every later message
+the secret and the whole handshake transcript (``link_keys``), and every later message
 carries a truncated HMAC over a per-direction sequence number and the message
-(:class:`MessageAuth`). Without the secret a relay can neither compute the keys nor forge,
+(``MessageAuth``). Without the secret a relay can neither compute the keys nor forge,
 replay, reorder or drop a message unnoticed; a changed handshake message (say, a hello)
 gives the two sides different keys, so the link fails at its first message.
 
-:func:`mesh_tag` gives a one-way, public label of a secret for discovery adverts, so that
+``mesh_tag`` gives a one-way, public label of a secret for discovery adverts, so that
 nodes can skip peers of other meshes without revealing anything useful about the secret.
 """
 
@@ -167,8 +167,8 @@ def link_keys(secret: bytes, binding: Binding, transcript: bytes) -> tuple[bytes
 
 
 def message_tag(key: bytes, seq: int, message: bytes | memoryview) -> bytes:
-    """``HMAC-SHA256(key, seq as 8 bytes big-endian || message)``, first :data:`TAG_SIZE`
-    bytes (the reference form; :class:`MessageAuth` computes the same faster)."""
+    """``HMAC-SHA256(key, seq as 8 bytes big-endian || message)``, first ``TAG_SIZE``
+    bytes (the reference form; ``MessageAuth`` computes the same faster)."""
     return _Hmac(key).tag(seq, message)
 
 
@@ -192,7 +192,7 @@ class _Hmac:
 class MessageAuth:
     """The message authentication state of one keyed link, from one side's view.
 
-    :meth:`seal` appends the tag for the next outgoing sequence number; :meth:`open`
+    ``seal`` appends the tag for the next outgoing sequence number; ``open``
     checks and strips the tag of the next incoming one. Sequence numbers start at 0 in each
     direction and count every message, so a replayed, reordered or dropped message fails
     the check of the one expected in its place.
@@ -208,7 +208,7 @@ class MessageAuth:
 
     @classmethod
     def for_role(cls, role: Role, keys: tuple[bytes, bytes]) -> MessageAuth:
-        """The state of the ``role`` side, given :func:`link_keys`."""
+        """The state of the ``role`` side, given ``link_keys``."""
         to_server, to_client = keys
         return cls(to_server, to_client) if role == "client" else cls(to_client, to_server)
 

@@ -1,12 +1,12 @@
 """The transport contract.
 
-A transport gives the node :class:`Link` objects: authenticated, ordered, bidirectional
+A transport gives the node ``Link`` objects: authenticated, ordered, bidirectional
 channels of binary frames to one peer each. What the frames mean (the sync protocol) is
 not the transport's business; it only moves ``bytes`` and enforces limits. The node hands
 every new link to one callback, whichever side dialled.
 
 A link's frames are read either by iterating it or, on the hot path, by
-:meth:`Link.consume`: a synchronous callback run for each frame as soon as it arrives,
+``Link.consume``: a synchronous callback run for each frame as soon as it arrives,
 without a hand-off to another task.
 """
 

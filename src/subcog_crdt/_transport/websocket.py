@@ -1,9 +1,9 @@
 """The real transport: authenticated aiohttp WebSockets between nodes.
 
-One :class:`WebSocketTransport` per node runs an aiohttp server (the node may add its own
+One ``WebSocketTransport`` per node runs an aiohttp server (the node may add its own
 routes through ``setup_app``) and dials peers with one shared ``ClientSession``. Each
 connection is authenticated by a four-message handshake before any application frame
-crosses, then becomes a :class:`WebSocketLink` handed to the node's ``on_link`` callback.
+crosses, then becomes a ``WebSocketLink`` handed to the node's ``on_link`` callback.
 
 Handshake (msgpack maps, each with a type tag ``t`` and the protocol version ``v``)::
 
@@ -12,8 +12,8 @@ Handshake (msgpack maps, each with a type tag ``t`` and the protocol version ``v
     client -> server  {t: "auth",      proof, hello}            after verifying the server
     server -> client  {t: "welcome",   hello}                   after verifying the client
 
-The proofs bind both fresh nonces and both node ids (see :mod:`.auth`), so a recorded
-handshake cannot be replayed. The :class:`~.base.Hello` (which names namespaces, user and
+The proofs bind both fresh nonces and both node ids (see ``auth``), so a recorded
+handshake cannot be replayed. The ``Hello`` (which names namespaces, user and
 URL) is only sent to a side that has already proven the secret.
 
 With a secret, the handshake also derives two link keys (one per direction) from the secret,
@@ -26,12 +26,12 @@ replay, reorder nor drop messages. It can still read them: confidentiality needs
 (``ssl=``). Without a secret (loopback only) messages carry no tag.
 
 Before the peer is authenticated, what it can make this node buffer is bounded: each
-handshake message may be at most :data:`HANDSHAKE_MAX_FRAME` bytes and only the expected
-handshake messages may arrive (:class:`_HandshakeGuard`, which checks frame headers before
+handshake message may be at most ``HANDSHAKE_MAX_FRAME`` bytes and only the expected
+handshake messages may arrive (``_HandshakeGuard``, which checks frame headers before
 aiohttp buffers a byte of their payload), and at most ``max_handshakes`` connections may
 be in the handshake at once; the next one is refused with HTTP 503.
 
-Close codes (also in :data:`CLOSE_CODES`)::
+Close codes (also in ``CLOSE_CODES``)::
 
     1000  normal              the link's handler returned, or ``close()`` was called
     1001  going away          the node shuts down
@@ -60,7 +60,7 @@ the link is declared dead if no pong arrives within half that interval. The inte
 lowered if needed so that a frozen peer is detected within ``dead_after`` seconds.
 
 Received frames are read eagerly by one pump task per link. With a consumer
-(:meth:`WebSocketLink.consume`, the node's hot path) the pump hands each frame over in the
+(``WebSocketLink.consume``, the node's hot path) the pump hands each frame over in the
 same turn of the event loop that parsed it: no queue, no wake-up of another task. Frames
 that arrive while the consumer is still finishing an awaitable (a durable commit that must
 wait for an fsync), or before it is attached, go to a byte-bounded inbox, as they do for
@@ -189,13 +189,13 @@ class _HandshakeGuard:
     aiohttp fixes a reader's ``max_msg_size`` when the WebSocket opens (the C reader keeps
     it in a private C field), but a link needs 16 MiB messages after the handshake and only
     64 KiB during it. So the reader is created with the link's limit, and this guard reads
-    the frame headers of every byte before the reader gets it: until :meth:`release`, a
+    the frame headers of every byte before the reader gets it: until ``release``, a
     data message may be at most ``limit`` bytes, and at most ``messages`` of them may
     arrive. A header announcing more is refused before any of its payload is buffered
     (the chunk carrying it never reaches the reader): the WebSocket then fails with
     ``code``, as if aiohttp's own reader had refused it. After release it only forwards.
 
-    Installed through :class:`_GuardedParser`; aiohttp calls ``feed_data``/``feed_eof``.
+    Installed through ``_GuardedParser``; aiohttp calls ``feed_data``/``feed_eof``.
     """
 
     __slots__ = (
@@ -324,7 +324,7 @@ class _HandshakeGuard:
 
 class _GuardedParser:
     """Mixin for aiohttp's WebSocket classes: wraps the reader aiohttp creates in a
-    :class:`_HandshakeGuard` before aiohttp hands it to the connection.
+    ``_HandshakeGuard`` before aiohttp hands it to the connection.
 
     aiohttp 3.x (checked with 3.14) assigns the new reader to ``self._parser`` (the server
     in ``_post_start``, the client in ``ClientSession._ws_connect``) and right after passes
@@ -465,7 +465,7 @@ def _nonce(obj: dict[str, Any]) -> bytes:
 
 
 def encode_hello(hello: Hello) -> dict[str, Any]:
-    """The wire form of a :class:`Hello`: a map of its dataclass fields."""
+    """The wire form of a ``Hello``: a map of its dataclass fields."""
     return {
         "node_id": hello.node_id,
         "url": hello.url,
@@ -477,7 +477,7 @@ def encode_hello(hello: Hello) -> dict[str, Any]:
 
 
 def decode_hello(raw: object) -> Hello:
-    """Parse and type-check a peer's :class:`Hello`; unknown keys are ignored (newer peers)."""
+    """Parse and type-check a peer's ``Hello``; unknown keys are ignored (newer peers)."""
     if not isinstance(raw, dict):
         raise _HandshakeFailure(CLOSE_PROTOCOL, "hello is not a map")
     node_id = _node_id(raw)
@@ -509,7 +509,7 @@ def decode_hello(raw: object) -> Hello:
 
 
 async def _recv_handshake(ws: _AnyWs) -> bytes:
-    """The next handshake message, or a :class:`_HandshakeFailure` saying why not."""
+    """The next handshake message, or a ``_HandshakeFailure`` saying why not."""
     msg = await ws.receive()
     if msg.type is WSMsgType.BINARY:
         data: bytes = msg.data
@@ -606,7 +606,7 @@ class _Inbox:
 
 
 class WebSocketLink:
-    """One authenticated WebSocket to one peer (implements :class:`~.base.Link`).
+    """One authenticated WebSocket to one peer (implements ``Link``).
 
     Iteration yields the peer's frames in order and ends when the link closes, whatever
     the reason; ``close_code`` and ``close_reason`` then say why (the reason is logged).
@@ -699,7 +699,7 @@ class WebSocketLink:
         return frame
 
     async def consume(self, consumer: FrameConsumer) -> None:
-        """See :meth:`.base.Link.consume`. Frames are handed over by the read pump itself,
+        """See ``base.Link.consume``. Frames are handed over by the read pump itself,
         in the event-loop turn that parsed them (no task hand-off); only while the
         consumer is busy with an awaitable are they buffered in the inbox and handed over
         by a drain task (the pump keeps reading, so pings are still answered)."""
@@ -1257,7 +1257,11 @@ class WebSocketTransport:
         third = _unpack(raw_third, "auth")
         client_proof = _field(third, "proof", bytes)
         if not auth.verify_proof(self._secret, "client", client_proof, binding):
-            raise _HandshakeFailure(CLOSE_AUTH, "client could not prove the mesh secret")
+            raise _HandshakeFailure(
+                CLOSE_AUTH,
+                "client could not prove the mesh secret (its mesh_secret differs from ours, "
+                "or only one side has one)",
+            )
         peer = decode_hello(third.get("hello"))
         if peer.node_id != client_id:
             raise _HandshakeFailure(CLOSE_PROTOCOL, "hello names another node than the handshake")
@@ -1306,13 +1310,13 @@ class WebSocketTransport:
         """Dial ``url`` once; return the link when established.
 
         ``node_id``: the node expected there (say, from discovery); if the node that proves
-        the secret at ``url`` is another one, the dial fails with :class:`AuthError` before
+        the secret at ``url`` is another one, the dial fails with ``AuthError`` before
         anything about this node is sent.
 
         If a link to that node exists (or the peer's simultaneous dial wins), returns that
-        link instead. Raises :class:`AuthError`, :class:`ProtocolError`,
-        :class:`PeerUnreachable`, :class:`InvalidArgument` (bad URL, or this node itself),
-        :class:`ClosedError` (transport closed).
+        link instead. Raises ``AuthError``, ``ProtocolError``,
+        ``PeerUnreachable``, ``InvalidArgument`` (bad URL, or this node itself),
+        ``ClosedError`` (transport closed).
         """
         self._check_open()
         target = self._check_url(url)
@@ -1384,7 +1388,11 @@ class WebSocketTransport:
             raise _HandshakeFailure(CLOSE_SELF, "a node cannot link to itself")
         binding = auth.Binding(client_nonce, server_nonce, self.node_id, server_id)
         if not auth.verify_proof(self._secret, "server", server_proof, binding):
-            raise _HandshakeFailure(CLOSE_AUTH, "server could not prove the mesh secret")
+            raise _HandshakeFailure(
+                CLOSE_AUTH,
+                "server could not prove the mesh secret (its mesh_secret differs from ours, "
+                "or only one side has one)",
+            )
         if expected_id is not None and server_id != expected_id:
             raise _HandshakeFailure(
                 CLOSE_AUTH, f"expected node {expected_id!r} there, found {server_id!r}"
@@ -1448,8 +1456,8 @@ class WebSocketTransport:
 
     def add_peer(self, url: str, *, node_id: str | None = None) -> None:
         """Keep a link to ``url``: dial now and redial (exponential backoff with jitter)
-        after failures or disconnects, until :meth:`remove_peer` or close. ``node_id``: the
-        node expected there (see :meth:`connect`).
+        after failures or disconnects, until ``remove_peer`` or close. ``node_id``: the
+        node expected there (see ``connect``).
 
         Adding a url that is kept already changes nothing, unless the existing loop expects
         another node there (discovery found a new node at an old address): then that loop
@@ -1476,7 +1484,7 @@ class WebSocketTransport:
     def remove_peer(self, url: str) -> Coroutine[Any, Any, None]:
         """Stop keeping a link to ``url`` (an existing link stays open).
 
-        The redial loop is stopped when this is called, so an :meth:`add_peer` right after
+        The redial loop is stopped when this is called, so an ``add_peer`` right after
         it starts a new one; await the result to wait until the old loop has ended."""
         return self._redialer_ended(self._stop_redialer(url))
 
