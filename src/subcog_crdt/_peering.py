@@ -37,7 +37,7 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 import msgpack
-from pycrdt import merge_updates
+from pycrdt import get_state, merge_updates
 
 from subcog_crdt._core.schema import check_namespace
 from subcog_crdt._core.ydecode import UpdateDecodeError, decode_state_vector, read_update
@@ -81,6 +81,7 @@ catch-up of 100k memories takes seconds to derive, and must not stall heartbeats
 peers and local writes that long. Also the largest piece, in bytes."""
 _PIECE_STRUCTS = 512  # writes per piece: ~10-25 ms of work here
 _SCAN_STEP = 8192  # structs scanned per loop turn (~10 ms)
+_CHECK_STEP = 16  # pieces pycrdt checks per loop turn (~10 ms)
 _EAGER_GAP = 0.0005  # seconds: writes closer together than this are coalesced
 YIELD_TO_LOCAL_PEERS = True
 """After an eager send to a peer on this machine, give up the CPU (``sched_yield``).
@@ -479,7 +480,8 @@ class PeerSync:
                     else:
                         self._handle(frame)
         except Exception as exc:
-            self._large.clear()  # the link ends: the peer still holds them
+            self._release(self._large)  # the link ends: the peer still holds them
+            self._large = []
             if not self._to_persist:
                 raise
             # What was applied before the bad frame is still persisted, then the error
@@ -500,26 +502,52 @@ class PeerSync:
         """Apply large updates in pieces (see ``_SLICE_BYTES``), after the commit of
         what the message applied before them. The link hands over no further message
         meanwhile, so the order of this peer's updates is kept."""
-        if pending is not None:
-            await pending
-        for ns, origin, update, from_diff in large:
-            if len(update) <= _SLICE_BYTES:  # queued behind a large one only to keep order
-                if self._accepts_content(ns, update):
-                    self._apply(ns, origin, update, from_diff=from_diff)
-            else:
-                scan = UpdateScan(update, piece_structs=_PIECE_STRUCTS, piece_bytes=_SLICE_BYTES)
-                try:
-                    while not scan.step(_SCAN_STEP):
-                        await asyncio.sleep(0)  # a slice per turn: let the loop run
-                except UpdateDecodeError as exc:
-                    raise ProtocolError(f"invalid Yjs update for {ns!r}: {exc}") from exc
-                if not self._accepts_content(ns, update, scan.blocks):
-                    continue
-                for piece in scan.pieces():
+        try:
+            if pending is not None:
+                await pending
+            while large:
+                ns, origin, update, from_diff = large[0]
+                if len(update) <= _SLICE_BYTES:  # queued behind a large one to keep order
+                    if self._accepts_content(ns, update):
+                        self._apply(ns, origin, update, from_diff=from_diff)
+                else:
+                    await self._apply_in_pieces(ns, origin, update, from_diff)
+                if self._to_persist:
+                    await self._persisted()
+                self._release(large[:1])
+                del large[0]
+        finally:
+            self._release(large)  # failed or cancelled: what is left is dropped
+
+    def _release(self, large: list[tuple[str, str, bytes, bool]]) -> None:
+        """A step 2 stays counted against ``_MAX_DIFF`` until it is applied or dropped:
+        while its pieces are applied, other links must not reassemble another bound's
+        worth."""
+        for _, _, update, from_diff in large:
+            if from_diff:
+                self._diff_total -= len(update)
+
+    async def _apply_in_pieces(self, ns: str, origin: str, update: bytes, from_diff: bool) -> None:
+        scan = UpdateScan(update, piece_structs=_PIECE_STRUCTS, piece_bytes=_SLICE_BYTES)
+        try:
+            while not scan.step(_SCAN_STEP):
+                await asyncio.sleep(0)  # a slice per turn: let the loop run
+            # pycrdt decodes a piece before applying it, and may refuse what the scan let
+            # through (a string that is not UTF-8, an unknown type): check every piece
+            # first, so that a refused update is refused whole, as before.
+            for i, piece in enumerate(scan.pieces(), 1):
+                get_state(piece)
+                if i % _CHECK_STEP == 0:
                     await asyncio.sleep(0)
-                    self._apply(ns, origin, piece, from_diff=from_diff)
-                    if self._to_persist:
-                        await self._persisted()
+        except UpdateDecodeError as exc:
+            raise ProtocolError(f"invalid Yjs update for {ns!r}: {exc}") from exc
+        except ValueError as exc:  # pycrdt's refusal
+            raise ProtocolError(f"invalid Yjs update for {ns!r}: {exc}") from exc
+        if not self._accepts_content(ns, update, scan.blocks):
+            return
+        for piece in scan.pieces():
+            await asyncio.sleep(0)
+            self._apply(ns, origin, piece, from_diff=from_diff)
             if self._to_persist:
                 await self._persisted()
 
@@ -771,6 +799,8 @@ class PeerSync:
         self._diff_total -= self._diff_size.pop(ns)
         del self._diff_parts[ns]
         if self._large or len(update) > _SLICE_BYTES:
+            # Still counted in _diff_total until applied (_release).
+            self._diff_total += len(update)
             self._large.append((ns, self.node_id, update, True))
         elif self._accepts_content(ns, update):
             self._apply(ns, self.node_id, update, from_diff=True)

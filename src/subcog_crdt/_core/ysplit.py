@@ -145,6 +145,7 @@ class UpdateScan:
                     self._finish()
                     return True
                 self._clients_left -= 1
+                budget -= 1  # a header counts: an update of empty blocks is paced too
                 self._structs_left = r.varuint()
                 self._client = r.varuint()
                 self._clock = self._block_start = r.varuint()
