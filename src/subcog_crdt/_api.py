@@ -990,24 +990,26 @@ class ConversationsApi:
         else:
             raise InvalidArgument("since must be 'last', a cursor int or a datetime")
         horizon = self._committed_cursor
-        records, oldest = await self._read_events(
+        records, oldest, gap = await self._read_events(
             session, after, limit + 1, horizon, include_own, since_ms
         )
-        complete = after + 1 >= oldest
+        complete = after + 1 >= oldest and not gap
         if since_ms is not None:
             # Journal times do not grow with cursors (an update received from a peer keeps
             # its own, older time), so the oldest record kept proves nothing; what matters
             # is whether a record at or after ``since`` was ever dropped.
-            complete = oldest <= 1 or since_ms > self._storage.pruned_max_at_ms()
+            complete = not gap and (oldest <= 1 or since_ms > self._storage.pruned_max_at_ms())
         more = len(records) > limit
         records = records[:limit]
         events = [ev for ev in (self._rebuild(r) for r in records) if ev is not None]
         cursor = records[-1].cursor if more else max(horizon, after)
         if since == "last":
+            # Stored first: if that fails the caller gets an error, not these events, so
+            # the next sync must return them again.
+            await self._storage.save_cursor(session.id, cursor)
             session.last_cursor = cursor
             session.last_sync = datetime.now(UTC)
             self._saved_cursors[session.id] = cursor
-            await self._storage.save_cursor(session.id, cursor)
         return SyncBatch(events=events, cursor=cursor, complete=complete, more=more)
 
     async def _read_events(
@@ -1018,9 +1020,11 @@ class ConversationsApi:
         horizon: int,
         include_own: bool,
         since_ms: int | None,
-    ) -> tuple[list[JournalRecord], int]:
+    ) -> tuple[list[JournalRecord], int, bool]:
         """Up to ``want`` journal records of the session's subscriptions after ``after``
-        and up to ``horizon``, in order; and the oldest cursor the journal keeps.
+        and up to ``horizon``, in order; the oldest cursor the journal kept at the first
+        read; and whether retention dropped records between two reads (other writers can
+        push the journal past its bound while this one pages past own records).
 
         Own records (this session's writes on this node) are left out unless
         ``include_own``. A session of the same name on another node is someone else, so
@@ -1033,22 +1037,25 @@ class ConversationsApi:
         own_tail = "/" + self.node_id  # a write id is "<id>/<stamp>/<session>/<node>"
         out: list[JournalRecord] = []
         oldest: int | None = None
+        gap = False
         pos = after
         while True:
             # Always a full page: filtering own records must not turn into many tiny reads.
             rows = await self._storage.read_journal(pos, want, namespaces=names, since_ms=since_ms)
+            # Reading applies retention first: the oldest kept cursor is exact only now.
             if oldest is None:
-                # Reading applies retention first: the oldest kept cursor is exact only now.
                 oldest = self._storage.oldest_cursor()
+            elif self._storage.oldest_cursor() > pos + 1:
+                gap = True  # records after the last page were dropped before this read
             for r in rows:
                 if r.cursor > horizon:
-                    return out, oldest  # not committed yet: the next sync gets it
+                    return out, oldest, gap  # not committed yet: the next sync gets it
                 if include_own or r.session != own_session or not r.write_id.endswith(own_tail):
                     out.append(r)
                     if len(out) >= want:
-                        return out, oldest
+                        return out, oldest, gap
             if len(rows) < want:
-                return out, oldest  # the journal ends here
+                return out, oldest, gap  # the journal ends here
             pos = rows[-1].cursor
 
     def _rebuild(self, rec: JournalRecord) -> Event | None:

@@ -229,7 +229,7 @@ class _LogDamage(Exception):
         self.reason = reason
 
 
-def _parse_frames(data: bytes) -> tuple[list[_Pending], _LogDamage | None]:
+def _parse_frames(data: bytes | memoryview) -> tuple[list[_Pending], _LogDamage | None]:
     """Decode frames up to the first damaged one."""
     frames: list[_Pending] = []
     pos = 0
@@ -254,7 +254,7 @@ def _parse_frames(data: bytes) -> tuple[list[_Pending], _LogDamage | None]:
     return frames, None
 
 
-def _decode_payload(payload: bytes, size: int) -> _Pending:
+def _decode_payload(payload: bytes | memoryview, size: int) -> _Pending:
     lsn, updates, journal, cursors = msgpack.unpackb(payload, raw=False, use_list=True)
     ups = [(str(ns), int(seq), bytes(data)) for ns, seq, data in updates]
     jrn = [
@@ -265,19 +265,24 @@ def _decode_payload(payload: bytes, size: int) -> _Pending:
     return _Pending(int(lsn), size, ups, jrn, cur)
 
 
-def _valid_frame_after(data: bytes, start: int) -> bool:
-    """Whether a complete, checksummed frame starts anywhere after ``start``: then the damage
-    is not a torn tail (a crash only ever tears the last write) but corruption. A frame is
-    never empty (its payload is a msgpack array), so ``SCL1`` and eight zero bytes (length
-    0, and CRC32 of nothing is 0) inside a torn frame's data do not count as one."""
-    hsize = _FRAME_HEADER.size
+def _valid_frame_after(data: bytes, start: int, last_lsn: int) -> bool:
+    """Whether valid frames follow damage at ``start``: then it is not a torn tail (a crash
+    only ever tears the last write) but corruption. A candidate counts if frames decode
+    from it one after another to the end of the log (the last may be torn: a crash after
+    the damage) and the first continues the numbering (lsn above ``last_lsn``, the last
+    good frame's). Bytes that only look like a frame inside a torn frame's data (an update
+    may hold anything, a copy of a log frame too) do not: what follows them is the rest of
+    that data, not frames to the end."""
+    view = memoryview(data)
     pos = data.find(_FRAME_MAGIC, start + 1)
     while pos != -1:
-        if len(data) - pos >= hsize:
-            _, length, crc = _FRAME_HEADER.unpack_from(data, pos)
-            body = data[pos + hsize : pos + hsize + length]
-            if length > 0 and len(body) == length and zlib.crc32(body) == crc:
-                return True
+        frames, damage = _parse_frames(view[pos:])
+        if (
+            frames
+            and frames[0].lsn > last_lsn
+            and (damage is None or damage.reason.startswith("truncated"))
+        ):
+            return True
         pos = data.find(_FRAME_MAGIC, pos + 1)
     return False
 
@@ -738,7 +743,8 @@ class SqliteStorage(AsyncClosing):
             data = b""
         frames, damage = _parse_frames(data)
         size = len(data)
-        if damage is not None and _valid_frame_after(data, damage.offset):
+        last_good = frames[-1].lsn if frames else 0
+        if damage is not None and _valid_frame_after(data, damage.offset, last_good):
             raise CorruptStorage(
                 f"{self._log_path} is damaged at offset {damage.offset} ({damage.reason}) "
                 "and valid frames follow; not a torn tail, refusing to drop them",
@@ -781,6 +787,12 @@ class SqliteStorage(AsyncClosing):
                     f"applied frames only up to {self._applied_lsn}: the log lost updates",
                     path=str(self._log_path),
                 )
+            if self.durability == "fsync":
+                # The last run died before syncing these (none was acknowledged): SQLite
+                # must not get ahead of the durable log (see _sync_before_apply), or a
+                # power loss now would leave a store that refuses to open.
+                with open(self._log_path, "rb") as f:
+                    os.fsync(f.fileno())
             self._apply(newer)
         return size
 
