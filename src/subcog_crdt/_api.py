@@ -422,6 +422,8 @@ class ConversationsApi:
         self._bus.close()
         if index_task is not None:
             await cancel_and_wait(index_task)
+        for doc in self._docs.values():
+            doc.close()
 
     async def _index_in_background(self) -> None:
         """Resolve lazily loaded memories and build the recall index in small slices while

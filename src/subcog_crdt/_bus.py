@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 
@@ -76,10 +77,14 @@ class Subscription:
             if self._closed:
                 raise StopAsyncIteration
             self._waiter = asyncio.get_running_loop().create_future()
+            # Held while a consumer waits: the bus holds streams weakly, and a consumer
+            # task nobody references, parked here, would be collectable with its stream.
+            self._bus._waiting.add(self)
             try:
                 await self._waiter
             finally:
                 self._waiter = None
+                self._bus._waiting.discard(self)
 
     async def next(self, timeout: float | None = None) -> Event | Lagged:
         """The next item, waiting at most ``timeout`` seconds (TimeoutError)."""
@@ -109,7 +114,10 @@ class EventBus:
     """Delivers each published event to every subscription that accepts it."""
 
     def __init__(self) -> None:
-        self._subs: set[Subscription] = set()
+        # Weakly: a stream its caller dropped without close() (``async for ...: break``)
+        # must not stay subscribed, queueing events, for the node's lifetime.
+        self._subs: weakref.WeakSet[Subscription] = weakref.WeakSet()
+        self._waiting: set[Subscription] = set()
         self._closed = False
 
     def subscribe(self, accept: Callable[[Event], bool], maxsize: int = 10_000) -> Subscription:

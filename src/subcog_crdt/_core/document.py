@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from pycrdt import Doc, Map, TransactionEvent
+from pycrdt import Doc, Map, Subscription, TransactionEvent
 
 from subcog_crdt._core.events import Conflict, Deleted, Event, Updated, new_captured
 from subcog_crdt._core.hlc import STAMP_LEN, Hlc, stamp_after, stamp_datetime, valid_stamp
@@ -164,7 +164,15 @@ class NamespaceDoc:
         """Called with every local transaction's update (during its commit: it must not
         touch the document)."""
         self._local_txn = 0
-        self._sub = self.doc.observe(self._on_transaction)
+        self._sub: Subscription | None = self.doc.observe(self._on_transaction)
+
+    def close(self) -> None:
+        """Stop observing the document. pycrdt holds the observer on the Rust side, out
+        of the cyclic collector's sight, so without this a closed node (which the
+        observer reaches) is never freed."""
+        if self._sub is not None:
+            self.doc.unobserve(self._sub)
+            self._sub = None
 
     # -- document plumbing -------------------------------------------------------------
 
