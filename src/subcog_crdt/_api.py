@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import gc
 import getpass
@@ -38,7 +39,7 @@ from subcog_crdt._errors import (
     NotFound,
     SubcogError,
 )
-from subcog_crdt._lifecycle import cancel_and_wait
+from subcog_crdt._lifecycle import Resume, cancel_and_wait
 from subcog_crdt._peering import F_PEERS, F_SESSIONS, PeerSync
 from subcog_crdt._session import Session, SyncBatch
 from subcog_crdt._sessions import SessionRegistry
@@ -554,12 +555,13 @@ class ConversationsApi:
         last = self._saved_cursors.get(session_id, self._committed_cursor)
         s = Session(self, session_id, user_id or self.user_id, subs, last)
         self.sessions._local[session_id] = s
-        if session_id not in self._saved_cursors:
-            self._saved_cursors[session_id] = last
-            await self._storage.save_cursor(session_id, last)
         for ns in subs:
             self._ensure_doc(ns)
         self._broadcast_sessions()
+        # Last: cancelled while this waits, the registration is whole anyway.
+        if session_id not in self._saved_cursors:
+            self._saved_cursors[session_id] = last
+            await self._storage.save_cursor(session_id, last)
         return s
 
     async def unregister_session(self, session_id: str) -> None:
@@ -747,7 +749,18 @@ class ConversationsApi:
             records = [r for _, _, rs in batches for r in rs]
             docs = list({id(d): d for d, _, _ in batches}.values())
         if updates or records:
-            await self._storage.commit(updates, records)
+            try:
+                await self._storage.commit(updates, records)
+            except asyncio.CancelledError:
+                # Cancelled while waiting (for an fsync): the commit's frame went to the
+                # log before its first await, so the write happened (it is in the
+                # document, its events are out, a restart has it). Its journal records
+                # must be readable now too, not only once a later write commits.
+                self._committed(records, docs)
+                raise
+        self._committed(records, docs)
+
+    def _committed(self, records: list[JournalRecord], docs: list[NamespaceDoc]) -> None:
         if records:
             self._committed_cursor = max(self._committed_cursor, records[-1].cursor)
         self._index_wake.set()
@@ -841,6 +854,23 @@ class ConversationsApi:
         ids = sorted(self._links)
         for peer in self._links.values():
             peer.send([F_PEERS, ids])
+
+    def _start_now(self, coro: Any) -> None:
+        """Run ``coro`` up to its first suspension now, in this call; finish it in a
+        task if it suspends."""
+        try:
+            suspended_on = coro.send(None)
+        except StopIteration:
+            return
+        except Exception:
+            log.exception("a background storage write failed")
+            return
+
+        async def finish() -> None:
+            with contextlib.suppress(Exception):  # (the storage reports its own failure)
+                await Resume(coro, suspended_on)
+
+        self._spawn(finish())
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         t: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
@@ -1008,7 +1038,15 @@ class ConversationsApi:
         if since == "last":
             # Stored first: if that fails the caller gets an error, not these events, so
             # the next sync must return them again.
-            await self._storage.save_cursor(session.id, cursor)
+            try:
+                await self._storage.save_cursor(session.id, cursor)
+            except asyncio.CancelledError:
+                # The new cursor may be in the log already (written before the wait for
+                # its fsync), but the caller gets none of these events: store the old
+                # one again. Its log write happens in this call, before any later sync
+                # of this session can store another (it waits for the lock held here).
+                self._start_now(self._storage.save_cursor(session.id, session.last_cursor))
+                raise
             session.last_cursor = cursor
             session.last_sync = datetime.now(UTC)
             self._saved_cursors[session.id] = cursor

@@ -1,5 +1,5 @@
-"""Lifecycle helpers: ``async with`` closing for long-lived objects, and cancelling a
-owned task without swallowing our own cancellation."""
+"""Lifecycle helpers: ``async with`` closing for long-lived objects, cancelling an owned
+task without swallowing our own cancellation, and finishing a coroutine started by hand."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 from types import TracebackType
 from typing import Any, Self
 
-__all__ = ["AsyncClosing", "cancel_and_wait"]
+__all__ = ["AsyncClosing", "Resume", "cancel_and_wait"]
 
 log = logging.getLogger(__name__)
 
@@ -42,3 +42,29 @@ async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
             raise
     except Exception:
         log.exception("task %s failed at close", task.get_name())
+
+
+class Resume:
+    """Continue a coroutine that was started by hand (``coro.send(None)``) and suspended
+    on ``suspended_on``: awaiting this inside a task drives it to the end, passing results
+    and exceptions through, exactly as if the task had started it."""
+
+    def __init__(self, coro: Any, suspended_on: Any) -> None:
+        self._coro = coro
+        self._next = suspended_on
+
+    def __await__(self) -> Any:
+        coro, nxt = self._coro, self._next
+        while True:
+            try:
+                yield nxt
+            except BaseException as exc:
+                try:
+                    nxt = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    nxt = coro.send(None)
+                except StopIteration as stop:
+                    return stop.value

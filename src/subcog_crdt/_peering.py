@@ -50,7 +50,7 @@ from subcog_crdt._errors import (
     ProtocolError,
     SubcogError,
 )
-from subcog_crdt._lifecycle import cancel_and_wait
+from subcog_crdt._lifecycle import Resume, cancel_and_wait
 from subcog_crdt._transport.base import DEFAULT_MAX_FRAME, Link
 
 if TYPE_CHECKING:
@@ -151,32 +151,6 @@ def _merge_runs(frames: list[Any]) -> list[Any]:
 def _pack(frame: list[Any]) -> bytes:
     out: bytes = msgpack.packb(frame, use_bin_type=True)
     return out
-
-
-class _Resume:
-    """Continue a coroutine that was started by hand (``coro.send(None)``) and suspended
-    on ``suspended_on``: awaiting this inside a task drives it to the end, passing results
-    and exceptions through, exactly as if the task had started it."""
-
-    def __init__(self, coro: Any, suspended_on: Any) -> None:
-        self._coro = coro
-        self._next = suspended_on
-
-    def __await__(self) -> Any:
-        coro, nxt = self._coro, self._next
-        while True:
-            try:
-                yield nxt
-            except BaseException as exc:
-                try:
-                    nxt = coro.throw(exc)
-                except StopIteration as stop:
-                    return stop.value
-            else:
-                try:
-                    nxt = coro.send(None)
-                except StopIteration as stop:
-                    return stop.value
 
 
 async def _raise_after(pending: Awaitable[None], exc: Exception) -> None:
@@ -314,7 +288,7 @@ class PeerSync:
 
     async def _finish(self, coro: Any, suspended_on: Any, size: int) -> None:
         try:
-            await _Resume(coro, suspended_on)
+            await Resume(coro, suspended_on)
             self.bytes_sent += size
             self.frames_sent += 1
         except ClosedError:
@@ -580,7 +554,7 @@ class PeerSync:
             suspended_on = coro.send(None)
         except StopIteration:
             return None
-        return _Resume(coro, suspended_on)
+        return Resume(coro, suspended_on)
 
     def _handle(self, frame: Any) -> None:
         if not isinstance(frame, list) or not frame or not isinstance(frame[0], int):
