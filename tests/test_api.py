@@ -1013,3 +1013,21 @@ async def test_a_data_dir_that_is_a_file_or_in_use_says_so(tmp_path: Path) -> No
         with pytest.raises(StorageLocked, match="its own data_dir"):
             async with node(data_dir=tmp_path / "d"):
                 pass
+
+
+async def test_a_registration_past_the_namespace_bound_changes_nothing(monkeypatch) -> None:
+    """Refused whole (found in review: the session was registered, with its first
+    namespaces created, before the bound refused the last one)."""
+    from subcog_crdt import _api as api_module
+
+    monkeypatch.setattr(api_module, "MAX_NAMESPACES", 3)
+    async with node() as api:
+        await api.register_session("a", subscribe=["n1"])
+        with pytest.raises(InvalidArgument, match="namespaces"):
+            await api.register_session("b", subscribe=["n2", "n3", "n4"])
+        assert api.namespaces() == ["n1"]
+        assert [s.id for s in api.sessions.list()] == ["a"]
+        with pytest.raises(InvalidArgument):
+            await api.register_session("a", subscribe=["n1", "n2", "n3", "n4"])
+        assert api.sessions.local("a").subscriptions == frozenset({"n1"})
+        assert api.namespaces() == ["n1"]

@@ -363,6 +363,7 @@ BAD_CALLS: dict[str, Callable[[Pair], Any]] = {
     "sync include_own='yes'": lambda p: p.sa.sync(include_own="yes"),
     "events include_own=1": lambda p: p.sa.events(include_own=1),
     "recall namespace and namespaces": lambda p: p.a.recall("x", namespace=NS, namespaces=[NS]),
+    "recall a blank tag": lambda p: p.a.recall("x", tags=["  "]),
     "sync since a cursor ahead": lambda p: p.sa.sync(since=10**6),
     "re-register as another user": lambda p: p.a.register_session(p.sa.id, user_id="mallory"),
 }

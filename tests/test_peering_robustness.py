@@ -16,6 +16,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from pycrdt import Doc, Map
 
 from helpers import converged, link, wait_for
 from subcog_crdt import ConversationsApi, _peering
@@ -547,3 +548,34 @@ async def _states_with(ns: str, content: str) -> dict[str, bytes]:
         s = await scratch.register_session("w1")
         await s.capture(ns, content)
         return {ns: scratch._docs[ns].diff()}
+
+
+async def test_a_bad_update_in_a_large_run_fails_alone_after_the_ones_before_it() -> None:
+    """The same for a run whose merge would be a large update (applied in pieces, refused
+    whole): it is applied one by one (found in review: merged, the valid updates before
+    the bad one were lost with it)."""
+    from subcog_crdt._core.document import NamespaceDoc
+    from subcog_crdt._core.hlc import Hlc
+
+    src = NamespaceDoc("d", node_id="00000000000000ee", hlc=Hlc(), next_cursor=lambda: 1)
+    updates: list[bytes] = []
+    contents = [f"large fact {i} " + "z" * 100_000 for i in range(4)]
+    for text in contents:
+        src.capture("s0", text, {})
+        updates.extend(src.take_outbox())
+    assert sum(map(len, updates)) > _peering._SLICE_BYTES
+    async with memory_node() as a:
+        await a.register_session("a1", subscribe=["d"])
+        _, theirs = raw_peer(a, "sender")
+        await theirs.send(pack([F_HELLO, ["d"], None, [], []]))
+        await processed(a, theirs)
+        # pycrdt merges it, the node's decoder refuses it (nested past its bound)
+        deep = Doc(client_id=77)
+        value: Any = "x"
+        for _ in range(70):
+            value = [value]
+        deep.get("entries", type=Map)["k"] = value
+        run = [*updates[:2], deep.get_update(), *updates[2:]]
+        await theirs.send(b"".join(pack([F_UPDATE, "d", "00000000000000ee", u]) for u in run))
+        await wait_for(lambda: "sender" not in a._links, 5, "the link closed")
+        assert sorted(m.content for m in a.memories("d")) == contents[:2]

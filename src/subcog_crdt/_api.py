@@ -537,26 +537,29 @@ class ConversationsApi:
         )
         user_id = _check_user_id(user_id)
         existing = self.sessions._local.get(session_id)
+        if existing is not None and user_id is not None and user_id != existing.user_id:
+            raise InvalidArgument(
+                f"session {session_id!r} is registered for user {existing.user_id!r}, "
+                f"not {user_id!r}: unregister it first"
+            )
+        subs = subs if subs is not None else (existing.subscriptions if existing else frozenset())
+        # Refused before anything changes: the namespaces it needs must fit.
+        new = [ns for ns in subs if ns not in self._docs]
+        if new and len(self._docs) + len(new) > MAX_NAMESPACES:
+            raise InvalidArgument(
+                f"subscribing to {len(new)} new namespaces would pass the node's "
+                f"{MAX_NAMESPACES}; it holds {len(self._docs)}"
+            )
+        for ns in sorted(new):
+            self._ensure_doc(ns)
         if existing is not None:
-            if user_id is not None and user_id != existing.user_id:
-                raise InvalidArgument(
-                    f"session {session_id!r} is registered for user {existing.user_id!r}, "
-                    f"not {user_id!r}: unregister it first"
-                )
-            if subs is None:
-                return existing
             # New subscriptions apply at once, also to its open event streams.
             existing.subscriptions = subs
-            for ns in subs:
-                self._ensure_doc(ns)
             self._broadcast_sessions()
             return existing
-        subs = subs or frozenset()
         last = self._saved_cursors.get(session_id, self._committed_cursor)
         s = Session(self, session_id, user_id or self.user_id, subs, last)
         self.sessions._local[session_id] = s
-        for ns in subs:
-            self._ensure_doc(ns)
         self._broadcast_sessions()
         # Last: cancelled while this waits, the registration is whole anyway.
         if session_id not in self._saved_cursors:
@@ -972,6 +975,8 @@ class ConversationsApi:
             names = check_names("namespaces", namespaces, check_namespace)
         # a str is refused, as capture(tags="x") refuses it; trimmed, as capture trims them
         tagset = frozenset(t.strip() for t in check_names("tags", tags))
+        if "" in tagset:
+            raise InvalidArgument("a tag is a non-empty str (after trimming), not blank")
         scored: list[tuple[float, Memory]] = []
         for ns in names:
             doc = self._docs.get(ns)

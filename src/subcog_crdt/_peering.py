@@ -785,7 +785,10 @@ class PeerSync:
         is then paid once per message, which about halves a burst's cost here. If they do
         not merge or the merged update is refused, each is applied on its own, as if never
         merged, so the valid ones before a bad one still count."""
-        if self._hello_seen and run.ns in self.shared:
+        # (Not a run whose merge would be a large update: one refused in pieces would
+        # lose this per-update fallback.)
+        small = sum(map(len, run.updates)) <= _SLICE_BYTES
+        if self._hello_seen and run.ns in self.shared and small:
             try:
                 merged = merge_updates(*run.updates)
             except Exception:

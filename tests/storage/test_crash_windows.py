@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgpack
+
 import subcog_crdt._api as api_module
 from subcog_crdt import ConversationsApi, Retention, StorageError, StorageLocked
 from subcog_crdt._storage import sqlite as sqlite_mod
@@ -724,4 +726,27 @@ def test_the_child_helpers_are_consistent() -> None:
     body = raw[sqlite_mod._FRAME_HEADER.size :]
     assert magic == b"SCL1" and length == len(body) > 0 and zlib.crc32(body) == crc
     # alone it is a frame, but it does not decode as one: never taken for valid frames
-    assert not sqlite_mod._valid_frame_after(b"junk" + raw, 0, 0)
+    assert not sqlite_mod._valid_frame_after(b"junk" + raw, 0, range(1, 3))
+
+
+@pytest.mark.parametrize("inner_lsn", [1000, 10**9])
+async def test_a_torn_frame_holding_copies_of_frames_is_a_torn_tail(
+    tmp_path: Path, inner_lsn: int
+) -> None:
+    """A torn last frame whose data (a peer's update may hold anything) holds a copy of
+    a valid frame and then what looks like a frame torn later: the open drops the torn
+    tail, not refuses the directory (found in review). Only frames that continue this
+    log's numbering count as frames after damage, and a peer cannot know it."""
+    async with SqliteStorage(tmp_path) as s:
+        await s.open("n")
+        for i in range(1, 4):
+            await s.commit([(NS, b"u%d" % i)], [])
+    inner = msgpack.packb((inner_lsn, [], [], []))
+    crafted = sqlite_mod._encode_frame(inner) + inner
+    crafted += sqlite_mod._FRAME_HEADER.pack(sqlite_mod._FRAME_MAGIC, 10**6, 0)
+    payload = b"x" * 50 + crafted + b"y" * 50
+    with open(tmp_path / LOG_NAME, "ab") as f:  # a large frame cut short by a crash
+        f.write(sqlite_mod._FRAME_HEADER.pack(sqlite_mod._FRAME_MAGIC, 5000, 0) + payload)
+    async with SqliteStorage(tmp_path) as s:
+        state = await s.open("n")
+    assert state.docs[NS] == [b"u1", b"u2", b"u3"]

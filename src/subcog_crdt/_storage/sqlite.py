@@ -104,6 +104,7 @@ import contextlib
 import enum
 import errno
 import fcntl
+import itertools
 import logging
 import os
 import queue
@@ -223,10 +224,12 @@ def _encode_frame(payload: bytes) -> bytes:
 class _LogDamage(Exception):
     """A frame that cannot be decoded; ``offset`` is where it starts."""
 
-    def __init__(self, offset: int, reason: str) -> None:
+    def __init__(self, offset: int, reason: str, torn: bool = False) -> None:
         super().__init__(reason)
         self.offset = offset
         self.reason = reason
+        self.torn = torn
+        """The log ends inside this frame (what a write cut short by a crash leaves)."""
 
 
 def _parse_frames(data: bytes | memoryview) -> tuple[list[_Pending], _LogDamage | None]:
@@ -237,12 +240,12 @@ def _parse_frames(data: bytes | memoryview) -> tuple[list[_Pending], _LogDamage 
     hsize = _FRAME_HEADER.size
     while pos < end:
         if end - pos < hsize:
-            return frames, _LogDamage(pos, "truncated frame header")
+            return frames, _LogDamage(pos, "truncated frame header", torn=True)
         magic, length, crc = _FRAME_HEADER.unpack_from(data, pos)
         if magic != _FRAME_MAGIC:
             return frames, _LogDamage(pos, "bad frame magic")
         if end - pos - hsize < length:
-            return frames, _LogDamage(pos, "truncated frame")
+            return frames, _LogDamage(pos, "truncated frame", torn=True)
         payload = data[pos + hsize : pos + hsize + length]
         if zlib.crc32(payload) != crc:
             return frames, _LogDamage(pos, "frame checksum mismatch")
@@ -265,22 +268,24 @@ def _decode_payload(payload: bytes | memoryview, size: int) -> _Pending:
     return _Pending(int(lsn), size, ups, jrn, cur)
 
 
-def _valid_frame_after(data: bytes, start: int, last_lsn: int) -> bool:
+def _valid_frame_after(data: bytes, start: int, first_lsns: range) -> bool:
     """Whether valid frames follow damage at ``start``: then it is not a torn tail (a crash
     only ever tears the last write) but corruption. A candidate counts if frames decode
     from it one after another to the end of the log (the last may be torn: a crash after
-    the damage) and the first continues the numbering (lsn above ``last_lsn``, the last
-    good frame's). Bytes that only look like a frame inside a torn frame's data (an update
-    may hold anything, a copy of a log frame too) do not: what follows them is the rest of
-    that data, not frames to the end."""
+    the damage) and continue the numbering: the first is in ``first_lsns`` (the damaged
+    frame's number or the next), each one more than the one before. Bytes that only look
+    like frames inside a torn frame's data (an update may hold anything, a copy of log
+    frames too) do not: what follows them is the rest of that data, and a peer cannot know
+    this log's numbering."""
     view = memoryview(data)
     pos = data.find(_FRAME_MAGIC, start + 1)
     while pos != -1:
         frames, damage = _parse_frames(view[pos:])
         if (
             frames
-            and frames[0].lsn > last_lsn
-            and (damage is None or damage.reason.startswith("truncated"))
+            and frames[0].lsn in first_lsns
+            and all(b.lsn == a.lsn + 1 for a, b in itertools.pairwise(frames))
+            and (damage is None or damage.torn)
         ):
             return True
         pos = data.find(_FRAME_MAGIC, pos + 1)
@@ -743,14 +748,17 @@ class SqliteStorage(AsyncClosing):
             data = b""
         frames, damage = _parse_frames(data)
         size = len(data)
-        last_good = frames[-1].lsn if frames else 0
-        if damage is not None and _valid_frame_after(data, damage.offset, last_good):
+        last_lsn = frames[-1].lsn if frames else 0
+        # The damaged frame is the one after the last good one; with none good, at most
+        # the one after what SQLite has (the log starts after what was retired).
+        top = last_lsn if frames else max(self._applied_lsn, self._retired_lsn)
+        first_lsns = range(last_lsn + 1, top + 3)
+        if damage is not None and _valid_frame_after(data, damage.offset, first_lsns):
             raise CorruptStorage(
                 f"{self._log_path} is damaged at offset {damage.offset} ({damage.reason}) "
                 "and valid frames follow; not a torn tail, refusing to drop them",
                 path=str(self._log_path),
             )
-        last_lsn = frames[-1].lsn if frames else 0
         if self._retired_lsn < self._applied_lsn and last_lsn < self._applied_lsn:
             # SQLite applied frames whose updates only the log held, and the log lost them:
             # only possible after an OS crash or power loss with durability="process".
