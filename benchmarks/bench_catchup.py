@@ -1,7 +1,8 @@
 """Catch-up benchmark: a node joins a peer (another process, loopback) that holds a large
-namespace. Prints how long the catch-up takes and the longest stall of the joining node's
-event loop meanwhile (a 5 ms ticker's worst lateness), applied in pieces (the default) and,
-for comparison, whole (``_peering._SLICE_BYTES`` raised past the update's size).
+namespace. Prints how long the catch-up takes (until the joiner holds every memory) and
+the longest stall of the joining node's event loop meanwhile (a 5 ms ticker's worst
+lateness), applied in pieces (the default) and, for comparison, whole
+(``_peering._SLICE_BYTES`` raised past the update's size).
 
     .venv/bin/python benchmarks/bench_catchup.py [--memories 100000]
 
@@ -20,8 +21,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from subcog_crdt import ConversationsApi, _peering
 
@@ -93,10 +92,14 @@ async def bench(n_mem: int) -> dict[str, dict[str, float]]:
         if not url:
             raise SystemExit("the holder process did not start")
         out = {}
-        for mode, slice_bytes in (("pieces", _peering._SLICE_BYTES), ("whole", 1 << 62)):
-            _peering._SLICE_BYTES = slice_bytes
-            with tempfile.TemporaryDirectory(prefix="subcog-catchup-") as d:
-                out[mode] = await join(url, n_mem, d)
+        default = _peering._SLICE_BYTES
+        try:
+            for mode, slice_bytes in (("pieces", default), ("whole", 1 << 62)):
+                _peering._SLICE_BYTES = slice_bytes
+                with tempfile.TemporaryDirectory(prefix="subcog-catchup-") as d:
+                    out[mode] = await join(url, n_mem, d)
+        finally:
+            _peering._SLICE_BYTES = default
         return out
     finally:
         holder.kill()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import gc
 import getpass
@@ -26,6 +25,7 @@ from subcog_crdt._core.hlc import Hlc, stamp_datetime
 from subcog_crdt._core.memory import Memory, find_conflicts
 from subcog_crdt._core.schema import (
     Write,
+    check_bool,
     check_names,
     check_namespace,
     check_session_id,
@@ -39,7 +39,7 @@ from subcog_crdt._errors import (
     NotFound,
     SubcogError,
 )
-from subcog_crdt._lifecycle import Resume, cancel_and_wait
+from subcog_crdt._lifecycle import Resume, cancel_and_wait, start_now
 from subcog_crdt._peering import F_PEERS, F_SESSIONS, PeerSync
 from subcog_crdt._session import Session, SyncBatch
 from subcog_crdt._sessions import SessionRegistry
@@ -103,8 +103,7 @@ def _check_arguments(
     for name, value in (("host", host), ("advertise_host", advertise_host)):
         if value is not None and not isinstance(value, str):
             raise InvalidArgument(f"{name} must be an address (a str) or None, not {value!r}")
-    if not isinstance(listen, bool):
-        raise InvalidArgument(f"listen must be True or False, not {listen!r}")
+    check_bool("listen", listen)
     if retention is not None and not isinstance(retention, Retention):
         raise InvalidArgument("retention must be a Retention(max_events=..., max_age=...)")
     if (
@@ -806,7 +805,7 @@ class ConversationsApi:
             await cancel_and_wait(task)
 
     def _apply_remote(
-        self, ns: str, origin: str, update: bytes, source: PeerSync, *, from_diff: bool
+        self, ns: str, origin: str, update: bytes, source: PeerSync
     ) -> tuple[NamespaceDoc, list[bytes], list[JournalRecord]] | None:
         """Apply a peer's update, publish its events and forward it; return what the
         caller must persist (it batches all updates of one received message)."""
@@ -858,22 +857,25 @@ class ConversationsApi:
         for peer in self._links.values():
             peer.send([F_PEERS, ids])
 
-    def _start_now(self, coro: Any) -> None:
-        """Run ``coro`` up to its first suspension now, in this call; finish it in a
-        task if it suspends."""
+    def _write_behind(self, coro: Any) -> None:
+        """Start a storage write now, in this call (its log append is ordered before any
+        later write), and finish it in the background; a failure is logged (no caller
+        waits for it)."""
         try:
-            suspended_on = coro.send(None)
-        except StopIteration:
-            return
+            rest = start_now(coro)
         except Exception:
             log.exception("a background storage write failed")
             return
+        if rest is None:
+            return
 
-        async def finish() -> None:
-            with contextlib.suppress(Exception):  # (the storage reports its own failure)
-                await Resume(coro, suspended_on)
+        async def finish(rest: Resume) -> None:
+            try:
+                await rest
+            except Exception:
+                log.exception("a background storage write failed")
 
-        self._spawn(finish())
+        self._spawn(finish(rest))
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         t: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
@@ -992,8 +994,7 @@ class ConversationsApi:
     ) -> SyncBatch:
         self._check_open()
         session._check_active()
-        if not isinstance(include_own, bool):
-            raise InvalidArgument(f"include_own must be True or False, not {include_own!r}")
+        check_bool("include_own", include_own)
         # One sync per session at a time: two concurrent "last" calls must not both read
         # the same cursor (and return the same events twice).
         async with session._sync_lock:
@@ -1050,7 +1051,7 @@ class ConversationsApi:
                 # its fsync), but the caller gets none of these events: store the old
                 # one again. Its log write happens in this call, before any later sync
                 # of this session can store another (it waits for the lock held here).
-                self._start_now(self._storage.save_cursor(session.id, session.last_cursor))
+                self._write_behind(self._storage.save_cursor(session.id, session.last_cursor))
                 raise
             session.last_cursor = cursor
             session.last_sync = datetime.now(UTC)

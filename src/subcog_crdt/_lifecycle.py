@@ -8,7 +8,7 @@ import logging
 from types import TracebackType
 from typing import Any, Self
 
-__all__ = ["AsyncClosing", "Resume", "cancel_and_wait"]
+__all__ = ["AsyncClosing", "Resume", "cancel_and_wait", "start_now"]
 
 log = logging.getLogger(__name__)
 
@@ -68,3 +68,14 @@ class Resume:
                     nxt = coro.send(None)
                 except StopIteration as stop:
                     return stop.value
+
+
+def start_now(coro: Any) -> Resume | None:
+    """Run ``coro`` up to its first suspension now, in the caller's turn (so what it does
+    first, such as a log append, is ordered before anything later); None if it finished,
+    else a ``Resume`` to await the rest. Its errors are raised as from the coroutine."""
+    try:
+        suspended_on = coro.send(None)
+    except StopIteration:
+        return None
+    return Resume(coro, suspended_on)

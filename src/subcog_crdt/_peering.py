@@ -34,7 +34,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgpack
 from pycrdt import get_state, merge_updates
@@ -50,7 +50,7 @@ from subcog_crdt._errors import (
     ProtocolError,
     SubcogError,
 )
-from subcog_crdt._lifecycle import Resume, cancel_and_wait
+from subcog_crdt._lifecycle import Resume, cancel_and_wait, start_now
 from subcog_crdt._transport.base import DEFAULT_MAX_FRAME, Link
 
 if TYPE_CHECKING:
@@ -102,6 +102,16 @@ def is_live_update(message: bytes) -> bool:
     except Exception:
         return False
     return bool(frames) and all(isinstance(f, list) and f and f[0] == F_UPDATE for f in frames)
+
+
+class _Queued(NamedTuple):
+    """A received update waiting behind a large one (``PeerSync._large``)."""
+
+    ns: str
+    origin: str
+    update: bytes
+    counted: bool
+    """A step 2: counted against ``_MAX_DIFF`` until applied (``PeerSync._release``)."""
 
 
 class _UpdateRun:
@@ -193,7 +203,7 @@ class PeerSync:
         self._overflowed = False
         self._hello_seen = False
         self._to_persist: list[Any] = []
-        self._large: list[tuple[str, str, bytes, bool]] = []
+        self._large: list[_Queued] = []
         """Large updates of the message being handled, applied in pieces after it (and
         every update after one of them, to keep their order)."""
         self._closed = False
@@ -470,9 +480,7 @@ class PeerSync:
             return self._apply_large(pending, large)
         return self._persist_applied() if self._to_persist else None
 
-    async def _apply_large(
-        self, pending: Awaitable[None] | None, large: list[tuple[str, str, bytes, bool]]
-    ) -> None:
+    async def _apply_large(self, pending: Awaitable[None] | None, large: list[_Queued]) -> None:
         """Apply large updates in pieces (see ``_SLICE_BYTES``), after the commit of
         what the message applied before them. The link hands over no further message
         meanwhile, so the order of this peer's updates is kept."""
@@ -480,12 +488,11 @@ class PeerSync:
             if pending is not None:
                 await pending
             while large:
-                ns, origin, update, from_diff = large[0]
+                ns, origin, update, _ = large[0]
                 if len(update) <= _SLICE_BYTES:  # queued behind a large one to keep order
-                    if self._accepts_content(ns, update):
-                        self._apply(ns, origin, update, from_diff=from_diff)
+                    self._apply_if_accepted(ns, origin, update)
                 else:
-                    await self._apply_in_pieces(ns, origin, update, from_diff)
+                    await self._apply_in_pieces(ns, origin, update)
                 if self._to_persist:
                     await self._persisted()
                 self._release(large[:1])
@@ -493,15 +500,15 @@ class PeerSync:
         finally:
             self._release(large)  # failed or cancelled: what is left is dropped
 
-    def _release(self, large: list[tuple[str, str, bytes, bool]]) -> None:
+    def _release(self, large: list[_Queued]) -> None:
         """A step 2 stays counted against ``_MAX_DIFF`` until it is applied or dropped:
         while its pieces are applied, other links must not reassemble another bound's
         worth."""
-        for _, _, update, from_diff in large:
-            if from_diff:
-                self._diff_total -= len(update)
+        for q in large:
+            if q.counted:
+                self._diff_total -= len(q.update)
 
-    async def _apply_in_pieces(self, ns: str, origin: str, update: bytes, from_diff: bool) -> None:
+    async def _apply_in_pieces(self, ns: str, origin: str, update: bytes) -> None:
         scan = UpdateScan(update, piece_structs=_PIECE_STRUCTS, piece_bytes=_SLICE_BYTES)
         try:
             while not scan.step(_SCAN_STEP):
@@ -513,15 +520,13 @@ class PeerSync:
                 get_state(piece)
                 if i % _CHECK_STEP == 0:
                     await asyncio.sleep(0)
-        except UpdateDecodeError as exc:
-            raise ProtocolError(f"invalid Yjs update for {ns!r}: {exc}") from exc
-        except ValueError as exc:  # pycrdt's refusal
+        except ValueError as exc:  # the scan's UpdateDecodeError, or pycrdt's refusal
             raise ProtocolError(f"invalid Yjs update for {ns!r}: {exc}") from exc
         if not self._accepts_content(ns, update, scan.blocks):
             return
         for piece in scan.pieces():
             await asyncio.sleep(0)
-            self._apply(ns, origin, piece, from_diff=from_diff)
+            self._apply(ns, origin, piece)
             if self._to_persist:
                 await self._persisted()
 
@@ -549,12 +554,7 @@ class PeerSync:
         must wait (an fsync) is finished by the link, which hands over no further
         message meanwhile."""
         batch, self._to_persist = self._to_persist, []
-        coro = self.api._persist(batch)
-        try:
-            suspended_on = coro.send(None)
-        except StopIteration:
-            return None
-        return Resume(coro, suspended_on)
+        return start_now(self.api._persist(batch))
 
     def _handle(self, frame: Any) -> None:
         if not isinstance(frame, list) or not frame or not isinstance(frame[0], int):
@@ -770,14 +770,10 @@ class PeerSync:
         if more:
             return
         update = b"".join(parts)
-        self._diff_total -= self._diff_size.pop(ns)
-        del self._diff_parts[ns]
-        if self._large or len(update) > _SLICE_BYTES:
-            # Still counted in _diff_total until applied (_release).
-            self._diff_total += len(update)
-            self._large.append((ns, self.node_id, update, True))
-        elif self._accepts_content(ns, update):
-            self._apply(ns, self.node_id, update, from_diff=True)
+        del self._diff_size[ns], self._diff_parts[ns]
+        if not self._queue_if_large(ns, self.node_id, update, counted=True):
+            self._diff_total -= len(update)
+            self._apply_if_accepted(ns, self.node_id, update)
 
     def _on_update_run(self, run: _UpdateRun) -> None:
         """Apply consecutive live updates of one namespace and origin as one merged
@@ -803,10 +799,21 @@ class PeerSync:
             self._handle([F_UPDATE, run.ns, run.origin, update])
 
     def _on_update(self, ns: str, origin: str, update: bytes) -> None:
-        if self._large or len(update) > _SLICE_BYTES:
-            self._large.append((ns, origin, update, False))
-        elif self._accepts_content(ns, update):
-            self._apply(ns, origin, update, from_diff=False)
+        if not self._queue_if_large(ns, origin, update, counted=False):
+            self._apply_if_accepted(ns, origin, update)
+
+    def _queue_if_large(self, ns: str, origin: str, update: bytes, *, counted: bool) -> bool:
+        """Queue a large update (applied in pieces once the message is handled), or any
+        update behind one, to keep their order; False if it is to be applied now. A
+        ``counted`` step 2 stays in ``_diff_total`` until ``_release``."""
+        if not self._large and len(update) <= _SLICE_BYTES:
+            return False
+        self._large.append(_Queued(ns, origin, update, counted))
+        return True
+
+    def _apply_if_accepted(self, ns: str, origin: str, update: bytes) -> None:
+        if self._accepts_content(ns, update):
+            self._apply(ns, origin, update)
 
     def _accepts_content(
         self, ns: str, update: bytes, blocks: list[tuple[int, int, int]] | None = None
@@ -823,9 +830,9 @@ class PeerSync:
         self._offer(ns)
         return True
 
-    def _apply(self, ns: str, origin: str, update: bytes, *, from_diff: bool) -> None:
+    def _apply(self, ns: str, origin: str, update: bytes) -> None:
         try:
-            done = self.api._apply_remote(ns, origin, update, self, from_diff=from_diff)
+            done = self.api._apply_remote(ns, origin, update, self)
         except ProtocolError:
             raise
         except SubcogError as exc:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from subcog_crdt._bus import Subscription
 from subcog_crdt._core.events import Conflict, Event
 from subcog_crdt._core.memory import Memory
+from subcog_crdt._core.schema import check_bool
 from subcog_crdt._errors import ClosedError, InvalidArgument
 from subcog_crdt._sessions import SessionInfo
 
@@ -170,8 +171,7 @@ class Session:
         session on this node) are left out unless ``include_own``; ``maxsize`` bounds the
         queue (see ``Lagged``)."""
         self._check_active()
-        if not isinstance(include_own, bool):
-            raise InvalidArgument(f"include_own must be True or False, not {include_own!r}")
+        check_bool("include_own", include_own)
         if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
             raise InvalidArgument(f"maxsize must be an int >= 1, not {maxsize!r}")
         me = self.id

@@ -474,7 +474,9 @@ async def test_kill_during_a_background_compaction_loses_nothing(
     data = tmp_path / "node"
     run = run_child("writes", point, str(data), "process")
     killed(run)
-    assert len(run.acked) > 30 and run.cursors
+    # armed before the 31st capture; the kill (from the storage thread) can come before
+    # that capture's line is printed
+    assert len(run.acked) >= 30 and run.cursors
     await check_after_crash(data, run)
 
 

@@ -137,6 +137,12 @@ def check_names(
     return items
 
 
+def check_bool(what: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{what} must be True or False, not {value!r}")
+    return value
+
+
 def check_content(content: object) -> str:
     if not isinstance(content, str):
         raise InvalidArgument(f"content must be a str, not {type(content).__name__}")

@@ -84,7 +84,7 @@ def _skip_content(r: _Reader, ref: int) -> int:
         _skip_string(r)
         return 1
     if ref == 4:  # string: Yjs counts UTF-16 code units, so this one is decoded
-        return len(r.string().encode("utf-16-le", "surrogatepass")) // 2
+        return len(r.string().encode("utf-16-le")) // 2
     if ref == 6:  # format
         _skip_string(r)
         _skip_string(r)
@@ -140,7 +140,7 @@ class UpdateScan:
         while budget > 0:
             if self._structs_left == 0:
                 if self._cut_n:
-                    self._close_cut()
+                    self._cut_at(r.pos, self._clock)
                 if self._clients_left == 0:
                     self._finish()
                     return True
@@ -159,15 +159,10 @@ class UpdateScan:
             self._structs_left -= 1
             budget -= 1
             if self._cut_n and r.pos - self._cut_pos > self._piece_bytes:
-                # This struct would make the open piece too large: cut before it.
-                self._cuts.append(
-                    (self._client, self._cut_clock, self._cut_n, self._cut_pos, start)
-                )
-                self._cut_pos, self._cut_clock, self._cut_n = start, clock_before, 0
+                self._cut_at(start, clock_before)  # this struct would make it too large
             self._cut_n += 1
             if self._cut_n >= self._piece_structs:
-                self._close_cut()
-                self._cut_pos, self._cut_clock, self._cut_n = r.pos, self._clock, 0
+                self._cut_at(r.pos, self._clock)
             if self._structs_left == 0:
                 self.blocks.append((self._client, self._block_start, self._clock))
         return False
@@ -196,9 +191,10 @@ class UpdateScan:
                 _skip_string(r)
         return _skip_content(r, ref)
 
-    def _close_cut(self) -> None:
-        self._cuts.append((self._client, self._cut_clock, self._cut_n, self._cut_pos, self._r.pos))
-        self._cut_n = 0
+    def _cut_at(self, pos: int, clock: int) -> None:
+        """End the open piece at ``pos``; the next one starts there, at ``clock``."""
+        self._cuts.append((self._client, self._cut_clock, self._cut_n, self._cut_pos, pos))
+        self._cut_pos, self._cut_clock, self._cut_n = pos, clock, 0
 
     def _finish(self) -> None:
         r = self._r
