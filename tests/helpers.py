@@ -34,3 +34,11 @@ def link(a: ConversationsApi, b: ConversationsApi) -> tuple[MemoryLink, MemoryLi
 
 def converged(nodes: list[ConversationsApi], ns: str) -> bool:
     return len({n.state_hash(ns) for n in nodes}) == 1 and nodes[0].state_hash(ns) != "0" * 64
+
+
+def drain(stream: Any) -> list[Any]:
+    """Everything a stream holds right now (events and Lagged markers), without waiting."""
+    out = []
+    while (item := stream.get_nowait()) is not None:
+        out.append(item)
+    return out

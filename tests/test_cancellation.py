@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from helpers import link, wait_for
+from helpers import drain, link, wait_for
 from subcog_crdt import (
     Captured,
     ClosedError,
@@ -29,7 +29,6 @@ from subcog_crdt import (
     Deleted,
     Updated,
 )
-from subcog_crdt._core.events import Event
 from subcog_crdt._session import Session
 
 
@@ -80,13 +79,6 @@ async def cancelled_in_fsync(api: ConversationsApi, call: Callable[[], Awaitable
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-
-
-def drain(stream: Any) -> list[Event]:
-    out = []
-    while (ev := stream.get_nowait()) is not None:
-        out.append(ev)
-    return out
 
 
 # -- writes cancelled while their commit waits ---------------------------------------------

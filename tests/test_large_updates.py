@@ -17,7 +17,7 @@ import msgpack
 import pytest
 from pycrdt import Array, Doc, Map, merge_updates
 
-from helpers import converged, link, wait_for
+from helpers import converged, drain, link, wait_for
 from subcog_crdt import Captured, ClosedError, Conflict, ConversationsApi, _peering
 from subcog_crdt._core.schema import encode_write
 from subcog_crdt._transport.base import Hello
@@ -62,13 +62,6 @@ def sent_kinds(link: MemoryLink) -> list[int]:
         unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(message))
         unpacker.feed(message)
         out.extend(frame[0] for frame in unpacker)
-    return out
-
-
-def drain(stream: Any) -> list[Any]:
-    out = []
-    while (item := stream.get_nowait()) is not None:
-        out.append(item)
     return out
 
 
