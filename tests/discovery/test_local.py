@@ -6,6 +6,8 @@ Also covers the small shared pieces of the discovery layer: :func:`mesh_tag` and
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -447,3 +449,182 @@ async def test_aclose_during_start_leaves_no_entry(
     await asyncio.wait_for(asyncio.gather(starting, closing, return_exceptions=True), 10)
     assert not (registry / "a.json").exists()
     assert d._task is None
+
+
+# -- malformed entries must not stop the watch -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "plant",
+    [
+        pytest.param(lambda d: write_entry(d, "bigpid", pid=2**40), id="pid-overflows-pid_t"),
+        pytest.param(
+            lambda d: (d / "deep.json").write_text("[" * 2000 + "]" * 2000),
+            id="json-nested-too-deep",
+        ),
+    ],
+)
+async def test_one_malformed_entry_does_not_blind_discovery(
+    nodes: Nodes, plant: Callable[[Path], object]
+) -> None:
+    """One bad file (a pid too large for os.kill: OverflowError; JSON nested past the
+    recursion limit: RecursionError) must be skipped like any malformed entry, not make
+    every scan fail so that no peer is ever found (or lost) again."""
+    nodes.directory.mkdir(mode=0o700)
+    plant(nodes.directory)
+    _, rec = await nodes.start(advert("a", 1))
+    await nodes.start(advert("b", 2))
+    await wait_for(lambda: "b" in rec.found, DEADLINE, "b found despite a malformed entry")
+    assert set(rec.found) == {"b"}
+
+
+# -- hostile files ----------------------------------------------------------------------------
+
+
+async def test_fifo_at_own_entry_does_not_hang_start(nodes: Nodes) -> None:
+    """A FIFO named like our own entry: start() must not block forever opening it (the
+    duplicate-id check reads it with read_bytes(), which blocks on a FIFO without writer
+    and reads a symlinked /dev/zero without bound)."""
+    nodes.directory.mkdir(mode=0o700)
+    fifo = nodes.directory / "a.json"
+    os.mkfifo(fifo)
+    d, rec = LocalDiscovery(nodes.directory, poll=0.02), Recorder()
+    nodes.open.append(d)
+    task = asyncio.ensure_future(d.start(advert("a", 1), rec.on_found, rec.on_lost))
+    done, _ = await asyncio.wait([task], timeout=DEADLINE)
+    # Unblock a reader stuck in open() (opening the write end succeeds only if one waits).
+    with contextlib.suppress(OSError):
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    await asyncio.wait([task], timeout=DEADLINE)
+    if task.done():
+        task.exception()  # either outcome is fine once it returns
+    assert done, "start() hung on a FIFO at the node's own entry"
+
+
+async def test_tmp_symlink_is_not_followed_out_of_registry(nodes: Nodes, tmp_path: Path) -> None:
+    """A symlink planted at the node's temporary file name must not make the node write
+    through it (truncating a file outside the registry), nor end up renamed into place as
+    the node's entry (a symlink entry is ignored by peers: the node becomes invisible)."""
+    nodes.directory.mkdir(mode=0o700)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (nodes.directory / f".a.{os.getpid()}.tmp").symlink_to(victim)
+    _, rec_b = await nodes.start(advert("b", 2))
+    with contextlib.suppress(Exception):  # refusing to start is acceptable
+        await nodes.start(advert("a", 1))
+    assert victim.read_text() == "precious"
+    own = nodes.directory / "a.json"
+    if own.exists() or own.is_symlink():
+        assert stat.S_ISREG(own.lstat().st_mode)
+        await wait_for(lambda: "a" in rec_b.found, DEADLINE, "b finds a")
+
+
+async def test_special_files_in_registry_are_skipped(nodes: Nodes, tmp_path: Path) -> None:
+    """FIFOs, symlinks (to a valid-looking entry outside) and directories with entry names
+    are neither reported nor followed, and do not stall the scan."""
+    nodes.directory.mkdir(mode=0o700)
+    os.mkfifo(nodes.directory / "fifo.json")
+    outside = write_entry(tmp_path, "link")
+    (nodes.directory / "link.json").symlink_to(outside)
+    (nodes.directory / "dir.json").mkdir()
+    a, rec = await nodes.start(advert("a", 1))
+    await nodes.start(advert("b", 2))
+    await wait_for(lambda: "b" in rec.found, DEADLINE, "b found")
+    await scans(a)
+    assert set(rec.found) == {"b"}
+    assert outside.exists() and (nodes.directory / "link.json").is_symlink()
+
+
+# -- registry permissions ---------------------------------------------------------------------
+
+
+async def test_loose_preexisting_registry_is_made_private(nodes: Nodes) -> None:
+    """An existing registry with a group/world-writable mode is tightened to 0700."""
+    nodes.directory.mkdir()
+    os.chmod(nodes.directory, 0o777)
+    await nodes.start(advert("a", 1))
+    assert stat.S_IMODE(nodes.directory.stat().st_mode) == 0o700
+    assert stat.S_IMODE((nodes.directory / "a.json").stat().st_mode) == 0o600
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to plant a file of another uid")
+async def test_entry_planted_by_another_user_is_ignored(nodes: Nodes) -> None:
+    """A registry that was world-writable before we tightened it may hold entries another
+    local user planted: only entries owned by us may be reported (and dialled)."""
+    nodes.directory.mkdir()
+    os.chmod(nodes.directory, 0o777)
+    planted = write_entry(nodes.directory, "planted", url="ws://127.0.0.1:7")
+    os.chown(planted, 4242, 4242)
+    a, rec = await nodes.start(advert("a", 1))
+    await nodes.start(advert("b", 2))
+    await wait_for(lambda: "b" in rec.found, DEADLINE, "b found")
+    await scans(a)
+    assert "planted" not in rec.found
+
+
+# -- real node processes ----------------------------------------------------------------------
+
+CHILD = """
+import asyncio, sys
+from subcog_crdt import ConversationsApi
+
+async def main(reg, data, n):
+    async with ConversationsApi(
+        data_dir=data, host="127.0.0.1", discovery=("local",), discovery_dir=reg
+    ) as api:
+        loop = asyncio.get_running_loop()
+        while len(api._links) < n - 1:
+            await asyncio.sleep(0.02)
+        print(api.node_id, flush=True)
+        await loop.run_in_executor(None, sys.stdin.readline)
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+async def test_node_processes_killed_or_closed_leave_no_entries(tmp_path: Path) -> None:
+    """Several node processes meet through the registry; entries of the ones killed with
+    SIGKILL are removed by the survivors, and the survivors' close removes their own."""
+    n = 4
+    reg = tmp_path / "reg"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(reg), str(tmp_path / f"d{i}"), str(n)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        for i in range(n)
+    ]
+    try:
+        loop = asyncio.get_running_loop()
+        ids = []
+        for p in procs:
+            assert p.stdout is not None
+            line = await asyncio.wait_for(loop.run_in_executor(None, p.stdout.readline), 60)
+            ids.append(line.decode().strip())
+        assert all(ids), "every node saw all the others"
+        assert stat.S_IMODE(reg.stat().st_mode) == 0o700
+        for p in procs[:2]:
+            p.kill()
+            p.wait()
+        await wait_for(
+            lambda: sorted(os.listdir(reg)) == sorted(f"{i}.json" for i in ids[2:]),
+            20,
+            "entries of killed nodes removed",
+        )
+        for p in procs[2:]:
+            assert p.stdin is not None
+            p.stdin.close()
+        for p in procs[2:]:
+            assert await loop.run_in_executor(None, p.wait, 30) == 0
+        assert os.listdir(reg) == []
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            for pipe in (p.stdin, p.stdout):
+                if pipe is not None:
+                    pipe.close()

@@ -102,6 +102,24 @@ def _pid_alive(pid: int, started: int | None) -> bool:
     return started is None or now == started  # else: the pid was reused by another process
 
 
+def _read_regular(path: Path) -> bytes | None:
+    """An entry's bytes: only a regular file, never through a symlink, never waiting (a
+    FIFO put there would block), at most ``_MAX_ENTRY``; None otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        raw = os.read(fd, _MAX_ENTRY + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return raw if len(raw) <= _MAX_ENTRY else None
+
+
 @dataclass(frozen=True)
 class _Entry:
     node_id: str
@@ -115,7 +133,7 @@ class _Entry:
 def _parse_entry(node_id: str, raw: bytes) -> _Entry | None:
     try:
         obj = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # (a few KB of "[[[[" recurse past the limit)
         return None
     if not isinstance(obj, dict):
         return None
@@ -131,7 +149,7 @@ def _parse_entry(node_id: str, raw: bytes) -> _Entry | None:
         or not isinstance(url, str)
         or not isinstance(pid, int)
         or isinstance(pid, bool)
-        or pid <= 0
+        or not 0 < pid < 2**31  # a pid_t: os.kill raises OverflowError past it
         or not isinstance(protocol, int)
         or not isinstance(tag, str)
         or not (started is None or isinstance(started, int))
@@ -289,11 +307,8 @@ class LocalDiscovery(AsyncClosing):
     def _read_other_owner(self) -> int | None:
         """The pid of another live process that announces our node id, if any."""
         assert self._own_path is not None
-        try:
-            raw = self._own_path.read_bytes()[:_MAX_ENTRY]
-        except FileNotFoundError:
-            return None
-        entry = _parse_entry(self._own_path.stem, raw)
+        raw = _read_regular(self._own_path)
+        entry = None if raw is None else _parse_entry(self._own_path.stem, raw)
         if entry is None or entry.pid == os.getpid() or not _pid_alive(entry.pid, entry.started):
             return None
         return entry.pid
@@ -301,7 +316,11 @@ class LocalDiscovery(AsyncClosing):
     def _write_own(self) -> None:
         assert self._own_path is not None
         tmp = self._directory / f".{self._own_path.stem}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # A fresh file, never through a name someone planted (a symlink out of the
+        # directory would make this write there).
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             os.write(fd, self._own_payload)
             self._own_ino = os.fstat(fd).st_ino
@@ -375,18 +394,16 @@ class LocalDiscovery(AsyncClosing):
             st = de.stat(follow_symlinks=False)
         except FileNotFoundError:
             return None
-        if not stat.S_ISREG(st.st_mode):
-            return None
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            return None  # (an entry another user planted is not this user's node)
         key = (st.st_ino, st.st_mtime_ns, st.st_size)
         cached = self._cache.get(de.name)
         if cached is not None and cached[0] == key:
             return cached[1]
-        try:
-            with open(de.path, "rb") as f:
-                raw = f.read(_MAX_ENTRY + 1)
-        except FileNotFoundError:
+        raw = _read_regular(Path(de.path))
+        if raw is None:
             return None
-        entry = None if len(raw) > _MAX_ENTRY else _parse_entry(de.name[: -len(_SUFFIX)], raw)
+        entry = _parse_entry(de.name[: -len(_SUFFIX)], raw)
         if entry is None:
             log.debug("ignoring malformed discovery entry %s", de.path)
         self._cache[de.name] = (key, entry)
