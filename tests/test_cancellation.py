@@ -205,6 +205,7 @@ async def test_a_capture_cancelled_at_any_step_happened_whole_or_not_at_all(
         for steps in range(12):
             content = f"fact {steps}"
             task = asyncio.ensure_future(w.capture("ns", content))
+            # Where the cancel lands, not a wait: every step count is checked.
             for _ in range(steps):
                 await asyncio.sleep(0)
             task.cancel()
@@ -379,6 +380,7 @@ async def test_cancelling_a_node_body_at_any_step_leaves_nothing_behind(
         acknowledged: list[str] = []
         task = asyncio.ensure_future(_body(api, acknowledged))
         await wait_for(partial(_reached, task, api, counted_from), 10, counted_from)
+        # Where each cancel lands, not a wait: every step count is checked.
         for _ in range(steps):
             await asyncio.sleep(0)
         task.cancel()

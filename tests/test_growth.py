@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import weakref
+from functools import partial
 
 from helpers import wait_for
 from subcog_crdt import ConversationsApi
@@ -74,6 +75,10 @@ async def test_closed_nodes_are_garbage_collected() -> None:
     assert alive_docs == 0, f"{alive_docs} of 10 documents of closed nodes still alive"
 
 
+def _parked(api: ConversationsApi) -> bool:
+    return any(sub._waiter is not None for sub in api._bus._subs)
+
+
 async def test_a_parked_consumer_nobody_holds_still_gets_its_events() -> None:
     """The bus holds streams weakly (above), so a consumer task that nobody references,
     parked on its stream, must still be kept alive by the stream while it waits: else the
@@ -90,8 +95,7 @@ async def test_a_parked_consumer_nobody_holds_still_gets_its_events() -> None:
                     return
 
         asyncio.get_running_loop().create_task(consume())  # no reference kept
-        # One step: the new task runs up to its first wait (the stream is empty).
-        await asyncio.sleep(0)
+        await wait_for(partial(_parked, api), 10, "the consumer waiting on its stream")
         gc.collect()
         await writer.capture("ns", "first")
         await writer.capture("ns", "second")

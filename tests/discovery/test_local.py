@@ -573,7 +573,10 @@ async def main(reg, data, n):
         data_dir=data, host="127.0.0.1", discovery=("local",), discovery_dir=reg
     ) as api:
         loop = asyncio.get_running_loop()
-        while len(api._links) < n - 1:
+        deadline = loop.time() + 30
+        while len(api._links) < n - 1:  # a condition, polled until a deadline
+            if loop.time() > deadline:
+                sys.exit("the other nodes were not linked within 30 s")
             await asyncio.sleep(0.02)
         print(api.node_id, flush=True)
         await loop.run_in_executor(None, sys.stdin.readline)
