@@ -609,7 +609,6 @@ class ConversationsApi:
     async def _capture(
         self, session: Session, namespace: str, content: str, fields: dict[str, Any]
     ) -> Memory:
-        self._check_open()
         session._check_active()
         doc = self._doc_for_writes(namespace, [(content, fields)])
         mem, events = doc.capture(session.id, content, fields)
@@ -619,7 +618,6 @@ class ConversationsApi:
     async def _capture_many(
         self, session: Session, namespace: str, items: Iterable[str | dict[str, Any]]
     ) -> list[Memory]:
-        self._check_open()
         session._check_active()
         pairs: list[tuple[str, dict[str, Any]]] = []
         for item in _items(items):
@@ -678,7 +676,6 @@ class ConversationsApi:
         fields: dict[str, Any],
         expected_version: int | None,
     ) -> Memory:
-        self._check_open()
         session._check_active()
         _check_version(expected_version)
         doc = self._doc_of(memory_id)
@@ -689,7 +686,6 @@ class ConversationsApi:
     async def _delete(
         self, session: Session, memory_id: str, expected_version: int | None
     ) -> Memory:
-        self._check_open()
         session._check_active()
         _check_version(expected_version)
         doc = self._doc_of(memory_id)
@@ -992,7 +988,6 @@ class ConversationsApi:
     async def _sync(
         self, session: Session, since: str | int | datetime, include_own: bool, limit: int
     ) -> SyncBatch:
-        self._check_open()
         session._check_active()
         check_bool("include_own", include_own)
         # One sync per session at a time: two concurrent "last" calls must not both read

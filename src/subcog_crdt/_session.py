@@ -59,9 +59,10 @@ class Session:
         self._streams: weakref.WeakSet[Subscription] = weakref.WeakSet()
 
     def _check_active(self) -> None:
+        """ClosedError if the node is not open, or this session was unregistered."""
+        self._api._check_open()
         if not self._active:
             raise ClosedError(f"session {self.id!r} was unregistered")
-        self._api._check_open()
 
     def _end(self) -> None:
         """Unregistered: later calls raise ``ClosedError``, event streams end."""
@@ -171,9 +172,7 @@ class Session:
         session on this node) are left out unless ``include_own``; ``maxsize`` bounds the
         queue (see ``Lagged``)."""
         self._check_active()
-        check_bool("include_own", include_own)
-        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
-            raise InvalidArgument(f"maxsize must be an int >= 1, not {maxsize!r}")
+        check_bool("include_own", include_own)  # (maxsize: checked by the Subscription)
         me = self.id
         node = self._api.node_id
 

@@ -10,6 +10,7 @@ can watch what the update changes in the map instead of trusting its bytes.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 __all__ = [
@@ -139,39 +140,54 @@ class _Reader:
         raise UpdateDecodeError(f"unknown value type {t}")
 
 
-def _skip_content(r: _Reader, ref: int) -> int:
-    """Skip one item's content; return its length in clock units."""
+def skip_bytes(r: _Reader) -> None:
+    """Skip a length-prefixed byte run (a buffer, or a string left undecoded)."""
+    n = r.varuint()
+    end = r.pos + n
+    if end > len(r.buf):
+        raise UpdateDecodeError("unexpected end of update")
+    r.pos = end
+
+
+def skip_content(
+    r: _Reader,
+    ref: int,
+    string: Callable[[_Reader], object] = _Reader.string,
+    value: Callable[[_Reader], object] = _Reader.any,
+) -> int:
+    """Skip one item's content; return its length in clock units. ``string`` and
+    ``value`` read (or only skip) each string and value in it."""
+    if ref == 8:  # any: by far the most common (every entry of our schema)
+        n = r.varuint()
+        for _ in range(n):
+            value(r)
+        return n
     if ref == 1:  # deleted
         return r.varuint()
     if ref == 2:  # json
         n = r.varuint()
         for _ in range(n):
-            r.string()
+            string(r)
         return n
     if ref == 3:  # binary
-        r.raw(r.varuint())
+        skip_bytes(r)
         return 1
-    if ref == 4:  # string: Yjs counts UTF-16 code units
+    if ref == 4:  # string: Yjs counts UTF-16 code units, so this one is decoded
         return len(r.string().encode("utf-16-le")) // 2
     if ref == 5:  # embed
-        r.string()
+        string(r)
         return 1
     if ref == 6:  # format
-        r.string()
-        r.string()
+        string(r)
+        string(r)
         return 1
     if ref == 7:  # type
         if r.varuint() in (3, 5):
-            r.string()
+            string(r)
         return 1
-    if ref == 8:  # any
-        n = r.varuint()
-        for _ in range(n):
-            r.any()
-        return n
     if ref == 9:  # doc
-        r.string()
-        r.any()
+        string(r)
+        value(r)
         return 1
     raise UpdateDecodeError(f"unknown content type {ref}")
 
@@ -269,7 +285,7 @@ def read_update(update: bytes, root: str) -> Decoded:
                 # A key of our map set to other content (a string item, a nested type...):
                 # pycrdt may still read it as a value, so the caller must check the map.
                 unknown = True
-            clock += _skip_content(r, ref)
+            clock += skip_content(r, ref)
         blocks.append((client, start, clock))
     # the delete set
     n_del = varuint()

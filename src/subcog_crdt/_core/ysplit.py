@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from subcog_crdt._core.ydecode import UpdateDecodeError, _Reader
+from subcog_crdt._core.ydecode import UpdateDecodeError, _Reader, skip_bytes, skip_content
 
 __all__ = ["UpdateScan"]
 
@@ -33,23 +33,15 @@ def _varuint_bytes(n: int) -> bytes:
     return bytes(out)
 
 
-def _skip_string(r: _Reader) -> None:
-    n = r.varuint()
-    end = r.pos + n
-    if end > len(r.buf):
-        raise UpdateDecodeError("unexpected end of update")
-    r.pos = end
-
-
 def _skip_any(r: _Reader, depth: int = 0) -> None:
     if depth > 64:
         raise UpdateDecodeError("value nested too deeply")
     t = r.u8()
     if t == 119:
-        _skip_string(r)
+        skip_bytes(r)
     elif t == 118:
         for _ in range(r.varuint()):
-            _skip_string(r)
+            skip_bytes(r)
             _skip_any(r, depth + 1)
     elif t == 117:
         for _ in range(r.varuint()):
@@ -61,43 +53,9 @@ def _skip_any(r: _Reader, depth: int = 0) -> None:
     elif t == 124:
         r.raw(4)
     elif t == 116:
-        _skip_string(r)  # a byte buffer: the same layout
+        skip_bytes(r)  # a byte buffer: the same layout
     elif t not in (120, 121, 126, 127):
         raise UpdateDecodeError(f"unknown value type {t}")
-
-
-def _skip_content(r: _Reader, ref: int) -> int:
-    """Skip one item's content; return its length in clock units."""
-    if ref == 8:  # any: by far the most common (every entry of our schema)
-        n = r.varuint()
-        for _ in range(n):
-            _skip_any(r)
-        return n
-    if ref == 1:  # deleted
-        return r.varuint()
-    if ref == 2:  # json
-        n = r.varuint()
-        for _ in range(n):
-            _skip_string(r)
-        return n
-    if ref in (3, 5):  # binary, embed
-        _skip_string(r)
-        return 1
-    if ref == 4:  # string: Yjs counts UTF-16 code units, so this one is decoded
-        return len(r.string().encode("utf-16-le")) // 2
-    if ref == 6:  # format
-        _skip_string(r)
-        _skip_string(r)
-        return 1
-    if ref == 7:  # type
-        if r.varuint() in (3, 5):
-            _skip_string(r)
-        return 1
-    if ref == 9:  # doc
-        _skip_string(r)
-        _skip_any(r)
-        return 1
-    raise UpdateDecodeError(f"unknown content type {ref}")
 
 
 class UpdateScan:
@@ -183,13 +141,13 @@ class UpdateScan:
             r.varuint()
         if not has_origin and not has_right:
             if r.varuint() == 1:
-                _skip_string(r)
+                skip_bytes(r)
             else:
                 r.varuint()
                 r.varuint()
             if info & 0x20:
-                _skip_string(r)
-        return _skip_content(r, ref)
+                skip_bytes(r)
+        return skip_content(r, ref, skip_bytes, _skip_any)  # strings skipped, not decoded
 
     def _cut_at(self, pos: int, clock: int) -> None:
         """End the open piece at ``pos``; the next one starts there, at ``clock``."""
