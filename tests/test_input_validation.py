@@ -22,6 +22,7 @@ from subcog_crdt import (
     Session,
     SubcogError,
 )
+from subcog_crdt import _sessions as sessions_module
 from subcog_crdt._bus import Subscription
 from subcog_crdt._core.schema import MAX_CONTENT, MAX_ENTRY, encode_write
 
@@ -503,3 +504,36 @@ async def test_sync_since_a_naive_datetime_is_refused_and_moves_no_cursor(pair):
     assert pair.sa.last_cursor == last
     batch = await pair.sa.sync()
     assert [e.memory_id for e in batch.events] == [m.id]
+
+
+# -- 9. the bounds that peers hold a node's session list to --------------------------------
+
+
+async def test_a_session_past_the_nodes_bound_is_refused_and_nothing_changes(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Peers refuse a session list longer than MAX_SESSIONS (or with more than
+    MAX_SUBSCRIPTIONS subscriptions), so a node must not host more: registering past
+    the bound is refused before anything changes, while registering a hosted session
+    again still works."""
+    monkeypatch.setattr(sessions_module, "MAX_SESSIONS", 1)  # A hosts sa
+    await expect_nothing_changed(pair, lambda: pair.a.register_session("third", subscribe=[NS]))
+    again = await pair.a.register_session("sa", subscribe=[NS, "other"])
+    assert again is pair.sa and again.subscriptions == {NS, "other"}
+
+
+async def test_subscriptions_past_the_nodes_bound_are_refused_and_nothing_changes(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sessions_module, "MAX_SUBSCRIPTIONS", 3)
+    # sa holds NS: two more fit, three more do not; a new session counts the same way.
+    await expect_nothing_changed(
+        pair, lambda: pair.a.register_session("sa", subscribe=[NS, "x1", "x2", "x3"])
+    )
+    await expect_nothing_changed(
+        pair, lambda: pair.a.register_session("s9", subscribe=["x1", "x2", "x3"])
+    )
+    await pair.a.register_session("sa", subscribe=["x1", "x2", "x3"])  # replaces: fits
+    await pair.a.unregister_session("sa")
+    s9 = await pair.a.register_session("s9", subscribe=["x1", "x2", "x3"])  # freed
+    assert s9.subscriptions == {"x1", "x2", "x3"}

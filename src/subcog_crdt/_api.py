@@ -40,7 +40,7 @@ from subcog_crdt._errors import (
     SubcogError,
 )
 from subcog_crdt._lifecycle import Resume, cancel_and_wait, start_now
-from subcog_crdt._peering import F_PEERS, F_SESSIONS, PeerSync
+from subcog_crdt._peering import F_PEERS, PeerSync
 from subcog_crdt._session import Session, SyncBatch
 from subcog_crdt._sessions import SessionRegistry
 from subcog_crdt._storage.base import Durability, JournalRecord, Retention, Storage
@@ -542,7 +542,9 @@ class ConversationsApi:
                 f"not {user_id!r}: unregister it first"
             )
         subs = subs if subs is not None else (existing.subscriptions if existing else frozenset())
-        # Refused before anything changes: the namespaces it needs must fit.
+        # Refused before anything changes: the session, its subscriptions (peers refuse
+        # a longer session list) and the namespaces it needs must fit.
+        self.sessions._check_room(session_id, len(subs))
         new = [ns for ns in subs if ns not in self._docs]
         if new and len(self._docs) + len(new) > MAX_NAMESPACES:
             raise InvalidArgument(
@@ -553,12 +555,12 @@ class ConversationsApi:
             self._ensure_doc(ns)
         if existing is not None:
             # New subscriptions apply at once, also to its open event streams.
-            existing.subscriptions = subs
+            self.sessions._resubscribe(existing, subs)
             self._broadcast_sessions()
             return existing
         last = self._saved_cursors.get(session_id, self._committed_cursor)
         s = Session(self, session_id, user_id or self.user_id, subs, last)
-        self.sessions._local[session_id] = s
+        self.sessions._add_local(s)
         self._broadcast_sessions()
         # Last: cancelled while this waits, the registration is whole anyway.
         if session_id not in self._saved_cursors:
@@ -572,7 +574,7 @@ class ConversationsApi:
         it. NotFound if no such session is registered here."""
         self._check_open()
         check_session_id(session_id)
-        session = self.sessions._local.pop(session_id, None)
+        session = self.sessions._pop_local(session_id)
         if session is None:
             raise NotFound(f"no local session {session_id!r}")
         session._end()
@@ -602,7 +604,7 @@ class ConversationsApi:
             return  # closing: links are going (a new link's hello lists the sessions)
         wire = self._sessions_wire()
         for peer in self._links.values():
-            peer.send([F_SESSIONS, wire])
+            peer.send_sessions(wire)
 
     # -- writes ------------------------------------------------------------------------
 

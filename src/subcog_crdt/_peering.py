@@ -8,7 +8,7 @@ send is in flight, queued frames go out together in the next message). Frame typ
 ``[1, ns, state_vector]``                       sync step 1: "this is what I have"
 ``[2, ns, update, more]``                       sync step 2: what you miss (chunked)
 ``[3, ns, origin_node, update]``                a live update
-``[4, sessions]``                               this node's sessions changed
+``[4, sessions, more?]``                        this node's sessions changed (chunked)
 ``[5, peers]``                                  the node ids this node is linked to
 ``[6, ns]``                                     a namespace now exists here
 ``[7, ns]``                                     send me your state vector (resync)
@@ -51,6 +51,7 @@ from subcog_crdt._errors import (
     SubcogError,
 )
 from subcog_crdt._lifecycle import Resume, cancel_and_wait, start_now
+from subcog_crdt._sessions import MAX_SESSIONS, MAX_SUBSCRIPTIONS, sessions_from_wire
 from subcog_crdt._transport.base import DEFAULT_MAX_FRAME, Link
 
 if TYPE_CHECKING:
@@ -70,6 +71,11 @@ _MAX_ADOPTED = 4096  # namespaces one link's content may make this node create
 _LOCAL_RESERVE = 10
 """Peers' content never makes this node create its last ``MAX_NAMESPACES // 10``
 documents: those stay for its own sessions."""
+_SMALL_FRAME = 3 << 10
+"""A hello larger than this goes as a bare hello followed by its lists in other frames, and
+a session list larger than this in parts (``[4, part, True]`` ... ``[4, last]``): the
+peer's frame limit is unknown until its hello arrives, and no node accepts less than
+4 KiB."""
 _EMPTY_SV = b"\x00"  # the state vector of an empty document: "send me everything"
 _QUEUE_BYTES = 64 << 20  # past this, live updates are dropped and the peer resynced
 _QUEUE_HARD_BYTES = 512 << 20  # past this even control frames: the peer is disconnected
@@ -93,6 +99,11 @@ idle: ~0.3 ms here. Yielding lets it apply the update at once. The cost is borne
 writer: the ``capture()`` that triggered the send returns after the peer's turn instead of
 before it (measured in ``benchmarks/bench_sync.py``). Only the idle-link path yields, never
 a coalesced burst, and never for remote peers."""
+
+
+def _names_in(entry: Any) -> int:
+    subs = entry.get("subscriptions") if isinstance(entry, dict) else None
+    return len(subs) if isinstance(subs, list) else 0
 
 
 def is_live_update(message: bytes) -> bool:
@@ -158,7 +169,7 @@ def _merge_runs(frames: list[Any]) -> list[Any]:
     return out
 
 
-def _pack(frame: list[Any]) -> bytes:
+def _pack(frame: Any) -> bytes:
     out: bytes = msgpack.packb(frame, use_bin_type=True)
     return out
 
@@ -202,6 +213,8 @@ class PeerSync:
         self._wake = asyncio.Event()
         self._overflowed = False
         self._hello_seen = False
+        self._session_parts: list[Any] | None = None
+        self._session_names = 0
         self._to_persist: list[Any] = []
         self._large: list[_Queued] = []
         """Large updates of the message being handled, applied in pieces after it (and
@@ -408,17 +421,51 @@ class PeerSync:
         self._request(F_SV, ns)
 
     def send_hello(self) -> None:
+        """Send the hello. It must fit the peer's frame limit, unknown until its own hello
+        arrives (no node accepts less than 4 KiB): if this node's lists make it larger
+        than ``_SMALL_FRAME``, the hello carries none of them and they follow as frames
+        6, 5 and 4, which say the same."""
         api = self.api
+        names = sorted(api._shareable_namespaces())
+        sessions = api._sessions_wire()
+        linked = sorted(api._links.keys())
         hello: list[Any] = [
             F_HELLO,
-            sorted(api._shareable_namespaces()),
+            names,
             None if api._sync_filter is None else sorted(api._sync_filter),
-            api._sessions_wire(),
-            sorted(api._links.keys()),
+            sessions,
+            linked,
         ]
         if api._max_frame != DEFAULT_MAX_FRAME:
             hello.append(api._max_frame)  # absent: the default
+        if len(_pack(hello)) <= _SMALL_FRAME:
+            self.send(hello)
+            return
+        hello[1] = hello[3] = hello[4] = []
         self.send(hello)
+        for ns in names:
+            self.send([F_NAMESPACE, ns])
+        self.send([F_PEERS, linked])
+        self.send_sessions(sessions)
+
+    def send_sessions(self, sessions: list[dict[str, Any]]) -> None:
+        """Send this node's session list: one frame 4 if it is small, else parts of at
+        most ``_SMALL_FRAME`` bytes each (the list has no bound tied to ``max_frame``)."""
+        if len(_pack(sessions)) <= _SMALL_FRAME:
+            self.send([F_SESSIONS, sessions])
+            return
+        parts: list[list[dict[str, Any]]] = [[]]
+        size = 0
+        for entry in sessions:
+            n = len(_pack(entry))
+            if parts[-1] and size + n > _SMALL_FRAME:
+                parts.append([])
+                size = 0
+            parts[-1].append(entry)
+            size += n
+        for part in parts[:-1]:
+            self.send([F_SESSIONS, part, True])
+        self.send([F_SESSIONS, parts[-1]])
 
     def accepts(self, ns: str) -> bool:
         """Whether live updates of ``ns`` go to this peer."""
@@ -582,9 +629,12 @@ class PeerSync:
                 raise ProtocolError("bad step-2 frame")
             self._on_diff(ns, part, more)
         elif kind == F_SESSIONS:
-            if len(frame) != 2 or not isinstance(frame[1], list):
+            if len(frame) not in (2, 3) or not isinstance(frame[1], list):
                 raise ProtocolError("bad sessions frame")
-            self.api.sessions._set_remote(self.node_id, frame[1])
+            more = frame[2] if len(frame) == 3 else False
+            if not isinstance(more, bool):
+                raise ProtocolError("bad sessions frame")
+            self._on_sessions(frame[1], more)
         elif kind == F_PEERS:
             if len(frame) != 2 or not isinstance(frame[1], list):
                 raise ProtocolError("bad peers frame")
@@ -638,7 +688,7 @@ class PeerSync:
         self.peer_filter = None if filt is None else frozenset(self._check_ns(x) for x in filt)
         self.peer_peers = frozenset(x for x in peers if isinstance(x, str))
         offered = [self._check_ns(x) for x in names]
-        self.api.sessions._set_remote(self.node_id, sessions)
+        self._on_sessions(sessions, False)
         api = self.api
         for ns in sorted(api._shareable_namespaces()):
             if ns not in api._docs and self._exchanges(ns):
@@ -705,6 +755,28 @@ class PeerSync:
             return False
         self.adopted += 1
         return True
+
+    def _on_sessions(self, part: list[Any], more: bool) -> None:
+        """A session list, or a part of one (``more``: further parts follow). Checked
+        whole before it replaces what this peer listed before."""
+        if self._session_parts is None:
+            self._session_parts = []
+            self._session_names = 0
+        parts = self._session_parts
+        parts.extend(part)
+        self._session_names += sum(_names_in(e) for e in part)
+        if len(parts) > MAX_SESSIONS or self._session_names > MAX_SUBSCRIPTIONS:
+            raise ProtocolError(
+                f"peer lists more than {MAX_SESSIONS} sessions or {MAX_SUBSCRIPTIONS} subscriptions"
+            )
+        if more:
+            return
+        self._session_parts = None
+        infos = sessions_from_wire(self.node_id, parts)
+        # A replaced link's late frames must not bring back a list its successor's
+        # hello replaced.
+        if self.api._links.get(self.node_id) is self:
+            self.api.sessions._set_remote(self.node_id, infos)
 
     def _warn_once(self, key: str, what: str) -> None:
         if key not in self._warned:

@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import builtins
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from subcog_crdt._errors import InvalidArgument, NotFound
+from subcog_crdt._core.schema import check_namespace, check_session_id
+from subcog_crdt._errors import InvalidArgument, InvalidNamespace, NotFound, ProtocolError
 
 if TYPE_CHECKING:
     from subcog_crdt._session import Session
 
-__all__ = ["SessionInfo", "SessionRegistry"]
+__all__ = [
+    "MAX_SESSIONS",
+    "MAX_SUBSCRIPTIONS",
+    "SessionInfo",
+    "SessionRegistry",
+    "sessions_from_wire",
+]
+
+MAX_SESSIONS = 10_000
+"""Sessions one node may host, and so what a peer may list: a peer listing more (or
+anything invalid) is refused, so a node never holds an unbounded list for a peer."""
+MAX_SUBSCRIPTIONS = 100_000
+"""Subscriptions of all the sessions one node hosts, together (the same reason)."""
+_MAX_USER_ID = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +50,8 @@ class SessionRegistry:
     def __init__(self) -> None:
         self._local: dict[str, Session] = {}
         self._remote: dict[str, tuple[SessionInfo, ...]] = {}
+        self._subscriptions = 0
+        """Subscriptions of the local sessions, together (bounded by MAX_SUBSCRIPTIONS)."""
 
     def list(self) -> builtins.list[SessionInfo]:
         """Every known session: local ones first, then those of connected peers."""
@@ -63,26 +78,78 @@ class SessionRegistry:
             raise NotFound(f"no local session {session_id!r}")
         return s
 
+    def _check_room(self, session_id: str, subscriptions: int) -> None:
+        """InvalidArgument unless session ``session_id`` (new, or registered again) with
+        ``subscriptions`` fits the bounds that peers hold this node's list to."""
+        existing = self._local.get(session_id)
+        if existing is None and len(self._local) >= MAX_SESSIONS:
+            raise InvalidArgument(f"this node hosts {MAX_SESSIONS} sessions, the most it may")
+        held = self._subscriptions - (len(existing.subscriptions) if existing else 0)
+        if held + subscriptions > MAX_SUBSCRIPTIONS:
+            raise InvalidArgument(
+                f"{subscriptions} subscriptions would pass the node's {MAX_SUBSCRIPTIONS} "
+                f"(its other sessions hold {held})"
+            )
+
+    def _add_local(self, session: Session) -> None:
+        self._local[session.id] = session
+        self._subscriptions += len(session.subscriptions)
+
+    def _resubscribe(self, session: Session, subscriptions: frozenset[str]) -> None:
+        self._subscriptions += len(subscriptions) - len(session.subscriptions)
+        session.subscriptions = subscriptions
+
+    def _pop_local(self, session_id: str) -> Session | None:
+        session = self._local.pop(session_id, None)
+        if session is not None:
+            self._subscriptions -= len(session.subscriptions)
+        return session
+
     def local_sessions(self) -> builtins.list[Session]:
         return list(self._local.values())
 
-    def _set_remote(self, node_id: str, sessions: Iterable[Any]) -> None:
-        infos: list[SessionInfo] = []
-        for s in sessions:
-            if not isinstance(s, dict):
-                continue
-            sid, uid, subs = s.get("id"), s.get("user_id", ""), s.get("subscriptions", [])
-            if not isinstance(sid, str) or not isinstance(uid, str) or not isinstance(subs, list):
-                continue
-            names = tuple(x for x in subs if isinstance(x, str))
-            infos.append(SessionInfo(sid, uid, node_id, names, is_local=False))
-        self._remote[node_id] = tuple(infos)
+    def _set_remote(self, node_id: str, infos: tuple[SessionInfo, ...]) -> None:
+        self._remote[node_id] = infos
 
     def _drop_remote(self, node_id: str) -> None:
         self._remote.pop(node_id, None)
 
     def __len__(self) -> int:
         return len(self.list())
+
+
+def sessions_from_wire(node_id: str, entries: list[Any]) -> tuple[SessionInfo, ...]:
+    """A peer's session list (hello or frame 4), checked as strictly as local sessions
+    are: ``ProtocolError`` for anything a conforming node never sends (an invalid id or
+    namespace, one id twice, more than ``MAX_SESSIONS``). Keys other than ``id``,
+    ``user_id`` and ``subscriptions`` are ignored: a session belongs to the node on
+    whose link it is listed, whatever an entry claims."""
+    if len(entries) > MAX_SESSIONS:
+        raise ProtocolError(f"peer lists {len(entries)} sessions (at most {MAX_SESSIONS})")
+    infos: list[SessionInfo] = []
+    seen: set[str] = set()
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise ProtocolError("bad session entry: not a map")
+        sid, uid = entry.get("id"), entry.get("user_id", "")
+        subs = entry.get("subscriptions", [])
+        try:
+            sid = check_session_id(sid)
+        except InvalidArgument as exc:
+            raise ProtocolError(f"bad session entry: {exc}") from exc
+        if sid in seen:
+            raise ProtocolError(f"peer lists session {sid!r} twice")
+        seen.add(sid)
+        if not isinstance(uid, str) or len(uid) > _MAX_USER_ID:
+            raise ProtocolError(f"bad user id for session {sid!r}")
+        if not isinstance(subs, list):
+            raise ProtocolError(f"bad subscriptions for session {sid!r}")
+        try:
+            names = tuple(check_namespace(x) for x in subs)
+        except InvalidNamespace as exc:
+            raise ProtocolError(f"bad subscription of session {sid!r}: {exc}") from exc
+        infos.append(SessionInfo(sid, uid, node_id, names, is_local=False))
+    return tuple(infos)
 
 
 def _check_str(session_id: object) -> None:
