@@ -45,7 +45,7 @@ class SessionInfo:
 
 
 class SessionRegistry:
-    """``api.sessions``: local sessions and those of connected peers."""
+    """``api.sessions``: local sessions and those of the peers this node is linked to directly."""
 
     def __init__(self) -> None:
         self._local: dict[str, Session] = {}
@@ -61,6 +61,9 @@ class SessionRegistry:
         return out
 
     def get(self, session_id: str) -> SessionInfo:
+        """A session by id: the local one if this node hosts it, else one of a linked
+        peer (sessions of the same id on two peers are two sessions: ``list()`` shows
+        both). NotFound if none."""
         _check_str(session_id)
         s = self._local.get(session_id)
         if s is not None:
