@@ -301,6 +301,8 @@ class ConversationsApi:
         self._links: dict[str, PeerSync] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._compacting: dict[str, asyncio.Task[None]] = {}
+        self._index_due: dict[NamespaceDoc, None] = {}
+        """Documents that may have resolving or indexing to do (written since, or loaded)."""
         self._snapshot_bytes: dict[str, int] = {}
         self._state = _State.NEW
         self._saved_cursors: dict[str, int] = {}
@@ -360,6 +362,7 @@ class ConversationsApi:
             return  # aclose() came meanwhile: open() undoes what opened
         self._state = _State.OPEN
         self._index_wake = asyncio.Event()
+        self._index_due.update(dict.fromkeys(self._docs.values()))
         self._index_task = asyncio.get_running_loop().create_task(self._index_in_background())
         self._index_wake.set()
         await self._start_network()
@@ -434,7 +437,10 @@ class ConversationsApi:
             self._index_wake.clear()
             started = time.monotonic()
             done = 0
-            for doc in list(self._docs.values()):
+            # Only the documents written since (or loaded): a node with thousands of
+            # namespaces must not visit them all after every write.
+            due, self._index_due = self._index_due, {}
+            for doc in due:
                 while doc.background_work:
                     doc.resolve_some(128)
                     doc.flush_index(128)
@@ -765,6 +771,7 @@ class ConversationsApi:
             self._committed_cursor = max(self._committed_cursor, records[-1].cursor)
         self._index_wake.set()
         for doc in docs:
+            self._index_due[doc] = None
             self._maybe_compact(doc)
 
     def _maybe_compact(self, doc: NamespaceDoc) -> None:

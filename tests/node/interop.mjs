@@ -54,7 +54,8 @@ function fold (writes) {
         // a revive: the fields in `set` replace, the others keep their values
         m = { ...m, ...w.set, deleted: false }
       } else if (w.set.tags) {
-        m.tags = [...(m.tags || []), ...w.set.tags.filter((t) => !(m.tags || []).includes(t))]
+        const have = m.tags || []
+        m.tags = [...have, ...w.set.tags.filter((t) => !have.includes(t))].slice(0, 256)
       }
       if (!m.captured_by.includes(w.session)) m.captured_by.push(w.session)
     } else if (w.op === 'update' && m !== null) {

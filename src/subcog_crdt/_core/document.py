@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import logging
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -157,7 +158,10 @@ class NamespaceDoc:
         self._sv: dict[int, int] | None = None
         self._hash_cache: str | None = None
         self._n_writes = 0
-        self._to_index: list[tuple[int, str, Any]] = []
+        # Memories waiting to be indexed, in arrival order, each once with its latest
+        # text: a memory written many times (captured by many sessions) is tokenized once.
+        self._to_index: dict[int, tuple[str, Any]] = {}
+        self._index_queue: deque[int] = deque()
         self._changed_docs: set[int] = set()
         self.index = RecallIndex()
         self.on_local_update: Callable[[str, bytes], None] | None = None
@@ -262,7 +266,7 @@ class NamespaceDoc:
             m.folded = m.marks = None
             m.exists = True
             m.normh = hash(normalise(w.changes["content"]))
-            self._to_index.append((m.doc, w.changes["content"], w.changes.get("tags")))
+            self._queue_index(m.doc, w.changes["content"], w.changes.get("tags"))
             self.index.set_live(m.doc, True)
             return
         self._derive(mid, m, writes, indexed=False)
@@ -283,7 +287,7 @@ class NamespaceDoc:
             self._set_normh(m, mid, 0)
             self.index.set_live(m.doc, False)
             if indexed:  # its earlier words must go, as a restarted node never had them
-                self._to_index.append((m.doc, "", None))
+                self._queue_index(m.doc, "", None)
                 self._changed_docs.add(m.doc)
             return
         m.exists = True
@@ -294,7 +298,7 @@ class NamespaceDoc:
             self._note_moved(normh, mid)
         else:  # (its content update may have been removed by a hostile writer)
             self._forget_moved(normh, mid)
-        self._to_index.append((m.doc, mem.content, mem.tags))
+        self._queue_index(m.doc, mem.content, mem.tags)
         if indexed:
             self._changed_docs.add(m.doc)
         self.index.set_live(m.doc, not mem.deleted)
@@ -792,7 +796,7 @@ class NamespaceDoc:
                 mem: Memory | None = first_capture(self.namespace, w)
                 m.exists = True
                 m.normh = normh or hash(normalise(w.changes["content"]))
-                self._to_index.append((m.doc, w.changes["content"], w.changes.get("tags")))
+                self._queue_index(m.doc, w.changes["content"], w.changes.get("tags"))
                 if not emit:
                     return [], mem
                 assert mem is not None
@@ -836,7 +840,7 @@ class NamespaceDoc:
             # Words change with the content, a write's tags, or a write that lands before
             # later ones (a delete there makes a later capture revive with its own tags).
             if changed or refolded or ("tags" in w.changes and w.op != "delete"):
-                self._to_index.append((m.doc, mem.content, mem.tags))
+                self._queue_index(m.doc, mem.content, mem.tags)
                 self._changed_docs.add(m.doc)
             self.index.set_live(m.doc, not mem.deleted)
         if not emit:
@@ -860,20 +864,26 @@ class NamespaceDoc:
             return events, mem
         return self._events_for(w, mem, self._writes_after(m, w.base, w.key)), mem
 
+    def _queue_index(self, doc: int, content: str, tags: Any) -> None:
+        pending = self._to_index
+        if doc not in pending:
+            self._index_queue.append(doc)
+        pending[doc] = (content, tags)
+
     def flush_index(self, budget: int | None = None) -> int:
         """Index pending memories (all, or at most ``budget``); return how many remain.
         Indexing is deferred so a write does not pay for it; recall flushes first, so
         results are always current."""
         pending = self._to_index
-        if not pending:
-            return 0
-        take = len(pending) if budget is None else min(budget, len(pending))
-        batch, self._to_index = pending[:take], pending[take:]
+        queue = self._index_queue
+        take = len(queue) if budget is None else min(budget, len(queue))
         index = self.index
         changed = self._changed_docs
         mems = self._mems
         by_doc = self._by_doc
-        for doc, content, tags in batch:
+        for _ in range(take):
+            doc = queue.popleft()
+            content, tags = pending.pop(doc)
             m = mems[by_doc[doc]]
             index.set_live(doc, m.exists and not m.deleted)
             tokens = tokenize(content)
@@ -884,7 +894,7 @@ class NamespaceDoc:
                 index.replace(doc, tokens)
             else:
                 index.add(doc, tokens)
-        return len(self._to_index)
+        return len(queue)
 
     def _fold_from(self, m: _Mem, i: int) -> FoldState:
         """Fold ``m.keys`` again from the last checkpoint at or before index ``i`` (the

@@ -22,7 +22,7 @@ from types import MappingProxyType
 from typing import Any
 
 from subcog_crdt._core.hlc import stamp_datetime
-from subcog_crdt._core.schema import FIELDS, Write, normalise
+from subcog_crdt._core.schema import FIELDS, MAX_MEMORY_TAGS, Write, normalise
 from subcog_crdt._core.slots import slot_setters
 
 __all__ = [
@@ -167,7 +167,13 @@ class FoldState:
                 self.values.update(w.changes)
             elif "tags" in w.changes:
                 tags = list(self.values.get("tags", ()))
-                tags.extend(t for t in w.changes["tags"] if t not in tags)
+                seen = set(tags)
+                for t in w.changes["tags"]:
+                    if len(tags) >= MAX_MEMORY_TAGS:
+                        break
+                    if t not in seen:
+                        seen.add(t)
+                        tags.append(t)
                 self.values["tags"] = tags
             self.captured_by.setdefault(w.session)
         elif w.op == "update":

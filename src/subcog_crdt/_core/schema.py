@@ -44,6 +44,9 @@ SCHEMA_VERSION: Final = 1
 ENTRIES: Final = "entries"
 MAX_CONTENT: Final = 256 * 1024
 MAX_TAGS: Final = 64
+MAX_MEMORY_TAGS: Final = 256
+"""Tags one memory keeps: captures of a live memory add theirs up to this many (the rest
+are dropped, alike on every node), so a fact captured by many sessions stays small."""
 MAX_TAG: Final = 128
 MAX_METADATA: Final = 64 * 1024
 MAX_TEXT: Final = 1024
