@@ -30,6 +30,8 @@ class Subscription:
         if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
             raise InvalidArgument(f"maxsize must be an int >= 1, not {maxsize!r}")
         self._bus = bus
+        self._namespaces: frozenset[str] | None = None
+        """The namespaces whose events it is offered (None: all), as the bus indexes it."""
         self._accept = accept
         self._maxsize = maxsize
         self._queue: deque[Event] = deque()
@@ -97,7 +99,7 @@ class Subscription:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._bus._subs.discard(self)
+            self._bus._unindex(self)
             self._wake()
 
     async def aclose(self) -> None:
@@ -111,23 +113,66 @@ class Subscription:
 
 
 class EventBus:
-    """Delivers each published event to every subscription that accepts it."""
+    """Delivers each published event to every subscription that accepts it. Subscriptions
+    are indexed by the namespaces they follow, so an event is offered only to those that
+    may want it (a node with thousands of streams pays per interested stream)."""
 
     def __init__(self) -> None:
         # Weakly: a stream its caller dropped without close() (``async for ...: break``)
         # must not stay subscribed, queueing events, for the node's lifetime.
         self._subs: weakref.WeakSet[Subscription] = weakref.WeakSet()
+        self._any: weakref.WeakSet[Subscription] = weakref.WeakSet()
+        self._by_ns: dict[str, weakref.WeakSet[Subscription]] = {}
         self._waiting: set[Subscription] = set()
         self._closed = False
 
-    def subscribe(self, accept: Callable[[Event], bool], maxsize: int = 10_000) -> Subscription:
-        """A new subscription; an ended one if the bus is closed (no event can come)."""
+    def subscribe(
+        self,
+        accept: Callable[[Event], bool],
+        maxsize: int = 10_000,
+        namespaces: frozenset[str] | None = None,
+    ) -> Subscription:
+        """A new subscription, offered the events of ``namespaces`` (None: every one) that
+        ``accept`` takes; an ended one if the bus is closed (no event can come)."""
         sub = Subscription(self, accept, maxsize)
         if self._closed:
             sub.close()
         else:
             self._subs.add(sub)
+            self._index(sub, namespaces)
         return sub
+
+    def retarget(self, sub: Subscription, namespaces: frozenset[str] | None) -> None:
+        """Offer ``sub`` the events of other namespaces from now on."""
+        if sub._closed:
+            return
+        self._unindex(sub)
+        self._subs.add(sub)
+        self._index(sub, namespaces)
+
+    def _index(self, sub: Subscription, namespaces: frozenset[str] | None) -> None:
+        sub._namespaces = namespaces
+        if namespaces is None:
+            self._any.add(sub)
+            return
+        by_ns = self._by_ns
+        for ns in namespaces:
+            subs = by_ns.get(ns)
+            if subs is None:
+                subs = by_ns[ns] = weakref.WeakSet()
+            subs.add(sub)
+
+    def _unindex(self, sub: Subscription) -> None:
+        self._subs.discard(sub)
+        if sub._namespaces is None:
+            self._any.discard(sub)
+            return
+        for ns in sub._namespaces:
+            subs = self._by_ns.get(ns)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._by_ns[ns]
 
     def publish(self, events: Iterable[Event]) -> None:
         """Never raises: publishing runs inside every write (after the document changed,
@@ -135,8 +180,12 @@ class EventBus:
         Its error is logged and the event is skipped for that subscriber alone."""
         if not self._subs:
             return
-        subs = list(self._subs)
+        targets: dict[str, list[Subscription]] = {}  # per namespace, for this call
         for ev in events:
+            subs = targets.get(ev.namespace)
+            if subs is None:
+                these = self._by_ns.get(ev.namespace)
+                subs = targets[ev.namespace] = [*(these or ()), *self._any]
             for sub in subs:
                 try:
                     sub._push(ev)

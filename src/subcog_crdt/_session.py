@@ -50,13 +50,25 @@ class Session:
         self._api = api
         self.id = session_id
         self.user_id = user_id
-        self.subscriptions = subscriptions
+        self._subscriptions = subscriptions
         self.last_cursor = last_cursor
         """The cursor ``sync(since="last")`` continues from."""
         self.last_sync: datetime | None = None
         self._sync_lock = asyncio.Lock()
         self._active = True
         self._streams: weakref.WeakSet[Subscription] = weakref.WeakSet()
+
+    @property
+    def subscriptions(self) -> frozenset[str]:
+        """The namespaces whose events this session gets."""
+        return self._subscriptions
+
+    @subscriptions.setter
+    def subscriptions(self, namespaces: frozenset[str]) -> None:
+        # Its open streams follow (see events()); the bus offers them the new namespaces.
+        self._subscriptions = namespaces
+        for stream in list(self._streams):
+            self._api._bus.retarget(stream, namespaces)
 
     def _check_active(self) -> None:
         """ClosedError if the node is not open, or this session was unregistered."""
@@ -191,7 +203,7 @@ class Session:
                 or isinstance(ev, Conflict)
             )
 
-        stream = self._api._bus.subscribe(accept, maxsize)
+        stream = self._api._bus.subscribe(accept, maxsize, self.subscriptions)
         self._streams.add(stream)
         return stream
 
