@@ -131,8 +131,12 @@ class NamespaceDoc:
         node_id: str,
         hlc: Hlc,
         next_cursor: Callable[[], int],
+        homes: dict[str, NamespaceDoc] | None = None,
     ) -> None:
         self.namespace = namespace
+        self._homes = {} if homes is None else homes
+        """Memory id -> the document that holds it: shared by a node's documents, so a
+        lookup by id asks one of them, not every namespace."""
         self.node_id = node_id
         self._hlc = hlc
         self._next_cursor = next_cursor
@@ -754,10 +758,12 @@ class NamespaceDoc:
             if stamp > top and valid_stamp(stamp):  # raw keys: junk must not count
                 top = stamp
         first = self.index.new_docs(len(groups))
+        homes = self._homes
         for i, (mid, ks) in enumerate(groups.items(), first):
             m = mems[mid] = _Mem(i, resolved=False)
             m.keys = tuple(ks)
             by_doc.append(mid)
+            homes[mid] = self
         self._n_writes = n
         self.max_stamp = top
         with self.doc.transaction():  # one for every read below (see _entry)
@@ -783,6 +789,7 @@ class NamespaceDoc:
                 doc = self.index.new_doc()
                 self._by_doc.append(mid)
                 m = self._mems[mid] = _Mem(doc)
+                self._homes[mid] = self
             else:
                 m.deleted = False
                 m.deferred = None
