@@ -998,13 +998,22 @@ class ConversationsApi:
         tagset = frozenset(t.strip() for t in check_names("tags", tags))
         if "" in tagset:
             raise InvalidArgument("a tag is a non-empty str (after trimming), not blank")
-        scored: list[tuple[float, Memory]] = []
+        scored: list[tuple[float, str, NamespaceDoc]] = []
         for ns in names:
             doc = self._docs.get(ns)
             if doc is not None:
-                scored.extend(doc.search(query, limit, tagset))
-        scored.sort(key=lambda sm: (-sm[0], sm[1].id))
-        return [m for _, m in scored[:limit]]
+                hits = doc.search_ids(query, limit, tagset)
+                scored.extend((score, mid, doc) for score, mid in hits)
+        # Ranked across namespaces first; only the memories returned are built.
+        scored.sort(key=lambda s: (-s[0], s[1]))
+        out: list[Memory] = []
+        for _, mid, doc in scored:
+            mem = doc.get(mid)
+            if mem is not None and not mem.deleted:
+                out.append(mem)
+                if len(out) == limit:
+                    break
+        return out
 
     # -- sync since --------------------------------------------------------------------
 

@@ -1007,21 +1007,37 @@ class NamespaceDoc:
     def search(
         self, query: str, limit: int, tags: frozenset[str] = frozenset()
     ) -> list[tuple[float, Memory]]:
+        hits, built = self._search(query, limit, tags)
+        out: list[tuple[float, Memory]] = []
+        for score, mid in hits:
+            mem = built[mid] if mid in built else self.get(mid)
+            if mem is not None and not mem.deleted:
+                out.append((score, mem))
+        return out
+
+    def search_ids(
+        self, query: str, limit: int, tags: frozenset[str] = frozenset()
+    ) -> list[tuple[float, str]]:
+        """The best ``limit`` matches as (score, memory id), without building the
+        memories (a recall over many namespaces builds only those it returns)."""
+        return self._search(query, limit, tags)[0]
+
+    def _search(
+        self, query: str, limit: int, tags: frozenset[str]
+    ) -> tuple[list[tuple[float, str]], dict[str, Memory | None]]:
+        """The hits, and the memories a tags filter built on the way."""
         accept: Callable[[int], bool] | None = None
-        cache: dict[int, Memory | None] = {}
+        built: dict[str, Memory | None] = {}
+        by_doc = self._by_doc
 
         def accept_tags(doc: int) -> bool:
-            mem = cache[doc] = self.get(self._by_doc[doc])
+            mid = by_doc[doc]
+            mem = built[mid] = self.get(mid)
             return mem is not None and not mem.deleted and tags.issubset(mem.tags)
 
         if tags:
             accept = accept_tags
         self.resolve_all()
         self.flush_index()
-        hits = self.index.search(query, limit, self.tokens_of, accept, self._by_doc.__getitem__)
-        out: list[tuple[float, Memory]] = []
-        for score, doc in hits:
-            mem = cache[doc] if doc in cache else self.get(self._by_doc[doc])
-            if mem is not None and not mem.deleted:
-                out.append((score, mem))
-        return out
+        hits = self.index.search(query, limit, self.tokens_of, accept, by_doc.__getitem__)
+        return [(score, by_doc[doc]) for score, doc in hits], built
