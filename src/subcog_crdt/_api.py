@@ -12,7 +12,7 @@ import secrets
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from ssl import SSLContext
 from types import TracebackType
@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 _KIND = {Captured: "captured", Updated: "updated", Deleted: "deleted", Conflict: "conflict"}
 _COMPACT_BYTES = 8 * 1024 * 1024
 MAX_NAMESPACES = 10_000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 _SESSIONS_EVERY = 0.1  # seconds between two session lists sent to peers, at least
 MAX_SYNC_NAMESPACES = 512
 """The most names ``sync_namespaces`` may hold (it travels in the link handshake)."""
@@ -291,6 +293,8 @@ class ConversationsApi:
         self._hlc = Hlc()
         self._cursor = 0
         self._committed_cursor = 0
+        self._in_flight = 0  # commits started and not finished (_persist)
+        self._commit_waiters: list[asyncio.Future[None]] = []
         self._docs: dict[str, NamespaceDoc] = {}
         self._homes: dict[str, NamespaceDoc] = {}  # memory id -> its namespace (_doc_of)
         self._sessions_due = False  # a sessions frame is scheduled (_broadcast_sessions)
@@ -769,6 +773,7 @@ class ConversationsApi:
             records = [r for _, _, rs in batches for r in rs]
             docs = list({id(d): d for d, _, _ in batches}.values())
         if updates or records:
+            self._in_flight += 1
             try:
                 await self._storage.commit(updates, records)
             except asyncio.CancelledError:
@@ -776,17 +781,42 @@ class ConversationsApi:
                 # log before its first await, so the write happened (it is in the
                 # document, its events are out, a restart has it). Its journal records
                 # must be readable now too, not only once a later write commits.
+                self._in_flight -= 1
                 self._committed(records, docs)
                 raise
+            except BaseException:
+                self._in_flight -= 1
+                self._wake_commit_waiters()
+                raise
+            self._in_flight -= 1
         self._committed(records, docs)
 
     def _committed(self, records: list[JournalRecord], docs: list[NamespaceDoc]) -> None:
         if records:
             self._committed_cursor = max(self._committed_cursor, records[-1].cursor)
+        self._wake_commit_waiters()
         self._index_wake.set()
         for doc in docs:
             self._index_due[doc] = None
             self._maybe_compact(doc)
+
+    def _wake_commit_waiters(self) -> None:
+        waiters, self._commit_waiters = self._commit_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def _commits_done(self, cursor: int) -> None:
+        """Wait until the events up to ``cursor`` are committed, or no commit is under
+        way (the rest belong to writes whose commit failed). Events are published before
+        their commit finishes (with ``durability="fsync"``, before the fsync): a consumer
+        told to resync from a cursor (``Lagged``) must find every event it was not given
+        in ``sync``, not a horizon below them."""
+        loop = asyncio.get_running_loop()
+        while self._committed_cursor < cursor and self._in_flight:
+            fut: asyncio.Future[None] = loop.create_future()
+            self._commit_waiters.append(fut)
+            await fut
 
     def _maybe_compact(self, doc: NamespaceDoc) -> None:
         """Start compacting a namespace in the background once its tail outgrows both
@@ -1051,9 +1081,11 @@ class ConversationsApi:
             if since.tzinfo is None:
                 raise InvalidArgument("since datetime must be timezone-aware")
             after = 0
-            since_ms = int(since.timestamp() * 1000)
+            # Rounded up: a record of an earlier millisecond is before ``since``.
+            since_ms = -(-((since - _EPOCH) // _MICROSECOND) // 1000)
         else:
             raise InvalidArgument("since must be 'last', a cursor int or a datetime")
+        await self._commits_done(self._cursor)
         horizon = self._committed_cursor
         records, oldest, gap = await self._read_events(
             session, after, limit + 1, horizon, include_own, since_ms
