@@ -118,7 +118,7 @@ async def test_background_indexing_after_a_write_visits_only_the_written_namespa
     def counting(doc: NamespaceDoc) -> bool:
         nonlocal visits
         visits += 1
-        return has_work(doc)
+        return bool(has_work(doc))
 
     monkeypatch.setattr(NamespaceDoc, "background_work", property(counting))
     names = [f"n{i}" for i in range(300)]
