@@ -30,6 +30,7 @@ from subcog_crdt._core.schema import (
     check_namespace,
     check_session_id,
     check_unicode,
+    copy_json,
     prepare_fields,
 )
 from subcog_crdt._errors import (
@@ -991,7 +992,7 @@ class ConversationsApi:
         """Every write of a memory, in clock order, losers of conflicts included."""
         self._check_open()
         doc = self._doc_of(memory_id)
-        return sorted(doc.writes(memory_id), key=lambda w: w.order)
+        return sorted((w.public() for w in doc.writes(memory_id)), key=lambda w: w.order)
 
     def state_hash(self, namespace: str) -> str:
         """Equal on two nodes iff they hold the same state of ``namespace``."""
@@ -1188,7 +1189,7 @@ class ConversationsApi:
                 return None
             return Captured(memory=mem, **common)
         if rec.kind == "updated":
-            return Updated(changes=w.changes, **common)
+            return Updated(changes=copy_json(w.changes), **common)
         if rec.kind == "deleted":
             return Deleted(**common)
         winner = doc.write(rec.other)
@@ -1199,7 +1200,7 @@ class ConversationsApi:
         common.update(
             at=stamp_datetime(winner.at), source_session=winner.session, node_id=winner.node
         )
-        return Conflict(winner=winner, loser=w, fields=fields, **common)
+        return Conflict(winner=winner.public(), loser=w.public(), fields=fields, **common)
 
 
 def _items(items: object) -> list[Any]:

@@ -32,6 +32,7 @@ from subcog_crdt._core.recall import RecallIndex, tokenize
 from subcog_crdt._core.schema import (
     ENTRIES,
     Write,
+    copy_json,
     decode_write,
     encode_write,
     first_memory_id,
@@ -960,6 +961,11 @@ class NamespaceDoc:
         at = mem.updated_at if mem.clock == w.at else stamp_datetime(w.at)
         cursor = self._next_cursor()
         if w.op == "capture":  # captures merge: they never conflict
+            m = self._mems.get(w.memory_id)
+            if m is not None and m.keys and m.keys[-1] != w.key:
+                # Later writes are folded already (it arrived late, or held back behind
+                # them): the event carries the memory as of this write, as sync() does.
+                mem = self.memory_at(w.key) or mem
             return [new_captured(ns, cursor, at, w.session, w.node, w.key, w.memory_id, mem)]
         common: dict[str, Any] = {
             "namespace": ns,
@@ -972,7 +978,7 @@ class NamespaceDoc:
         }
         out: list[Event] = []
         if w.op == "update":
-            out.append(Updated(changes=w.changes, **common))
+            out.append(Updated(changes=copy_json(w.changes), **common))
         else:
             out.append(Deleted(**common))
         for c in find_conflicts(w, others):
@@ -985,8 +991,8 @@ class NamespaceDoc:
                     node_id=c.winner.node,
                     write_id=c.loser.key,
                     memory_id=w.memory_id,
-                    winner=c.winner,
-                    loser=c.loser,
+                    winner=c.winner.public(),
+                    loser=c.loser.public(),
                     fields=c.fields,
                 )
             )

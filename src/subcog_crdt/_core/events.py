@@ -45,6 +45,8 @@ class Captured(Event):
     """A session captured a memory (new, revived, or the same fact again)."""
 
     memory: Memory
+    """The memory as of this capture (on every node, live and from ``sync``): writes
+    folded after it, such as a later update that arrived first, are not in it."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -22,7 +22,7 @@ from types import MappingProxyType
 from typing import Any
 
 from subcog_crdt._core.hlc import stamp_datetime
-from subcog_crdt._core.schema import FIELDS, MAX_MEMORY_TAGS, Write, normalise
+from subcog_crdt._core.schema import FIELDS, MAX_MEMORY_TAGS, Write, copy_json, normalise
 from subcog_crdt._core.slots import slot_setters
 
 __all__ = [
@@ -212,7 +212,7 @@ class FoldState:
             namespace=namespace,
             content=v["content"],
             tags=tuple(v.get("tags", ())),
-            metadata=MappingProxyType(meta) if meta else _EMPTY,
+            metadata=_public_metadata(meta) if meta else _EMPTY,
             source_session=self.source_session,
             captured_by=tuple(self.captured_by),
             created_at=stamp_datetime(self.created),
@@ -226,6 +226,15 @@ class FoldState:
             expires_at=datetime.fromisoformat(expires) if expires else None,
             clock=last.at,
         )
+
+
+def _public_metadata(meta: dict[str, Any]) -> Mapping[str, Any]:
+    """Read-only at the top; nested dicts and lists are the node's own, so a caller gets
+    copies of those (rare: most metadata is flat)."""
+    for v in meta.values():
+        if type(v) is dict or type(v) is list:
+            return MappingProxyType(copy_json(meta))
+    return MappingProxyType(meta)
 
 
 def fold_state(writes: Iterable[Write]) -> FoldState:

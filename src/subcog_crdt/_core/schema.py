@@ -31,6 +31,7 @@ __all__ = [
     "check_session_id",
     "check_tags",
     "check_unicode",
+    "copy_json",
     "decode_write",
     "encode_write",
     "first_memory_id",
@@ -340,6 +341,21 @@ class Write(NamedTuple):
     def order(self) -> tuple[str, str, str]:
         """Later-by-clock wins; ties break by session id, then node id."""
         return (self.at, self.session, self.node)
+
+    def public(self) -> Write:
+        """A copy to hand out: a caller changing its ``changes`` (a tags list, nested
+        metadata) must not change what the node derives from the write."""
+        return self._replace(changes=copy_json(self.changes))
+
+
+def copy_json(value: Any) -> Any:
+    """A copy of JSON-shaped data (dicts and lists copied at every depth)."""
+    t = type(value)
+    if t is dict:
+        return {k: copy_json(v) for k, v in value.items()}
+    if t is list:
+        return [copy_json(v) for v in value]
+    return value
 
 
 def encode_write(op: str, base: str, changes: dict[str, Any]) -> str:
