@@ -87,6 +87,7 @@ from typing import Any, Final
 import aiohttp
 import msgpack
 from aiohttp import WSMsgType, web
+from aiohttp.client_middlewares import ClientHandlerType
 from yarl import URL
 
 from .._errors import (
@@ -169,6 +170,10 @@ STABLE_LINK: Final = 5.0
 """A link that lived this long resets the redial backoff (a flapping one does not)."""
 HANDLER_GRACE: Final = 2.0
 """How long shutdown waits for link handlers to return after their links closed."""
+CLOSE_GIVE_UP: Final = 3.0
+"""How long a closing connection may take to flush (its close frame, what was queued)
+before it is cut: a peer that never reads would otherwise keep the socket, and a close
+waiting on it, forever."""
 
 # aiohttp closes with RFC 6455 codes on parser errors; the mesh reports its own codes, so
 # the peer (and the logs) can tell an oversized frame from other faults.
@@ -353,8 +358,53 @@ class _GuardedParser:
         self._guard = self._guarded = guard
 
 
+async def _refuse_redirects(
+    request: aiohttp.ClientRequest, handler: ClientHandlerType
+) -> aiohttp.ClientResponse:
+    """Dials never follow a redirect: the URL dialled is the one checked (a node without a
+    secret dials loopback only), and a node never answers with one."""
+    response = await handler(request)
+    if 300 <= response.status < 400:
+        response.close()
+        raise PeerUnreachable(
+            f"{request.url} answered with a redirect ({response.status}): not followed"
+        )
+    return response
+
+
+def _cut(transport: asyncio.BaseTransport | None, *, at_once: bool) -> None:
+    """Make sure a connection being closed ends: at once (the peer is unresponsive), or
+    after ``CLOSE_GIVE_UP`` if it still holds unsent bytes then. aiohttp closes the
+    socket gracefully, which waits for the write buffer to drain: a peer that never
+    reads never lets it, and the socket (and whatever waits on it) stays for good."""
+    if not isinstance(transport, asyncio.WriteTransport):
+        return
+    if at_once:
+        transport.abort()
+    elif transport.get_write_buffer_size():
+        asyncio.get_running_loop().call_later(CLOSE_GIVE_UP, transport.abort)
+
+
+async def _close_bounded(close: Awaitable[bool], transport: Any) -> bool:
+    """aiohttp's close, cut short (and the connection cut) if a peer that does not read
+    holds it up past ``CLOSE_GIVE_UP`` (it waits for its close frame to drain first)."""
+    try:
+        async with asyncio.timeout(CLOSE_GIVE_UP):
+            return await close
+    except TimeoutError:
+        _cut(transport, at_once=True)
+        return True
+    finally:
+        _cut(transport, at_once=False)
+
+
 class _ServerWs(_GuardedParser, web.WebSocketResponse):
-    """aiohttp's server WebSocket, reporting parser faults with the mesh's close codes."""
+    """aiohttp's server WebSocket, reporting parser faults with the mesh's close codes, and
+    cutting connections that a peer would otherwise hold open by not reading."""
+
+    def _transport(self) -> asyncio.BaseTransport | None:
+        req = self._req
+        return req.transport if req is not None else None
 
     async def close(
         self, *, code: int = aiohttp.WSCloseCode.OK, message: bytes = b"", drain: bool = True
@@ -362,17 +412,36 @@ class _ServerWs(_GuardedParser, web.WebSocketResponse):
         mapped = _AIOHTTP_CODE_MAP.get(code)
         if mapped is not None:
             code, message = mapped, message or CLOSE_CODES[mapped].encode()
-        return await super().close(code=code, message=message, drain=drain)
+        transport = self._transport()
+        return await _close_bounded(
+            super().close(code=code, message=message, drain=drain), transport
+        )
+
+    def _handle_ping_pong_exception(self, exc: BaseException) -> None:
+        transport = self._transport()
+        super()._handle_ping_pong_exception(exc)
+        _cut(transport, at_once=True)  # no pong: the peer is gone or not reading
 
 
 class _ClientWs(_GuardedParser, aiohttp.ClientWebSocketResponse):
-    """aiohttp's client WebSocket, reporting parser faults with the mesh's close codes."""
+    """aiohttp's client WebSocket, reporting parser faults with the mesh's close codes, and
+    cutting connections that a peer would otherwise hold open by not reading."""
+
+    def _transport(self) -> asyncio.BaseTransport | None:
+        conn = self._conn
+        return conn.transport if conn is not None else None
 
     async def close(self, *, code: int = aiohttp.WSCloseCode.OK, message: bytes = b"") -> bool:
         mapped = _AIOHTTP_CODE_MAP.get(code)
         if mapped is not None:
             code, message = mapped, message or CLOSE_CODES[mapped].encode()
-        return await super().close(code=code, message=message)
+        transport = self._transport()
+        return await _close_bounded(super().close(code=code, message=message), transport)
+
+    def _handle_ping_pong_exception(self, exc: BaseException) -> None:
+        transport = self._transport()
+        super()._handle_ping_pong_exception(exc)
+        _cut(transport, at_once=True)  # no pong: the peer is gone or not reading
 
 
 _AnyWs = _ServerWs | _ClientWs
@@ -519,7 +588,9 @@ async def _recv_handshake(ws: _AnyWs) -> bytes:
     if msg.type is WSMsgType.TEXT:
         raise _HandshakeFailure(CLOSE_PROTOCOL, "text frame during handshake")
     if msg.type is WSMsgType.ERROR:
-        code = getattr(msg.data, "code", CLOSE_PROTOCOL)
+        # A parser fault carries its code; one that does not is a dead connection (no
+        # pong, a reset), not the peer's protocol error.
+        code = getattr(msg.data, "code", CLOSE_ABNORMAL)
         code = _AIOHTTP_CODE_MAP.get(code, code)
         raise _HandshakeFailure(code, f"bad frame during handshake: {msg.data}")
     code = ws.close_code if ws.close_code is not None else CLOSE_ABNORMAL
@@ -792,7 +863,12 @@ class WebSocketLink:
         self._pump_started = True
         try:
             while True:
-                msg = await self._ws.receive()
+                try:
+                    msg = await self._ws.receive()
+                except (ConnectionError, aiohttp.ClientError) as lost:
+                    # Cut while answering a ping (a peer that did not read): gone.
+                    self._record(CLOSE_ABNORMAL, f"connection lost: {lost}")
+                    return
                 kind = msg.type
                 if kind is WSMsgType.BINARY:
                     data: bytes = msg.data
@@ -1009,8 +1085,16 @@ class WebSocketTransport:
     async def _start(self) -> None:
         if self._setup_app is not None:
             self._setup_app(self._app)
+        # keepalive_timeout: a connection that sends no request, or never finishes its
+        # headers, is closed after the handshake's deadline (aiohttp's default keeps it
+        # ~1 h, outside the handshake slots: a local process could use up the node's
+        # file descriptors).
         runner = web.AppRunner(
-            self._app, handle_signals=False, access_log=None, shutdown_timeout=HANDLER_GRACE
+            self._app,
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=HANDLER_GRACE,
+            keepalive_timeout=self._handshake_timeout,
         )
         await runner.setup()
         self._runner = runner
@@ -1042,6 +1126,7 @@ class WebSocketTransport:
         self._session = aiohttp.ClientSession(
             ws_response_class=_ClientWs,
             timeout=aiohttp.ClientTimeout(total=None, connect=self._handshake_timeout),
+            middlewares=(_refuse_redirects,),
         )
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -1350,6 +1435,9 @@ class WebSocketTransport:
                     link, peer_id = await self._client_handshake(ws, node_id)
             except TimeoutError:
                 raise _HandshakeFailure(CLOSE_HANDSHAKE_TIMEOUT, "handshake timeout") from None
+            except (ConnectionError, aiohttp.ClientError) as exc:
+                # Cut (a peer that stopped answering pings, a reset): a dead peer.
+                raise _HandshakeFailure(CLOSE_ABNORMAL, f"connection lost: {exc}") from None
         except _HandshakeFailure as failure:
             if not failure.remote:
                 await ws.close(code=failure.code, message=_reason_bytes(failure.reason))
