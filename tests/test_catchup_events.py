@@ -343,7 +343,7 @@ async def test_sync_since_a_datetime_selects_by_when_the_write_was_made(tmp_path
 
 
 async def test_sync_since_a_datetime_between_milliseconds_leaves_out_earlier_events() -> None:
-    """BUG: ``since=`` is cut to whole milliseconds downwards, so an event made up to
+    """Was a bug: ``since=`` is cut to whole milliseconds downwards, so an event made up to
     1 ms before the datetime is returned (``e.at < since``). Events carry whole
     milliseconds; a datetime between two of them must round up, not down."""
     async with ConversationsApi(listen=False, discovery=()) as a:
@@ -359,7 +359,7 @@ async def test_sync_since_a_datetime_between_milliseconds_leaves_out_earlier_eve
 async def test_a_lagged_stream_catches_up_with_sync_while_the_commit_waits_for_fsync(
     tmp_path: Path,
 ) -> None:
-    """BUG: a stream that lags during a catch-up to a ``durability="fsync"`` node follows
+    """Was a bug: a stream that lags during a catch-up to a ``durability="fsync"`` node follows
     ``Lagged``'s recipe, ``sync(since=marker.cursor)``, while the catch-up's commit still
     waits for its fsync (held here until the sync has begun): the events it dropped are
     already published, but the sync stops at the last *committed* cursor and returns none

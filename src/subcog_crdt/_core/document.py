@@ -122,6 +122,13 @@ class _Mem:
         Only valid with ``folded``; None: rebuilt when needed."""
 
 
+def _at_end_of_time(m: _Mem) -> bool:
+    """Whether the memory's newest write is stamped at the end of time (only a hostile or
+    broken writer does that): no later write can be stamped, so a capture must not pick
+    it. Decided by its writes alone, so every node that holds them picks alike."""
+    return bool(m.keys) and stamp_after(_key_order(m.keys[-1])[0]) is None
+
+
 class NamespaceDoc:
     """A namespace's document, derived memories, recall index and update outbox."""
 
@@ -356,7 +363,8 @@ class NamespaceDoc:
         live = []
         for mid in self._moved.get(normh, ()):
             m = self._mem(mid)
-            if m is not None and m.exists and not m.deleted and m.normh == normh:
+            live_here = m is not None and m.exists and not m.deleted and m.normh == normh
+            if live_here and m is not None and not _at_end_of_time(m):
                 live.append(mid)
         return min(live) if live else None
 
@@ -487,6 +495,8 @@ class NamespaceDoc:
         unused = ""
         for candidate in memory_id_chain(self.namespace, norm, first):
             m = self._mem(candidate)
+            if m is not None and _at_end_of_time(m):
+                continue  # no write can follow its newest: as if other content held it
             if m is None or not m.exists:
                 unused = candidate
                 break
@@ -743,7 +753,7 @@ class NamespaceDoc:
         mems = self._mems
         by_doc = self._by_doc
         groups: dict[str, list[str]] = {}
-        top = ""
+        top = top_key = ""
         n = 0
         for key in self.entries.keys():  # noqa: SIM118 (pycrdt's Map iterates keys only via keys())
             if key[20:21] != "/":
@@ -757,7 +767,7 @@ class NamespaceDoc:
             n += 1
             stamp = key[21 : 21 + STAMP_LEN]
             if stamp > top and valid_stamp(stamp):  # raw keys: junk must not count
-                top = stamp
+                top, top_key = stamp, key
         first = self.index.new_docs(len(groups))
         homes = self._homes
         for i, (mid, ks) in enumerate(groups.items(), first):
@@ -766,11 +776,29 @@ class NamespaceDoc:
             by_doc.append(mid)
             homes[mid] = self
         self._n_writes = n
-        self.max_stamp = top
+        self.max_stamp = self._resume_stamp(top, top_key)
         with self.doc.transaction():  # one for every read below (see _entry)
             for mid, m in mems.items():
                 if len(m.keys) > 1:
                     self._resolve(mid, m)
+
+    def _resume_stamp(self, top: str, top_key: str) -> str:
+        """The newest stamp the clock resumes after at a restart: of an entry that is a
+        write, and one the clock follows (``Hlc.follows``), as a running node followed
+        only such stamps. Usually the newest key's; junk or a far-future entry make it
+        look further (rare: a hostile or broken writer)."""
+        if not top or (self._hlc.follows(top) and self._is_write(top_key)):
+            return top
+        keys = [k for k in self.entries.keys() if k[20:21] == "/"]  # noqa: SIM118
+        keys.sort(key=lambda k: k[21 : 21 + STAMP_LEN], reverse=True)
+        for key in keys:
+            stamp = key[21 : 21 + STAMP_LEN]
+            if valid_stamp(stamp) and self._hlc.follows(stamp) and self._is_write(key):
+                return stamp
+        return ""
+
+    def _is_write(self, key: str) -> bool:
+        return decode_write(key, self._entry(key)) is not None
 
     # -- integration -------------------------------------------------------------------
 

@@ -64,7 +64,9 @@ class Deleted(Event):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Conflict(Event):
     """Two concurrent writes set the same fields; the later one (by clock, then session id)
-    won. ``source_session`` is the winner's session; both writes stay in ``api.history``."""
+    won, except that a delete wins over a concurrent update (an update never revives a
+    deleted memory). ``source_session`` is the winner's session; both writes stay in
+    ``api.history``."""
 
     winner: Write
     loser: Write

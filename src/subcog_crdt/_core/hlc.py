@@ -58,6 +58,11 @@ class Hlc:
         self._counter = counter
         return self._prefix + f"{counter:06x}"
 
+    def follows(self, stamp: str) -> bool:
+        """Whether ``observe`` would take ``stamp`` into account (valid, not too far
+        ahead); it moves the clock only if the stamp is also newer."""
+        return valid_stamp(stamp) and int(stamp[:13]) <= self._clock() + MAX_DRIFT_MS
+
     def observe(self, stamp: str) -> None:
         """Move ahead of a stamp seen from elsewhere (never backwards). A stamp more than
         ``MAX_DRIFT_MS`` ahead of our wall clock is not followed: one bad clock (or a

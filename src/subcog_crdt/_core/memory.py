@@ -297,7 +297,8 @@ def find_conflicts(new: Write, others: Iterable[Write]) -> list[WriteConflict]:
 
     Two writes are concurrent when neither writer had seen the other (each one's ``base``
     is older than the other's stamp). Captures never conflict (they merge); a delete
-    conflicts with any concurrent update, since it hides that update's values.
+    conflicts with any concurrent update, since it hides that update's values, and wins
+    it whichever is later. Of two updates, the later wins.
     """
     if new.op == "capture":
         return []
@@ -312,8 +313,14 @@ def find_conflicts(new: Write, others: Iterable[Write]) -> list[WriteConflict]:
             if new.op == old.op:
                 continue
             names = tuple(sorted(set(a) | set(b)))
-        else:
-            names = tuple(n for n in FIELDS if n in a and n in b and _differs(n, a[n], b[n]))
+            # The delete is what takes effect, whichever is later: an update never
+            # revives a deleted memory (only a capture does).
+            if new.op == "delete":
+                out.append(WriteConflict(new, old, names))
+            else:
+                out.append(WriteConflict(old, new, names))
+            continue
+        names = tuple(n for n in FIELDS if n in a and n in b and _differs(n, a[n], b[n]))
         if not names:
             continue
         if new.order > old.order:
