@@ -5,9 +5,11 @@ hostile stamps, identical stamps, counters full within one millisecond."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from pycrdt import Doc, Map
@@ -40,7 +42,7 @@ def _send(src: NamespaceDoc, dst: NamespaceDoc) -> list[Event]:
 def _inject(doc: NamespaceDoc, entries: dict[str, str]) -> bytes:
     """An update, as a hostile or foreign writer would send it, adding raw entries to
     what ``doc`` holds."""
-    evil: Doc = Doc()
+    evil: Doc[Any] = Doc()
     evil.apply_update(doc.diff())
     before = evil.get_state()
     m = evil.get("entries", type=Map)
@@ -398,6 +400,10 @@ def test_a_concurrent_update_behind_a_third_writers_base_raises_a_conflict() -> 
     assert lost, "A's concurrent content update was overwritten without a Conflict event"
 
 
+def _first(values: list[int]) -> int:
+    return values[0]
+
+
 def test_a_capture_racing_a_delete_is_ordered_by_the_clock() -> None:
     """A deletes while B, not having seen it, captures the same fact: stamped after the
     delete the capture revives the memory, stamped before it the memory stays deleted;
@@ -405,7 +411,7 @@ def test_a_capture_racing_a_delete_is_ordered_by_the_clock() -> None:
     for capture_later in (True, False):
         wa = [NOW]
         wb = [NOW]
-        a, b = _doc("aa", lambda w=wa: w[0]), _doc("bb", lambda w=wb: w[0])
+        a, b = _doc("aa", functools.partial(_first, wa)), _doc("bb", functools.partial(_first, wb))
         m, _ = a.capture("sa", "racing fact", {"tags": ["x"]})
         _send(a, b)
         wa[0] = NOW + 10
