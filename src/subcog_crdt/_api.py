@@ -740,6 +740,7 @@ class ConversationsApi:
         events: list[Event],
         source: PeerSync | None = None,
         origin: str | None = None,
+        released: bool = False,
     ) -> tuple[NamespaceDoc, list[bytes], list[JournalRecord]]:
         """Forward a remote update and publish events; return what must be persisted.
 
@@ -752,7 +753,15 @@ class ConversationsApi:
         # update or catch-up changed here is forwarded as the document saw it (not the
         # bytes received: those can be a duplicate, or unblock earlier pending items) to
         # peers that cannot have it yet.
-        if updates and source is not None and origin is not None and self._may_share(ns):
+        if updates and released and self._may_share(ns):
+            # It let the document integrate writes held back until now (an earlier update
+            # was missing): those came from elsewhere, so any peer may lack them, the
+            # sender of this one included. Sent to all, as made here (duplicates are
+            # harmless; a wrong origin could stop a peer forwarding them).
+            for peer in self._links.values():
+                for u in updates:
+                    peer.push_update(ns, self.node_id, u)
+        elif updates and source is not None and origin is not None and self._may_share(ns):
             for peer in self._links.values():
                 if peer is source or peer.node_id == origin or origin in peer.peer_peers:
                     continue
@@ -866,10 +875,12 @@ class ConversationsApi:
         if not self._may_share(ns):
             return None
         doc = self._ensure_doc(ns)
+        held = doc.holds_back
         events = doc.apply_update(update)
         if not doc.outbox and not events:
             return None  # nothing new: do not forward (this is what stops loops)
-        return self._propagate(doc, events, source=source, origin=origin)
+        released = held > 0 and doc.holds_back < held
+        return self._propagate(doc, events, source=source, origin=origin, released=released)
 
     # -- links -------------------------------------------------------------------------
 

@@ -391,6 +391,11 @@ class NamespaceDoc:
         return i >= len(order)
 
     @property
+    def holds_back(self) -> int:
+        """Writes received whose earlier updates are missing (pycrdt holds them back)."""
+        return len(self._pending)
+
+    @property
     def background_work(self) -> bool:
         """Whether resolving or indexing is still pending."""
         return bool(self._to_index) or self._resolve_cursor < len(self._by_doc)
