@@ -253,23 +253,41 @@ def _prepare_rest(fields: dict[str, Any], out: dict[str, Any]) -> None:
             if isinstance(value, datetime):
                 if value.tzinfo is None:
                     raise InvalidArgument("expires_at must be timezone-aware")
-                out[name] = value.isoformat()
+                out[name] = _rfc3339(value.isoformat())
             elif value is None:
                 out[name] = None
             elif isinstance(value, str):
+                if not _RFC3339.match(value):
+                    raise InvalidArgument(
+                        f"expires_at {value!r} is not an RFC 3339 time with an offset "
+                        "(YYYY-MM-DDTHH:MM:SS[.ffffff](Z|+HH:MM))"
+                    )
                 try:
-                    parsed = datetime.fromisoformat(check_unicode("expires_at", value))
+                    parsed = datetime.fromisoformat(value)
                 except ValueError as exc:
-                    raise InvalidArgument(f"expires_at {value!r} is not ISO 8601") from exc
-                if parsed.tzinfo is None:
-                    raise InvalidArgument("expires_at must be timezone-aware")
+                    raise InvalidArgument(f"expires_at {value!r} is not a valid time") from exc
                 out[name] = parsed.isoformat()
             else:
-                raise InvalidArgument("expires_at must be a datetime, an ISO string or None")
+                raise InvalidArgument("expires_at must be a datetime, an RFC 3339 string or None")
         elif name in ("domain", "status", "source"):
             out[name] = _check_optional_str(name, value)
         else:
             raise InvalidArgument(f"unknown field {name!r}; writable fields: {', '.join(FIELDS)}")
+
+
+_RFC3339: Final = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?"
+    r"(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])\Z"
+)
+"""``expires_at`` as every reader (JavaScript's ``Date`` too) parses it alike: RFC 3339,
+an offset of whole minutes. (``datetime.fromisoformat`` alone also takes week dates,
+the basic format, offsets such as ``+05:99`` or with seconds.)"""
+
+
+def _rfc3339(text: str) -> str:
+    if not _RFC3339.match(text):
+        raise InvalidArgument(f"expires_at {text!r}: its offset must be whole minutes")
+    return text
 
 
 def _collapsed_ascii(s: str) -> bool:
@@ -436,13 +454,23 @@ def _plain_capture(value: str) -> dict[str, Any] | None:
     return {"content": content, "tags": []} if tags else {"content": content}
 
 
+def _utf8(obj: Any) -> bool:
+    try:
+        json.dumps(obj, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _decode_json(key: str, mid: str, at: str, by: str, node: str, value: str) -> Write | None:
     try:
         obj = json.loads(value)
     except (ValueError, RecursionError):  # deep nesting raises RecursionError
         return None
-    if not isinstance(obj, dict):
-        return None
+    if not isinstance(obj, dict) or type(obj.get("v")) is not int or obj["v"] != SCHEMA_VERSION:
+        return None  # another schema version's entry (or none): not for this reader
+    if "\\u" in value and not _utf8(obj):
+        return None  # a lone surrogate, even in a field this reader does not use
     op = obj.get("op")
     changes = obj.get("set", {})
     base = obj.get("base", "")
