@@ -237,11 +237,9 @@ class ConversationsApi:
         if mdns_interfaces is not None:
             mdns_interfaces = check_names("mdns_interfaces", mdns_interfaces)
         self.data_dir = Path(data_dir).expanduser() if data_dir is not None else None
-        self.user_id = _check_user_id(user_id) or _os_user()
-        # Both travel in the link handshake, whose messages are bounded (64 KiB) before
+        # It travels in the link handshake, whose messages are bounded (64 KiB) before
         # the peer is authenticated: refuse what could never link, not fail every dial.
-        if len(self.user_id) > MAX_USER_ID:
-            raise InvalidArgument(f"user_id is over {MAX_USER_ID} characters")
+        self.user_id = _check_user_id(user_id) or _os_user()[:MAX_USER_ID]
         if sync_names is not None and len(set(sync_names)) > MAX_SYNC_NAMESPACES:
             raise InvalidArgument(
                 f"sync_namespaces names {len(set(sync_names))} namespaces; at most"
@@ -1239,6 +1237,8 @@ def _check_user_id(user_id: object) -> str | None:
         return None
     if not isinstance(user_id, str):
         raise InvalidArgument(f"user_id must be a str, not {type(user_id).__name__}")
+    if len(user_id) > MAX_USER_ID:  # peers refuse a session list holding a longer one
+        raise InvalidArgument(f"user_id is over {MAX_USER_ID} characters")
     return check_unicode("user_id", user_id)
 
 

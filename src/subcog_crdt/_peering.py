@@ -51,7 +51,12 @@ from subcog_crdt._errors import (
     SubcogError,
 )
 from subcog_crdt._lifecycle import Resume, cancel_and_wait, start_now
-from subcog_crdt._sessions import MAX_SESSIONS, MAX_SUBSCRIPTIONS, sessions_from_wire
+from subcog_crdt._sessions import (
+    MAX_SESSIONS,
+    MAX_SUBSCRIPTIONS,
+    SessionInfo,
+    sessions_from_wire,
+)
 from subcog_crdt._transport.base import DEFAULT_MAX_FRAME, Link
 
 if TYPE_CHECKING:
@@ -99,11 +104,6 @@ idle: ~0.3 ms here. Yielding lets it apply the update at once. The cost is borne
 writer: the ``capture()`` that triggered the send returns after the peer's turn instead of
 before it (measured in ``benchmarks/bench_sync.py``). Only the idle-link path yields, never
 a coalesced burst, and never for remote peers."""
-
-
-def _names_in(entry: Any) -> int:
-    subs = entry.get("subscriptions") if isinstance(entry, dict) else None
-    return len(subs) if isinstance(subs, list) else 0
 
 
 def is_live_update(message: bytes) -> bool:
@@ -213,8 +213,11 @@ class PeerSync:
         self._wake = asyncio.Event()
         self._overflowed = False
         self._hello_seen = False
-        self._session_parts: list[Any] | None = None
+        self._session_parts: list[SessionInfo] | None = None
+        self._session_ids: set[str] = set()
         self._session_names = 0
+        self._sessions_owed = False
+        """This node's session list waits for the peer's hello (its frame limit)."""
         self._to_persist: list[Any] = []
         self._large: list[_Queued] = []
         """Large updates of the message being handled, applied in pieces after it (and
@@ -331,7 +334,9 @@ class PeerSync:
                     if not await self._send_request(*head):
                         return
                     continue
-                limit = self._limit
+                # Before the peer's hello its frame limit is unknown: no node accepts less
+                # than 4 KiB.
+                limit = self._limit if self._hello_seen else _SMALL_FRAME
                 batch = [head]
                 size = len(head)
                 while queue:
@@ -446,19 +451,28 @@ class PeerSync:
         for ns in names:
             self.send([F_NAMESPACE, ns])
         self.send([F_PEERS, linked])
-        self.send_sessions(sessions)
+        self._sessions_owed = True
 
     def send_sessions(self, sessions: list[dict[str, Any]]) -> None:
-        """Send this node's session list: one frame 4 if it is small, else parts of at
-        most ``_SMALL_FRAME`` bytes each (the list has no bound tied to ``max_frame``)."""
+        """Send this node's session list: one frame 4 if it is small, else parts that fit
+        the link's frame limit. Until the peer's hello has said that limit, only a small
+        list goes (a larger one follows the hello). An entry too large for any frame is
+        sent with the subscriptions that fit (sessions are advisory; the link must not
+        fail over them)."""
         if len(_pack(sessions)) <= _SMALL_FRAME:
             self.send([F_SESSIONS, sessions])
             return
+        if not self._hello_seen:
+            self._sessions_owed = True
+            return
+        bound = self._limit - 1024  # room for the frame around the part (limit >= 4 KiB)
         parts: list[list[dict[str, Any]]] = [[]]
         size = 0
         for entry in sessions:
             n = len(_pack(entry))
-            if parts[-1] and size + n > _SMALL_FRAME:
+            if n > bound:
+                entry, n = self._fit(entry, bound)
+            if parts[-1] and size + n > bound:
                 parts.append([])
                 size = 0
             parts[-1].append(entry)
@@ -466,6 +480,24 @@ class PeerSync:
         for part in parts[:-1]:
             self.send([F_SESSIONS, part, True])
         self.send([F_SESSIONS, parts[-1]])
+
+    def _fit(self, entry: dict[str, Any], bound: int) -> tuple[dict[str, Any], int]:
+        """A session entry cut to the subscriptions that fit in ``bound`` bytes."""
+        subs = entry["subscriptions"]
+        keep: list[str] = []
+        size = len(_pack({**entry, "subscriptions": []})) + 4
+        for name in subs:
+            n = len(_pack(name))
+            if size + n > bound:
+                break
+            keep.append(name)
+            size += n
+        self._warn_once(
+            "wide-session",
+            f"lists only {len(keep)} of the {len(subs)} subscriptions of session "
+            f"{entry['id']!r}: the link's frames are too small for them all",
+        )
+        return {**entry, "subscriptions": keep}, size
 
     def accepts(self, ns: str) -> bool:
         """Whether live updates of ``ns`` go to this peer."""
@@ -703,6 +735,9 @@ class PeerSync:
         for ns in offered:
             if ns not in self.shared:
                 self._offer(ns)
+        if self._sessions_owed:
+            self._sessions_owed = False
+            self.send_sessions(api._sessions_wire())
 
     def _offer(self, ns: str) -> None:
         """The peer holds ``ns`` (or this node does): sync it if both sides sync it and
@@ -757,26 +792,28 @@ class PeerSync:
         return True
 
     def _on_sessions(self, part: list[Any], more: bool) -> None:
-        """A session list, or a part of one (``more``: further parts follow). Checked
-        whole before it replaces what this peer listed before."""
+        """A session list, or a part of one (``more``: further parts follow). Each part
+        is checked as it arrives, and only what it says is kept; the list replaces what
+        this peer listed before once its last part is in."""
         if self._session_parts is None:
             self._session_parts = []
+            self._session_ids = set()
             self._session_names = 0
         parts = self._session_parts
-        parts.extend(part)
-        self._session_names += sum(_names_in(e) for e in part)
-        if len(parts) > MAX_SESSIONS or self._session_names > MAX_SUBSCRIPTIONS:
-            raise ProtocolError(
-                f"peer lists more than {MAX_SESSIONS} sessions or {MAX_SUBSCRIPTIONS} subscriptions"
-            )
+        if len(parts) + len(part) > MAX_SESSIONS:
+            raise ProtocolError(f"peer lists more than {MAX_SESSIONS} sessions")
+        infos = sessions_from_wire(self.node_id, part, self._session_ids)
+        parts.extend(infos)
+        self._session_names += sum(len(i.subscriptions) for i in infos)
+        if self._session_names > MAX_SUBSCRIPTIONS:
+            raise ProtocolError(f"peer lists more than {MAX_SUBSCRIPTIONS} subscriptions")
         if more:
             return
         self._session_parts = None
-        infos = sessions_from_wire(self.node_id, parts)
         # A replaced link's late frames must not bring back a list its successor's
         # hello replaced.
         if self.api._links.get(self.node_id) is self:
-            self.api.sessions._set_remote(self.node_id, infos)
+            self.api.sessions._set_remote(self.node_id, tuple(parts))
 
     def _warn_once(self, key: str, what: str) -> None:
         if key not in self._warned:

@@ -63,9 +63,9 @@ class Session:
         """The namespaces whose events this session gets."""
         return self._subscriptions
 
-    @subscriptions.setter
-    def subscriptions(self, namespaces: frozenset[str]) -> None:
-        # Its open streams follow (see events()); the bus offers them the new namespaces.
+    def _set_subscriptions(self, namespaces: frozenset[str]) -> None:
+        """Through ``register_session`` only (the registry counts them). Its open streams
+        follow (see events()): the bus offers them the new namespaces."""
         self._subscriptions = namespaces
         for stream in list(self._streams):
             self._api._bus.retarget(stream, namespaces)

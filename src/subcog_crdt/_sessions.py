@@ -100,7 +100,7 @@ class SessionRegistry:
 
     def _resubscribe(self, session: Session, subscriptions: frozenset[str]) -> None:
         self._subscriptions += len(subscriptions) - len(session.subscriptions)
-        session.subscriptions = subscriptions
+        session._set_subscriptions(subscriptions)
 
     def _pop_local(self, session_id: str) -> Session | None:
         session = self._local.pop(session_id, None)
@@ -121,16 +121,20 @@ class SessionRegistry:
         return len(self.list())
 
 
-def sessions_from_wire(node_id: str, entries: list[Any]) -> tuple[SessionInfo, ...]:
+def sessions_from_wire(
+    node_id: str, entries: list[Any], seen: set[str] | None = None
+) -> tuple[SessionInfo, ...]:
     """A peer's session list (hello or frame 4), checked as strictly as local sessions
     are: ``ProtocolError`` for anything a conforming node never sends (an invalid id or
     namespace, one id twice, more than ``MAX_SESSIONS``). Keys other than ``id``,
     ``user_id`` and ``subscriptions`` are ignored: a session belongs to the node on
-    whose link it is listed, whatever an entry claims."""
+    whose link it is listed, whatever an entry claims. ``seen``: the ids of the list's
+    earlier parts (updated)."""
     if len(entries) > MAX_SESSIONS:
         raise ProtocolError(f"peer lists {len(entries)} sessions (at most {MAX_SESSIONS})")
     infos: list[SessionInfo] = []
-    seen: set[str] = set()
+    if seen is None:
+        seen = set()
     for entry in entries:
         if not isinstance(entry, dict):
             raise ProtocolError("bad session entry: not a map")
