@@ -9,6 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from support.netns import netns_lan
+from support.nodejs import node_js
 from support.zeroconf_guard import zeroconf_guard
 
-__all__ = ["netns_lan", "zeroconf_guard"]
+__all__ = ["netns_lan", "node_js", "zeroconf_guard"]

@@ -7,7 +7,11 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
+
 from subcog_crdt import ConversationsApi
+from subcog_crdt._peering import F_HELLO
+from subcog_crdt._transport.base import Hello
 from subcog_crdt._transport.memory import MemoryLink, memory_link_pair
 
 
@@ -42,3 +46,27 @@ def drain(stream: Any) -> list[Any]:
     while (item := stream.get_nowait()) is not None:
         out.append(item)
     return out
+
+
+def pack(frame: list[Any]) -> bytes:
+    """A sync frame as a peer sends it."""
+    out: bytes = msgpack.packb(frame, use_bin_type=True)
+    return out
+
+
+async def hand_driven_peer(api: ConversationsApi) -> tuple[MemoryLink, MemoryLink]:
+    """Attach a peer "hostile" that the test drives by hand: (the node's end, the test's
+    end). It has sent a valid hello naming namespace "d" and one session "ok", which the
+    node lists by the time this returns."""
+    ours = MemoryLink(Hello("hostile", None))
+    theirs = MemoryLink(api._hello())
+    ours._other, theirs._other = theirs, ours
+    api.attach(ours)
+    ok = {"id": "ok", "user_id": "u", "subscriptions": ["d"]}
+    await theirs.send(pack([F_HELLO, ["d"], None, [ok], []]))
+    await wait_for(
+        lambda: any(s.id == "ok" and not s.is_local for s in api.sessions.list()),
+        10,
+        "the hand-driven peer's hello is in",
+    )
+    return ours, theirs

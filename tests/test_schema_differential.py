@@ -11,9 +11,7 @@ import json
 import os
 import random
 import select
-import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,29 +26,8 @@ from subcog_crdt import ConversationsApi, Memory, NotFound, Session
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "node" / "fold_spec.mjs"
-NODE_DIR = ROOT / "benchmarks" / "node"
 NS = "decisions"
 EXAMPLES = int(os.environ.get("SUBCOG_EXAMPLES", "12"))  # raise for a deeper hunt
-
-
-@pytest.fixture(scope="module")
-def node_js() -> str:
-    """Node with the pinned yjs; under CI a missing Node fails instead of skipping."""
-    node = shutil.which("node")
-    reason = None
-    if node is None:
-        reason = "node is not installed"
-    else:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        from anchors import ensure_node_deps
-
-        reason = ensure_node_deps(NODE_DIR)
-    if reason is not None:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"the schema differential needs Node under CI: {reason}")
-        pytest.skip(reason)
-    assert node is not None
-    return node
 
 
 class SpecReader:

@@ -13,13 +13,11 @@ import tracemalloc
 from collections.abc import AsyncIterator
 from typing import Any
 
-import msgpack
 import pytest
 
-from helpers import link, wait_for
+from helpers import hand_driven_peer, link, pack, wait_for
 from subcog_crdt import ConversationsApi, InvalidArgument
 from subcog_crdt._errors import ProtocolError
-from subcog_crdt._transport.base import Hello
 from subcog_crdt._transport.memory import MemoryLink
 
 F_HELLO, F_SESSIONS = 0, 4
@@ -40,24 +38,13 @@ def remote(api: ConversationsApi) -> set[str]:
     return {s.id for s in api.sessions.list() if not s.is_local}
 
 
-def _pack(frame: list[Any]) -> bytes:
-    out: bytes = msgpack.packb(frame, use_bin_type=True)
-    return out
-
-
 @pytest.fixture
 async def hostile() -> AsyncIterator[tuple[ConversationsApi, MemoryLink, MemoryLink]]:
     """A node with one local session, and a hand-driven peer "hostile" whose valid hello
     listed one session "ok" (the node lists it)."""
     async with memory_node() as api:
         await api.register_session("mine", subscribe=["d"])
-        ours = MemoryLink(Hello("hostile", None))
-        theirs = MemoryLink(api._hello())
-        ours._other, theirs._other = theirs, ours
-        api.attach(ours)
-        ok = {"id": "ok", "user_id": "u", "subscriptions": ["d"]}
-        await theirs.send(_pack([F_HELLO, ["d"], None, [ok], []]))
-        await wait_for(lambda: remote(api) == {"ok"}, 10, "hello in")
+        ours, theirs = await hand_driven_peer(api)
         yield api, ours, theirs
 
 
@@ -73,9 +60,9 @@ async def test_a_list_in_parts_replaces_the_last_one_only_when_whole(
     peer = api._links["hostile"]
     first = [{"id": f"p{i}", "user_id": "u", "subscriptions": ["d"]} for i in range(3)]
     last = [{"id": "q0", "user_id": "u", "subscriptions": []}]
-    assert peer.on_message(_pack([F_SESSIONS, first, True])) is None
+    assert peer.on_message(pack([F_SESSIONS, first, True])) is None
     assert remote(api) == {"ok"}  # not a partial list
-    assert peer.on_message(_pack([F_SESSIONS, last])) is None
+    assert peer.on_message(pack([F_SESSIONS, last])) is None
     assert remote(api) == {"p0", "p1", "p2", "q0"}
     assert not ours.closed
 
@@ -91,7 +78,7 @@ async def test_a_part_with_an_invalid_session_is_refused_at_once(
     peer = api._links["hostile"]
     bad = {"id": "bad/id", "user_id": "u", "subscriptions": []}
     with pytest.raises(ProtocolError):
-        peer.on_message(_pack([F_SESSIONS, [bad], True]))
+        peer.on_message(pack([F_SESSIONS, [bad], True]))
     assert remote(api) == {"ok"}
 
 
@@ -107,7 +94,7 @@ async def test_parts_pending_do_not_hold_what_the_node_ignores(
     peer = api._links["hostile"]
     pad = "x" * (1 << 20)
     entries = [{"id": f"s{i}", "user_id": "u", "subscriptions": [], "pad": pad} for i in range(16)]
-    frames = [_pack([F_SESSIONS, [entry], True]) for entry in entries]
+    frames = [pack([F_SESSIONS, [entry], True]) for entry in entries]
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
@@ -119,7 +106,7 @@ async def test_parts_pending_do_not_hold_what_the_node_ignores(
     assert not ours.closed
     assert held < 4 << 20, f"{held / (1 << 20):.1f} MiB held for 16 pending parts"
     # The list is still valid: its last part lists all of it.
-    assert peer.on_message(_pack([F_SESSIONS, []])) is None
+    assert peer.on_message(pack([F_SESSIONS, []])) is None
     assert remote(api) == {f"s{i}" for i in range(16)}
 
 

@@ -18,12 +18,10 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import pytest
 
-from helpers import link, wait_for
+from helpers import hand_driven_peer, link, pack, wait_for
 from subcog_crdt import Captured, ConversationsApi, NotFound
-from subcog_crdt._transport.base import Hello
 from subcog_crdt._transport.memory import MemoryLink
 from support.nodeproc import NodeProc, stop_all
 
@@ -315,24 +313,13 @@ async def test_a_sessions_list_larger_than_a_frame_does_not_partition_the_nodes(
 # -- what a peer announces --------------------------------------------------------------------
 
 
-def _pack(frame: list[Any]) -> bytes:
-    out: bytes = msgpack.packb(frame, use_bin_type=True)
-    return out
-
-
 @pytest.fixture
 async def hostile() -> AsyncIterator[tuple[ConversationsApi, MemoryLink, MemoryLink]]:
     """A node with one local session, and a hand-driven peer "hostile" that has sent a
     valid hello listing one valid session (the node lists it)."""
     async with memory_node(private_namespaces=["secret"]) as api:
         await api.register_session("mine", subscribe=["d"])
-        ours = MemoryLink(Hello("hostile", None))
-        theirs = MemoryLink(api._hello())
-        ours._other, theirs._other = theirs, ours
-        api.attach(ours)
-        ok = {"id": "ok", "user_id": "u", "subscriptions": ["d"]}
-        await theirs.send(_pack([F_HELLO, ["d"], None, [ok], []]))
-        await wait_for(lambda: remote(api) == {("ok", "hostile", ("d",))}, 10, "hello in")
+        ours, theirs = await hand_driven_peer(api)
         yield api, ours, theirs
 
 
@@ -358,7 +345,7 @@ async def test_a_sessions_frame_with_an_invalid_session_closes_the_link(
     as they came, or silently skipped."""
     api, ours, theirs = hostile
     bad = _BAD_SESSIONS[case]
-    await theirs.send(_pack([F_SESSIONS, [bad, {"id": "probe", "user_id": "u"}]]))
+    await theirs.send(pack([F_SESSIONS, [bad, {"id": "probe", "user_id": "u"}]]))
     # Either the link closes, or the frame was handled (the probe listed): then look.
     await wait_for(
         lambda: ours.closed or "probe" in {s.id for s in api.sessions.list()}, 10, "handled"
@@ -378,7 +365,7 @@ async def test_a_peer_listing_one_session_id_twice_is_refused(
     list any node sends. The link closes with 4000; the node lists neither copy."""
     api, ours, theirs = hostile
     twice = [{"id": "dup", "user_id": "u", "subscriptions": []}] * 2
-    await theirs.send(_pack([F_SESSIONS, twice]))
+    await theirs.send(pack([F_SESSIONS, twice]))
     await wait_for(lambda: ours.closed or "dup" in {s.id for s in api.sessions.list()}, 10)
     assert ours.closed and ours.close_code == 4000, f"listed: {remote_list(api)}"
     assert not remote(api)
@@ -394,7 +381,7 @@ async def test_a_peer_announcing_a_huge_number_of_sessions_is_bounded(
     missing id scans them)."""
     api, ours, theirs = hostile
     many = [{"id": f"s{i:06d}", "user_id": "u", "subscriptions": ["d"]} for i in range(300_000)]
-    await theirs.send(_pack([F_SESSIONS, many]))
+    await theirs.send(pack([F_SESSIONS, many]))
     await wait_for(lambda: ours.closed or len(api.sessions) > 1_000, 20, "handled")
     assert ours.closed and ours.close_code == 4000, f"lists {len(api.sessions)} sessions"
     assert not remote(api)
@@ -411,7 +398,7 @@ async def test_session_entries_cannot_claim_another_node(
         {"id": "spoof", "user_id": "u", "subscriptions": [], "node_id": api.node_id},
         {"id": "mine", "user_id": "u", "subscriptions": [], "is_local": True},
     ]
-    await theirs.send(_pack([F_SESSIONS, entries]))
+    await theirs.send(pack([F_SESSIONS, entries]))
     await wait_for(lambda: "spoof" in {s.id for s in api.sessions.list()}, 10, "handled")
     assert remote(api) == {("spoof", "hostile", ()), ("mine", "hostile", ())}
     assert api.sessions.get("spoof").is_local is False
@@ -436,7 +423,7 @@ async def test_a_replaced_link_cannot_bring_back_stale_sessions() -> None:
         await wait_for(lambda: a._links.get(b.node_id) not in (None, first), 10, "replaced")
         await wait_for(lambda: remote_list(a) == [("new", b.node_id)], 10, "a sees new")
         stale = {"id": "old", "user_id": "u", "subscriptions": ["d"]}
-        pending = first.on_message(_pack([F_SESSIONS, [stale]]))
+        pending = first.on_message(pack([F_SESSIONS, [stale]]))
         if pending is not None:
             await pending
         assert remote_list(a) == [("new", b.node_id)]

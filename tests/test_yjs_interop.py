@@ -4,40 +4,15 @@ docs/schema.md alone."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from subcog_crdt import Captured, ConversationsApi, Event, Updated
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "node" / "interop.mjs"
-NODE_DIR = ROOT / "benchmarks" / "node"
-
-
-@pytest.fixture(scope="module")
-def node_js() -> str:
-    node = shutil.which("node")
-    reason = None
-    if node is None:
-        reason = "node is not installed"
-    else:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        from anchors import ensure_node_deps
-
-        reason = ensure_node_deps(NODE_DIR)
-    if reason is not None:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"Yjs interop needs Node under CI: {reason}")
-        pytest.skip(reason)
-    assert node is not None
-    return node
 
 
 def run(node: str, *args: str) -> str:
