@@ -338,10 +338,12 @@ def test_a_delete_and_an_update_at_one_stamp_converge_on_every_node() -> None:
             assert {c.winner.op, c.loser.op} == {"delete", "update"}
 
 
-def test_the_identical_stamp_limit_is_exactly_as_documented() -> None:
-    """docs/schema.md: two nodes can make the same stamp; a write whose base equals
-    another's stamp counts as having seen it, so the earlier write loses without a
-    Conflict event, but stays in the history and the later one wins everywhere."""
+def test_identical_stamps_from_two_nodes_still_raise_the_conflict() -> None:
+    """Two nodes can make the same stamp. B saw C's write but not A's, stamped alike:
+    with ``base`` alone B's write counted as having seen A's, and A's content lost
+    without a Conflict event (a documented limit until writes recorded ``seen`` per
+    node). Now every node raises it; the later write wins everywhere and the loser
+    stays in the history."""
     clock = [NOW]
     a, b, c = (_doc(n, lambda: clock[0]) for n in ("aa", "bb", "cc"))
     m, _ = a.capture("sa", "shared fact", {})
@@ -360,19 +362,18 @@ def test_the_identical_stamp_limit_is_exactly_as_documented() -> None:
             for y in (a, b, c):
                 if x is not y:
                     events += _send(x, y)
-    assert not _conflicts(events)
+    won = next(w.key for w in b.writes(m.id) if w.at == winner.clock)
+    lost = next(w.key for w in a.writes(m.id) if w.at == loser.clock and w.node == "aa")
+    assert {(c.winner.key, c.loser.key, c.fields) for c in _conflicts(events)} == {
+        (won, lost, ("content",))
+    }
     for d in (a, b, c):
         assert d.get(m.id).content == "B wording" and d.get(m.id).clock == winner.clock
         assert [w.at for w in d.writes(m.id)].count(loser.clock) == 2  # kept in history
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit (docs/schema.md, 'Known limit'): base is one stamp, not a version "
-    "vector; the converged value is right, the Conflict event is missing",
-)
 def test_a_concurrent_update_behind_a_third_writers_base_raises_a_conflict() -> None:
-    """KNOWN LIMIT (wider than the identical-stamp case). A updates the content at
+    """Was a limit of ``base`` alone (writes now record ``seen`` per node). A updates the content at
     T+10; C sets tags at T+15; B, having seen C's write but not A's, sets the content at
     T+20. A and B wrote concurrently, A's content is lost, and no node raises a Conflict:
     B's ``base`` (T+15) is above A's stamp, so ``find_conflicts`` takes A's write as seen.

@@ -264,8 +264,16 @@ conc_step = st.one_of(
 )
 
 
+def _saw(x: Write, y: Write) -> bool:
+    """docs/schema.md: a write saw another if its ``seen`` has that writer's node at or
+    after the other's stamp (without ``seen``: if its ``base`` is)."""
+    if x.seen is not None:
+        return x.seen.get(y.node, "") >= y.at
+    return x.base >= y.at
+
+
 def _concurrent(a: Write, b: Write) -> bool:
-    return a.base < b.at and b.base < a.at
+    return not _saw(a, b) and not _saw(b, a)
 
 
 def expected_conflicts(writes: list[Write]) -> set[tuple[str, str]]:

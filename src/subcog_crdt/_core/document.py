@@ -572,16 +572,30 @@ class NamespaceDoc:
                 )
             at = after
         key = write_key(mid, at, session, self.node_id)
-        value = encode_write(op, base, changes)
+        # Captures never conflict; an update or delete records what its writer had seen.
+        seen = self._seen(m) if op != "capture" and m is not None else None
+        value = encode_write(op, base, changes, seen)
         self._local_txn += 1
         try:
             self._insert(key, value)
         finally:
             self._local_txn -= 1
-        w = Write(key, mid, at, session, self.node_id, op, base, changes)
+        w = Write(key, mid, at, session, self.node_id, op, base, changes, seen)
         events, mem = self._integrate(w, value, normh=normh)
         assert mem is not None  # a local write always applies to a known memory
         return mem, events
+
+    def _seen(self, m: _Mem) -> dict[str, str]:
+        """Per node, the newest stamp of the memory's writes folded here (``Write.seen``):
+        kept by its fold, or read from its keys (a memory written once, or not folded)."""
+        if m.folded is not None:
+            return dict(m.folded.seen)
+        seen: dict[str, str] = {}
+        for key in m.keys:
+            stamp, _, node = _arrival_order(key)
+            if node and stamp > seen.get(node, ""):
+                seen[node] = stamp
+        return seen
 
     def _insert(self, key: str, value: str) -> None:
         """Set one entry. ``Map.__setitem__`` opens two nested pycrdt transactions and
@@ -903,7 +917,7 @@ class NamespaceDoc:
                 events.extend(self._events_for(x, mem, seen))
                 seen.append(x)
             return events, mem
-        return self._events_for(w, mem, self._writes_after(m, w.base, w.key)), mem
+        return self._events_for(w, mem, self._writes_after(m, self._unseen_after(m, w), w.key)), mem
 
     def _queue_index(self, doc: int, content: str, tags: Any) -> None:
         pending = self._to_index
@@ -963,6 +977,16 @@ class NamespaceDoc:
                 st.step(w)
             if marks is not None and (n + 1) % _MARK_EVERY == 0:
                 marks.append(st.copy())
+
+    def _unseen_after(self, m: _Mem, w: Write) -> str:
+        """A stamp at or before which ``w``'s writer had seen every write of the memory:
+        only writes after it can conflict with ``w``. With ``seen``, the oldest of what
+        it had seen from each node that wrote the memory (a node it had seen nothing of
+        makes it "")."""
+        if w.seen is None:
+            return w.base
+        nodes = m.folded.seen if m.folded is not None else self._seen(m)
+        return min((w.seen.get(n, "") for n in nodes if n != w.node), default=w.base)
 
     def _writes_after(self, m: _Mem, stamp: str, key: str) -> list[Write]:
         """The writes stamped after ``stamp``, but ``key``: the only ones a write whose

@@ -135,6 +135,7 @@ class FoldState:
         "exists",
         "last",
         "moved",
+        "seen",
         "source_session",
         "values",
     )
@@ -152,11 +153,15 @@ class FoldState:
         self.last: Write | None = None
         self.moved = False
         """Whether an update ever set the content (see "moved here" in docs/schema.md)."""
+        self.seen: dict[str, str] = {}
+        """Per node, the newest stamp of its writes folded so far (``Write.seen``)."""
 
     def step(self, w: Write) -> None:
         """Fold ``w``, which must come after every write folded so far (by ``order``)."""
         self.count += 1
         self.last = w
+        if w.at > self.seen.get(w.node, ""):
+            self.seen[w.node] = w.at
         if w.op == "capture":
             if not self.exists or self.deleted:
                 if not self.exists:
@@ -196,6 +201,7 @@ class FoldState:
         )
         c.values = dict(self.values)
         c.captured_by = dict(self.captured_by)
+        c.seen = dict(self.seen)
         c.source_session, c.created = self.source_session, self.created
         return c
 
@@ -295,10 +301,10 @@ def _differs(name: str, a: Any, b: Any) -> bool:
 def find_conflicts(new: Write, others: Iterable[Write]) -> list[WriteConflict]:
     """Conflicts between ``new`` and earlier-known writes of the same memory.
 
-    Two writes are concurrent when neither writer had seen the other (each one's ``base``
-    is older than the other's stamp). Captures never conflict (they merge); a delete
-    conflicts with any concurrent update, since it hides that update's values, and wins
-    it whichever is later. Of two updates, the later wins.
+    Two writes are concurrent when neither writer had folded the other (``Write.saw``:
+    by its ``seen`` per node, or else its ``base`` stamp). Captures never conflict (they
+    merge); a delete conflicts with any concurrent update, since it hides that update's
+    values, and wins it whichever is later. Of two updates, the later wins.
     """
     if new.op == "capture":
         return []
@@ -306,7 +312,7 @@ def find_conflicts(new: Write, others: Iterable[Write]) -> list[WriteConflict]:
     for old in others:
         if old.op == "capture" or old.key == new.key:
             continue
-        if not (new.base < old.at and old.base < new.at):
+        if new.saw(old) or old.saw(new):
             continue
         a, b = _effect(new), _effect(old)
         if new.op == "delete" or old.op == "delete":

@@ -354,6 +354,15 @@ class Write(NamedTuple):
     base: str
     """The latest stamp of this memory that the writer had seen ("" for none)."""
     changes: dict[str, Any]
+    seen: dict[str, str] | None = None
+    """Of an update or delete: per node, the newest stamp of this memory's writes from
+    that node that the writer had folded (None: not recorded; ``base`` stands in)."""
+
+    def saw(self, other: Write) -> bool:
+        """Whether this write's writer had folded ``other`` when it wrote."""
+        if self.seen is not None:
+            return self.seen.get(other.node, "") >= other.at
+        return self.base >= other.at
 
     @property
     def order(self) -> tuple[str, str, str]:
@@ -363,7 +372,8 @@ class Write(NamedTuple):
     def public(self) -> Write:
         """A copy to hand out: a caller changing its ``changes`` (a tags list, nested
         metadata) must not change what the node derives from the write."""
-        return self._replace(changes=copy_json(self.changes))
+        seen = None if self.seen is None else dict(self.seen)
+        return self._replace(changes=copy_json(self.changes), seen=seen)
 
 
 def copy_json(value: Any) -> Any:
@@ -376,7 +386,9 @@ def copy_json(value: Any) -> Any:
     return value
 
 
-def encode_write(op: str, base: str, changes: dict[str, Any]) -> str:
+def encode_write(
+    op: str, base: str, changes: dict[str, Any], seen: dict[str, str] | None = None
+) -> str:
     # Same bytes as json.dumps({"v":..,"op":..,"set":..,"base":..}) with compact
     # separators, built by hand for the common field types: this runs on every write.
     if not base and op == "capture":
@@ -399,6 +411,8 @@ def encode_write(op: str, base: str, changes: dict[str, Any]) -> str:
             enc = _ENCODER.encode(value)
         parts.append(f'"{name}":{enc}')
     tail = f',"base":"{base}"' if base else ""
+    if seen:  # node ids and stamps: nothing to escape
+        tail += ',"seen":{' + ",".join(f'"{n}":"{t}"' for n, t in sorted(seen.items())) + "}"
     return f'{{"v":{SCHEMA_VERSION},"op":"{op}","set":{{{",".join(parts)}}}{tail}}}'
 
 
@@ -484,4 +498,19 @@ def _decode_json(key: str, mid: str, at: str, by: str, node: str, value: str) ->
         return None
     if op == "capture" and "content" not in changes:
         return None
-    return Write(key, mid, at, by, node, op, base, changes)
+    seen = obj.get("seen")
+    if seen is not None and not _valid_seen(seen):
+        return None
+    return Write(key, mid, at, by, node, op, base, changes, seen)
+
+
+MAX_SEEN: Final = 4096
+"""Nodes one write's ``seen`` may name."""
+
+
+def _valid_seen(seen: Any) -> bool:
+    return (
+        isinstance(seen, dict)
+        and len(seen) <= MAX_SEEN
+        and all(isinstance(n, str) and _NODE.match(n) and valid_stamp(t) for n, t in seen.items())
+    )
