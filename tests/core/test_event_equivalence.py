@@ -265,8 +265,11 @@ conc_step = st.one_of(
 
 
 def _saw(x: Write, y: Write) -> bool:
-    """docs/schema.md: a write saw another if its ``seen`` has that writer's node at or
-    after the other's stamp (without ``seen``: if its ``base`` is)."""
+    """docs/schema.md: a write saw another if it is the same node's earlier write, or its
+    ``seen`` has that writer's node at or after the other's stamp (without ``seen``: if
+    its ``base`` is)."""
+    if x.node == y.node and y.at <= x.at:
+        return True
     if x.seen is not None:
         return x.seen.get(y.node, "") >= y.at
     return x.base >= y.at

@@ -31,6 +31,8 @@ from subcog_crdt._core.memory import (
 from subcog_crdt._core.recall import RecallIndex, tokenize
 from subcog_crdt._core.schema import (
     ENTRIES,
+    MAX_ENTRY,
+    MAX_SEEN,
     Write,
     copy_json,
     decode_write,
@@ -575,6 +577,10 @@ class NamespaceDoc:
         # Captures never conflict; an update or delete records what its writer had seen.
         seen = self._seen(m) if op != "capture" and m is not None else None
         value = encode_write(op, base, changes, seen)
+        if seen is not None and (len(seen) > MAX_SEEN or len(value) > MAX_ENTRY):
+            # Readers would ignore the entry: record base alone (the older rule) instead.
+            seen = None
+            value = encode_write(op, base, changes)
         self._local_txn += 1
         try:
             self._insert(key, value)
@@ -586,15 +592,15 @@ class NamespaceDoc:
         return mem, events
 
     def _seen(self, m: _Mem) -> dict[str, str]:
-        """Per node, the newest stamp of the memory's writes folded here (``Write.seen``):
-        kept by its fold, or read from its keys (a memory written once, or not folded)."""
+        """Per node, the newest stamp of the memory's updates and deletes folded here
+        (``Write.seen``; captures never conflict): kept by its fold, or read."""
         if m.folded is not None:
             return dict(m.folded.seen)
         seen: dict[str, str] = {}
-        for key in m.keys:
-            stamp, _, node = _arrival_order(key)
-            if node and stamp > seen.get(node, ""):
-                seen[node] = stamp
+        for key in m.keys:  # (a memory written once, or not folded yet: rare)
+            w = self._read(key)
+            if w is not None and w.op != "capture" and w.at > seen.get(w.node, ""):
+                seen[w.node] = w.at
         return seen
 
     def _insert(self, key: str, value: str) -> None:
@@ -917,6 +923,8 @@ class NamespaceDoc:
                 events.extend(self._events_for(x, mem, seen))
                 seen.append(x)
             return events, mem
+        if w.op == "capture":  # captures never conflict: nothing to compare
+            return self._events_for(w, mem, []), mem
         return self._events_for(w, mem, self._writes_after(m, self._unseen_after(m, w), w.key)), mem
 
     def _queue_index(self, doc: int, content: str, tags: Any) -> None:
@@ -983,10 +991,14 @@ class NamespaceDoc:
         only writes after it can conflict with ``w``. With ``seen``, the oldest of what
         it had seen from each node that wrote the memory (a node it had seen nothing of
         makes it "")."""
-        if w.seen is None:
+        seen = w.seen
+        if seen is None:
             return w.base
         nodes = m.folded.seen if m.folded is not None else self._seen(m)
-        return min((w.seen.get(n, "") for n in nodes if n != w.node), default=w.base)
+        return min(
+            (seen.get(n, "") for n, top in nodes.items() if n != w.node and seen.get(n, "") < top),
+            default=w.base,
+        )
 
     def _writes_after(self, m: _Mem, stamp: str, key: str) -> list[Write]:
         """The writes stamped after ``stamp``, but ``key``: the only ones a write whose

@@ -154,13 +154,14 @@ class FoldState:
         self.moved = False
         """Whether an update ever set the content (see "moved here" in docs/schema.md)."""
         self.seen: dict[str, str] = {}
-        """Per node, the newest stamp of its writes folded so far (``Write.seen``)."""
+        """Per node, the newest stamp of its updates and deletes folded so far
+        (``Write.seen``: captures never conflict)."""
 
     def step(self, w: Write) -> None:
         """Fold ``w``, which must come after every write folded so far (by ``order``)."""
         self.count += 1
         self.last = w
-        if w.at > self.seen.get(w.node, ""):
+        if w.op != "capture" and w.at > self.seen.get(w.node, ""):
             self.seen[w.node] = w.at
         if w.op == "capture":
             if not self.exists or self.deleted:

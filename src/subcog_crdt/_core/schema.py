@@ -355,11 +355,15 @@ class Write(NamedTuple):
     """The latest stamp of this memory that the writer had seen ("" for none)."""
     changes: dict[str, Any]
     seen: dict[str, str] | None = None
-    """Of an update or delete: per node, the newest stamp of this memory's writes from
-    that node that the writer had folded (None: not recorded; ``base`` stands in)."""
+    """Of an update or delete: per node, the newest stamp of this memory's updates and
+    deletes from that node that the writer had folded (None: not recorded; ``base``
+    stands in)."""
 
     def saw(self, other: Write) -> bool:
-        """Whether this write's writer had folded ``other`` when it wrote."""
+        """Whether this write's writer had folded ``other`` when it wrote (a node's own
+        earlier writes always: it makes them one after another)."""
+        if other.node == self.node and other.at <= self.at:
+            return True
         if self.seen is not None:
             return self.seen.get(other.node, "") >= other.at
         return self.base >= other.at
@@ -499,7 +503,7 @@ def _decode_json(key: str, mid: str, at: str, by: str, node: str, value: str) ->
     if op == "capture" and "content" not in changes:
         return None
     seen = obj.get("seen")
-    if seen is not None and not _valid_seen(seen):
+    if "seen" in obj and not _valid_seen(seen):
         return None
     return Write(key, mid, at, by, node, op, base, changes, seen)
 
