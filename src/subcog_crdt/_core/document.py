@@ -730,17 +730,24 @@ class NamespaceDoc:
         with self.doc.transaction():  # one transaction for all reads below
             sv = decode_state_vector(self.doc.get_state())
             self._sv = dict(sv)  # our own client's clock is never consulted
+            ready: list[tuple[MapInsert, bool]] = []
             for ins in held:
                 if ins.clock >= sv.get(ins.client, 0):
                     self._pending.append(ins)
                 else:
                     # integrated since: but was it this item? check the document
-                    events.extend(self._absorb_one(ins.key, ins.value, verify=True))
+                    ready.append((ins, True))
             for ins in inserts:
                 if ins.clock >= sv.get(ins.client, 0):
                     self._pending.append(ins)  # waits for a missing earlier update
                     continue
-                events.extend(self._absorb_one(ins.key, ins.value))
+                ready.append((ins, False))
+            if held and len(ready) > 1:
+                # Released writes and new ones together, in fold order (a released
+                # write may come after one this update brought).
+                ready.sort(key=lambda r: _arrival_order(r[0].key))
+            for ins, verify in ready:
+                events.extend(self._absorb_one(ins.key, ins.value, verify=verify))
         if self._pending:
             self._sv = None
         return events
@@ -919,7 +926,10 @@ class NamespaceDoc:
             # Compare each pair of writes once, as a node that got them in order would.
             held_keys = {h.key for h in held}
             seen = [y for y in self._writes_except(m, w.key) if y.key not in held_keys]
-            for x in sorted([*held, w], key=lambda x: x.order):
+            # The capture that made the memory exist first (subscribers see a memory's
+            # Captured before anything else of it), then the held writes in order.
+            later = sorted(held if w.op == "capture" else [*held, w], key=lambda x: x.order)
+            for x in [w, *later] if w.op == "capture" else later:
                 events.extend(self._events_for(x, mem, seen))
                 seen.append(x)
             return events, mem
