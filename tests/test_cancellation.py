@@ -49,6 +49,24 @@ def _reached(task: asyncio.Future[Any], api: ConversationsApi, state: str) -> bo
     return task.done() or api._state.value == state
 
 
+def _mark_opening(api: ConversationsApi) -> list[bool]:
+    """A flag set when ``open()`` begins: the "opening" state itself can be over between
+    two polls (it was, on a loaded machine), a flag cannot."""
+    began = [False]
+    real_open = api.open
+
+    async def open_marked() -> None:
+        began[0] = True
+        await real_open()
+
+    api.open = open_marked  # type: ignore[method-assign]
+    return began
+
+
+def _began(task: asyncio.Future[Any], began: list[bool]) -> bool:
+    return task.done() or began[0]
+
+
 @contextlib.contextmanager
 def held_fsync(api: ConversationsApi) -> Iterator[threading.Event]:
     """Hold the storage thread's next fsync of the log until the block ends; yields an
@@ -378,8 +396,12 @@ async def test_cancelling_a_node_body_at_any_step_leaves_nothing_behind(
             data_dir=data_dir, host="127.0.0.1", discovery=(), durability="fsync"
         )
         acknowledged: list[str] = []
+        began = _mark_opening(api)
         task = asyncio.ensure_future(_body(api, acknowledged))
-        await wait_for(partial(_reached, task, api, counted_from), 10, counted_from)
+        if counted_from == "opening":
+            await wait_for(partial(_began, task, began), 10, "open() began")
+        else:
+            await wait_for(partial(_reached, task, api, counted_from), 10, counted_from)
         # Where each cancel lands, not a wait: every step count is checked.
         for _ in range(steps):
             await asyncio.sleep(0)
