@@ -6,49 +6,25 @@ hostile stamps, identical stamps, counters full within one millisecond."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
-from pycrdt import Doc, Map
 
 from subcog_crdt import ConversationsApi
 from subcog_crdt._core import hlc as hlc_module
 from subcog_crdt._core.document import NamespaceDoc
 from subcog_crdt._core.events import Conflict, Deleted, Event
-from subcog_crdt._core.hlc import MAX_DRIFT_MS, Hlc
+from subcog_crdt._core.hlc import MAX_DRIFT_MS
 from subcog_crdt._core.schema import encode_write, write_key
 from subcog_crdt._errors import ConflictError
+from support.coredocs import NOW
+from support.coredocs import core_doc as _doc
+from support.coredocs import foreign_update as _inject
+from support.coredocs import send as _send
+from support.coredocs import stamp as _stamp
 
-NOW = 1_800_000_000_000
 END_OF_TIME = "9999999999999ffffff"
-
-
-def _stamp(wall: int, counter: int = 0) -> str:
-    return f"{wall:013d}{counter:06x}"
-
-
-def _doc(node_id: str, clock: Callable[[], int]) -> NamespaceDoc:
-    return NamespaceDoc("ns", node_id=node_id, hlc=Hlc(clock=clock), next_cursor=lambda: 1)
-
-
-def _send(src: NamespaceDoc, dst: NamespaceDoc) -> list[Event]:
-    """Deliver what ``dst`` misses of ``src``; return the events ``dst`` raised."""
-    return dst.apply_update(src.diff(dst.state_vector()))
-
-
-def _inject(doc: NamespaceDoc, entries: dict[str, str]) -> bytes:
-    """An update, as a hostile or foreign writer would send it, adding raw entries to
-    what ``doc`` holds."""
-    evil: Doc[Any] = Doc()
-    evil.apply_update(doc.diff())
-    before = evil.get_state()
-    m = evil.get("entries", type=Map)
-    for key, value in entries.items():
-        m[key] = value
-    return evil.get_update(before)
 
 
 def _conflicts(events: list[Event]) -> list[Conflict]:

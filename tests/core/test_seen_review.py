@@ -5,31 +5,18 @@ events, and that an update of a long history costs what it did before ``seen``."
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import pytest
-from pycrdt import Doc, Map
 
 from subcog_crdt._core.document import NamespaceDoc
 from subcog_crdt._core.events import Conflict, Event
-from subcog_crdt._core.hlc import Hlc
 from subcog_crdt._core.schema import MAX_ENTRY, MAX_SEEN, encode_write, write_key
-
-NOW = 1_800_000_000_000
-
-
-def _stamp(wall: int, counter: int = 0) -> str:
-    return f"{wall:013d}{counter:06x}"
-
-
-def _doc(node_id: str, clock: Callable[[], int]) -> NamespaceDoc:
-    return NamespaceDoc("ns", node_id=node_id, hlc=Hlc(clock=clock), next_cursor=lambda: 1)
-
-
-def _send(src: NamespaceDoc, dst: NamespaceDoc) -> list[Event]:
-    """Deliver what ``dst`` misses of ``src``; return the events ``dst`` raised."""
-    return dst.apply_update(src.diff(dst.state_vector()))
+from support.coredocs import NOW
+from support.coredocs import core_doc as _doc
+from support.coredocs import foreign_update as _raw
+from support.coredocs import send as _send
+from support.coredocs import stamp as _stamp
 
 
 def _restarted(src: NamespaceDoc) -> NamespaceDoc:
@@ -37,18 +24,6 @@ def _restarted(src: NamespaceDoc) -> NamespaceDoc:
     fresh = _doc("dd", lambda: NOW)
     fresh.load([src.diff()])
     return fresh
-
-
-def _raw(doc: NamespaceDoc, entries: dict[str, str]) -> bytes:
-    """An update from a foreign writer (its own Yjs client) adding raw entries to what
-    ``doc`` holds."""
-    other: Doc[Any] = Doc()
-    other.apply_update(doc.diff())
-    before = other.get_state()
-    m = other.get("entries", type=Map)
-    for key, value in entries.items():
-        m[key] = value
-    return other.get_update(before)
 
 
 def _conflicts(events: list[Event]) -> list[tuple[str, str]]:
