@@ -789,20 +789,18 @@ class ConversationsApi:
                 # log before its first await, so the write happened (it is in the
                 # document, its events are out, a restart has it). Its journal records
                 # must be readable now too, not only once a later write commits.
-                self._in_flight -= 1
                 self._committed(records, docs)
                 raise
-            except BaseException:
+            finally:
+                # Done, failed or cancelled: a sync() waiting on it looks again (after
+                # _committed, which runs in this same turn).
                 self._in_flight -= 1
                 self._wake_commit_waiters()
-                raise
-            self._in_flight -= 1
         self._committed(records, docs)
 
     def _committed(self, records: list[JournalRecord], docs: list[NamespaceDoc]) -> None:
         if records:
             self._committed_cursor = max(self._committed_cursor, records[-1].cursor)
-        self._wake_commit_waiters()
         self._index_wake.set()
         for doc in docs:
             self._index_due[doc] = None

@@ -99,6 +99,7 @@ class Subscription:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._bus._subs.discard(self)
             self._bus._unindex(self)
             self._wake()
 
@@ -147,7 +148,6 @@ class EventBus:
         if sub._closed:
             return
         self._unindex(sub)
-        self._subs.add(sub)
         self._index(sub, namespaces)
 
     def _index(self, sub: Subscription, namespaces: frozenset[str] | None) -> None:
@@ -163,7 +163,6 @@ class EventBus:
             subs.add(sub)
 
     def _unindex(self, sub: Subscription) -> None:
-        self._subs.discard(sub)
         if sub._namespaces is None:
             self._any.discard(sub)
             return
