@@ -236,7 +236,7 @@ class ConversationsApi:
         private_names = check_names("private_namespaces", private_namespaces, check_namespace)
         if mdns_interfaces is not None:
             mdns_interfaces = check_names("mdns_interfaces", mdns_interfaces)
-        self.data_dir = Path(data_dir).expanduser() if data_dir is not None else None
+        self.data_dir = Path(data_dir).expanduser().absolute() if data_dir is not None else None
         # It travels in the link handshake, whose messages are bounded (64 KiB) before
         # the peer is authenticated: refuse what could never link, not fail every dial.
         self.user_id = _check_user_id(user_id) or _os_user()[:MAX_USER_ID]
@@ -276,7 +276,9 @@ class ConversationsApi:
         self._max_frame = max_frame
         self._advertise_host = advertise_host
         self._mdns_interfaces = None if mdns_interfaces is None else list(mdns_interfaces)
-        self._discovery_dir = Path(discovery_dir) if discovery_dir is not None else None
+        self._discovery_dir = (
+            Path(discovery_dir).expanduser() if discovery_dir is not None else None
+        )
         self._ssl = ssl
         self._client_ssl = client_ssl
         if storage is not None:

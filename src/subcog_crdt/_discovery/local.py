@@ -189,7 +189,11 @@ class LocalDiscovery(AsyncClosing):
     def __init__(self, directory: Path | None = None, poll: float = 0.05) -> None:
         if not isinstance(poll, int | float) or not 0.001 <= poll <= 60.0:
             raise InvalidArgument("poll must be between 0.001 and 60 seconds")
-        self._directory = Path(directory) if directory is not None else default_directory()
+        # Absolute: the directory is read for as long as the node runs, whatever the
+        # process's working directory becomes.
+        self._directory = (
+            Path(directory) if directory is not None else default_directory()
+        ).absolute()
         self._poll = float(poll)
         self.scans_done = 0
         """Completed scans of the registry (observable progress, e.g. for tests)."""

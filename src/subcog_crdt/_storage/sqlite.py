@@ -5,7 +5,9 @@ Data directory layout
 
 ```
 <data_dir>/
-  subcog.lock          flock()ed by the open storage; holds the owner's pid (informational)
+  subcog.lock          holds the owner's pid (informational); the lock itself is a flock()
+                       on the directory (and on this file), so removing the file does
+                       not unlock it, and a child forked without exec does not hold it
   updates.log          append-only log: every commit() / save_cursor() as one CRC'd frame;
                        holds the newest updates (until compacted or retired into SQLite)
   store.sqlite3        SQLite (WAL mode): node id, namespaces, journal, cursors, older tail
@@ -310,7 +312,9 @@ class SqliteStorage(AsyncClosing):
     ) -> None:
         if durability not in ("process", "fsync"):
             raise ValueError(f"durability must be 'process' or 'fsync', not {durability!r}")
-        self.data_dir = Path(data_dir)
+        # Absolute now: snapshots are opened by path long after open(), and a relative
+        # path would follow the process's working directory into another node's files.
+        self.data_dir = Path(data_dir).absolute()
         self.durability: Durability = durability
         self.retention = retention or Retention()
         self._store_path = self.data_dir / STORE_NAME
@@ -354,7 +358,7 @@ class SqliteStorage(AsyncClosing):
         self._pruned_max_at_ms = 0
         # Thread-side state.
         self._conn: sqlite3.Connection | None = None
-        self._lock_fd = -1
+        self._lock_fds: list[int] = []
         self._namespaces: dict[str, _Namespace] = {}
         self._journal_count = 0
         self._applied_lsn = 0
@@ -572,35 +576,46 @@ class SqliteStorage(AsyncClosing):
                 _fsync_dir(d.parent)
 
     def _lock_dir(self) -> None:
+        # The lock is a flock() on the directory itself, which cannot be unlinked while it
+        # exists (a lock on subcog.lock alone let a second opener in once someone removed
+        # that file). flock() locks belong to the open file description, so a second
+        # opener in this process is refused just like another process; the kernel drops
+        # the lock when the holder dies, so kill -9 never leaves a stale lock behind.
+        # subcog.lock only records the holder's pid for the error message (and is locked
+        # too, as earlier versions expect).
         lock_path = self.data_dir / LOCK_NAME
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        held: list[int] = []
         try:
-            # flock() locks belong to the open file description, so a second opener in this
-            # process is refused just like another process; the kernel drops the lock when
-            # the holder dies, so kill -9 never leaves a stale lock behind.
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = ""
-            with contextlib.suppress(OSError, ValueError):
-                pid = int(os.pread(fd, 32, 0).decode().strip() or "0")
-                if pid:
-                    holder = f" (pid {pid}{', this process' if pid == os.getpid() else ''})"
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise StorageLocked(
-                    f"data directory {self.data_dir} is in use by another storage{holder}: "
-                    "each node (each agent process) needs its own data_dir; they share "
-                    "memories by syncing"
-                ) from None
-            raise StorageError(f"cannot lock {lock_path}: {exc}") from exc
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+            for path, flags in (
+                (self.data_dir, os.O_RDONLY | os.O_DIRECTORY),
+                (lock_path, os.O_RDWR | os.O_CREAT),
+            ):
+                fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+                held.append(fd)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as exc:
+                    if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                        raise StorageLocked(
+                            f"data directory {self.data_dir} is in use by another "
+                            f"storage{_holder(lock_path)}: each node (each agent process) "
+                            "needs its own data_dir; they share memories by syncing"
+                        ) from None
+                    raise StorageError(f"cannot lock {path}: {exc}") from exc
+            os.ftruncate(held[1], 0)
+            os.pwrite(held[1], f"{os.getpid()}\n".encode(), 0)
+        except BaseException:
+            for fd in held:
+                os.close(fd)
+            raise
+        self._lock_fds = held
+        _HELD_LOCKS.update(held)
 
     def _unlock_dir(self) -> None:
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)  # closing the descriptor releases the flock
-            self._lock_fd = -1
+        for fd in self._lock_fds:
+            _HELD_LOCKS.discard(fd)
+            os.close(fd)  # closing the descriptor releases the flock
+        self._lock_fds = []
 
     def _connect(self) -> None:
         path = self._store_path
@@ -1400,8 +1415,14 @@ class SqliteStorage(AsyncClosing):
                 view = view[os.write(fd, view) :]
             if self.durability == "fsync":
                 os.fsync(fd)
-        finally:
+        except BaseException:
+            # A partial snapshot (a full disk) would hold on to the space it took until
+            # the next open: nothing points at it yet, so remove it now.
             os.close(fd)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
+        os.close(fd)
         if self.durability == "fsync":
             # The new directory entry must be durable before the store points at it.
             _fsync_dir(self._snap_dir)
@@ -1484,6 +1505,7 @@ class SqliteStorage(AsyncClosing):
             for r in journal
         ]
         cur = [(s, int(c)) for s, c in cursors]
+        self._check_log_linked()
         with self._wlock:
             lsn = self._lsn + 1
             payload = self._packer.pack((lsn, ups, jrn, cur))
@@ -1503,6 +1525,22 @@ class SqliteStorage(AsyncClosing):
         if not self._drain_scheduled:
             self._drain_scheduled = True
             self._jobs.put((self._drain_job, (), None))
+
+    def _check_log_linked(self) -> None:
+        """Refuse to acknowledge writes into a log nobody can open again: the data
+        directory was removed (or replaced) under the running node. (~0.3 us.)"""
+        try:
+            linked = os.fstat(self._log_fd).st_nlink > 0
+        except OSError as exc:
+            raise StorageError(f"cannot check {self._log_path}: {exc}") from exc
+        if not linked:
+            self._failure = StorageError(
+                f"{self._log_path} was removed while the storage had it open (the data "
+                "directory was deleted or replaced); nothing written after that could "
+                "survive a restart, so writes are refused"
+            )
+            log.error("storage %s failed: %s", self.data_dir, self._failure)
+            raise self._failure
 
     def _write_log(self, frame: bytes) -> None:
         # A page-cache write of a few hundred bytes: cheap enough for the event loop, and
@@ -1634,6 +1672,33 @@ class SqliteStorage(AsyncClosing):
         useful for measurements and tests)."""
         self._check_open()
         await self._submit(self._drain)
+
+
+_HELD_LOCKS: set[int] = set()
+"""Descriptors holding a data directory's lock in this process."""
+
+
+def _drop_inherited_locks() -> None:
+    # A child forked without exec (multiprocessing's default on Linux) shares the
+    # parent's lock descriptions: the lock would outlive a parent killed with -9. Closing
+    # the child's copies leaves the parent's lock as it was.
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+def _holder(lock_path: Path) -> str:
+    """ " (pid N)" naming who holds a data directory, as far as its lock file says."""
+    with contextlib.suppress(OSError, ValueError):
+        with open(lock_path, "rb") as f:
+            pid = int(f.read(32).decode().strip() or "0")
+        if pid:
+            return f" (pid {pid}{', this process' if pid == os.getpid() else ''})"
+    return ""
 
 
 def _fsync_dir(path: Path) -> None:
