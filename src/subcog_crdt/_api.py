@@ -756,9 +756,14 @@ class ConversationsApi:
         if updates and released and self._may_share(ns):
             # It let the document integrate writes held back until now (an earlier update
             # was missing): those came from elsewhere, so any peer may lack them, the
-            # sender of this one included. Sent to all, as made here (duplicates are
-            # harmless; a wrong origin could stop a peer forwarding them).
+            # sender of this one included. Sent to the others as made here (duplicates
+            # are harmless; a wrong origin could stop a peer forwarding them). Not to the
+            # sender, which has most of it (a catch-up it just sent, say): it is asked
+            # for its state vector and gets only what it misses.
             for peer in self._links.values():
+                if peer is source:
+                    peer.request_resync(ns)
+                    continue
                 for u in updates:
                     peer.push_update(ns, self.node_id, u)
         elif updates and source is not None and origin is not None and self._may_share(ns):
@@ -873,11 +878,11 @@ class ConversationsApi:
         if not self._may_share(ns):
             return None
         doc = self._ensure_doc(ns)
-        held = doc.holds_back
+        released_before = doc.released
         events = doc.apply_update(update)
         if not doc.outbox and not events:
             return None  # nothing new: do not forward (this is what stops loops)
-        released = held > 0 and doc.holds_back < held
+        released = doc.released != released_before
         return self._propagate(doc, events, source=source, origin=origin, released=released)
 
     # -- links -------------------------------------------------------------------------

@@ -40,7 +40,12 @@ import msgpack
 from pycrdt import get_state, merge_updates
 
 from subcog_crdt._core.schema import check_namespace
-from subcog_crdt._core.ydecode import UpdateDecodeError, decode_state_vector, read_update
+from subcog_crdt._core.ydecode import (
+    UpdateDecodeError,
+    decode_state_vector,
+    encode_state_vector,
+    read_update,
+)
 from subcog_crdt._core.ysplit import UpdateScan
 from subcog_crdt._errors import (
     ClosedError,
@@ -205,7 +210,7 @@ class PeerSync:
         self._diff_total = 0
         self._queue: deque[bytes | tuple[int, str]] = deque()
         self._pending: set[tuple[int, str]] = set()
-        self._pending_sv: dict[str, bytes] = {}
+        self._pending_sv: dict[str, dict[int, int]] = {}
         self._busy = False
         self._queued_bytes = 0
         self._last_eager = 0.0
@@ -380,7 +385,7 @@ class PeerSync:
             if sv is None or doc is None or ns not in self.shared:
                 return True
             try:
-                diff = doc.diff(sv)
+                diff = doc.diff(encode_state_vector(sv))
             except Exception as exc:  # checked on arrival; pycrdt may still disagree
                 log.warning("closing link to %s: invalid state vector for %r", self.node_id, ns)
                 await self.link.close(4000, f"invalid state vector: {exc}"[:120])
@@ -414,11 +419,11 @@ class PeerSync:
         self.frames_sent += 1
         return True
 
-    def request_resync(self) -> None:
-        """Ask the peer for its state vector of every shared namespace; each answer gets
-        exactly what it misses."""
-        for ns in sorted(self.shared):
-            self._request(F_RESYNC, ns)
+    def request_resync(self, ns: str | None = None) -> None:
+        """Ask the peer for its state vector of ``ns`` (None: every shared namespace);
+        each answer gets exactly what it misses."""
+        for name in sorted(self.shared) if ns is None else (ns,) if ns in self.shared else ():
+            self._request(F_RESYNC, name)
 
     def _send_sv(self, ns: str) -> None:
         """Send step 1 for ``ns`` (an empty state vector if this node does not hold it)."""
@@ -858,7 +863,7 @@ class PeerSync:
             self._offer(ns)
         # Answered when the writer gets to it, from the document as it is then; a newer
         # state vector of the same peer replaces an older one not yet answered.
-        self._pending_sv[ns] = sv
+        self._pending_sv[ns] = clocks
         self._request(F_DIFF, ns)
 
     def _on_diff(self, ns: str, part: bytes, more: bool) -> None:
@@ -948,6 +953,21 @@ class PeerSync:
             raise ProtocolError(str(exc)) from exc
         if done is not None:
             self._to_persist.append(done)
+        if ns in self._pending_sv and len(update) <= _SLICE_BYTES:
+            self._advance_pending_sv(ns, update)
+
+    def _advance_pending_sv(self, ns: str, update: bytes) -> None:
+        """The peer holds what it sent: a step 2 still queued for it (made from the
+        document when it is sent) leaves that out instead of sending it back. Only what
+        continues the state vector counts (the rest may depend on what it lacks)."""
+        try:
+            blocks = read_update(update, "").blocks
+        except UpdateDecodeError:
+            return
+        clocks = self._pending_sv[ns]
+        for client, start, end in blocks:
+            if start <= clocks.get(client, 0) < end:
+                clocks[client] = end
 
     def _cannot_send(self, exc: BaseException) -> None:
         """A frame could not be sent (a control frame over the frame limit: those are not

@@ -163,6 +163,8 @@ class NamespaceDoc:
         # whatever the order of arrival, deletes and later moves.
         self._moved: dict[int, set[str]] = {}
         self._pending: list[MapInsert] = []
+        self.released = 0
+        """How many held-back writes later updates let in (they came from elsewhere)."""
         self._tainted = False
         self._resolve_cursor = 0
         self.max_stamp = ""
@@ -700,7 +702,10 @@ class NamespaceDoc:
         replaced = []
         for key, action in changed.items():
             if action == "add":  # one already integrated is a duplicate to _absorb_one
+                n = self._n_writes
                 events.extend(self._absorb_one(key, self._entry(key)))
+                if self._n_writes != n:  # pycrdt held it back: it came earlier, from elsewhere
+                    self.released += 1
             else:
                 self._tainted = True
                 replaced.append(key)
@@ -747,7 +752,10 @@ class NamespaceDoc:
                 # write may come after one this update brought).
                 ready.sort(key=lambda r: _arrival_order(r[0].key))
             for ins, verify in ready:
+                n = self._n_writes
                 events.extend(self._absorb_one(ins.key, ins.value, verify=verify))
+                if verify and self._n_writes != n:
+                    self.released += 1
         if self._pending:
             self._sv = None
         return events

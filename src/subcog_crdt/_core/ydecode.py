@@ -18,8 +18,10 @@ __all__ = [
     "MapInsert",
     "UpdateDecodeError",
     "decode_state_vector",
+    "encode_state_vector",
     "read_map_inserts",
     "read_update",
+    "varuint_bytes",
 ]
 
 
@@ -297,6 +299,25 @@ def read_update(update: bytes, root: str) -> Decoded:
             varuint()
             varuint()
     return Decoded(inserts, unknown, simple, blocks, n_del > 0)
+
+
+def varuint_bytes(n: int) -> bytes:
+    """``n`` as a Yjs variable-length unsigned integer."""
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def encode_state_vector(clocks: dict[int, int]) -> bytes:
+    """The inverse of ``decode_state_vector``."""
+    parts = [varuint_bytes(len(clocks))]
+    for client, clock in clocks.items():
+        parts.append(varuint_bytes(client))
+        parts.append(varuint_bytes(clock))
+    return b"".join(parts)
 
 
 def decode_state_vector(sv: bytes) -> dict[int, int]:

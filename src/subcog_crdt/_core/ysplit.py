@@ -19,18 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from subcog_crdt._core.ydecode import UpdateDecodeError, _Reader, skip_bytes, skip_content
+from subcog_crdt._core.ydecode import (
+    UpdateDecodeError,
+    _Reader,
+    skip_bytes,
+    skip_content,
+    varuint_bytes,
+)
 
 __all__ = ["UpdateScan"]
-
-
-def _varuint_bytes(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def _skip_any(r: _Reader, depth: int = 0) -> None:
@@ -181,6 +178,6 @@ class UpdateScan:
         buf = self._r.buf
         last = len(self._cuts) - 1
         for i, (client, clock, n, start, end) in enumerate(self._cuts):
-            head = b"\x01" + _varuint_bytes(n) + _varuint_bytes(client) + _varuint_bytes(clock)
+            head = b"\x01" + varuint_bytes(n) + varuint_bytes(client) + varuint_bytes(clock)
             tail = self._delete_set if i == last else b"\x00"
             yield head + buf[start:end] + tail
