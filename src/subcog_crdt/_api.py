@@ -1038,7 +1038,8 @@ class ConversationsApi:
         elif namespaces is None:
             names = list(self._docs)
         else:
-            names = check_names("namespaces", namespaces, check_namespace)
+            # each once: a name given twice would list its hits twice
+            names = list(dict.fromkeys(check_names("namespaces", namespaces, check_namespace)))
         # a str is refused, as capture(tags="x") refuses it; trimmed, as capture trims them
         tagset = frozenset(t.strip() for t in check_names("tags", tags))
         if "" in tagset:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import unicodedata
 from array import array
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
@@ -26,17 +27,40 @@ _B = 0.75
 # ASCII punctuation and symbols separate words ("_" stays part of one, as in \w);
 # translate + split runs in C, several times faster than a regex here.
 _PUNCTUATION = "!\"#$%&'()*+,-./:;<=>?@[\\]^`{|}~"
-_SEPARATORS = str.maketrans(dict.fromkeys(_PUNCTUATION, " "))
-# For ASCII text the same through bytes: a 256-byte table instead of a dict lookup per
-# character (~8 us against ~13 us for 300 bytes here). casefold() is lower() on ASCII.
+# For ASCII text through bytes: a 256-byte table instead of a dict lookup per character
+# (~8 us against ~13 us for 300 bytes here). casefold() is lower() on ASCII.
 _ASCII_SEPARATORS = bytes.maketrans(_PUNCTUATION.encode(), b" " * len(_PUNCTUATION))
+_CACHED_CHARS = 1 << 16  # a bound on the table below: text may hold any code point
+
+
+def is_separator(ch: str) -> bool:
+    """Whether ``ch`` separates words: ASCII punctuation and symbols, and any Unicode
+    punctuation (curly quotes, dashes, CJK commas and full stops, ...); "_" joins."""
+    return ch in _PUNCTUATION or (ch != "_" and unicodedata.category(ch)[0] == "P")
+
+
+class _Separators(dict[int, str]):
+    """A ``str.translate`` table mapping separators to spaces, filled per character as
+    text brings it (the Unicode categories would make a table of 1.1M code points)."""
+
+    def __missing__(self, code: int) -> str:
+        ch = chr(code)
+        out = " " if is_separator(ch) else ch
+        if len(self) < _CACHED_CHARS:
+            self[code] = out
+        return out
+
+
+_SEPARATORS = _Separators()
 
 
 def tokenize(text: str) -> list[str]:
-    """Words of ``text``: case folded, split on whitespace and ASCII punctuation."""
+    """Words of ``text``: NFKC-normalised and case folded (so a word typed precomposed
+    or decomposed, in fullwidth or with a ligature, is one word), split on whitespace and
+    punctuation (``is_separator``)."""
     if text.isascii():
         return text.lower().encode().translate(_ASCII_SEPARATORS).decode().split()
-    return text.casefold().translate(_SEPARATORS).split()
+    return unicodedata.normalize("NFKC", text.casefold()).translate(_SEPARATORS).split()
 
 
 def _join(tokens: list[str]) -> str:
