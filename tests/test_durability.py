@@ -127,6 +127,36 @@ async def test_sync_since_last_is_exactly_once_across_restarts(tmp_path):
         assert len((await reader.sync(since=t)).events) == 4
 
 
+async def test_a_session_registered_again_after_a_restart_resumes_its_subscriptions(
+    tmp_path: Path,
+) -> None:
+    """Registering an id again without ``subscribe`` after a restart resumes what it
+    subscribed to with its cursor: its first sync returns what it missed (before,
+    it got no subscriptions, and that sync moved its cursor past every missed event)."""
+    async with durable(tmp_path) as api:
+        await api.register_session("reader", subscribe=["d", "p"])
+        quiet = await api.register_session("quiet", subscribe=["d"])
+        await api.register_session("quiet", subscribe=[])  # changed: this is kept
+        assert quiet.subscriptions == frozenset()
+        writer = await api.register_session("writer", subscribe=[])
+        await writer.capture("d", "missed while away")
+        await writer.capture("p", "a pattern missed too")
+    async with durable(tmp_path) as api:
+        reader = await api.register_session("reader")
+        assert reader.subscriptions == frozenset({"d", "p"})
+        got = await reader.sync()
+        assert sorted(e.memory.content for e in got.events) == [
+            "a pattern missed too",
+            "missed while away",
+        ]
+        assert (await api.register_session("quiet")).subscriptions == frozenset()
+        fresh = await api.register_session("new-one")
+        assert fresh.subscriptions == frozenset()
+        await api.register_session("reader", subscribe=["p"])
+    async with durable(tmp_path) as api:
+        assert (await api.register_session("reader")).subscriptions == frozenset({"p"})
+
+
 def m1_write(api: ConversationsApi, memory_id: str, index: int) -> str:
     return api.history(memory_id)[index].key
 

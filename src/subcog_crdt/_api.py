@@ -37,6 +37,7 @@ from subcog_crdt._errors import (
     ClosedError,
     CorruptStorage,
     InvalidArgument,
+    InvalidNamespace,
     NotFound,
     SubcogError,
 )
@@ -312,6 +313,9 @@ class ConversationsApi:
         self._snapshot_bytes: dict[str, int] = {}
         self._state = _State.NEW
         self._saved_cursors: dict[str, int] = {}
+        self._saved_subs: dict[str, frozenset[str]] = {}
+        """Per session id, the subscriptions storage holds (resumed by a registration
+        that names none)."""
         self._transport: Any = None
         self._discovery: list[Any] = []
         self._relays: list[Any] = []
@@ -355,6 +359,11 @@ class ConversationsApi:
             self.node_id = stored.node_id
         self._cursor = self._committed_cursor = stored.last_cursor
         self._saved_cursors = dict(stored.cursors)
+        self._saved_subs = {
+            sid: names
+            for sid, names in stored.subscriptions.items()
+            if all(_valid_namespace(n) for n in names)
+        }
         # Loading makes ~10 objects per memory and no reference cycles: pausing the cyclic
         # collector meanwhile saves a third of a 100k-memory restart.
         gc_was_on = gc.isenabled()
@@ -540,9 +549,10 @@ class ConversationsApi:
     ) -> Session:
         """Register a session on this node (``subscribe``: the namespaces whose events it
         gets; None: none for a new session). Registering an id again (for example after
-        a restart) resumes its ``sync(since="last")`` cursor; for a session registered
-        now it returns the same session, with ``subscribe`` replacing its subscriptions
-        (also for its open event streams) unless None."""
+        a restart) resumes its ``sync(since="last")`` cursor and, unless ``subscribe``
+        is given, its subscriptions; for a session registered now it returns the same
+        session, with ``subscribe`` replacing its subscriptions (also for its open event
+        streams) unless None."""
         self._check_open()
         check_session_id(session_id)
         if isinstance(subscribe, str):
@@ -559,7 +569,13 @@ class ConversationsApi:
                 f"session {session_id!r} is registered for user {existing.user_id!r}, "
                 f"not {user_id!r}: unregister it first"
             )
-        subs = subs if subs is not None else (existing.subscriptions if existing else frozenset())
+        if subs is None:
+            # Kept: a registered session's, or those it had before a restart.
+            subs = (
+                existing.subscriptions
+                if existing
+                else self._saved_subs.get(session_id, frozenset())
+            )
         # Refused before anything changes: the session, its subscriptions (peers refuse
         # a longer session list) and the namespaces it needs must fit.
         self.sessions._check_room(session_id, len(subs))
@@ -575,6 +591,7 @@ class ConversationsApi:
             # New subscriptions apply at once, also to its open event streams.
             self.sessions._resubscribe(existing, subs)
             self._broadcast_sessions()
+            await self._save_subscriptions(session_id, subs)
             return existing
         last = self._saved_cursors.get(session_id, self._committed_cursor)
         s = Session(self, session_id, user_id or self.user_id, subs, last)
@@ -584,7 +601,13 @@ class ConversationsApi:
         if session_id not in self._saved_cursors:
             self._saved_cursors[session_id] = last
             await self._storage.save_cursor(session_id, last)
+        await self._save_subscriptions(session_id, subs)
         return s
+
+    async def _save_subscriptions(self, session_id: str, subs: frozenset[str]) -> None:
+        if self._saved_subs.get(session_id, frozenset()) != subs:
+            self._saved_subs[session_id] = subs
+            await self._storage.save_subscriptions(session_id, subs)
 
     async def unregister_session(self, session_id: str) -> None:
         """End a local session: its event streams end and its calls raise
@@ -1236,6 +1259,14 @@ def _items(items: object) -> list[Any]:
 def _check_version(expected: object) -> None:
     if expected is not None and (isinstance(expected, bool) or not isinstance(expected, int)):
         raise InvalidArgument(f"expected_version must be an int or None, not {expected!r}")
+
+
+def _valid_namespace(name: str) -> bool:
+    try:
+        check_namespace(name)
+    except InvalidNamespace:
+        return False
+    return True
 
 
 def _check_user_id(user_id: object) -> str | None:

@@ -64,6 +64,8 @@ class StoredState:
     last_cursor: int = 0
     cursors: dict[str, int] = field(default_factory=dict)
     """Per session id, its ``last_sync`` cursor."""
+    subscriptions: dict[str, frozenset[str]] = field(default_factory=dict)
+    """Per session id, the namespaces it last subscribed to."""
 
 
 class Storage(Protocol):
@@ -95,6 +97,11 @@ class Storage(Protocol):
         ...
 
     async def save_cursor(self, session_id: str, cursor: int) -> None: ...
+
+    async def save_subscriptions(self, session_id: str, namespaces: frozenset[str]) -> None:
+        """Keep a session's subscriptions, so that registering it again after a restart
+        resumes them with its cursor."""
+        ...
 
     async def read_journal(
         self,

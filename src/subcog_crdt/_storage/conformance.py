@@ -270,6 +270,19 @@ async def check_cursors_persist(make: StorageFactory) -> None:
     await s.aclose()
 
 
+async def check_subscriptions_persist(make: StorageFactory) -> None:
+    s = make(None, False)
+    state = await s.open(NODE)
+    assert state.subscriptions == {}
+    await s.save_subscriptions("s1", frozenset({"decisions", "patterns"}))
+    await s.save_subscriptions("s2", frozenset())
+    await s.save_subscriptions("s1", frozenset({"decisions"}))
+    s = await _reopen(make, s)
+    state = await s.open(NODE)
+    assert state.subscriptions == {"s1": frozenset({"decisions"}), "s2": frozenset()}
+    await s.aclose()
+
+
 async def check_many_updates(make: StorageFactory) -> None:
     s = make(None, False)
     await s.open(NODE)
@@ -302,6 +315,7 @@ CHECKS: dict[str, Check] = {
     "retention_all_expired": check_retention_all_expired,
     "pruned_max_at_ms": check_pruned_max_at_ms,
     "cursors_persist": check_cursors_persist,
+    "subscriptions_persist": check_subscriptions_persist,
     "many_updates": check_many_updates,
 }
 

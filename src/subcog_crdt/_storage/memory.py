@@ -38,6 +38,7 @@ class MemoryStorage:
         self._seq: dict[str, int] = {}
         self._tail_bytes: dict[str, int] = {}
         self._cursors: dict[str, int] = {}
+        self._subscriptions: dict[str, frozenset[str]] = {}
         self._node_id: str | None = None
         self._oldest = 1
         self._pruned_max_at_ms = 0
@@ -54,6 +55,7 @@ class MemoryStorage:
             docs={ns: list(u) for ns, u in self._docs.items()},
             last_cursor=self._last_cursor,
             cursors=dict(self._cursors),
+            subscriptions=dict(self._subscriptions),
         )
 
     async def commit(
@@ -112,6 +114,9 @@ class MemoryStorage:
 
     async def save_cursor(self, session_id: str, cursor: int) -> None:
         self._cursors[session_id] = cursor
+
+    async def save_subscriptions(self, session_id: str, namespaces: frozenset[str]) -> None:
+        self._subscriptions[session_id] = frozenset(namespaces)
 
     async def read_journal(
         self,

@@ -10,7 +10,8 @@ Data directory layout
                        not unlock it, and a child forked without exec does not hold it
   updates.log          append-only log: every commit() / save_cursor() as one CRC'd frame;
                        holds the newest updates (until compacted or retired into SQLite)
-  store.sqlite3        SQLite (WAL mode): node id, namespaces, journal, cursors, older tail
+  store.sqlite3        SQLite (WAL mode): node id, namespaces, journal, cursors,
+                       sessions' subscriptions, older tail
   store.sqlite3-wal    SQLite's write-ahead log (only while open: removed at a clean close)
   store.sqlite3-shm    SQLite's WAL index (likewise)
   snapshots/<id>-<gen>.snap   (the directory appears with the first compaction)
@@ -107,6 +108,7 @@ import enum
 import errno
 import fcntl
 import itertools
+import json
 import logging
 import os
 import queue
@@ -706,6 +708,7 @@ class SqliteStorage(AsyncClosing):
             );
             CREATE TABLE cursors(session TEXT PRIMARY KEY, cursor INTEGER NOT NULL) WITHOUT ROWID;
             """
+            + _SUBSCRIPTIONS_TABLE
         )
         try:
             db.executemany(
@@ -728,6 +731,7 @@ class SqliteStorage(AsyncClosing):
     def _upgrade_meta(self) -> None:
         """Bring the counters of an existing store up to date (no transaction is open)."""
         db = self._db
+        db.execute(_SUBSCRIPTIONS_TABLE.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS"))
         if self._meta("pruned_max_at_ms") is None:
             # A store from before this key: if it ever pruned, the pruned records' times
             # are unknown, but none is later than now (their writes happened before).
@@ -880,10 +884,15 @@ class SqliteStorage(AsyncClosing):
             docs[name] += tail
             tail_bytes[name] = sum(map(len, tail))
         cursors = dict(db.execute("SELECT session, cursor FROM cursors").fetchall())
+        subscriptions = self._load_subscriptions()
         last_cursor = int(self._meta("last_cursor") or 0)
         self._remove_orphans(referenced)
         state = StoredState(
-            node_id=str(stored_id), docs=docs, last_cursor=last_cursor, cursors=cursors
+            node_id=str(stored_id),
+            docs=docs,
+            last_cursor=last_cursor,
+            cursors=cursors,
+            subscriptions=subscriptions,
         )
         return _Loaded(
             state=state,
@@ -892,6 +901,29 @@ class SqliteStorage(AsyncClosing):
             lsn=self._applied_lsn,
             oldest=self._oldest,
             log_fd=log_fd,
+        )
+
+    def _load_subscriptions(self) -> dict[str, frozenset[str]]:
+        out: dict[str, frozenset[str]] = {}
+        for session, text in self._db.execute("SELECT session, namespaces FROM subscriptions"):
+            try:
+                names = json.loads(text)
+                if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                    raise ValueError("not a list of names")
+            except ValueError as exc:
+                # Not worth refusing the store for: the session registers with none.
+                log.warning(
+                    "storage %s: ignoring subscriptions of %r: %s", self.data_dir, session, exc
+                )
+                continue
+            out[str(session)] = frozenset(names)
+        return out
+
+    def _save_subscriptions_sync(self, session_id: str, text: str) -> None:
+        self._db.execute(
+            "INSERT INTO subscriptions(session, namespaces) VALUES (?, ?) "
+            "ON CONFLICT(session) DO UPDATE SET namespaces=excluded.namespaces",
+            (session_id, text),
         )
 
     def _missing(self, name: str, seq: int) -> None:
@@ -1483,6 +1515,13 @@ class SqliteStorage(AsyncClosing):
         self._append((), (), ((session_id, cursor),))
         await self._after_write()
 
+    async def save_subscriptions(self, session_id: str, namespaces: frozenset[str]) -> None:
+        """Written to SQLite directly (a registration is rare; its cursor goes through
+        the log as usual)."""
+        self._check_open()
+        text = json.dumps(sorted(namespaces))
+        await asyncio.shield(self._submit(self._save_subscriptions_sync, session_id, text))
+
     def _append(
         self,
         updates: Sequence[tuple[str, bytes]],
@@ -1673,6 +1712,12 @@ class SqliteStorage(AsyncClosing):
         self._check_open()
         await self._submit(self._drain)
 
+
+_SUBSCRIPTIONS_TABLE: Final = (
+    "CREATE TABLE subscriptions(session TEXT PRIMARY KEY, namespaces TEXT NOT NULL) WITHOUT ROWID"
+)
+"""Per session, a JSON list of the namespaces it subscribed to (added in format 1 without
+a new version: a store without it gets it at open)."""
 
 _HELD_LOCKS: set[int] = set()
 """Descriptors holding a data directory's lock in this process."""
