@@ -415,7 +415,9 @@ def encode_write(
             enc = _ENCODER.encode(value)
         parts.append(f'"{name}":{enc}')
     tail = f',"base":"{base}"' if base else ""
-    if seen:  # node ids and stamps: nothing to escape
+    # An empty map says something too (no update seen: concurrent with every one), where
+    # no map falls back to base. Node ids and stamps: nothing to escape.
+    if seen is not None:
         tail += ',"seen":{' + ",".join(f'"{n}":"{t}"' for n, t in sorted(seen.items())) + "}"
     return f'{{"v":{SCHEMA_VERSION},"op":"{op}","set":{{{",".join(parts)}}}{tail}}}'
 
