@@ -42,7 +42,7 @@ def durable(data_dir: Path, durability: str = "fsync") -> ConversationsApi:
 
 
 def _waiting(stream: Any) -> bool:
-    return stream._waiter is not None
+    return bool(stream._waiters)
 
 
 def _reached(task: asyncio.Future[Any], api: ConversationsApi, state: str) -> bool:

@@ -76,7 +76,7 @@ async def test_closed_nodes_are_garbage_collected() -> None:
 
 
 def _parked(api: ConversationsApi) -> bool:
-    return any(sub._waiter is not None for sub in api._bus._subs)
+    return any(sub._waiters for sub in api._bus._subs)
 
 
 async def test_a_parked_consumer_nobody_holds_still_gets_its_events() -> None:

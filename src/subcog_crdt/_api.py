@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import gc
 import getpass
@@ -313,6 +314,10 @@ class ConversationsApi:
         self._snapshot_bytes: dict[str, int] = {}
         self._state = _State.NEW
         self._saved_cursors: dict[str, int] = {}
+        self._link_waiters: dict[Link, asyncio.Future[None]] = {}
+        """connect() calls waiting for their link to be registered (``_on_link``)."""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The loop that opened the node: the only one it may be used from."""
         self._saved_subs: dict[str, frozenset[str]] = {}
         """Per session id, the subscriptions storage holds (resumed by a registration
         that names none)."""
@@ -339,6 +344,7 @@ class ConversationsApi:
         if self._state is not _State.NEW:
             raise ClosedError("a ConversationsApi can be opened once")
         self._state = _State.OPENING
+        self._loop = asyncio.get_running_loop()
         self._open_done = asyncio.Event()
         try:
             await self._open_steps()
@@ -482,9 +488,20 @@ class ConversationsApi:
         for t in list(self._tasks):
             await cancel_and_wait(t)
 
+    def __repr__(self) -> str:
+        url = f" url={self.url!r}" if self.url else ""
+        return f"<ConversationsApi node_id={self.node_id!r} {self._state.value}{url}>"
+
     def _check_open(self) -> None:
         if self._state is not _State.OPEN:
             raise ClosedError(f"node {self.node_id} is {self._state.value}")
+        if asyncio._get_running_loop() is not self._loop:
+            # Its documents, storage and links belong to one loop (and thread); used from
+            # another, a write would change them unsynchronised or half-fail.
+            raise SubcogError(
+                f"node {self.node_id} runs on the event loop that opened it; call it from "
+                "that loop (from another thread: asyncio.run_coroutine_threadsafe)"
+            )
 
     # -- namespaces --------------------------------------------------------------------
 
@@ -860,7 +877,9 @@ class ConversationsApi:
         snapshot keeps the total work linear in the number of writes (a fixed 8 MB made
         compaction ~40 % of a 100k-memory bulk load), and no write waits for it."""
         ns = doc.namespace
-        if ns in self._compacting:
+        if ns in self._compacting or self._state is not _State.OPEN:
+            # (Closing: the storage may be closed already, and a write whose commit just
+            # ended must still be reported done.)
             return
         if self._storage.tail_bytes(ns) <= max(_COMPACT_BYTES, self._snapshot_bytes.get(ns, 0)):
             return
@@ -920,16 +939,21 @@ class ConversationsApi:
 
     async def _on_link(self, link: Link) -> None:
         """Run the sync protocol on a new link until it closes."""
-        if self._state is not _State.OPEN:
-            await link.close(1001, "node closing")
-            return
-        peer = PeerSync(self, link)
-        old = self._links.get(peer.node_id)
-        if old is not None:
-            await old.link.close(4010, "replaced by a newer link")
-        peer.send_hello()
-        self._links[peer.node_id] = peer
-        self._broadcast_peers()
+        try:
+            if self._state is not _State.OPEN:
+                await link.close(1001, "node closing")
+                return
+            peer = PeerSync(self, link)
+            old = self._links.get(peer.node_id)
+            if old is not None:
+                await old.link.close(4010, "replaced by a newer link")
+            peer.send_hello()
+            self._links[peer.node_id] = peer
+            self._broadcast_peers()
+        finally:
+            waiter = self._link_waiters.pop(link, None)  # a connect() waiting for it
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
         try:
             await peer.run()
         finally:
@@ -990,9 +1014,19 @@ class ConversationsApi:
             raise InvalidArgument(
                 "this node has no network transport (listen=False): it cannot dial peers"
             )
-        await self._transport.connect(url)
+        link = await self._transport.connect(url)
         self._kept_urls.add(url)
         self._transport.add_peer(url)  # keep it: redial after a drop (no-op if kept already)
+        # The link's task registers it: wait for that, so peers() lists it on return.
+        peer = self._links.get(link.peer.node_id)
+        if (peer is None or peer.link is not link) and not link.closed:
+            waiter = self._link_waiters.setdefault(link, asyncio.get_running_loop().create_future())
+            # Bounded: a link the transport drops before its task runs is never registered.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_LINK_REGISTERED_WITHIN):
+                    await asyncio.shield(waiter)
+            if self._link_waiters.get(link) is waiter:
+                del self._link_waiters[link]
 
     def peers(self) -> list[PeerInfo]:
         """Connected peers."""
@@ -1259,6 +1293,11 @@ def _items(items: object) -> list[Any]:
 def _check_version(expected: object) -> None:
     if expected is not None and (isinstance(expected, bool) or not isinstance(expected, int)):
         raise InvalidArgument(f"expected_version must be an int or None, not {expected!r}")
+
+
+_LINK_REGISTERED_WITHIN = 5.0
+"""Seconds ``connect()`` waits for its new link to be listed (at once, unless the node is
+closing or an older link to the same peer is slow to close)."""
 
 
 def _valid_namespace(name: str) -> bool:

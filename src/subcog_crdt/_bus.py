@@ -35,7 +35,8 @@ class Subscription:
         self._accept = accept
         self._maxsize = maxsize
         self._queue: deque[Event] = deque()
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiters: list[asyncio.Future[None]] = []
+        """One per task waiting in ``__anext__`` (several tasks may read one stream)."""
         self._dropped = 0
         self._last_queued = 0
         self._lag_cursor = 0
@@ -54,9 +55,11 @@ class Subscription:
         self._wake()
 
     def _wake(self) -> None:
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+        # Every waiting reader: those that find nothing wait again.
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
 
     def get_nowait(self) -> Event | Lagged | None:
         """The next queued item, or None if there is none right now."""
@@ -78,15 +81,18 @@ class Subscription:
                 return item
             if self._closed:
                 raise StopAsyncIteration
-            self._waiter = asyncio.get_running_loop().create_future()
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
             # Held while a consumer waits: the bus holds streams weakly, and a consumer
             # task nobody references, parked here, would be collectable with its stream.
             self._bus._waiting.add(self)
             try:
-                await self._waiter
+                await waiter
             finally:
-                self._waiter = None
-                self._bus._waiting.discard(self)
+                if waiter in self._waiters:  # not woken (cancelled, a timeout)
+                    self._waiters.remove(waiter)
+                if not self._waiters:
+                    self._bus._waiting.discard(self)
 
     async def next(self, timeout: float | None = None) -> Event | Lagged:
         """The next item, waiting at most ``timeout`` seconds (TimeoutError)."""

@@ -109,13 +109,18 @@ class Session:
         ``tags`` added to its tags; its other fields are left as they are (change them
         with ``update``)."""
         try:
-            # a str stays one (check_tags refuses it), anything iterable becomes a list
-            fields: dict[str, Any] = {"tags": tags if isinstance(tags, str) else list(tags)}
+            # What check_tags judges goes as it is (it refuses a str or a dict, and orders
+            # a set); any other iterable (a generator) becomes a list.
+            fields: dict[str, Any] = {
+                "tags": tags
+                if isinstance(tags, str | dict | list | tuple | set | frozenset)
+                else list(tags)
+            }
         except TypeError:  # None, a number...
             raise InvalidArgument(
                 f"tags must be a list of strings, not {type(tags).__name__}"
             ) from None
-        if metadata:
+        if metadata is not None:  # a falsy non-dict is refused as update refuses it
             fields["metadata"] = metadata
         for name, value in (
             ("domain", domain),
@@ -143,7 +148,8 @@ class Session:
         return await self._api._update(self, memory_id, fields, expected_version)
 
     async def delete(self, memory_id: str, *, expected_version: int | None = None) -> Memory:
-        """Delete a memory (a tombstone; capturing the content again revives it)."""
+        """Delete a memory (a tombstone). Capturing the content it was first captured with
+        revives it (docs/schema.md, "Memory ids")."""
         return await self._api._delete(self, memory_id, expected_version)
 
     def recall(

@@ -64,6 +64,22 @@ class Memory:
     clock: str = field(default="", repr=False)
     """The stamp of the latest write (a hybrid-logical-clock string)."""
 
+    def __repr__(self) -> str:
+        # Short enough for a log line: content (up to 256K characters) cut, its length given.
+        content = (
+            self.content
+            if len(self.content) <= _REPR_CONTENT
+            else (f"{self.content[:_REPR_CONTENT]}…")
+        )
+        return (
+            f"Memory(id={self.id!r}, namespace={self.namespace!r}, content={content!r}"
+            f" ({len(self.content)} chars), tags={self.tags!r}, version={self.version},"
+            f" deleted={self.deleted}, updated_by={self.updated_by!r})"
+        )
+
+
+_REPR_CONTENT = 80
+
 
 _s = slot_setters(Memory, 17)
 

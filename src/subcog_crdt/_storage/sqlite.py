@@ -676,7 +676,8 @@ class SqliteStorage(AsyncClosing):
         if leftovers:
             raise CorruptStorage(
                 f"{self._store_path} is missing or empty while {', '.join(leftovers)} "
-                f"exist in {self.data_dir}; refusing to start empty over existing data",
+                f"{'exist' if len(leftovers) > 1 else 'exists'} in {self.data_dir}; "
+                "refusing to start empty over existing data",
                 path=str(self._store_path),
             )
 
