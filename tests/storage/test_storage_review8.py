@@ -195,7 +195,9 @@ async def test_captures_are_refused_once_the_data_dir_was_removed(tmp_path: Path
         w = await api.register_session("w", subscribe=[NS])
         await w.capture(NS, "before")
         shutil.rmtree(data)
-        # The very first write after the removal is refused, and so is every later one.
+        # The storage thread's next pass notices (flush() waits for one); from then on
+        # every write is refused.
+        await api._storage.flush()
         for text in ("after", "after again"):
             with pytest.raises(StorageError) as refused:
                 await w.capture(NS, text)
