@@ -905,6 +905,7 @@ class NamespaceDoc:
         m.folded = st if len(m.keys) > 1 else None
         mem = st.memory(self.namespace)
         if mem is not None:
+            was_live = m.exists and not m.deleted
             m.exists = True
             m.deleted = mem.deleted
             normh = hash(normalise(mem.content))
@@ -915,7 +916,14 @@ class NamespaceDoc:
                 self._note_moved(normh, mid)
             # Words change with the content, a write's tags, or a write that lands before
             # later ones (a delete there makes a later capture revive with its own tags).
-            if changed or refolded or ("tags" in w.changes and w.op != "delete"):
+            # And with a delete or a revival: a deleted memory's words do not count in
+            # the ranking's statistics (flush_index indexes it with none).
+            if (
+                changed
+                or refolded
+                or ("tags" in w.changes and w.op != "delete")
+                or was_live == mem.deleted
+            ):
                 self._queue_index(m.doc, mem.content, mem.tags)
                 self._changed_docs.add(m.doc)
             self.index.set_live(m.doc, not mem.deleted)
@@ -966,9 +974,12 @@ class NamespaceDoc:
             doc = queue.popleft()
             content, tags = pending.pop(doc)
             m = mems[by_doc[doc]]
-            index.set_live(doc, m.exists and not m.deleted)
-            tokens = tokenize(content)
-            if tags:
+            live = m.exists and not m.deleted
+            index.set_live(doc, live)
+            # Only live memories' words count (N, document frequencies, mean length): a
+            # deleted one has none, so deletions do not sway the ranking.
+            tokens = tokenize(content) if live else []
+            if tags and live:
                 for tag in tags:
                     tokens.extend(tokenize(tag))
             if doc in changed:
