@@ -254,10 +254,10 @@ async def test_a_word_in_typographic_quotes_dashes_or_cjk_punctuation_is_found()
         assert ids(s.recall("“sqlite”", limit=100)) == ids(s.recall("sqlite", limit=100))
 
 
-@pytest.mark.xfail(strict=True, reason="no word segmentation for text written without spaces")
 async def test_a_word_inside_cjk_text_is_found() -> None:
-    """LIMITATION: Chinese and Japanese are written without spaces, so a whole clause is
-    one word: neither the Chinese word for database nor SQLite, inside it, is found."""
+    """Chinese and Japanese are written without spaces: a whole clause was one word, so
+    neither the Chinese word for database nor SQLite, inside it, was found. CJK runs are
+    indexed as character pairs now."""
     async with node() as a:
         s = await a.register_session("s", subscribe=[NS])
         m = await s.capture(NS, "数据库使用SQLite存储")
@@ -306,9 +306,9 @@ async def test_a_very_long_query_ranks_like_its_distinct_words() -> None:
 
 async def test_deleted_memories_do_not_sway_the_ranking() -> None:
     """A tombstone's words leave the index's statistics (N, document frequency, average
-    length): a deletion does not change how the live memories rank. Two live memories, each matching one word of the
-    query and equally rare among live memories, tie (so go by id); after 20 deleted notes
-    used the first one's word, that word counts as common and the other wins."""
+    length). Two live memories, each matching one word of the query and equally rare among
+    live memories, tie (so go by id); 20 deleted notes using the first one's word must not
+    make that word count as common (it did: the other memory won)."""
     async with node() as a:
         s = await a.register_session("s", subscribe=[NS])
         one = await s.capture(NS, "sqlite thing")

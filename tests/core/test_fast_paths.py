@@ -156,21 +156,42 @@ _words = st.text(
         list(
             "aZ_9 \t\n\x0b\x1c.,-'\"!@#$%^&*()[]{}\\/|~`<>?;:+=É ßİ\u2003"
             "\u201c\u201d\u2014\u3001\u3002\uff01\ufb01e\u0301\u00e9\u203f\u00bf"
+            "\u6570\u636e\u3042\ud55c\uff21"
         )
     ),
     max_size=60,
 )
 
 
+def _is_cjk(c: str) -> bool:
+    name = unicodedata.name(c, "")
+    return name.startswith(("CJK", "HIRAGANA", "KATAKANA", "HANGUL SYLLABLE"))
+
+
 def _plain_tokens(text: str) -> list[str]:
     """The definition: NFKC of the case-folded text, split on whitespace, ASCII
-    punctuation and symbols, and Unicode punctuation other than "_"."""
+    punctuation and symbols, and Unicode punctuation other than "_"; then each run of
+    CJK characters in a word is its own part, as overlapping pairs of characters."""
     folded = unicodedata.normalize("NFKC", text.casefold())
     punct = "!\"#$%&'()*+,-./:;<=>?@[\\]^`{|}~"
-    return "".join(
+    words = "".join(
         " " if c in punct or (c != "_" and unicodedata.category(c).startswith("P")) else c
         for c in folded
     ).split()
+    out: list[str] = []
+    for word in words:
+        parts: list[str] = []
+        for c in word:
+            if parts and _is_cjk(c) == _is_cjk(parts[-1][-1]):
+                parts[-1] += c
+            else:
+                parts.append(c)
+        for part in parts:
+            if _is_cjk(part[0]) and len(part) > 1:
+                out.extend(part[i : i + 2] for i in range(len(part) - 1))
+            else:
+                out.append(part)
+    return out
 
 
 @given(_words)

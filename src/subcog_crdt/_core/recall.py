@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import re
 import unicodedata
 from array import array
 from collections import Counter, defaultdict
@@ -54,13 +55,39 @@ class _Separators(dict[int, str]):
 _SEPARATORS = _Separators()
 
 
+# Scripts written without spaces between words (Han, kana; Hangul, whose words carry
+# particles): CJK radicals to CJK ideographs, Hangul syllables, compatibility ideographs,
+# the supplementary ideograph planes.
+_CJK_RUN = re.compile("[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\U00020000-\U0003134f]+")
+
+
 def tokenize(text: str) -> list[str]:
     """Words of ``text``: NFKC-normalised and case folded (so a word typed precomposed
     or decomposed, in fullwidth or with a ligature, is one word), split on whitespace and
-    punctuation (``is_separator``)."""
+    punctuation (``is_separator``). A run of CJK characters becomes its overlapping
+    character pairs (one character alone stays one), and a word is split where such a
+    run starts or ends: the usual way to search text written without spaces, so that
+    "数据库使用SQLite" holds "数据", "据库", "库使", "使用" and "sqlite"."""
     if text.isascii():
         return text.lower().encode().translate(_ASCII_SEPARATORS).decode().split()
-    return unicodedata.normalize("NFKC", text.casefold()).translate(_SEPARATORS).split()
+    folded = unicodedata.normalize("NFKC", text.casefold()).translate(_SEPARATORS)
+    if not _CJK_RUN.search(folded):
+        return folded.split()
+    out: list[str] = []
+    for word in folded.split():
+        pos = 0
+        for run in _CJK_RUN.finditer(word):
+            if run.start() > pos:
+                out.append(word[pos : run.start()])
+            chars = run.group()
+            if len(chars) == 1:
+                out.append(chars)
+            else:
+                out.extend(chars[i : i + 2] for i in range(len(chars) - 1))
+            pos = run.end()
+        if pos < len(word):
+            out.append(word[pos:])
+    return out
 
 
 def _join(tokens: list[str]) -> str:
