@@ -40,6 +40,14 @@ def converged(nodes: list[ConversationsApi], ns: str) -> bool:
     return len({n.state_hash(ns) for n in nodes}) == 1 and nodes[0].state_hash(ns) != "0" * 64
 
 
+def peer_lists_known(nodes: list[ConversationsApi]) -> bool:
+    """Every node knows, for each peer, the peers that one is linked to (frame 5)."""
+    by_id = {x.node_id: x for x in nodes}
+    return all(
+        p.peer_peers == frozenset(by_id[p.node_id]._links) for x in nodes for p in x._links.values()
+    )
+
+
 def drain(stream: Any) -> list[Any]:
     """Everything a stream holds right now (events and Lagged markers), without waiting."""
     out = []
