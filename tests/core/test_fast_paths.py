@@ -156,7 +156,7 @@ _words = st.text(
         list(
             "aZ_9 \t\n\x0b\x1c.,-'\"!@#$%^&*()[]{}\\/|~`<>?;:+=É ßİ\u2003"
             "\u201c\u201d\u2014\u3001\u3002\uff01\ufb01e\u0301\u00e9\u203f\u00bf"
-            "\u6570\u636e\u3042\ud55c\uff21"
+            "\u6570\u636e\u3042\ud55c\uff21\U0001d412\u210d"
         )
     ),
     max_size=60,
@@ -172,7 +172,8 @@ def _plain_tokens(text: str) -> list[str]:
     """The definition: NFKC of the case-folded text, split on whitespace, ASCII
     punctuation and symbols, and Unicode punctuation other than "_"; then each run of
     CJK characters in a word is its own part, as overlapping pairs of characters."""
-    folded = unicodedata.normalize("NFKC", text.casefold())
+    nfkc = unicodedata.normalize
+    folded = nfkc("NFKC", nfkc("NFKC", text).casefold())
     punct = "!\"#$%&'()*+,-./:;<=>?@[\\]^`{|}~"
     words = "".join(
         " " if c in punct or (c != "_" and unicodedata.category(c).startswith("P")) else c

@@ -70,7 +70,10 @@ def tokenize(text: str) -> list[str]:
     "数据库使用SQLite" holds "数据", "据库", "库使", "使用" and "sqlite"."""
     if text.isascii():
         return text.lower().encode().translate(_ASCII_SEPARATORS).decode().split()
-    folded = unicodedata.normalize("NFKC", text.casefold()).translate(_SEPARATORS)
+    # NFKC first too: it turns styled letters (mathematical bold, double-struck) into
+    # capitals that casefold() must still see; then again, as folding can denormalise.
+    nfkc = unicodedata.normalize
+    folded = nfkc("NFKC", nfkc("NFKC", text).casefold()).translate(_SEPARATORS)
     if not _CJK_RUN.search(folded):
         return folded.split()
     out: list[str] = []

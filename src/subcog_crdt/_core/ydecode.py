@@ -204,7 +204,8 @@ class Decoded(NamedTuple):
     """Only root-map single-value insertions and no deletions: such an update has no
     dependencies beyond each client's earlier clocks."""
     blocks: list[tuple[int, int, int]]
-    """``(client, first clock, clock after the last struct)`` per client."""
+    """``(client, first clock, clock after the last struct)`` per run of structs the
+    sender holds (a skip, over clocks it lacks, ends a run)."""
     deletes: bool = False
     """The update carries a delete set (a conforming writer never removes anything)."""
 
@@ -237,8 +238,15 @@ def read_update(update: bytes, root: str) -> Decoded:
             info = buf[pos]
             r.pos = pos + 1
             ref = info & 0x1F
-            if ref == 0 or ref == 10:  # GC or skip
+            if ref == 0:  # GC: structs the sender had (deleted), so a range it holds
                 clock += varuint()
+                simple = False
+                continue
+            if ref == 10:  # skip: clocks the sender lacks, so its range ends here
+                if clock > start:
+                    blocks.append((client, start, clock))
+                clock += varuint()
+                start = clock
                 simple = False
                 continue
             has_origin = info & 0x80
@@ -288,7 +296,8 @@ def read_update(update: bytes, root: str) -> Decoded:
                 # pycrdt may still read it as a value, so the caller must check the map.
                 unknown = True
             clock += skip_content(r, ref)
-        blocks.append((client, start, clock))
+        if clock > start:
+            blocks.append((client, start, clock))
     # the delete set
     n_del = varuint()
     if n_del:

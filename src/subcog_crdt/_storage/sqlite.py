@@ -482,7 +482,14 @@ class SqliteStorage(AsyncClosing):
 
     def _run(self) -> None:
         while True:
-            job = self._jobs.get()
+            try:
+                job = self._jobs.get(timeout=_IDLE_CHECK)
+            except queue.Empty:
+                # Idle: no pass would notice a removed directory before the next write,
+                # which would then be acknowledged into it.
+                if self._state is _State.OPEN:
+                    self._check_log_linked()
+                continue
             if job is None:
                 return
             fn, args, fut = job
@@ -594,6 +601,7 @@ class SqliteStorage(AsyncClosing):
             ):
                 fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
                 held.append(fd)
+                _HELD_LOCKS.add(fd)  # at once: a fork from another thread may come next
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError as exc:
@@ -603,20 +611,29 @@ class SqliteStorage(AsyncClosing):
                             f"storage{_holder(lock_path)}: each node (each agent process) "
                             "needs its own data_dir; they share memories by syncing"
                         ) from None
+                    if path == self.data_dir:
+                        # Some file systems (NFS emulates flock with fcntl locks, which a
+                        # read-only descriptor cannot take) lock files only: the lock
+                        # file's lock is then the lock, as before directories were locked.
+                        log.debug("cannot lock the directory %s: %s", path, exc)
+                        held.pop()
+                        _HELD_LOCKS.discard(fd)
+                        os.close(fd)
+                        continue
                     raise StorageError(f"cannot lock {path}: {exc}") from exc
-            os.ftruncate(held[1], 0)
-            os.pwrite(held[1], f"{os.getpid()}\n".encode(), 0)
+            os.ftruncate(held[-1], 0)
+            os.pwrite(held[-1], f"{os.getpid()}\n".encode(), 0)
         except BaseException:
             for fd in held:
                 os.close(fd)
+                _HELD_LOCKS.discard(fd)
             raise
         self._lock_fds = held
-        _HELD_LOCKS.update(held)
 
     def _unlock_dir(self) -> None:
         for fd in self._lock_fds:
-            _HELD_LOCKS.discard(fd)
             os.close(fd)  # closing the descriptor releases the flock
+            _HELD_LOCKS.discard(fd)  # (after: a fork in between must not keep the lock)
         self._lock_fds = []
 
     def _connect(self) -> None:
@@ -1502,6 +1519,10 @@ class SqliteStorage(AsyncClosing):
                     self._failure = self._map_error(exc)
                     self._wake_backlog(self._failure)
                 raise
+            # A log whose directory is gone synced fine, and is still lost: not durable.
+            self._check_log_linked()
+            if self._failure is not None:
+                raise self._failure
 
     def _close_sync(self) -> None:
         try:
@@ -1724,6 +1745,9 @@ _SUBSCRIPTIONS_TABLE: Final = (
 )
 """Per session, a JSON list of the namespaces it subscribed to (added in format 1 without
 a new version: a store without it gets it at open)."""
+
+_IDLE_CHECK = 1.0
+"""Seconds: how often an idle storage thread checks that its log is still linked."""
 
 _HELD_LOCKS: set[int] = set()
 """Descriptors holding a data directory's lock in this process."""
