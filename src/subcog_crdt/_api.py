@@ -365,11 +365,12 @@ class ConversationsApi:
             self.node_id = stored.node_id
         self._cursor = self._committed_cursor = stored.last_cursor
         self._saved_cursors = dict(stored.cursors)
-        self._saved_subs = {
-            sid: names
-            for sid, names in stored.subscriptions.items()
-            if all(_valid_namespace(n) for n in names)
-        }
+        self._saved_subs = {}
+        for sid, names in stored.subscriptions.items():
+            if all(_valid_namespace(n) for n in names):
+                self._saved_subs[sid] = names
+            else:
+                log.warning("ignoring the stored subscriptions of %r: an invalid name", sid)
         # Loading makes ~10 objects per memory and no reference cycles: pausing the cyclic
         # collector meanwhile saves a third of a 100k-memory restart.
         gc_was_on = gc.isenabled()
@@ -1027,6 +1028,7 @@ class ConversationsApi:
                     await asyncio.shield(waiter)
             if self._link_waiters.get(link) is waiter:
                 del self._link_waiters[link]
+            self._check_open()  # closed meanwhile: the link is gone with the node
 
     def peers(self) -> list[PeerInfo]:
         """Connected peers."""
