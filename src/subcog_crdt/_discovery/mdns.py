@@ -184,6 +184,8 @@ class MdnsDiscovery(AsyncClosing):
                     "id": advert.node_id,
                     "v": str(advert.protocol),
                     "mesh": advert.mesh_tag,
+                    # How to dial it: a TLS node found as ws:// would be unreachable.
+                    "s": "wss" if advert.url.startswith("wss://") else "ws",
                 },
                 server=f"{advert.node_id}.local.",
             )
@@ -326,7 +328,8 @@ class MdnsDiscovery(AsyncClosing):
             ),
             addresses[0],
         )
-        return Found(node_id, f"ws://{address}:{info.port}", protocol, tag)
+        scheme = "wss" if props.get("s") == "wss" else "ws"
+        return Found(node_id, f"{scheme}://{address}:{info.port}", protocol, tag)
 
     @staticmethod
     def _call(cb: Callable[[Found], None] | Callable[[str], None] | None, arg: object) -> None:

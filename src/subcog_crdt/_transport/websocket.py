@@ -606,6 +606,11 @@ def _describe_self(hello: Callable[[], Hello]) -> dict[str, Any]:
         raise _HandshakeFailure(CLOSE_HANDLER_ERROR, "node cannot describe itself") from exc
 
 
+class _SelfClaim(InvalidArgument):
+    """A dial ended as "that is this node". Whoever answers at a URL can say so, proof or
+    not, so a kept peer is given up only if the URL is provably this node's own."""
+
+
 def _client_error(failure: _HandshakeFailure, url: str) -> SubcogError:
     """Map a failed handshake to the most specific public error."""
     who = "peer" if failure.remote else "we"
@@ -613,7 +618,7 @@ def _client_error(failure: _HandshakeFailure, url: str) -> SubcogError:
     if failure.code == CLOSE_AUTH:
         return AuthError(text)
     if failure.code == CLOSE_SELF:
-        return InvalidArgument(f"{url} is this node itself")
+        return _SelfClaim(f"{url} is this node itself ({who} said so)")
     if failure.code in (CLOSE_GOING_AWAY, CLOSE_ABNORMAL, CLOSE_DUPLICATE):
         return PeerUnreachable(text)
     return ProtocolError(text)
@@ -1265,6 +1270,12 @@ class WebSocketTransport:
         if self._secret is None and not is_loopback(request.remote):
             log.warning("refused %s: loopback only without a mesh secret", request.remote)
             raise web.HTTPForbidden(text="loopback only without a mesh secret")
+        if "Origin" in request.headers:
+            # A web page: browsers let any site open WebSockets to 127.0.0.1 (and send
+            # Origin), and without a secret loopback is all a node checks. Nodes never
+            # send it.
+            log.warning("refused %s: a browser page (Origin header)", request.remote)
+            raise web.HTTPForbidden(text="not for browsers")
         if self._unauthenticated >= self._max_handshakes:
             log.warning(
                 "refused %s: %d handshakes in progress", request.remote, self._max_handshakes
@@ -1387,6 +1398,14 @@ class WebSocketTransport:
             raise InvalidArgument(f"peer URL must be ws://host:port or wss://..., not {url!r}")
         if self._secret is None and not is_loopback(parsed.host):
             raise InvalidArgument(f"without a mesh secret only loopback peers, not {url!r}")
+        if (
+            parsed.scheme == "ws"
+            and (self._ssl is not None or self._client_ssl is not None)
+            and not is_loopback(parsed.host)
+        ):
+            # A node set up for TLS never links in the clear off this machine: a spoofed
+            # advert (or a stale URL) must not downgrade it.
+            raise InvalidArgument(f"this node uses TLS: not dialling a plaintext {url!r}")
         if parsed.path in ("", "/"):
             parsed = parsed.with_path(PATH)
         return parsed
@@ -1472,8 +1491,6 @@ class WebSocketTransport:
         second = _unpack(raw_second, "challenge")
         server_id, server_nonce = _node_id(second), _nonce(second)
         server_proof = _field(second, "proof", bytes)
-        if server_id == self.node_id:
-            raise _HandshakeFailure(CLOSE_SELF, "a node cannot link to itself")
         binding = auth.Binding(client_nonce, server_nonce, self.node_id, server_id)
         if not auth.verify_proof(self._secret, "server", server_proof, binding):
             raise _HandshakeFailure(
@@ -1481,6 +1498,9 @@ class WebSocketTransport:
                 "server could not prove the mesh secret (its mesh_secret differs from ours, "
                 "or only one side has one)",
             )
+        # After the proof: naming this node's id proves nothing by itself.
+        if server_id == self.node_id:
+            raise _HandshakeFailure(CLOSE_SELF, "a node cannot link to itself")
         if expected_id is not None and server_id != expected_id:
             raise _HandshakeFailure(
                 CLOSE_AUTH, f"expected node {expected_id!r} there, found {server_id!r}"
@@ -1591,6 +1611,21 @@ class WebSocketTransport:
         if task is not None:
             await asyncio.gather(task, return_exceptions=True)
 
+    def _is_own_url(self, url: str) -> bool:
+        """Whether ``url`` names this node's own listening socket (its port, on its host,
+        or on loopback when it listens there or on every address)."""
+        try:
+            parsed, own = URL(url), URL(self._url)
+        except (TypeError, ValueError):
+            return False
+        if not parsed.host or parsed.port != own.port:
+            return False
+        host = parsed.host.strip("[]")
+        wildcard = self._host in ("", "0.0.0.0", "::")
+        return host == self._host.strip("[]") or (
+            is_loopback(host) and (wildcard or is_loopback(self._host.strip("[]")))
+        )
+
     async def _keep_peer(self, url: str, expected_id: str | None = None) -> None:
         delay = BACKOFF_START
         node_id: str | None = expected_id
@@ -1601,6 +1636,15 @@ class WebSocketTransport:
                     link = await self.connect(url, node_id=expected_id)
                 except ClosedError:
                     return
+                except _SelfClaim as exc:
+                    if self._is_own_url(url):
+                        log.info("not redialling %s: it is this node", url)
+                        return
+                    # Anyone answering there can claim it: keep trying, slowly.
+                    log.warning("peer %s: %s; retry in ~%.1fs", url, exc, delay)
+                    await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                    delay = min(delay * 2, BACKOFF_CAP)
+                    continue
                 except InvalidArgument:
                     log.exception("not redialling %s", url)
                     return
