@@ -191,11 +191,11 @@ def test_mdns_mesh_on_a_lan(netns_lan: NetnsLan, tmp_path: Path) -> None:
     for s in (secret, other_secret):
         assert s.encode() not in wire
         assert s.encode().hex().encode() not in wire
-    # The TXT records carry exactly id, v and mesh.
+    # The TXT records carry exactly id, v, s (the scheme) and mesh.
     keys = txt_keys(payloads)
     assert {f"{p.node_id}.{SERVICE_TYPE}" for p in probes} <= set(keys)
     for name, ks in keys.items():
-        assert ks == {"id", "v", "mesh"}, name
+        assert ks == {"id", "v", "s", "mesh"}, name
 
 
 def test_probe_refuses_the_host_namespace() -> None:

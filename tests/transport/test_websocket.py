@@ -348,7 +348,7 @@ async def test_version_mismatch_raises_protocol_error_on_dialler() -> None:
         await ws.receive()
         await ws.send_bytes(
             msgpack.packb(
-                {"t": "challenge", "v": 2, "node_id": "z", "nonce": b"n" * 32, "proof": b""}
+                {"t": "challenge", "v": 1, "node_id": "z", "nonce": b"n" * 32, "proof": b""}
             )
         )
         await ws.receive()

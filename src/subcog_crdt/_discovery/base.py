@@ -13,8 +13,6 @@ registry directory), ``MdnsDiscovery`` (LAN, mDNS) and
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import ipaddress
 import re
 from collections.abc import Callable
@@ -24,9 +22,9 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from .._errors import ClosedError, InvalidArgument
+from .._transport import auth
 
 __all__ = [
-    "MESH_TAG_CONTEXT",
     "Advert",
     "Discovery",
     "Found",
@@ -36,23 +34,21 @@ __all__ = [
     "mesh_tag",
 ]
 
-MESH_TAG_CONTEXT = b"subcog-crdt mesh tag v1"
-"""The message that ``mesh_tag`` authenticates with the secret."""
-
 _MESH_TAG_RE = re.compile(r"^(?:[0-9a-f]{16})?$")
 
 
 def mesh_tag(secret: bytes | None) -> str:
     """A short public tag naming the mesh of ``secret``; ``""`` when there is no secret.
 
-    One-way: ``HMAC-SHA256(secret, MESH_TAG_CONTEXT).hexdigest()[:16]`` (64 bits). It lets
-    nodes skip peers of another mesh without revealing anything usable to prove the secret.
+    One-way (``auth.mesh_tag``: an HMAC keyed by the scrypt-stretched secret, 64 bits). It
+    lets nodes skip peers of another mesh without revealing anything usable to prove the
+    secret.
     """
     if secret is None:
         return ""
     if not isinstance(secret, bytes | bytearray | memoryview):
         raise InvalidArgument("mesh secret must be bytes")
-    return hmac.new(bytes(secret), MESH_TAG_CONTEXT, hashlib.sha256).hexdigest()[:16]
+    return auth.mesh_tag(bytes(secret))
 
 
 @dataclass(frozen=True)
