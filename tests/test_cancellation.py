@@ -345,7 +345,8 @@ async def test_many_sessions_capturing_one_fact_at_once_make_one_memory(tmp_path
         assert len({m.id for m in mems}) == 1
         assert sorted(m.version for m in mems) == list(range(1, n + 1))
         mem = api.get(mems[0].id)
-        assert mem.captured_by == tuple(f"s{i}" for i in range(n))
+        # (in the order the captures ran: a write may give the loop a turn first)
+        assert sorted(mem.captured_by) == [f"s{i}" for i in range(n)]
         assert mem.version == n
         events = drain(stream)
         assert [type(e) for e in events] == [Captured] * n

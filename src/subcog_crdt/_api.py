@@ -314,6 +314,8 @@ class ConversationsApi:
         self._snapshot_bytes: dict[str, int] = {}
         self._state = _State.NEW
         self._saved_cursors: dict[str, int] = {}
+        self._turn_at = 0.0
+        """When local writes last gave the loop a turn (``_fair_turn``)."""
         self._link_waiters: dict[Link, asyncio.Future[None]] = {}
         """connect() calls waiting for their link to be registered (``_on_link``)."""
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -676,6 +678,7 @@ class ConversationsApi:
     async def _capture(
         self, session: Session, namespace: str, content: str, fields: dict[str, Any]
     ) -> Memory:
+        await self._fair_turn()
         session._check_active()
         doc = self._doc_for_writes(namespace, [(content, fields)])
         mem, events = doc.capture(session.id, content, fields)
@@ -685,6 +688,7 @@ class ConversationsApi:
     async def _capture_many(
         self, session: Session, namespace: str, items: Iterable[str | dict[str, Any]]
     ) -> list[Memory]:
+        await self._fair_turn()
         session._check_active()
         pairs: list[tuple[str, dict[str, Any]]] = []
         for item in _items(items):
@@ -744,6 +748,7 @@ class ConversationsApi:
         fields: dict[str, Any],
         expected_version: int | None,
     ) -> Memory:
+        await self._fair_turn()
         session._check_active()
         _check_version(expected_version)
         doc = self._doc_of(memory_id)
@@ -754,12 +759,24 @@ class ConversationsApi:
     async def _delete(
         self, session: Session, memory_id: str, expected_version: int | None
     ) -> Memory:
+        await self._fair_turn()
         session._check_active()
         _check_version(expected_version)
         doc = self._doc_of(memory_id)
         mem, events = doc.delete(session.id, memory_id, expected_version)
         await self._commit(doc, events)
         return mem
+
+    async def _fair_turn(self) -> None:
+        """Give the event loop a turn if this node's writes have not for ``_TURN_EVERY``
+        seconds. A durable write (``durability="process"``) or an in-memory one never
+        waits: a caller writing in a loop would keep the loop from its links (updates,
+        pings) for as long as it writes, and peers would drop the node as dead. Before the
+        write, so a cancellation here changes nothing."""
+        now = time.monotonic()
+        if now - self._turn_at >= _TURN_EVERY:
+            self._turn_at = now
+            await asyncio.sleep(0)
 
     async def _commit(
         self,
@@ -1296,6 +1313,9 @@ def _check_version(expected: object) -> None:
     if expected is not None and (isinstance(expected, bool) or not isinstance(expected, int)):
         raise InvalidArgument(f"expected_version must be an int or None, not {expected!r}")
 
+
+_TURN_EVERY = 0.005
+"""Seconds of back-to-back local writes after which the next gives the loop a turn."""
 
 _LINK_REGISTERED_WITHIN = 5.0
 """Seconds ``connect()`` waits for its new link to be listed (at once, unless the node is
