@@ -321,6 +321,8 @@ class ConversationsApi:
         self._loop: asyncio.AbstractEventLoop | None = None
         """The loop that opened the node: the only one it may be used from."""
         self._saved_subs: dict[str, frozenset[str]] = {}
+        self._stale_subs: set[str] = set()
+        """Sessions whose stored subscriptions were ignored at open (an invalid name)."""
         """Per session id, the subscriptions storage holds (resumed by a registration
         that names none)."""
         self._transport: Any = None
@@ -373,6 +375,7 @@ class ConversationsApi:
                 self._saved_subs[sid] = names
             else:
                 log.warning("ignoring the stored subscriptions of %r: an invalid name", sid)
+                self._stale_subs.add(sid)  # rewritten at its next registration
         # Loading makes ~10 objects per memory and no reference cycles: pausing the cyclic
         # collector meanwhile saves a third of a 100k-memory restart.
         gc_was_on = gc.isenabled()
@@ -625,7 +628,8 @@ class ConversationsApi:
         return s
 
     async def _save_subscriptions(self, session_id: str, subs: frozenset[str]) -> None:
-        if self._saved_subs.get(session_id, frozenset()) != subs:
+        if self._saved_subs.get(session_id, frozenset()) != subs or session_id in self._stale_subs:
+            self._stale_subs.discard(session_id)
             self._saved_subs[session_id] = subs
             await self._storage.save_subscriptions(session_id, subs)
 
@@ -1032,7 +1036,11 @@ class ConversationsApi:
             raise InvalidArgument(
                 "this node has no network transport (listen=False): it cannot dial peers"
             )
-        link = await self._transport.connect(url)
+        try:
+            link = await self._transport.connect(url)
+        except Exception:
+            self._check_open()  # the node closed under the dial: say that
+            raise
         self._kept_urls.add(url)
         self._transport.add_peer(url)  # keep it: redial after a drop (no-op if kept already)
         # The link's task registers it: wait for that, so peers() lists it on return.

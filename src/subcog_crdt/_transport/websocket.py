@@ -481,6 +481,8 @@ class _HandshakeFailure(Exception):
         self.reason = reason
         self.remote = remote
         self.peer_id: str | None = None
+        self.proven_self = False
+        """A 4011 this node's own server gave its own dial (not merely claimed)."""
 
     def __str__(self) -> str:
         return f"{self.code} ({CLOSE_CODES.get(self.code, 'closed')}): {self.reason}"
@@ -607,8 +609,12 @@ def _describe_self(hello: Callable[[], Hello]) -> dict[str, Any]:
 
 
 class _SelfClaim(InvalidArgument):
-    """A dial ended as "that is this node". Whoever answers at a URL can say so, proof or
-    not, so a kept peer is given up only if the URL is provably this node's own."""
+    """A dial ended as "that is this node". Whoever answers at a URL can say so, so a kept
+    peer is given up only when it is ``proven``: this node's own server saw the dial."""
+
+    def __init__(self, message: str, *, proven: bool) -> None:
+        super().__init__(message)
+        self.proven = proven
 
 
 def _client_error(failure: _HandshakeFailure, url: str) -> SubcogError:
@@ -618,7 +624,7 @@ def _client_error(failure: _HandshakeFailure, url: str) -> SubcogError:
     if failure.code == CLOSE_AUTH:
         return AuthError(text)
     if failure.code == CLOSE_SELF:
-        return _SelfClaim(f"{url} is this node itself ({who} said so)")
+        return _SelfClaim(f"{url} is this node itself ({who} said so)", proven=failure.proven_self)
     if failure.code in (CLOSE_GOING_AWAY, CLOSE_ABNORMAL, CLOSE_DUPLICATE):
         return PeerUnreachable(text)
     return ProtocolError(text)
@@ -1038,6 +1044,10 @@ class WebSocketTransport:
         self._url = ""
         self._links: dict[str, WebSocketLink] = {}
         self._dialling: dict[str, int] = {}
+        self._dial_nonces: set[bytes] = set()
+        """Client nonces of this node's dials in progress."""
+        self._self_dials: set[bytes] = set()
+        """Those of them this node's server received: dials that reached this node."""
         self._links_changed = asyncio.Event()
         self._handshaking: set[_ServerWs] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -1343,6 +1353,8 @@ class WebSocketTransport:
         first = _unpack(raw_first, "hello")
         client_id, client_nonce = _node_id(first), _nonce(first)
         if client_id == self.node_id:
+            if client_nonce in self._dial_nonces:
+                self._self_dials.add(client_nonce)  # our own dial: proven (see connect)
             raise _HandshakeFailure(CLOSE_SELF, "a node cannot link to itself")
         server_nonce = auth.make_nonce()
         binding = auth.Binding(client_nonce, server_nonce, client_id, self.node_id)
@@ -1442,7 +1454,13 @@ class WebSocketTransport:
         except aiohttp.ClientConnectorCertificateError as exc:
             raise AuthError(f"{url}: TLS certificate rejected: {exc}") from exc
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            self._check_open()  # closed under the dial: that, not the peer, ended it
             raise PeerUnreachable(f"cannot reach {url}: {exc or type(exc).__name__}") from exc
+        except Exception as exc:
+            # aiohttp asserts when its session closes under a dial in the upgrade
+            if self._state is not _State.OPEN:
+                raise ClosedError("transport closed while dialling") from exc
+            raise
         assert isinstance(ws, _ClientWs)
         peer_id: str | None = None
         try:
@@ -1465,6 +1483,7 @@ class WebSocketTransport:
                 if existing is not None:
                     return existing
             log.info("dialling %s failed: %s", url, failure)
+            self._check_open()  # closed under the dial: that, not the peer, ended it
             raise _client_error(failure, url) from None
         except BaseException:
             await ws.close(code=CLOSE_GOING_AWAY, message=b"dial abandoned")
@@ -1482,9 +1501,24 @@ class WebSocketTransport:
     async def _client_handshake(
         self, ws: _ClientWs, expected_id: str | None
     ) -> tuple[WebSocketLink | None, str]:
+        client_nonce = auth.make_nonce()
+        # Our own server marks a hello carrying one of these nonces (``_self_dials``):
+        # then, and only then, a close with 4011 proves we dialled ourselves.
+        self._dial_nonces.add(client_nonce)
+        try:
+            return await self._client_handshake_with(ws, expected_id, client_nonce)
+        except _HandshakeFailure as failure:
+            failure.proven_self = failure.code == CLOSE_SELF and client_nonce in self._self_dials
+            raise
+        finally:
+            self._dial_nonces.discard(client_nonce)
+            self._self_dials.discard(client_nonce)
+
+    async def _client_handshake_with(
+        self, ws: _ClientWs, expected_id: str | None, client_nonce: bytes
+    ) -> tuple[WebSocketLink | None, str]:
         guard = ws._guard
         assert guard is not None
-        client_nonce = auth.make_nonce()
         first = _pack("hello", node_id=self.node_id, nonce=client_nonce)
         await ws.send_bytes(first)
         raw_second = await _recv_handshake(ws)
@@ -1611,21 +1645,6 @@ class WebSocketTransport:
         if task is not None:
             await asyncio.gather(task, return_exceptions=True)
 
-    def _is_own_url(self, url: str) -> bool:
-        """Whether ``url`` names this node's own listening socket (its port, on its host,
-        or on loopback when it listens there or on every address)."""
-        try:
-            parsed, own = URL(url), URL(self._url)
-        except (TypeError, ValueError):
-            return False
-        if not parsed.host or parsed.port != own.port:
-            return False
-        host = parsed.host.strip("[]")
-        wildcard = self._host in ("", "0.0.0.0", "::")
-        return host == self._host.strip("[]") or (
-            is_loopback(host) and (wildcard or is_loopback(self._host.strip("[]")))
-        )
-
     async def _keep_peer(self, url: str, expected_id: str | None = None) -> None:
         delay = BACKOFF_START
         node_id: str | None = expected_id
@@ -1637,7 +1656,7 @@ class WebSocketTransport:
                 except ClosedError:
                     return
                 except _SelfClaim as exc:
-                    if self._is_own_url(url):
+                    if exc.proven:
                         log.info("not redialling %s: it is this node", url)
                         return
                     # Anyone answering there can claim it: keep trying, slowly.
