@@ -315,6 +315,8 @@ class ConversationsApi:
         self._state = _State.NEW
         self._saved_cursors: dict[str, int] = {}
         self._turn_at = 0.0
+        self._last_write = 0.0
+        """When a local write last began (the background indexer waits for a pause)."""
         """When local writes last gave the loop a turn (``_fair_turn``)."""
         self._link_waiters: dict[Link, asyncio.Future[None]] = {}
         """connect() calls waiting for their link to be registered (``_on_link``)."""
@@ -469,6 +471,10 @@ class ConversationsApi:
             due, self._index_due = self._index_due, {}
             for doc in due:
                 while doc.background_work:
+                    # Not while local writes keep coming: the turns they give the loop
+                    # are for links and pings, and recall finishes the rest anyway.
+                    while time.monotonic() - self._last_write < _INDEX_AFTER_WRITES:
+                        await asyncio.sleep(_INDEX_AFTER_WRITES)
                     doc.resolve_some(128)
                     doc.flush_index(128)
                     done += 128
@@ -777,7 +783,7 @@ class ConversationsApi:
         waits: a caller writing in a loop would keep the loop from its links (updates,
         pings) for as long as it writes, and peers would drop the node as dead. Before the
         write, so a cancellation here changes nothing."""
-        now = time.monotonic()
+        now = self._last_write = time.monotonic()
         if now - self._turn_at >= _TURN_EVERY:
             self._turn_at = now
             await asyncio.sleep(0)
@@ -1324,6 +1330,9 @@ def _check_version(expected: object) -> None:
 
 _TURN_EVERY = 0.005
 """Seconds of back-to-back local writes after which the next gives the loop a turn."""
+
+_INDEX_AFTER_WRITES = 0.002
+"""Seconds without a local write before the background indexer takes a slice."""
 
 _LINK_REGISTERED_WITHIN = 5.0
 """Seconds ``connect()`` waits for its new link to be listed (at once, unless the node is
