@@ -6,6 +6,7 @@ aiohttp or zeroconf.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import replace
 from functools import partial
@@ -78,7 +79,14 @@ async def _start_discovery(api: ConversationsApi, transport: WebSocketTransport)
     def release(url: str) -> None:
         """Stop redialling ``url`` unless a mechanism still reports it or the user asked to
         keep it (``peers=``, ``connect``)."""
-        if url in reported.values() or url in api._kept_urls:
+        if url in api._kept_urls:
+            return
+        still = [node for (_, node), u in reported.items() if u == url]
+        if still:
+            # Reported for another node (the one lost was a second id at this url): its
+            # loop must expect that one, not the node just lost.
+            with contextlib.suppress(Exception):
+                transport.add_peer(url, node_id=still[0])
             return
         # The loop stops now (a found at this url right after starts a new one); only the
         # wait for its end runs later.

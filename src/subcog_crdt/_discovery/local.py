@@ -179,6 +179,10 @@ def _make_private(path: Path) -> None:
         os.chmod(path, 0o700)
 
 
+_ANNOUNCED: set[tuple[Path, str]] = set()
+"""(registry, node id) of the nodes this process announces."""
+
+
 class LocalDiscovery(AsyncClosing):
     """Discovery of the nodes on this machine through a shared registry directory.
 
@@ -205,6 +209,8 @@ class LocalDiscovery(AsyncClosing):
         self._own_ino: int | None = None
         self._own_payload = b""
         self._removed = False
+        self._announced: tuple[Path, str] | None = None
+        """Its key in ``_ANNOUNCED`` while it announces itself."""
         self._io_lock = threading.Lock()  # a cancelled scan may still run in its thread
         self._task: asyncio.Task[None] | None = None
         self._undo: asyncio.Future[None] | None = None  # clean-up after a failed start()
@@ -297,20 +303,34 @@ class LocalDiscovery(AsyncClosing):
         assert self._own_path is not None
         try:
             _ensure_private_dir(self._directory)
+            key = (self._directory, self._own_path.stem)
             other = self._read_other_owner()
             if other is not None:
                 raise InvalidArgument(
                     f"node id {self._own_path.stem!r} is already announced by pid {other}"
                 )
             with self._io_lock:  # an aclose() meanwhile removed it first: do not write
+                if key in _ANNOUNCED:
+                    # (Another node of this process: a copied data_dir, say. The pid
+                    # check above cannot tell it from ourselves.)
+                    raise InvalidArgument(
+                        f"node id {key[1]!r} is already announced by this process"
+                    )
                 if not self._removed:
                     self._write_own()
+                    _ANNOUNCED.add(key)
+                    self._announced = key
         except OSError as exc:
             raise StorageError(f"discovery registry {self._directory}: {exc}") from exc
 
     def _read_other_owner(self) -> int | None:
         """The pid of another live process that announces our node id, if any."""
         assert self._own_path is not None
+        try:
+            if self._own_path.lstat().st_uid != os.geteuid():
+                return None  # planted by another user: not read, as the scan reads none
+        except FileNotFoundError:
+            return None
         raw = _read_regular(self._own_path)
         entry = None if raw is None else _parse_entry(self._own_path.stem, raw)
         if entry is None or entry.pid == os.getpid() or not _pid_alive(entry.pid, entry.started):
@@ -335,6 +355,9 @@ class LocalDiscovery(AsyncClosing):
     def _remove_own(self) -> None:
         with self._io_lock:
             self._removed = True
+            if self._announced is not None:
+                _ANNOUNCED.discard(self._announced)
+                self._announced = None
             if self._own_path is None:
                 return
             try:
@@ -357,6 +380,14 @@ class LocalDiscovery(AsyncClosing):
         own_seen = False
         live: dict[str, _Entry] = {}
         names: set[str] = set()
+        with contextlib.suppress(FileNotFoundError):
+            st = os.lstat(self._directory)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                # Replaced under us (a symlink, another user's directory): write nothing
+                # there, read nothing from it.
+                raise StorageError(
+                    f"discovery registry {self._directory} is no longer our directory"
+                )
         try:
             it = os.scandir(self._directory)
         except FileNotFoundError:  # someone removed the registry: build it again
