@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -302,6 +303,14 @@ def procs() -> Iterator[list[Agent]]:
     stop_all(started)  # quit, else SIGKILL of the process group; by pid
 
 
+def _has_live(p: Agent, sid: str, count: int) -> bool:
+    return len(live(p, sid)) >= count
+
+
+def _raced(tag: str, msg: dict[str, Any]) -> bool:
+    return bool(msg.get("raced") == tag)
+
+
 def launch(procs: list[Agent], m: Member, registry: Path, log: Path, spec: Spec) -> Agent:
     """Start a lifetime of ``m`` (its stderr to ``log``) and record it for the
     fixture's cleanup."""
@@ -474,9 +483,7 @@ def test_five_agents_capture_at_once_and_every_session_gets_each_write_once(
         for sid, subs in m.spec:
             want = expected_for(writes, sid, p.node_id, subs or [])
             p.wait_until(
-                lambda p=p, sid=sid, want=want: len(live(p, sid)) >= sum(want.values()),
-                CONVERGE,
-                f"{sid}'s live events",
+                partial(_has_live, p, sid, sum(want.values())), CONVERGE, f"{sid}'s live events"
             )
             assert Counter(live(p, sid)) == want, f"{sid}@{m.name}: live events"
             got = sync(p, sid)
@@ -725,7 +732,7 @@ def test_five_agents_update_one_memory_with_expected_version(
     for i, m in enumerate(members):
         m.alive.send(cmd="race", tag=f"r{i}", sid=m.spec[0][0], id=mid, n=n)
     outs = {
-        m.name: m.alive.expect(lambda x, i=i: x.get("raced") == f"r{i}", CONVERGE, "race")["out"]
+        m.name: m.alive.expect(partial(_raced, f"r{i}"), CONVERGE, "race")["out"]
         for i, m in enumerate(members)
     }
     wait_converged(members)

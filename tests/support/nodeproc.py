@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 NODERUN = Path(__file__).resolve().parent / "noderun.py"
 
@@ -42,7 +42,7 @@ class NodeProc:
         name: str = "node",
         env: dict[str, str] | None = None,
         stderr: Any = None,
-    ) -> NodeProc:
+    ) -> Self:
         """Start a node; ``stderr``: where its log goes (inherited by default)."""
         proc = subprocess.Popen(
             cls.argv(*args),
