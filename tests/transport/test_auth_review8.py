@@ -34,15 +34,15 @@ from subcog_crdt._discovery import mdns
 from subcog_crdt._discovery.base import Advert, mesh_tag
 from subcog_crdt._errors import AuthError, SubcogError
 from subcog_crdt._transport import auth
-from subcog_crdt._transport.base import PROTOCOL_VERSION, Hello, Link
+from subcog_crdt._transport.base import PROTOCOL_VERSION
 from subcog_crdt._transport.websocket import (
     CLOSE_AUTH,
     CLOSE_MAC,
     CLOSE_SELF,
     PATH,
     WebSocketLink,
-    WebSocketTransport,
 )
+from support.linkrec import Recorder, make
 
 DEADLINE = 10.0
 SECRET = b"a mesh secret the attacker does not know"
@@ -51,36 +51,6 @@ NAMESPACE = "acquisitions"
 SESSION = "victim-session-42"
 USER = "victim-user"
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-
-class Recorder:
-    """A link handler that records each link and every frame it receives."""
-
-    def __init__(self) -> None:
-        self.links: asyncio.Queue[WebSocketLink] = asyncio.Queue()
-        self.frames: list[bytes] = []
-        self.calls = 0
-
-    async def __call__(self, link: Link) -> None:
-        assert isinstance(link, WebSocketLink)
-        self.calls += 1
-        await self.links.put(link)
-        async for frame in link:
-            self.frames.append(frame)
-
-    async def next_link(self) -> WebSocketLink:
-        async with asyncio.timeout(DEADLINE):
-            return await self.links.get()
-
-
-def make(node_id: str, rec: Recorder, **kw: Any) -> WebSocketTransport:
-    kw.setdefault("host", "127.0.0.1")
-    return WebSocketTransport(
-        node_id=node_id,
-        hello=lambda: Hello(node_id=node_id, url=None, user_id="u-" + node_id),
-        on_link=rec,
-        **kw,
-    )
 
 
 def pack(kind: str, **fields: Any) -> bytes:

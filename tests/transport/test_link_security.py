@@ -39,38 +39,11 @@ from subcog_crdt._transport.websocket import (
     WebSocketTransport,
     _HandshakeGuard,
 )
+from support.linkrec import Recorder, make
 
 DEADLINE = 10.0
 SECRET = b"mesh secret the relay does not know"
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-
-class Recorder:
-    """A link handler that records each link and every frame it receives."""
-
-    def __init__(self) -> None:
-        self.links: asyncio.Queue[WebSocketLink] = asyncio.Queue()
-        self.frames: list[bytes] = []
-
-    async def __call__(self, link: Link) -> None:
-        assert isinstance(link, WebSocketLink)
-        await self.links.put(link)
-        async for frame in link:
-            self.frames.append(frame)
-
-    async def next_link(self) -> WebSocketLink:
-        async with asyncio.timeout(DEADLINE):
-            return await self.links.get()
-
-
-def make(node_id: str, rec: Recorder, **kw: Any) -> WebSocketTransport:
-    kw.setdefault("host", "127.0.0.1")
-    return WebSocketTransport(
-        node_id=node_id,
-        hello=lambda: Hello(node_id=node_id, url=None, user_id="u-" + node_id),
-        on_link=rec,
-        **kw,
-    )
 
 
 async def ended(link: WebSocketLink) -> int | None:
