@@ -315,18 +315,18 @@ class ConversationsApi:
         self._state = _State.NEW
         self._saved_cursors: dict[str, int] = {}
         self._turn_at = 0.0
+        """When local writes last gave the loop a turn (``_fair_turn``)."""
         self._last_write = 0.0
         """When a local write last began (the background indexer waits for a pause)."""
-        """When local writes last gave the loop a turn (``_fair_turn``)."""
         self._link_waiters: dict[Link, asyncio.Future[None]] = {}
         """connect() calls waiting for their link to be registered (``_on_link``)."""
         self._loop: asyncio.AbstractEventLoop | None = None
         """The loop that opened the node: the only one it may be used from."""
         self._saved_subs: dict[str, frozenset[str]] = {}
-        self._stale_subs: set[str] = set()
-        """Sessions whose stored subscriptions were ignored at open (an invalid name)."""
         """Per session id, the subscriptions storage holds (resumed by a registration
         that names none)."""
+        self._stale_subs: set[str] = set()
+        """Sessions whose stored subscriptions were ignored at open (an invalid name)."""
         self._transport: Any = None
         self._discovery: list[Any] = []
         self._relays: list[Any] = []
