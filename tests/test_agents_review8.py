@@ -90,6 +90,7 @@ async def _child(argv: list[str]) -> None:
                         "src": ev.source_session,
                         "node": ev.node_id,
                         "win": ev.winner.key if isinstance(ev, Conflict) else "",
+                        "c": ev.cursor,
                     }
                 )
 
@@ -189,6 +190,7 @@ async def _child(argv: list[str]) -> None:
             elif kind == "sync":
                 sid = cmd["sid"]
                 got: list[list[str]] = []
+                cursors: list[int] = []
                 complete = True
                 while True:
                     batch = await sessions[sid].sync(since="last", limit=50)
@@ -204,9 +206,10 @@ async def _child(argv: list[str]) -> None:
                         ]
                         for e in batch.events
                     ]
+                    cursors += [e.cursor for e in batch.events]
                     if not batch.more:
                         break
-                _emit({"synced": sid, "events": got, "complete": complete})
+                _emit({"synced": sid, "events": got, "cursors": cursors, "complete": complete})
             elif kind == "view":
                 remote = [
                     [s.id, s.node_id, list(s.subscriptions)]
@@ -329,10 +332,15 @@ def view(p: Agent, ns: tuple[str, ...] = ()) -> dict[str, Any]:
     return p.ask("view", START, cmd="view", ns=list(ns))
 
 
-def sync(p: Agent, sid: str) -> list[tuple[str, ...]]:
+def sync_cursors(p: Agent, sid: str) -> list[tuple[tuple[str, ...], int]]:
+    """``sync(since="last")`` to the end: each event with its cursor on ``p``."""
     reply = p.ask("synced", START, cmd="sync", sid=sid)
     assert reply["synced"] == sid and reply["complete"], reply
-    return [tuple(e) for e in reply["events"]]
+    return [(tuple(e), c) for e, c in zip(reply["events"], reply["cursors"], strict=True)]
+
+
+def sync(p: Agent, sid: str) -> list[tuple[str, ...]]:
+    return [e for e, _ in sync_cursors(p, sid)]
 
 
 def dump(p: Agent, ns: str) -> dict[str, Any]:
@@ -397,6 +405,15 @@ def expected_for(
         for key, (ns, session, wnode, op) in writes.items()
         if ns in subs and not (session == sid and wnode == node)
     )
+
+
+def live_cursors(p: Agent, sid: str) -> dict[tuple[str, ...], int]:
+    """The cursor of each live event session ``sid`` printed."""
+    return {
+        (m["k"], m["w"], m["src"], m["node"], m["ns"], m["win"]): m["c"]
+        for m in p.lines
+        if m.get("ev") == sid
+    }
 
 
 def live(p: Agent, sid: str, start: int = 0) -> list[tuple[str, ...]]:
@@ -533,8 +550,9 @@ def test_an_agent_killed_mid_burst_keeps_its_acks_and_resumes_its_sessions(
     data dir (sessions registered again without ``subscribe=``), it holds every capture
     it acknowledged, catches up what the others wrote meanwhile, its sessions resume
     their subscriptions (on the others too) and ``sync(since="last")`` returns exactly
-    the events they had not synced, each once; every other session's live events and
-    syncs still hold each write exactly once."""
+    the events they had not synced, each once; their new streams hold each event that
+    arrived once they opened, once; every other session's live events and syncs still
+    hold each write exactly once."""
     members, registry = start_five(procs, tmp_path)
     victim, others = members[4], members[:4]
     for i, m in enumerate(members):
@@ -546,7 +564,7 @@ def test_an_agent_killed_mid_burst_keeps_its_acks_and_resumes_its_sessions(
 
     # The burst (bounded: the kill comes long before its end) and the others' writes.
     v = victim.alive
-    old_id, old_lines = v.node_id, v
+    old_id = v.node_id
     n_burst = 5000
     mark = len(v.lines)
     v.send(cmd="burst", tag="burst", pairs=[["agent", "alpha"], ["p4-b", "beta"]], n=n_burst)
@@ -581,6 +599,11 @@ def test_an_agent_killed_mid_burst_keeps_its_acks_and_resumes_its_sessions(
         listed = {(s, n): subs for s, n, subs in view(m.alive)["sessions"]}
         for sid, subs in victim.spec:
             assert listed[(sid, old_id)] == sorted(subs or []), f"{m.name} lists {sid}"
+    # Written once the restarted node printed "ready" (its streams open): these must
+    # reach its streams.
+    p0 = others[0].alive
+    write(p0, "post", [("p0-a", ns, f"post in {ns}") for ns in NAMESPACES])
+    wait_done(p0, "post")
     wait_converged(members)
     assert missing(v2, kept) == [], "acknowledged captures lost by the kill"
     for m in others:
@@ -589,7 +612,9 @@ def test_an_agent_killed_mid_burst_keeps_its_acks_and_resumes_its_sessions(
     writes = all_writes(v2)
     for m in others:
         assert all_writes(m.alive) == writes, f"{m.name}'s history differs"
-    after = sync_everyone(members)
+    after = sync_everyone(others)
+    after_v2 = {sid: dict(sync_cursors(v2, sid)) for sid, _ in victim.spec}
+    after |= {(victim.name, sid): list(evs) for sid, evs in after_v2.items()}
     for m in members:
         for sid, subs in m.spec:
             want = expected_for(writes, sid, m.alive.node_id, subs or [])
@@ -598,14 +623,25 @@ def test_an_agent_killed_mid_burst_keeps_its_acks_and_resumes_its_sessions(
             assert not set(synced[(m.name, sid)]) & set(after[(m.name, sid)])
             if m is not victim:
                 assert Counter(live(m.alive, sid)) == want, f"{sid}@{m.name}: live events"
-    # The restarted sessions' live streams got what arrived after the restart: part of
-    # what they synced, and with what streamed before the kill, all of it.
+    # The restarted sessions' streams opened after the node did: what its peers sent
+    # while it started (the catch-up can come before register_session/events()) is in
+    # sync only (docs/index.md: events() streams "from now on"). From their first event
+    # on, they streamed every event they synced (the node publishes in cursor order), each
+    # once, under the cursor sync gives it, and the writes made after "ready" among them.
+    post_ids = set(acked(p0, "post"))
+    post_keys = {w[0] for ns in NAMESPACES for w in dump(v2, ns)["writes"] if w[1] in post_ids}
+    assert len(post_keys) == len(NAMESPACES), post_keys
     for sid, _ in victim.spec:
-        streamed_after = set(live(v2, sid))
-        streamed_before = set(live(old_lines, sid))
-        assert streamed_after <= set(after[(victim.name, sid)]), sid
-        assert set(after[(victim.name, sid)]) <= streamed_before | streamed_after, sid
-        assert max(Counter(live(v2, sid)).values(), default=1) == 1, sid
+        cursors = after_v2[sid]
+        streamed = live_cursors(v2, sid)
+        assert max(Counter(live(v2, sid)).values(), default=1) == 1, f"{sid}: streamed twice"
+        assert set(streamed) <= set(cursors), f"{sid}: streamed, not in sync"
+        assert all(streamed[e] == cursors[e] for e in streamed), f"{sid}: cursors differ"
+        posted = {e for e in cursors if e[1] in post_keys}
+        assert posted and posted <= set(streamed), f"{sid}: writes made after ready"
+        first = min(streamed.values())
+        late = {e for e, c in cursors.items() if c >= first}
+        assert late <= set(streamed), f"{sid}: not streamed since its stream opened"
 
 
 def test_an_agent_capturing_in_a_loop_still_hears_its_peers(
