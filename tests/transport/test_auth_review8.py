@@ -43,6 +43,7 @@ from subcog_crdt._transport.websocket import (
     WebSocketLink,
 )
 from support.linkrec import Recorder, make
+from support.wsframes import read_frame
 
 DEADLINE = 10.0
 SECRET = b"a mesh secret the attacker does not know"
@@ -94,25 +95,6 @@ def leaked(data: bytes) -> list[str]:
 
 
 # --------------------------------------------------------------------------- raw frames
-
-
-async def read_frame(reader: asyncio.StreamReader) -> tuple[bytes, int, bytes]:
-    """One WebSocket frame: (raw bytes, opcode, unmasked payload)."""
-    head = await reader.readexactly(2)
-    size = head[1] & 0x7F
-    ext = b""
-    if size == 126:
-        ext = await reader.readexactly(2)
-        size = int.from_bytes(ext)
-    elif size == 127:
-        ext = await reader.readexactly(8)
-        size = int.from_bytes(ext)
-    mask = await reader.readexactly(4) if head[1] & 0x80 else b""
-    payload = await reader.readexactly(size)
-    raw = head + ext + mask + payload
-    if mask:
-        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return raw, head[0] & 0x0F, payload
 
 
 def frame(payload: bytes, *, masked: bool, opcode: int = 0x2) -> bytes:
@@ -174,7 +156,7 @@ class FrameRelay:
     ) -> None:
         n = 0
         while True:
-            raw, opcode, payload = await read_frame(cr)
+            raw, opcode, _fin, payload = await read_frame(cr)
             out = [raw]
             if opcode in (0x0, 0x1, 0x2):
                 n += 1
@@ -192,7 +174,7 @@ class FrameRelay:
     ) -> None:
         n = 0
         while True:
-            raw, opcode, payload = await read_frame(sr)
+            raw, opcode, _fin, payload = await read_frame(sr)
             cw.write(raw)
             await cw.drain()
             if opcode in (0x0, 0x1, 0x2):
@@ -460,7 +442,7 @@ async def test_nothing_private_reaches_an_unauthenticated_client(
             received += await reader.readuntil(b"\r\n\r\n")
             nonce = auth.make_nonce()
             writer.write(frame(pack("hello", node_id="eve", nonce=nonce), masked=True))
-            raw, _op, payload = await read_frame(reader)
+            raw, _op, _fin, payload = await read_frame(reader)
             received += raw
             challenge = msgpack.unpackb(payload)
             binding = auth.Binding(nonce, challenge["nonce"], "eve", challenge["node_id"])
@@ -470,7 +452,7 @@ async def test_nothing_private_reaches_an_unauthenticated_client(
             async with asyncio.timeout(DEADLINE):
                 while True:
                     try:
-                        raw, opcode, payload = await read_frame(reader)
+                        raw, opcode, _fin, payload = await read_frame(reader)
                     except (asyncio.IncompleteReadError, ConnectionError):
                         break
                     received += raw
@@ -500,14 +482,14 @@ async def test_nothing_private_reaches_a_server_that_cannot_prove_the_secret(
             request = await reader.readuntil(b"\r\n\r\n")
             sent.extend(request)
             writer.write(upgrade_response(request))
-            _raw, _op, payload = await read_frame(reader)
+            _raw, _op, _fin, payload = await read_frame(reader)
             sent.extend(payload)
             hello = msgpack.unpackb(payload)
             challenge = pack("challenge", node_id="impostor", nonce=auth.make_nonce(), proof=b"")
             writer.write(frame(challenge, masked=False))
             assert hello["t"] == "hello"
             while True:
-                _raw, opcode, payload = await read_frame(reader)
+                _raw, opcode, _fin, payload = await read_frame(reader)
                 sent.extend(payload)
                 if opcode == 0x8:
                     break
