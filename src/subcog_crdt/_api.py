@@ -1050,23 +1050,82 @@ class ConversationsApi:
         self._kept_urls.add(url)
         self._transport.add_peer(url)  # keep it: redial after a drop (no-op if kept already)
         # The link's task registers it: wait for that, so peers() lists it on return.
+        await self._registered(link)
+        self._check_open()  # closed meanwhile: the link is gone with the node
+
+    async def _registered(self, link: Link) -> None:
+        """Wait until the protocol runs on ``link`` (``peers()`` lists it), or it closed."""
         peer = self._links.get(link.peer.node_id)
         if (peer is None or peer.link is not link) and not link.closed:
             waiter = self._link_waiters.setdefault(link, asyncio.get_running_loop().create_future())
             # Bounded: a link the transport drops before its task runs is never registered.
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_LINK_REGISTERED_WITHIN):
+                        await asyncio.shield(waiter)
+            finally:
+                if self._link_waiters.get(link) is waiter:
+                    del self._link_waiters[link]
+
+    async def settle(self, timeout: float = 5.0) -> list[PeerInfo]:
+        """Wait until this node and its peers have caught up with each other.
+
+        Returns once (1) every peer this node keeps a link to (``peers=``, ``connect``,
+        discovery) has been dialled at least once, (2) each linked peer has sent what this
+        node missed (every namespace both sync, those this node did not hold yet
+        included) and (3) each has applied and stored (as durably as its own writes)
+        everything this node sent before the call, its writes included. Returns the peers
+        that confirmed within ``timeout`` seconds; a peer that is unreachable or slower is
+        left out, not an error. For short-lived processes (a CLI call) that must see the
+        mesh's memories, or must know a write reached a peer, before they exit."""
+        self._check_open()
+        if (
+            not isinstance(timeout, int | float)
+            or isinstance(timeout, bool)
+            or not timeout > 0
+            or timeout == float("inf")
+        ):
+            raise InvalidArgument(f"timeout must be a positive number of seconds, not {timeout!r}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        transport = self._transport
+        if transport is not None:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(_LINK_REGISTERED_WITHIN):
-                    await asyncio.shield(waiter)
-            if self._link_waiters.get(link) is waiter:
-                del self._link_waiters[link]
-            self._check_open()  # closed meanwhile: the link is gone with the node
+                async with asyncio.timeout_at(deadline):
+                    for mech in list(self._discovery):
+                        await mech.wait_scanned()
+                    await transport.first_dials()
+                    for link in list(transport.links.values()):
+                        await self._registered(link)
+        self._check_open()
+        confirmed = list(self._links.values())
+        # Two round trips: the first brings what the peer had and this node asked for,
+        # and tells this node which namespaces it does not hold yet; the second brings
+        # those (and what the peer asked this node for, stored there).
+        for _ in range(2):
+            if not confirmed:
+                break
+            tasks = [loop.create_task(p.barrier()) for p in confirmed]
+            try:
+                await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
+            finally:
+                for t in tasks:
+                    t.cancel()
+            confirmed = [
+                p
+                for p, t in zip(confirmed, tasks, strict=True)
+                if t.done() and not t.cancelled() and t.result()
+            ]
+        self._check_open()
+        return [self._peer_info(p) for p in confirmed if self._links.get(p.node_id) is p]
 
     def peers(self) -> list[PeerInfo]:
         """Connected peers."""
-        return [
-            PeerInfo(p.node_id, p.url, p.link.peer.user_id, tuple(sorted(p.shared)))
-            for p in self._links.values()
-        ]
+        return [self._peer_info(p) for p in self._links.values()]
+
+    @staticmethod
+    def _peer_info(p: PeerSync) -> PeerInfo:
+        return PeerInfo(p.node_id, p.url, p.link.peer.user_id, tuple(sorted(p.shared)))
 
     # -- reading -----------------------------------------------------------------------
 

@@ -12,6 +12,8 @@ send is in flight, queued frames go out together in the next message). Frame typ
 ``[5, peers]``                                  the node ids this node is linked to
 ``[6, ns]``                                     a namespace now exists here
 ``[7, ns]``                                     send me your state vector (resync)
+``[8, token]``                                  barrier: answer once everything before it is handled
+``[9, token]``                                  the barrier's answer
 
 Live updates are never echoed to the link they came from, and forwarded to a linked peer
 only when that peer is not itself linked to the update's origin; anti-entropy (step 1/2 on
@@ -71,7 +73,19 @@ __all__ = ["F_UPDATE", "YIELD_TO_LOCAL_PEERS", "PeerSync", "is_live_update"]
 
 log = logging.getLogger(__name__)
 
-F_HELLO, F_SV, F_DIFF, F_UPDATE, F_SESSIONS, F_PEERS, F_NAMESPACE, F_RESYNC = range(8)
+(
+    F_HELLO,
+    F_SV,
+    F_DIFF,
+    F_UPDATE,
+    F_SESSIONS,
+    F_PEERS,
+    F_NAMESPACE,
+    F_RESYNC,
+    F_BARRIER,
+    F_BARRIER_ACK,
+) = range(10)
+_MAX_ACKS_OWED = 1024  # barriers one message may ask this node to answer
 _MAX_DIFF = 1 << 30
 """Step-2 bytes being reassembled, all links and namespaces of a node together: a peer's
 full state may legitimately span many frames (nothing about ``max_frame`` bounds it), but
@@ -228,6 +242,15 @@ class PeerSync:
         """Large updates of the message being handled, applied in pieces after it (and
         every update after one of them, to keep their order)."""
         self._closed = False
+        self._barriers: dict[int, asyncio.Future[bool]] = {}
+        """This node's barriers (``barrier``) waiting for the peer's answer, by token."""
+        self._barrier_seq = 0
+        self._acks_owed: list[int] = []
+        """The peer's barriers handled in the message being handled: answered once what
+        the message applied is stored."""
+        self._late_acks: list[int] = []
+        """Answers to this node's barriers that came behind a large update of the same
+        message: they count once it is applied."""
         self._warned: set[str] = set()
         self._yield_after_send = YIELD_TO_LOCAL_PEERS and getattr(link, "same_host", False)
         self.bytes_sent = 0
@@ -419,6 +442,38 @@ class PeerSync:
         self.frames_sent += 1
         return True
 
+    async def barrier(self) -> bool:
+        """A round trip in order with everything else on this link. True once the peer has
+        handled every frame this node sent before it (applied and committed, as durable
+        as the peer's own writes) and this node has handled every frame the peer sent
+        before its answer, the answers to this node's earlier step 1s included; False if
+        the link ended first."""
+        if self._closed:
+            return False
+        self._barrier_seq += 1
+        token = self._barrier_seq
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._barriers[token] = fut
+        try:
+            self.send([F_BARRIER, token])
+            return await fut
+        finally:
+            self._barriers.pop(token, None)
+
+    def _answered(self, tokens: list[int]) -> None:
+        for token in tokens:
+            fut = self._barriers.get(token)
+            if fut is not None and not fut.done():
+                fut.set_result(True)
+
+    def _send_acks(self, tokens: list[int]) -> None:
+        for token in tokens:
+            self.send([F_BARRIER_ACK, token])
+
+    async def _ack_after(self, pending: Awaitable[None], tokens: list[int]) -> None:
+        await pending
+        self._send_acks(tokens)
+
     def request_resync(self, ns: str | None = None) -> None:
         """Ask the peer for its state vector of ``ns`` (None: every shared namespace);
         each answer gets exactly what it misses."""
@@ -550,6 +605,8 @@ class PeerSync:
         except Exception as exc:
             self._release(self._large)  # the link ends: the peer still holds them
             self._large = []
+            self._acks_owed = []
+            self._late_acks = []
             if not self._to_persist:
                 raise
             # What was applied before the bad frame is still persisted, then the error
@@ -558,13 +615,27 @@ class PeerSync:
             if pending is None:
                 raise
             return _raise_after(pending, exc)
+        result: Awaitable[None] | None
         if self._large:
             large, self._large = self._large, []
+            late, self._late_acks = self._late_acks, []
             pending = self._persist_applied() if self._to_persist else None
-            return self._apply_large(pending, large)
-        return self._persist_applied() if self._to_persist else None
+            result = self._apply_large(pending, large, late)
+        else:
+            result = self._persist_applied() if self._to_persist else None
+        if self._acks_owed:
+            # A barrier is answered after the commit of everything the message applied
+            # before it: the answer promises the peer its frames are stored here.
+            acks, self._acks_owed = self._acks_owed, []
+            if result is None:
+                self._send_acks(acks)
+            else:
+                result = self._ack_after(result, acks)
+        return result
 
-    async def _apply_large(self, pending: Awaitable[None] | None, large: list[_Queued]) -> None:
+    async def _apply_large(
+        self, pending: Awaitable[None] | None, large: list[_Queued], late: list[int]
+    ) -> None:
         """Apply large updates in pieces (see ``_SLICE_BYTES``), after the commit of
         what the message applied before them. The link hands over no further message
         meanwhile, so the order of this peer's updates is kept."""
@@ -581,6 +652,7 @@ class PeerSync:
                     await self._persisted()
                 self._release(large[:1])
                 del large[0]
+            self._answered(late)
         finally:
             self._release(large)  # failed or cancelled: what is left is dropped
 
@@ -686,6 +758,17 @@ class PeerSync:
                 raise ProtocolError("bad resync frame")
             ns = self._check_ns(frame[1])
             self._on_resync(ns)
+        elif kind in (F_BARRIER, F_BARRIER_ACK):
+            if len(frame) != 2 or type(frame[1]) is not int:
+                raise ProtocolError("bad barrier frame")
+            if kind == F_BARRIER:
+                if len(self._acks_owed) >= _MAX_ACKS_OWED:
+                    raise ProtocolError("too many barriers in one message")
+                self._acks_owed.append(frame[1])
+            elif self._large:
+                self._late_acks.append(frame[1])  # behind a large update still to apply
+            else:
+                self._answered([frame[1]])
         else:
             raise ProtocolError(f"unknown frame type {kind}")
 
@@ -1000,6 +1083,9 @@ class PeerSync:
         finally:
             self._closed = True
             self._wake.set()
+            for fut in self._barriers.values():
+                if not fut.done():
+                    fut.set_result(False)
             for t in [*self._tasks, writer]:
                 if not t.done():  # (a writer that failed was reported by _writer_done)
                     await cancel_and_wait(t)

@@ -93,6 +93,12 @@ class Discovery(Protocol):
         """Withdraw the announcement (awaiting any goodbye) and stop. Idempotent."""
         ...
 
+    async def wait_scanned(self) -> None:
+        """Return once the peers announced when ``start`` returned have been reported
+        (``api.settle`` waits for it). A mechanism that cannot tell (mDNS answers come
+        whenever they come) returns at once."""
+        ...
+
 
 # -- helpers shared by the implementations ------------------------------------------------
 

@@ -200,6 +200,7 @@ class LocalDiscovery(AsyncClosing):
         ).absolute()
         self._poll = float(poll)
         self.scans_done = 0
+        self._scanned = asyncio.Event()
         """Completed scans of the registry (observable progress, e.g. for tests)."""
         self._state = _State.NEW
         self._advert: Advert | None = None
@@ -270,6 +271,12 @@ class LocalDiscovery(AsyncClosing):
             return  # aclose() came meanwhile and removed the entry: no watching
         self._task = asyncio.create_task(self._run(), name=f"LocalDiscovery({advert.node_id})")
 
+    async def wait_scanned(self) -> None:
+        """Return once the registry has been read after ``start`` (the nodes in it then
+        are reported), or at once if this discovery is not running."""
+        if self._state is _State.STARTED:
+            await self._scanned.wait()
+
     async def aclose(self) -> None:
         """Stop watching and remove this node's entry. Idempotent."""
         if self._state is _State.CLOSED:
@@ -278,6 +285,7 @@ class LocalDiscovery(AsyncClosing):
             return
         was_started = self._state is _State.STARTED
         self._state = _State.CLOSED
+        self._scanned.set()  # a settle() waiting on it goes on
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -472,6 +480,7 @@ class LocalDiscovery(AsyncClosing):
                     return
                 self._apply(live)
                 self.scans_done += 1
+                self._scanned.set()
             await asyncio.sleep(self._poll)  # the polling interval, not a wait for anyone
 
     def _apply(self, live: dict[str, _Entry]) -> None:

@@ -218,6 +218,9 @@ class MdnsDiscovery(AsyncClosing):
         except (OSError, zeroconf.Error) as exc:
             log.error("mDNS: registering %s failed: %s", self._info.name, exc)
 
+    async def wait_scanned(self) -> None:
+        """mDNS answers arrive whenever peers send them: nothing to wait for."""
+
     async def aclose(self) -> None:
         """Stop browsing, send the goodbye and await it, then close the sockets.
         Idempotent."""

@@ -52,6 +52,9 @@ class StaticDiscovery(AsyncClosing):
             if url != advert.url:
                 on_found(Found("", url, advert.protocol, advert.mesh_tag))
 
+    async def wait_scanned(self) -> None:
+        """Every url was reported by ``start``."""
+
     async def aclose(self) -> None:
         """Nothing to withdraw. Idempotent."""
         self._state = _State.CLOSED

@@ -1054,6 +1054,9 @@ class WebSocketTransport:
         self._redialers: dict[str, asyncio.Task[None]] = {}
         # The node id each redial loop expects; an entry leaves when its loop ends.
         self._redial_expects: dict[asyncio.Task[None], str | None] = {}
+        self._dialled: set[asyncio.Task[None]] = set()
+        """Redial loops that have made their first dial (a link, or a failure)."""
+        self._dial_done = asyncio.Event()
 
     # ------------------------------------------------------------------ properties
 
@@ -1632,6 +1635,26 @@ class WebSocketTransport:
 
     def _forget_expected(self, task: asyncio.Task[None]) -> None:
         self._redial_expects.pop(task, None)
+        self._dialled.discard(task)
+        self._dial_done.set()
+
+    def _first_dial_done(self) -> None:
+        task = asyncio.current_task()
+        if task is not None and task not in self._dialled:
+            self._dialled.add(task)
+            self._dial_done.set()
+
+    async def first_dials(self) -> None:
+        """Return once every kept peer (``add_peer``) has been dialled at least once,
+        whether the dial made a link or failed."""
+        while True:
+            waiting = [
+                t for t in self._redialers.values() if not t.done() and t not in self._dialled
+            ]
+            if not waiting:
+                return
+            self._dial_done.clear()
+            await self._dial_done.wait()
 
     def _stop_redialer(self, url: str) -> asyncio.Task[None] | None:
         task = self._redialers.pop(url, None)
@@ -1652,7 +1675,10 @@ class WebSocketTransport:
             link = self._links.get(node_id) if node_id is not None else None
             if link is None or link.closed:
                 try:
-                    link = await self.connect(url, node_id=expected_id)
+                    try:
+                        link = await self.connect(url, node_id=expected_id)
+                    finally:
+                        self._first_dial_done()  # before any backoff sleep below
                 except ClosedError:
                     return
                 except _SelfClaim as exc:
