@@ -48,6 +48,7 @@ from subcog_crdt._session import Session, SyncBatch
 from subcog_crdt._sessions import SessionRegistry
 from subcog_crdt._storage.base import Durability, JournalRecord, Retention, Storage
 from subcog_crdt._storage.memory import MemoryStorage
+from subcog_crdt._transport.auth import push_token
 from subcog_crdt._transport.base import Hello, Link
 
 __all__ = ["ConversationsApi", "PeerInfo"]
@@ -1024,7 +1025,18 @@ class ConversationsApi:
 
     def _setup_app(self, app: Any) -> None:
         """Routes of the node's own HTTP surfaces (added before the server starts)."""
-        _ = app
+        from subcog_crdt._push import add_push_routes
+
+        add_push_routes(app, self)
+
+    @property
+    def push_token(self) -> str | None:
+        """The bearer token of this node's HTTP push endpoints (docs/push.md): derived
+        from the mesh secret, the same on every node of the mesh; None without a secret
+        (then only loopback clients are served, without a token)."""
+        if self._secret is None:
+            return None
+        return push_token(self._secret)
 
     def attach(self, link: Link) -> asyncio.Task[None]:
         """Run the protocol on a link made elsewhere (an in-memory pair in tests)."""

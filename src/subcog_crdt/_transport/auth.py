@@ -64,6 +64,7 @@ Role = Literal["client", "server"]
 _KEY_SALT = b"subcog-crdt mesh key v1"
 _PROOF_LABEL = b"subcog-crdt handshake v1"
 _TAG_LABEL = b"subcog-crdt mesh tag v1"
+_PUSH_LABEL = b"subcog-crdt push token v1"
 _TRANSCRIPT_LABEL = b"subcog-crdt transcript v1"
 _LINK_LABEL = b"subcog-crdt link key v1"
 _CLIENT_TO_SERVER = b"client->server"
@@ -139,6 +140,12 @@ def mesh_tag(secret: bytes) -> str:
     lets a node skip peers of other meshes; it authenticates nothing.
     """
     return hmac.new(mesh_key(secret), _TAG_LABEL, hashlib.sha256).hexdigest()[:16]
+
+
+def push_token(secret: bytes) -> str:
+    """The bearer token of the node's HTTP push endpoints (docs/push.md) in a mesh with
+    ``secret``: anyone holding the secret can make it, nobody else."""
+    return hmac.new(mesh_key(secret), _PUSH_LABEL, hashlib.sha256).hexdigest()
 
 
 # --------------------------------------------------------------------------- link keys
