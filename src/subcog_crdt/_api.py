@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from ssl import SSLContext
 from types import TracebackType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from subcog_crdt._bus import EventBus
 from subcog_crdt._core.document import NamespaceDoc
@@ -34,12 +34,14 @@ from subcog_crdt._core.schema import (
     copy_json,
     prepare_fields,
 )
+from subcog_crdt._core.ydecode import UpdateDecodeError, read_update
 from subcog_crdt._errors import (
     ClosedError,
     CorruptStorage,
     InvalidArgument,
     InvalidNamespace,
     NotFound,
+    ProtocolError,
     SubcogError,
 )
 from subcog_crdt._lifecycle import Resume, cancel_and_wait, start_now
@@ -50,6 +52,9 @@ from subcog_crdt._storage.base import Durability, JournalRecord, Retention, Stor
 from subcog_crdt._storage.memory import MemoryStorage
 from subcog_crdt._transport.auth import push_token
 from subcog_crdt._transport.base import Hello, Link
+
+if TYPE_CHECKING:
+    from subcog_crdt._yjs import YjsClient
 
 __all__ = ["ConversationsApi", "PeerInfo"]
 
@@ -308,6 +313,8 @@ class ConversationsApi:
         """The sessions this node knows: its own and those of connected peers
         (``list()``, ``get(id)``)."""
         self._links: dict[str, PeerSync] = {}
+        self._yjs_rooms: dict[str, set[YjsClient]] = {}
+        """Yjs clients connected to ``/yjs/<namespace>`` (docs/yjs.md), by namespace."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._compacting: dict[str, asyncio.Task[None]] = {}
         self._index_due: dict[NamespaceDoc, None] = {}
@@ -538,6 +545,45 @@ class ConversationsApi:
     def _push_local(self, ns: str, update: bytes) -> None:
         for peer in self._links.values():
             peer.push_update(ns, self.node_id, update)
+        if self._yjs_rooms:
+            self._to_yjs_clients(ns, (update,))
+
+    def _to_yjs_clients(
+        self, ns: str, updates: Sequence[bytes], source: YjsClient | None = None
+    ) -> None:
+        """Send what changed ``ns`` to its Yjs clients (not back to the one it came from)."""
+        for client in self._yjs_rooms.get(ns, ()):
+            if client is not source:
+                for u in updates:
+                    client.send_update(u)
+
+    async def _apply_from_client(self, ns: str, update: bytes, client: YjsClient) -> None:
+        """Apply an update from a Yjs client of this node (``/yjs/<ns>``): checked like a
+        peer's, then handled like a local write (this node is where it entered the mesh:
+        every peer gets it), and stored before the next message of that client is read."""
+        self._check_open()
+        if not self._may_share(ns):
+            return
+        doc = self._docs.get(ns)
+        if doc is None:
+            try:
+                blocks = read_update(update, "").blocks
+            except UpdateDecodeError as exc:
+                raise ProtocolError(f"invalid Yjs update for {ns!r}: {exc}") from exc
+            if not blocks:
+                return  # nothing to hold: do not create the namespace for it
+            doc = self._ensure_doc(ns)
+        events = doc.apply_update(update)
+        updates = doc.take_outbox()
+        if not updates and not events:
+            return
+        for peer in self._links.values():
+            for u in updates:
+                peer.push_update(ns, self.node_id, u)
+        self._to_yjs_clients(ns, updates, client)
+        records = [_journal_record(ns, ev) for ev in events]
+        self._bus.publish(events)
+        await self._persist([(doc, updates, records)])
 
     def _ensure_doc(self, ns: str) -> NamespaceDoc:
         doc = self._docs.get(ns)
@@ -841,6 +887,8 @@ class ConversationsApi:
                     continue
                 for u in updates:
                     peer.push_update(ns, origin, u)
+        if updates and self._yjs_rooms:
+            self._to_yjs_clients(ns, updates)
         self._bus.publish(events)
         return doc, updates, records
 
@@ -1026,8 +1074,10 @@ class ConversationsApi:
     def _setup_app(self, app: Any) -> None:
         """Routes of the node's own HTTP surfaces (added before the server starts)."""
         from subcog_crdt._push import add_push_routes
+        from subcog_crdt._yjs import add_yjs_routes
 
         add_push_routes(app, self)
+        add_yjs_routes(app, self)
 
     @property
     def push_token(self) -> str | None:

@@ -10,8 +10,9 @@ cursor are skipped. A subscriber that falls behind is refilled from the journal,
 sees a ``lagged`` message only when the journal's retention dropped events.
 
 Who may read: the same rules as peer links, because a session's events are the mesh's
-data. A request with an ``Origin`` header (a web page) is refused; without a mesh secret
-only loopback clients; with one, ``Authorization: Bearer <api.push_token>``.
+data. Without a mesh secret, loopback clients that are not web pages (no ``Origin``
+header); with one, whoever shows ``api.push_token`` (``Authorization: Bearer`` or
+``?token=``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from subcog_crdt._api import ConversationsApi
     from subcog_crdt._session import Session
 
-__all__ = ["KEEPALIVE", "add_push_routes"]
+__all__ = ["KEEPALIVE", "add_push_routes", "authorise", "error_response"]
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +57,14 @@ def add_push_routes(app: web.Application, api: ConversationsApi) -> None:
 
     def route(serve: Serve) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:
-            _authorise(api, request)
+            authorise(api, request)
             session_id = request.match_info["session_id"]
             try:
                 session = api.sessions.local(session_id)
             except SubcogError:
-                raise _error(web.HTTPNotFound, f"no session {session_id!r} on this node") from None
+                raise error_response(
+                    web.HTTPNotFound, f"no session {session_id!r} on this node"
+                ) from None
             since = _since(request)
             include_own = request.query.get("include_own", "false").lower() in ("1", "true", "yes")
             return await serve(request, _Pump(session, since, include_own, streams))
@@ -77,28 +80,38 @@ def add_push_routes(app: web.Application, api: ConversationsApi) -> None:
     app.on_shutdown.append(end_streams)
 
 
-def _error(cls: type[web.HTTPException], message: str) -> web.HTTPException:
+def error_response(cls: type[web.HTTPException], message: str) -> web.HTTPException:
+    """An HTTP error with a JSON body ``{"error": message}``."""
     return cls(text=json.dumps({"error": message}), content_type="application/json")
 
 
-def _authorise(api: ConversationsApi, request: web.Request) -> None:
-    if "Origin" in request.headers:
-        # Browsers let any site request 127.0.0.1 (and send Origin): a page must not read
-        # the mesh's memories.
-        log.warning("push: refused %s: a browser page (Origin header)", request.remote)
-        raise _error(web.HTTPForbidden, "not for browsers (Origin header)")
+def authorise(api: ConversationsApi, request: web.Request) -> None:
+    """Raise the HTTP error that refuses ``request``, if it is refused (docs/push.md,
+    "Who may connect"): the rules of peer links, since what these endpoints serve is the
+    mesh's data."""
     token = api.push_token
     if token is None:
+        if "Origin" in request.headers:
+            # Browsers let any site request 127.0.0.1 (and send Origin): without a token
+            # to prove otherwise, a page must not read the mesh's memories.
+            log.warning("refused %s: a browser page (Origin header)", request.remote)
+            raise error_response(web.HTTPForbidden, "not for browsers (Origin header)")
         if not is_loopback(request.remote):
-            log.warning("push: refused %s: loopback only without a secret", request.remote)
-            raise _error(web.HTTPForbidden, "loopback only without a mesh secret")
+            log.warning("refused %s: loopback only without a secret", request.remote)
+            raise error_response(web.HTTPForbidden, "loopback only without a mesh secret")
         return
+    # A header, or ?token= for clients that cannot set headers (browsers' WebSocket and
+    # EventSource, y-websocket's ``params``).
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if not scheme:
+        scheme, given = "bearer", request.query.get("token", "")
     # Bytes: compare_digest refuses str with non-ASCII characters (a hostile header).
     given_bytes = given.strip().encode("utf-8", "surrogateescape")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, token.encode()):
-        log.warning("push: refused %s: no valid token", request.remote)
-        raise _error(web.HTTPUnauthorized, "Authorization: Bearer <api.push_token> required")
+        log.warning("refused %s: no valid token", request.remote)
+        raise error_response(
+            web.HTTPUnauthorized, "Authorization: Bearer <api.push_token> required"
+        )
 
 
 def _since(request: web.Request) -> int | None:
@@ -106,7 +119,9 @@ def _since(request: web.Request) -> int | None:
     if raw is None or raw == "":
         return None
     if not raw.isascii() or not raw.isdigit() or len(raw) > 19:
-        raise _error(web.HTTPBadRequest, f"a cursor is a non-negative integer, not {raw[:40]!r}")
+        raise error_response(
+            web.HTTPBadRequest, f"a cursor is a non-negative integer, not {raw[:40]!r}"
+        )
     return int(raw)
 
 

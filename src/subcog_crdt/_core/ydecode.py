@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 __all__ = [
+    "ByteReader",
     "Decoded",
     "MapInsert",
     "UpdateDecodeError",
@@ -308,6 +309,11 @@ def read_update(update: bytes, root: str) -> Decoded:
             varuint()
             varuint()
     return Decoded(inserts, unknown, simple, blocks, n_del > 0)
+
+
+ByteReader = _Reader
+"""Reads Yjs' variable-length integers and byte strings (``varuint``, ``raw``) from a
+buffer; ``UpdateDecodeError`` past its end."""
 
 
 def varuint_bytes(n: int) -> bytes:

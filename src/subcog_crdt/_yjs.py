@@ -1,0 +1,175 @@
+"""``/yjs/<namespace>``: the standard y-websocket protocol on the node's own server, so a
+stock Yjs client (``y-websocket``'s ``WebsocketProvider``) edits a namespace's document
+directly (docs/yjs.md; the document layout: docs/schema.md).
+
+Messages (y-protocols): ``varuint type``, then for sync (0) ``varuint step`` and a byte
+string: step 1 (a state vector: answered with step 2, what the client misses), step 2 or
+update (applied like a peer's update: checked, stored, turned into events, sent on to
+peers and to the room's other clients). Awareness (1) is relayed to every client of the
+room, the sender included (the standard client closes a socket that hears nothing for
+30 s, and keeps its own awareness fresh every 15 s). Other types are ignored, as the
+reference server does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING
+
+from aiohttp import WSMsgType, web
+
+from subcog_crdt._core.schema import check_namespace
+from subcog_crdt._core.ydecode import ByteReader, UpdateDecodeError, varuint_bytes
+from subcog_crdt._errors import ClosedError, InvalidNamespace, ProtocolError, SubcogError
+from subcog_crdt._push import authorise, error_response
+
+if TYPE_CHECKING:
+    from subcog_crdt._api import ConversationsApi
+
+__all__ = ["YjsClient", "add_yjs_routes"]
+
+log = logging.getLogger(__name__)
+
+MSG_SYNC, MSG_AWARENESS = 0, 1
+STEP1, STEP2, UPDATE = 0, 1, 2
+_EMPTY_SV = b"\x00"
+_EMPTY_UPDATE = b"\x00\x00"
+_QUEUE_BYTES = 64 << 20
+"""Past this much unsent to one client, it is disconnected (it reconnects and resyncs)."""
+
+
+def sync_message(step: int, payload: bytes) -> bytes:
+    return bytes((MSG_SYNC, step)) + varuint_bytes(len(payload)) + payload
+
+
+class YjsClient:
+    """One connected Yjs client: what the node sends it goes through a bounded queue."""
+
+    def __init__(self, ws: web.WebSocketResponse, namespace: str) -> None:
+        self.ws = ws
+        self.namespace = namespace
+        self._queue: deque[bytes] = deque()
+        self._queued = 0
+        self._wake = asyncio.Event()
+        self.closed = False
+
+    def send(self, message: bytes) -> None:
+        if self.closed:
+            return
+        if self._queued + len(message) > _QUEUE_BYTES:
+            log.warning("yjs: closing a client of %r: it does not read", self.namespace)
+            self.closed = True
+        else:
+            self._queue.append(message)
+            self._queued += len(message)
+        self._wake.set()
+
+    def send_update(self, update: bytes) -> None:
+        self.send(sync_message(UPDATE, update))
+
+    async def writer(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                message = self._queue.popleft()
+                self._queued -= len(message)
+                await self.ws.send_bytes(message)
+            if self.closed:
+                await self.ws.close(code=1013, message=b"too slow")
+                return
+
+
+def add_yjs_routes(app: web.Application, api: ConversationsApi) -> None:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        authorise(api, request)
+        try:
+            ns = check_namespace(request.match_info["namespace"])
+        except InvalidNamespace as exc:
+            raise error_response(web.HTTPBadRequest, str(exc)) from None
+        if not api._may_share(ns):
+            raise error_response(web.HTTPForbidden, f"namespace {ns!r} is not shared")
+        return await _serve(request, api, ns)
+
+    async def end_clients(_app: web.Application) -> None:
+        for room in list(api._yjs_rooms.values()):
+            for client in list(room):
+                await client.ws.close(code=1001, message=b"node closing")
+
+    app.router.add_get("/yjs/{namespace}", handle)
+    app.on_shutdown.append(end_clients)
+
+
+async def _serve(request: web.Request, api: ConversationsApi, ns: str) -> web.StreamResponse:
+    ws = web.WebSocketResponse(max_msg_size=api._max_frame, heartbeat=15.0)
+    await ws.prepare(request)
+    client = YjsClient(ws, ns)
+    room = api._yjs_rooms.setdefault(ns, set())
+    room.add(client)
+    writer = asyncio.ensure_future(client.writer())
+    try:
+        doc = api._docs.get(ns)
+        client.send(sync_message(STEP1, _EMPTY_SV if doc is None else doc.state_vector()))
+        async for msg in ws:
+            if msg.type is not WSMsgType.BINARY:
+                if msg.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
+                    break
+                continue  # text: not part of the protocol; ignored like unknown types
+            try:
+                await _on_message(api, client, room, msg.data)
+            except ProtocolError as exc:
+                log.warning("yjs: closing a client of %r: %s", ns, exc)
+                await ws.close(code=4000, message=str(exc)[:120].encode())
+                break
+            if writer.done():
+                break  # it closed the socket (too slow) or failed
+    except ClosedError:
+        await ws.close(code=1001, message=b"node closing")
+    finally:
+        room.discard(client)
+        if not room and api._yjs_rooms.get(ns) is room:
+            del api._yjs_rooms[ns]
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+    return ws
+
+
+async def _on_message(
+    api: ConversationsApi, client: YjsClient, room: set[YjsClient], data: bytes
+) -> None:
+    r = ByteReader(data)
+    try:
+        kind = r.varuint()
+        if kind == MSG_AWARENESS:
+            r.raw(r.varuint())  # well-formed: relayed as it came
+            for other in room:
+                other.send(data)
+            return
+        if kind != MSG_SYNC:
+            return
+        step = r.varuint()
+        payload = r.raw(r.varuint())
+    except UpdateDecodeError as exc:
+        raise ProtocolError(f"malformed message: {exc}") from exc
+    ns = client.namespace
+    if step == STEP1:
+        doc = api._docs.get(ns)
+        if doc is None:
+            client.send(sync_message(STEP2, _EMPTY_UPDATE))
+            return
+        try:
+            diff = doc.diff(payload)
+        except Exception as exc:  # pycrdt refuses a malformed state vector
+            raise ProtocolError(f"invalid state vector: {exc}") from exc
+        client.send(sync_message(STEP2, diff))
+    elif step in (STEP2, UPDATE):
+        try:
+            await api._apply_from_client(ns, payload, client)
+        except ProtocolError:
+            raise
+        except SubcogError as exc:
+            raise ProtocolError(str(exc)) from exc
+    else:
+        raise ProtocolError(f"unknown sync step {step}")
