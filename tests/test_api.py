@@ -489,10 +489,26 @@ async def test_an_unregistered_session_handle_refuses_work_and_its_streams_end()
         assert sorted(m.content for m in api.memories("d")) == ["after", "before"]
 
 
-def test_relay_is_refused_at_construction_whatever_else_is_set():
+@pytest.mark.parametrize(
+    ("relay", "secret", "says"),
+    [
+        ("http://127.0.0.1:1", None, "ws:// or wss://"),
+        ("ws://127.0.0.1:1?room=x", None, "ws:// or wss://"),
+        ("ws://127.0.0.1:99999", None, "bad relay url"),
+        (b"ws://127.0.0.1:1", None, "ws:// or wss://"),
+        ("ws://relay.example:1234", None, "loopback"),
+        ("wss://10.0.0.1/rooms", None, "loopback"),
+    ],
+)
+def test_a_bad_relay_is_refused_at_construction(relay, secret, says):
     for kw in ({}, {"listen": False}):
-        with pytest.raises(InvalidArgument, match="relay= is not supported yet"):
-            ConversationsApi(relay="ws://127.0.0.1:1/room", discovery=(), **kw)
+        with pytest.raises(InvalidArgument, match=says):
+            ConversationsApi(relay=relay, mesh_secret=secret, discovery=(), **kw)
+
+
+def test_a_relay_off_the_machine_needs_a_secret():
+    api = ConversationsApi(relay="wss://relay.example/rooms", mesh_secret="s3cret", discovery=())
+    assert api._relay == "wss://relay.example/rooms"
 
 
 @pytest.mark.parametrize("how", ["aclose", "cancel", "cancel twice"])

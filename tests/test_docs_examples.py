@@ -476,7 +476,7 @@ def test_documented_defaults() -> None:
 
 async def test_without_a_secret_the_node_stays_on_loopback() -> None:
     """README/protocol.md: without mesh_secret the node listens on 127.0.0.1 and dials
-    loopback only; a LAN host or peer is refused with InvalidArgument; relay= raises."""
+    loopback only; a LAN host, peer or relay is refused with InvalidArgument."""
     async with ConversationsApi(discovery=()) as api:
         assert api.url is not None
         assert api.url.startswith("ws://127.0.0.1:")

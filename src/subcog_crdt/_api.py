@@ -54,7 +54,8 @@ from subcog_crdt._transport.auth import push_token
 from subcog_crdt._transport.base import Hello, Link
 
 if TYPE_CHECKING:
-    from subcog_crdt._yjs import YjsClient
+    from subcog_crdt._relay import Relay
+    from subcog_crdt._yjs import UpdateSink
 
 __all__ = ["ConversationsApi", "PeerInfo"]
 
@@ -88,6 +89,29 @@ class PeerInfo:
     namespaces: tuple[str, ...]
     """Namespaces this node syncs with it, as this node sees them: the peer may keep some
     of them private (it never names those) and then ignores what it gets for them."""
+
+
+def _check_relay(relay: object, secret: str | bytes | None) -> None:
+    """A ws:// or wss:// URL; without a mesh secret, on loopback (the node's data does not
+    leave the machine without one)."""
+    from urllib.parse import urlsplit
+
+    from subcog_crdt._transport.websocket import is_loopback as is_loopback_host
+
+    if not isinstance(relay, str):
+        raise InvalidArgument(f"relay must be a ws:// or wss:// URL, not {relay!r}")
+    try:
+        parts = urlsplit(relay)
+        parts.port  # noqa: B018 (raises on a bad port)
+    except ValueError as exc:
+        raise InvalidArgument(f"bad relay url {relay!r}: {exc}") from exc
+    if parts.scheme not in ("ws", "wss") or not parts.hostname or parts.query or parts.fragment:
+        raise InvalidArgument(f"relay must be a ws:// or wss:// URL, not {relay!r}")
+    if secret is None and not is_loopback_host(parts.hostname):
+        raise InvalidArgument(
+            "without a mesh_secret a relay must be on this machine (loopback): its rooms "
+            "would carry this node's memories off the machine"
+        )
 
 
 def _check_arguments(
@@ -167,8 +191,9 @@ class ConversationsApi:
         sync_namespaces: ``None`` replicates every namespace; a set replicates only those
             (at most ``MAX_SYNC_NAMESPACES``).
         private_namespaces: never leave this node, whatever else is configured.
-        relay: a y-websocket server URL for peers beyond the LAN (not supported yet: a
-            value raises ``InvalidArgument``).
+        relay: a standard y-websocket server URL (``ws://`` or ``wss://``, a path
+            allowed) where nodes that cannot dial each other meet: one room per shared
+            namespace (docs/yjs.md, "Relays"). Without ``mesh_secret``, loopback only.
         durability: ``"process"`` (an acknowledged write survives kill -9) or ``"fsync"``
             (it also survives power loss).
         listen: ``False`` starts no server and no discovery (link nodes with
@@ -269,10 +294,8 @@ class ConversationsApi:
         self._private = frozenset(private_names)
         # Private wins, and the filter travels to peers (hello): a private name is never in it.
         self._sync_filter = None if sync_names is None else frozenset(sync_names) - self._private
-        if relay is not None:  # refused whatever else is set (listen=False too)
-            raise InvalidArgument(
-                "relay= is not supported yet: connect to peers directly (peers=[...] or discovery)"
-            )
+        if relay is not None:
+            _check_relay(relay, mesh_secret)
         self._relay = relay
         self._close_requested = False
         self._open_done: asyncio.Event | None = None
@@ -313,8 +336,9 @@ class ConversationsApi:
         """The sessions this node knows: its own and those of connected peers
         (``list()``, ``get(id)``)."""
         self._links: dict[str, PeerSync] = {}
-        self._yjs_rooms: dict[str, set[YjsClient]] = {}
-        """Yjs clients connected to ``/yjs/<namespace>`` (docs/yjs.md), by namespace."""
+        self._yjs_rooms: dict[str, set[UpdateSink]] = {}
+        """Where each namespace's changes go besides peers: Yjs clients of
+        ``/yjs/<namespace>`` (docs/yjs.md) and relay rooms (``relay=``)."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._compacting: dict[str, asyncio.Task[None]] = {}
         self._index_due: dict[NamespaceDoc, None] = {}
@@ -337,7 +361,7 @@ class ConversationsApi:
         """Sessions whose stored subscriptions were ignored at open (an invalid name)."""
         self._transport: Any = None
         self._discovery: list[Any] = []
-        self._relays: list[Any] = []
+        self._relays: list[Relay] = []
         self.url: str | None = None
         """The URL peers dial (``ws://host:port``), once open; None without a server."""
 
@@ -422,6 +446,12 @@ class ConversationsApi:
             from subcog_crdt._network import start_network
 
             await start_network(self)
+        if self._relay is not None:
+            from subcog_crdt._relay import Relay
+
+            relay = Relay(self, self._relay)
+            self._relays.append(relay)  # first: closing also undoes a start cut short
+            await relay.start()
 
     async def aclose(self) -> None:
         """Shut down in order: stop accepting, close links, stop discovery, close storage.
@@ -549,7 +579,7 @@ class ConversationsApi:
             self._to_yjs_clients(ns, (update,))
 
     def _to_yjs_clients(
-        self, ns: str, updates: Sequence[bytes], source: YjsClient | None = None
+        self, ns: str, updates: Sequence[bytes], source: UpdateSink | None = None
     ) -> None:
         """Send what changed ``ns`` to its Yjs clients (not back to the one it came from)."""
         for client in self._yjs_rooms.get(ns, ()):
@@ -557,7 +587,7 @@ class ConversationsApi:
                 for u in updates:
                     client.send_update(u)
 
-    async def _apply_from_client(self, ns: str, update: bytes, client: YjsClient) -> None:
+    async def _apply_from_client(self, ns: str, update: bytes, client: UpdateSink) -> None:
         """Apply an update from a Yjs client of this node (``/yjs/<ns>``): checked like a
         peer's, then handled like a local write (this node is where it entered the mesh:
         every peer gets it), and stored before the next message of that client is read."""
@@ -597,6 +627,8 @@ class ConversationsApi:
             if self._may_share(ns):
                 for peer in self._links.values():
                     peer.announce_namespace(ns)
+                for relay in self._relays:
+                    relay.add_namespace(ns)
         return doc
 
     def _may_share(self, ns: str) -> bool:

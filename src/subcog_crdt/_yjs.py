@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import WSMsgType, web
 
@@ -28,7 +28,7 @@ from subcog_crdt._push import authorise, error_response
 if TYPE_CHECKING:
     from subcog_crdt._api import ConversationsApi
 
-__all__ = ["YjsClient", "add_yjs_routes"]
+__all__ = ["UpdateSink", "YjsClient", "add_yjs_routes", "handle_message", "sync_message"]
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,23 @@ def sync_message(step: int, payload: bytes) -> bytes:
     return bytes((MSG_SYNC, step)) + varuint_bytes(len(payload)) + payload
 
 
-class YjsClient:
-    """One connected Yjs client: what the node sends it goes through a bounded queue."""
+class UpdateSink(Protocol):
+    """Where the node sends a namespace's changes: a Yjs client, a relay room."""
 
-    def __init__(self, ws: web.WebSocketResponse, namespace: str) -> None:
+    def send_update(self, update: bytes) -> None: ...
+
+
+class _WebSocket(Protocol):
+    async def send_bytes(self, data: bytes) -> None: ...
+
+    async def close(self, *, code: int = ..., message: bytes = ...) -> Any: ...
+
+
+class YjsClient:
+    """One y-websocket connection (a client of ``/yjs/<ns>``, or this node's own
+    connection to a relay room): what the node sends goes through a bounded queue."""
+
+    def __init__(self, ws: _WebSocket, namespace: str) -> None:
         self.ws = ws
         self.namespace = namespace
         self._queue: deque[bytes] = deque()
@@ -96,7 +109,8 @@ def add_yjs_routes(app: web.Application, api: ConversationsApi) -> None:
     async def end_clients(_app: web.Application) -> None:
         for room in list(api._yjs_rooms.values()):
             for client in list(room):
-                await client.ws.close(code=1001, message=b"node closing")
+                if isinstance(client, YjsClient):
+                    await client.ws.close(code=1001, message=b"node closing")
 
     app.router.add_get("/yjs/{namespace}", handle)
     app.on_shutdown.append(end_clients)
@@ -106,7 +120,7 @@ async def _serve(request: web.Request, api: ConversationsApi, ns: str) -> web.St
     ws = web.WebSocketResponse(max_msg_size=api._max_frame, heartbeat=15.0)
     await ws.prepare(request)
     client = YjsClient(ws, ns)
-    room = api._yjs_rooms.setdefault(ns, set())
+    room: set[UpdateSink] = api._yjs_rooms.setdefault(ns, set())
     room.add(client)
     writer = asyncio.ensure_future(client.writer())
     try:
@@ -118,7 +132,7 @@ async def _serve(request: web.Request, api: ConversationsApi, ns: str) -> web.St
                     break
                 continue  # text: not part of the protocol; ignored like unknown types
             try:
-                await _on_message(api, client, room, msg.data)
+                await handle_message(api, client, msg.data, room)
             except ProtocolError as exc:
                 log.warning("yjs: closing a client of %r: %s", ns, exc)
                 await ws.close(code=4000, message=str(exc)[:120].encode())
@@ -136,16 +150,19 @@ async def _serve(request: web.Request, api: ConversationsApi, ns: str) -> web.St
     return ws
 
 
-async def _on_message(
-    api: ConversationsApi, client: YjsClient, room: set[YjsClient], data: bytes
+async def handle_message(
+    api: ConversationsApi, client: YjsClient, data: bytes, room: set[Any] | None
 ) -> None:
+    """One y-websocket message from ``client`` about its namespace; awareness is relayed
+    to ``room``'s clients (None: ignored, on this node's relay connections)."""
     r = ByteReader(data)
     try:
         kind = r.varuint()
         if kind == MSG_AWARENESS:
             r.raw(r.varuint())  # well-formed: relayed as it came
-            for other in room:
-                other.send(data)
+            for other in room or ():
+                if isinstance(other, YjsClient):
+                    other.send(data)
             return
         if kind != MSG_SYNC:
             return
