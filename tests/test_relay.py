@@ -125,8 +125,13 @@ async def test_another_mesh_on_the_same_relay_sees_nothing(relay: NodeRelay) -> 
         rooms = {"", "decisions"}
         await wait_for(lambda: a._relays[0].connected >= rooms, 30, "a's rooms joined")
         await wait_for(lambda: other._relays[0].connected == {""}, 30, "other's directory")
-        ours = await room_contents(relay.url, room_name(SECRET.encode(), "decisions"))
-        assert len(ours.get("entries", type=Map)) == 1  # a's write is at the relay
+        # a's write reaches the relay (y-websocket has no acknowledgement: look again
+        # until it is there, within a deadline).
+        async with asyncio.timeout(30):
+            while True:
+                ours = await room_contents(relay.url, room_name(SECRET.encode(), "decisions"))
+                if len(ours.get("entries", type=Map)) == 1:
+                    break
         # other's directory is another room: it never hears of "decisions".
         assert room_name(b"another mesh entirely", "") != room_name(SECRET.encode(), "")
         theirs = await room_contents(relay.url, room_name(b"another mesh entirely", ""))
