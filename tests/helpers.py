@@ -78,3 +78,9 @@ async def hand_driven_peer(api: ConversationsApi) -> tuple[MemoryLink, MemoryLin
         "the hand-driven peer's hello is in",
     )
     return ours, theirs
+
+
+def url_of(api: ConversationsApi) -> str:
+    """The url a listening node's peers dial (asserted to be there)."""
+    assert api.url is not None, "the node does not listen"
+    return api.url

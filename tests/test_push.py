@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from helpers import url_of
 from subcog_crdt import ConversationsApi
 from subcog_crdt._push import _Pump
 
@@ -26,7 +27,7 @@ LOOPBACK = {"host": "127.0.0.1", "discovery": ()}
 
 
 def http(api: ConversationsApi) -> str:
-    return api.url.replace("ws://", "http://", 1)
+    return url_of(api).replace("ws://", "http://", 1)
 
 
 async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
@@ -56,7 +57,7 @@ async def take(it: AsyncIterator[dict[str, Any]], n: int) -> list[dict[str, Any]
 async def pair() -> tuple[ConversationsApi, ConversationsApi]:
     a = ConversationsApi(**LOOPBACK)
     await a.open()
-    b = ConversationsApi(peers=[a.url], **LOOPBACK)
+    b = ConversationsApi(peers=[url_of(a)], **LOOPBACK)
     await b.open()
     await b.settle(timeout=10)
     return a, b

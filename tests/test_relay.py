@@ -72,9 +72,9 @@ def node(relay_url: str, secret: str = SECRET, **kw: object) -> ConversationsApi
     )
 
 
-async def room_contents(relay_url: str, room: str) -> Doc:
+async def room_contents(relay_url: str, room: str) -> Doc[Map[str]]:
     """What the relay holds in ``room``: joined as a plain y-websocket client."""
-    doc: Doc = Doc()
+    doc: Doc[Map[str]] = Doc()
     async with aiohttp.ClientSession() as client, client.ws_connect(f"{relay_url}/{room}") as ws:
         await ws.send_bytes(sync_message(STEP1, b"\x00"))
         async with asyncio.timeout(30):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import hand_driven_peer, pack, wait_for
+from helpers import hand_driven_peer, pack, url_of, wait_for
 from subcog_crdt import ConversationsApi, InvalidArgument
 from subcog_crdt._peering import F_BARRIER, F_BARRIER_ACK
 from support.nodeproc import NodeProc, stop_all
@@ -26,7 +26,7 @@ async def test_a_fresh_node_has_every_memory_of_its_peer_when_settle_returns() -
         s = await a.register_session("writer")
         await s.capture_many("decisions", [f"decision number {i}" for i in range(300)])
         await s.capture("patterns", "tests live next to the code")
-        async with ConversationsApi(peers=[a.url], **LOOPBACK) as b:
+        async with ConversationsApi(peers=[url_of(a)], **LOOPBACK) as b:
             peers = await b.settle(timeout=10)
             # Both namespaces: neither existed on b, so the second round trip is what
             # brings them (the first only tells b that a holds them).
@@ -44,7 +44,7 @@ async def test_a_write_is_stored_on_the_peer_when_settle_returns(tmp_path: Path)
     data = str(tmp_path / "a")
     a = NodeProc.start("--data-dir", data, "--host", "127.0.0.1", "--subscribe", "decisions")
     try:
-        async with ConversationsApi(peers=[a.url], **LOOPBACK) as b:
+        async with ConversationsApi(peers=[url_of(a)], **LOOPBACK) as b:
             assert [p.node_id for p in await b.settle(timeout=10)] == [a.node_id]
             s = await b.register_session("cli")
             written = [
@@ -77,7 +77,7 @@ async def test_settle_waits_for_peers_found_by_discovery(tmp_path: Path) -> None
 async def test_an_unreachable_peer_is_left_out_not_an_error() -> None:
     dead = f"ws://127.0.0.1:{free_port()}"
     async with ConversationsApi(**LOOPBACK) as a:
-        async with ConversationsApi(peers=[dead, a.url], **LOOPBACK) as b:
+        async with ConversationsApi(peers=[dead, url_of(a)], **LOOPBACK) as b:
             peers = await b.settle(timeout=10)
             assert [p.node_id for p in peers] == [a.node_id]
         async with ConversationsApi(peers=[dead], **LOOPBACK) as alone:

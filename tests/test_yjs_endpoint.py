@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from helpers import url_of
 from subcog_crdt import Captured, ConversationsApi
 from subcog_crdt._core.ydecode import varuint_bytes
 
@@ -74,7 +75,7 @@ async def run_client(
     (tmp_path / "node_modules").symlink_to(ROOT / "benchmarks" / "node" / "node_modules")
     script = tmp_path / "client.mjs"
     script.write_text(CLIENT)
-    base = api.url + "/yjs"
+    base = url_of(api) + "/yjs"
     return await asyncio.create_subprocess_exec(
         node_js,
         str(script),
@@ -93,7 +94,7 @@ async def test_a_stock_yjs_client_reads_writes_and_follows_a_namespace(
 ) -> None:
     async with (
         ConversationsApi(**LOOPBACK) as a,
-        ConversationsApi(peers=[a.url], **LOOPBACK) as b,
+        ConversationsApi(peers=[url_of(a)], **LOOPBACK) as b,
     ):
         s = await a.register_session("py", subscribe=["decisions"])
         await s.capture("decisions", "Use SQLite WAL", tags=["storage"])
@@ -164,7 +165,7 @@ async def test_hostile_messages_close_the_client_and_change_nothing(message: byt
         s = await api.register_session("py", subscribe=["d"])
         await s.capture("d", "kept")
         before = api.state_hash("d")
-        url = api.url + "/yjs/d"
+        url = url_of(api) + "/yjs/d"
         async with aiohttp.ClientSession() as client, client.ws_connect(url) as ws:
             step1 = await ws.receive(timeout=30)
             assert step1.data[:2] == b"\x00\x00"  # the node's state vector first
@@ -196,7 +197,7 @@ async def test_refused_connections(path: str, headers: dict[str, str], status: i
     async with ConversationsApi(private_namespaces=["secret-notes"], **LOOPBACK) as api:
         s = await api.register_session("py", subscribe=["secret-notes"])
         await s.capture("secret-notes", "never leaves")
-        url = api.url.replace("ws://", "http://") + path
+        url = url_of(api).replace("ws://", "http://") + path
         async with (
             aiohttp.ClientSession() as client,
             client.get(url, headers={**headers, "Upgrade": "websocket"}) as resp,
@@ -208,7 +209,7 @@ async def test_refused_connections(path: str, headers: dict[str, str], status: i
 async def test_a_mesh_node_wants_the_token() -> None:
     secret = "correct horse battery staple, long enough"
     async with ConversationsApi(mesh_secret=secret, host="127.0.0.1", discovery=()) as api:
-        url = api.url + "/yjs/d"
+        url = url_of(api) + "/yjs/d"
         async with aiohttp.ClientSession() as client:
             with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
                 await client.ws_connect(url + "?token=" + "0" * 64)

@@ -119,6 +119,9 @@ class Relay:
                 raise
             except (aiohttp.ClientError, OSError, ProtocolError, TimeoutError) as exc:
                 log.info("relay %s: room of %r: %s", self.url, label, exc)
+            except Exception:
+                # Not one we expect: still only this room's connection, to be redialled.
+                log.exception("relay %s: room of %r failed", self.url, label)
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))  # backoff, not a sync
             delay = min(delay * 2, BACKOFF_CAP)
 

@@ -331,7 +331,7 @@ REQUESTS: dict[str, tuple[bytes, int]] = {
     "put": (f"PUT {PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode(), 405),
     "delete": (f"DELETE {PATH} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), 405),
     "root": (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 404),
-    "unknown-path": (b"GET /yjs/decisions HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+    "unknown-path": (b"GET /nothing/here HTTP/1.1\r\nHost: x\r\n\r\n", 404),
     "prefix-path": (f"GET {PATH}/x HTTP/1.1\r\nHost: x\r\n\r\n".encode(), 404),
     "connect": (b"CONNECT 10.0.0.1:80 HTTP/1.1\r\nHost: 10.0.0.1:80\r\n\r\n", 404),
     "options-star": (b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n", 404),
