@@ -15,7 +15,6 @@ rooms); the relay itself sees everything written to them, as it does for any Yjs
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import random
@@ -50,6 +49,8 @@ MAX_ROOMS = 1024
 """Namespace rooms one node joins at a relay: a directory listing more (a hostile relay,
 say) cannot make it open unbounded connections."""
 _EMPTY_SV = b"\x00"
+_DIAL_WITHIN = 10.0
+"""Seconds for a room's WebSocket handshake, and for its closing one."""
 _DIRECTORY = ""
 """The directory's label here ("" is no namespace's name)."""
 
@@ -112,27 +113,45 @@ class Relay:
         delay = BACKOFF_START
         url = f"{self.url}/{room_name(self.api._secret, label)}"
         while not self._closed:
+            # Its own task: a relay that stops reading has it cancelled (YjsClient.cut).
+            conn = asyncio.create_task(self._connect(label, url))
             try:
-                await self._connect(label, url)
-                delay = BACKOFF_START
+                await asyncio.wait([conn])
             except asyncio.CancelledError:
+                conn.cancel()
+                await asyncio.gather(conn, return_exceptions=True)
                 raise
-            except (aiohttp.ClientError, OSError, ProtocolError, TimeoutError) as exc:
+            if conn.cancelled():
+                log.info("relay %s: room of %r cut: the relay does not read", self.url, label)
+            elif (exc := conn.exception()) is None:
+                delay = BACKOFF_START
+            elif isinstance(exc, aiohttp.ClientError | OSError | ProtocolError | TimeoutError):
                 log.info("relay %s: room of %r: %s", self.url, label, exc)
-            except Exception:
+            else:
                 # Not one we expect: still only this room's connection, to be redialled.
-                log.exception("relay %s: room of %r failed", self.url, label)
+                log.error("relay %s: room of %r failed", self.url, label, exc_info=exc)
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))  # backoff, not a sync
             delay = min(delay * 2, BACKOFF_CAP)
 
     async def _connect(self, label: str, url: str) -> None:
         assert self._session is not None
         api = self.api
-        async with self._session.ws_connect(
-            url, max_msg_size=api._max_frame, heartbeat=15.0, timeout=aiohttp.ClientWSTimeout(10)
-        ) as ws:
-            client = YjsClient(ws, label)
-            writer = asyncio.create_task(client.writer())
+        this = asyncio.current_task()
+        assert this is not None
+        async with asyncio.timeout(_DIAL_WITHIN):
+            ws = await self._session.ws_connect(
+                url,
+                max_msg_size=api._max_frame,
+                heartbeat=15.0,  # (no receive timeout: an idle room is not a dead one)
+                timeout=aiohttp.ClientWSTimeout(ws_close=_DIAL_WITHIN),
+            )
+
+        def abort() -> None:
+            this.cancel()
+
+        async with ws:
+            client = YjsClient(ws, label, abort)
+            client.start()
             sinks = None
             try:
                 if label == _DIRECTORY:
@@ -142,9 +161,8 @@ class Relay:
                     sinks = api._yjs_rooms.setdefault(label, set())
                     sinks.add(client)
                     doc = api._docs.get(label)
-                    client.send(
-                        sync_message(STEP1, _EMPTY_SV if doc is None else doc.state_vector())
-                    )
+                    sv = _EMPTY_SV if doc is None else doc.state_vector()
+                    client.send(sync_message(STEP1, sv))
                 self.connected.add(label)
                 async for msg in ws:
                     if msg.type is not aiohttp.WSMsgType.BINARY:
@@ -155,7 +173,7 @@ class Relay:
                         self._on_directory(client, msg.data)
                     else:
                         await handle_message(api, client, msg.data, None)
-                    if writer.done():
+                    if client.writer_failed:
                         break
             finally:
                 self.connected.discard(label)
@@ -165,9 +183,7 @@ class Relay:
                     sinks.discard(client)
                     if not sinks and api._yjs_rooms.get(label) is sinks:
                         del api._yjs_rooms[label]
-                writer.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await writer
+                await client.stop()
 
     def _on_directory(self, client: YjsClient, data: bytes) -> None:
         r = ByteReader(data)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import WSMsgType, web
@@ -38,6 +39,9 @@ _EMPTY_SV = b"\x00"
 _EMPTY_UPDATE = b"\x00\x00"
 _QUEUE_BYTES = 64 << 20
 """Past this much unsent to one client, it is disconnected (it reconnects and resyncs)."""
+_CLOSE_WITHIN = 2.0
+"""Seconds a closing handshake may take before the connection is cut (a client that
+does not read never lets it finish)."""
 
 
 def sync_message(step: int, payload: bytes) -> bytes:
@@ -53,36 +57,85 @@ class UpdateSink(Protocol):
 class _WebSocket(Protocol):
     async def send_bytes(self, data: bytes) -> None: ...
 
-    async def close(self, *, code: int = ..., message: bytes = ...) -> Any: ...
-
 
 class YjsClient:
     """One y-websocket connection (a client of ``/yjs/<ns>``, or this node's own
-    connection to a relay room): what the node sends goes through a bounded queue."""
+    connection to a relay room): what the node sends goes through a bounded queue, sent
+    by a writer task (``start``). ``abort`` cuts the connection at once: it is called
+    when the other side stops reading (nothing then could close it politely)."""
 
-    def __init__(self, ws: _WebSocket, namespace: str) -> None:
+    def __init__(
+        self,
+        ws: _WebSocket,
+        namespace: str,
+        abort: Callable[[], None],
+        close: Callable[[int, bytes], Awaitable[object]] | None = None,
+    ) -> None:
         self.ws = ws
         self.namespace = namespace
+        self._abort = abort
+        self._close = close
+        """A closing handshake that does not wait for the socket to drain (None: none)."""
         self._queue: deque[bytes] = deque()
         self._queued = 0
         self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
         self.closed = False
+
+    def start(self) -> None:
+        self._writer = asyncio.get_running_loop().create_task(self._write())
+
+    async def stop(self) -> None:
+        """Stop the writer (what is queued is dropped)."""
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+
+    @property
+    def writer_failed(self) -> bool:
+        return self._writer is not None and self._writer.done()
 
     def send(self, message: bytes) -> None:
         if self.closed:
             return
         if self._queued + len(message) > _QUEUE_BYTES:
-            log.warning("yjs: closing a client of %r: it does not read", self.namespace)
-            self.closed = True
-        else:
-            self._queue.append(message)
-            self._queued += len(message)
+            log.warning("yjs: cutting a connection for %r: it does not read", self.namespace)
+            self.cut()
+            return
+        self._queue.append(message)
+        self._queued += len(message)
         self._wake.set()
 
     def send_update(self, update: bytes) -> None:
         self.send(sync_message(UPDATE, update))
 
-    async def writer(self) -> None:
+    def cut(self) -> None:
+        """Drop the connection now, whatever the other side does."""
+        if self.closed:
+            return
+        self.closed = True
+        self._queue.clear()
+        self._queued = 0
+        if self._writer is not None:
+            self._writer.cancel()
+        self._abort()
+
+    async def close(self, code: int, reason: bytes) -> None:
+        """A closing handshake if the other side takes part within ``_CLOSE_WITHIN``
+        seconds, else ``cut``."""
+        await self.stop()
+        if self.closed:
+            return
+        try:
+            if self._close is not None:
+                async with asyncio.timeout(_CLOSE_WITHIN):
+                    await self._close(code, reason)
+        except TimeoutError:
+            pass
+        finally:
+            self.cut()  # whatever is left of the connection goes now
+
+    async def _write(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -90,9 +143,6 @@ class YjsClient:
                 message = self._queue.popleft()
                 self._queued -= len(message)
                 await self.ws.send_bytes(message)
-            if self.closed:
-                await self.ws.close(code=1013, message=b"too slow")
-                return
 
 
 def add_yjs_routes(app: web.Application, api: ConversationsApi) -> None:
@@ -107,10 +157,10 @@ def add_yjs_routes(app: web.Application, api: ConversationsApi) -> None:
         return await _serve(request, api, ns)
 
     async def end_clients(_app: web.Application) -> None:
-        for room in list(api._yjs_rooms.values()):
-            for client in list(room):
-                if isinstance(client, YjsClient):
-                    await client.ws.close(code=1001, message=b"node closing")
+        clients = [c for room in api._yjs_rooms.values() for c in room]
+        await asyncio.gather(
+            *(c.close(1001, b"node closing") for c in clients if isinstance(c, YjsClient))
+        )
 
     app.router.add_get("/yjs/{namespace}", handle)
     app.on_shutdown.append(end_clients)
@@ -119,10 +169,19 @@ def add_yjs_routes(app: web.Application, api: ConversationsApi) -> None:
 async def _serve(request: web.Request, api: ConversationsApi, ns: str) -> web.StreamResponse:
     ws = web.WebSocketResponse(max_msg_size=api._max_frame, heartbeat=15.0)
     await ws.prepare(request)
-    client = YjsClient(ws, ns)
+
+    def abort() -> None:
+        if request.transport is not None:
+            request.transport.abort()
+
+    def close(code: int, reason: bytes) -> Awaitable[bool]:
+        # Not drained: a client that does not read would hold the close forever.
+        return ws.close(code=code, message=reason, drain=False)
+
+    client = YjsClient(ws, ns, abort, close)
     room: set[UpdateSink] = api._yjs_rooms.setdefault(ns, set())
     room.add(client)
-    writer = asyncio.ensure_future(client.writer())
+    client.start()
     try:
         doc = api._docs.get(ns)
         client.send(sync_message(STEP1, _EMPTY_SV if doc is None else doc.state_vector()))
@@ -131,22 +190,23 @@ async def _serve(request: web.Request, api: ConversationsApi, ns: str) -> web.St
                 if msg.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
                     break
                 continue  # text: not part of the protocol; ignored like unknown types
+            if client.closed:
+                break  # cut (it does not read): nothing it sends counts any more
             try:
                 await handle_message(api, client, msg.data, room)
             except ProtocolError as exc:
                 log.warning("yjs: closing a client of %r: %s", ns, exc)
-                await ws.close(code=4000, message=str(exc)[:120].encode())
+                await client.close(4000, str(exc)[:120].encode())
                 break
-            if writer.done():
-                break  # it closed the socket (too slow) or failed
+            if client.writer_failed:
+                break  # the connection failed under the writer
     except ClosedError:
-        await ws.close(code=1001, message=b"node closing")
+        await client.close(1001, b"node closing")
     finally:
         room.discard(client)
         if not room and api._yjs_rooms.get(ns) is room:
             del api._yjs_rooms[ns]
-        writer.cancel()
-        await asyncio.gather(writer, return_exceptions=True)
+        await client.stop()
     return ws
 
 
