@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers import hand_driven_peer, pack, url_of, wait_for
-from subcog_crdt import ConversationsApi, InvalidArgument
+from subcog_crdt import ConversationsApi, InvalidArgument, _peering
 from subcog_crdt._peering import F_BARRIER, F_BARRIER_ACK
 from support.nodeproc import NodeProc, stop_all
 from test_processes import free_port
@@ -126,3 +126,33 @@ async def test_a_bad_barrier_frame_ends_the_link_and_changes_nothing(frame: list
         assert "barrier" in ours.close_reason
         assert api.state_hash("d") == before
         assert api.peers() == []
+
+
+async def test_settle_covers_live_updates_dropped_for_a_full_queue(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Live updates that do not fit the link's queue are dropped and resent by a resync
+    (docs/protocol.md, "Backpressure"). Found in review: that resync started only once
+    the queue drained, after settle's barrier, so the peer could confirm before it had
+    them when its first answer and its state vector came in separate messages (here they
+    come together, so this test passes without the fix too: it guards the path, it does
+    not reproduce that timing). A queue of 2 frames makes a burst of captures overflow."""
+    monkeypatch.setattr(_peering, "_QUEUE_FRAMES", 2)
+    async with (
+        ConversationsApi(**LOOPBACK) as a,
+        ConversationsApi(peers=[url_of(a)], **LOOPBACK) as b,
+    ):
+        assert [p.node_id for p in await b.settle(timeout=10)] == [a.node_id]
+        s = await b.register_session("burst")
+        await s.capture("d", "first, so both hold the namespace")
+        assert await b.settle(timeout=10)
+        link = b._links[a.node_id]
+        ids = []
+        for i in range(200):  # no await yields the loop to the link's writer meanwhile
+            ids.append((await s.capture("d", f"burst {i}")).id)
+            if link._overflowed:
+                break
+        assert link._overflowed, "the queue never overflowed: the test proves nothing"
+        assert [p.node_id for p in await b.settle(timeout=10)] == [a.node_id]
+        missing = [i for i in ids if i not in {m.id for m in a.memories("d")}]
+        assert missing == []

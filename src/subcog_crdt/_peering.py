@@ -450,6 +450,13 @@ class PeerSync:
         the link ended first."""
         if self._closed:
             return False
+        if self._overflowed:
+            # Live updates were dropped for this peer (a full queue, one too large): the
+            # resync that sends them would start only once the queue drains, after this
+            # barrier. Asked first, the peer's state vectors come back before its answer,
+            # and this node's step 2s go out before the next barrier.
+            self._overflowed = False
+            self.request_resync()
         self._barrier_seq += 1
         token = self._barrier_seq
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
