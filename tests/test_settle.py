@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from helpers import hand_driven_peer, pack, url_of, wait_for
 from subcog_crdt import ConversationsApi, InvalidArgument, _peering
-from subcog_crdt._peering import F_BARRIER, F_BARRIER_ACK
+from subcog_crdt._peering import F_BARRIER, F_BARRIER_ACK, F_RESYNC
 from support.nodeproc import NodeProc, stop_all
 from test_processes import free_port
 
@@ -156,3 +157,37 @@ async def test_settle_covers_live_updates_dropped_for_a_full_queue(
         assert [p.node_id for p in await b.settle(timeout=10)] == [a.node_id]
         missing = [i for i in ids if i not in {m.id for m in a.memories("d")}]
         assert missing == []
+
+
+async def test_a_pending_overflow_resync_is_asked_before_the_barrier() -> None:
+    """The order that makes the test above hold whatever the timing: with live updates
+    dropped for the peer (``_overflowed``) and the link idle, settle's barrier goes out
+    after the resync request (frame 7), so the peer's state vectors come back before its
+    answer."""
+    async with ConversationsApi(listen=False, discovery=()) as api:
+        ours, theirs = await hand_driven_peer(api)
+
+        def frames() -> list[list[object]]:
+            out = []
+            for message in ours.sent_frames:
+                unpacker = msgpack.Unpacker(raw=False)
+                unpacker.feed(message)
+                out.extend(unpacker)
+            return out
+
+        s = await api.register_session("me", subscribe=["d"])
+        await s.capture("d", "held by the node")
+        peer = api._links["hostile"]
+        # The link idle: the update went out and nothing is queued.
+        await wait_for(lambda: any(f[:2] == [3, "d"] for f in frames()), 10, "the update")
+        await wait_for(lambda: not peer._queue and not peer._busy, 10, "an idle link")
+        peer._overflowed = True  # as if live updates had been dropped for it
+        call = asyncio.ensure_future(api.settle(timeout=10))
+        await wait_for(lambda: [F_BARRIER, 1] in frames(), 10, "the barrier")
+        sent = frames()
+        assert [F_RESYNC, "d"] in sent
+        assert sent.index([F_RESYNC, "d"]) < sent.index([F_BARRIER, 1])
+        await theirs.send(pack([F_BARRIER_ACK, 1]))
+        await wait_for(lambda: [F_BARRIER, 2] in frames(), 10, "round two's barrier")
+        await theirs.send(pack([F_BARRIER_ACK, 2]))
+        assert [p.node_id for p in await call] == ["hostile"]
