@@ -34,18 +34,16 @@ from subcog_crdt._core.schema import (
     copy_json,
     prepare_fields,
 )
-from subcog_crdt._core.ydecode import UpdateDecodeError, read_update
 from subcog_crdt._errors import (
     ClosedError,
     CorruptStorage,
     InvalidArgument,
     InvalidNamespace,
     NotFound,
-    ProtocolError,
     SubcogError,
 )
 from subcog_crdt._lifecycle import Resume, cancel_and_wait, start_now
-from subcog_crdt._peering import F_PEERS, PeerSync
+from subcog_crdt._peering import F_PEERS, PeerSync, content_blocks
 from subcog_crdt._session import Session, SyncBatch
 from subcog_crdt._sessions import SessionRegistry
 from subcog_crdt._storage.base import Durability, JournalRecord, Retention, Storage
@@ -596,11 +594,7 @@ class ConversationsApi:
             return
         doc = self._docs.get(ns)
         if doc is None:
-            try:
-                blocks = read_update(update, "").blocks
-            except UpdateDecodeError as exc:
-                raise ProtocolError(f"invalid Yjs update for {ns!r}: {exc}") from exc
-            if not blocks:
+            if not content_blocks(ns, update):
                 return  # nothing to hold: do not create the namespace for it
             doc = self._ensure_doc(ns)
         events = doc.apply_update(update)

@@ -69,7 +69,7 @@ from subcog_crdt._transport.base import DEFAULT_MAX_FRAME, Link
 if TYPE_CHECKING:
     from subcog_crdt._api import ConversationsApi
 
-__all__ = ["F_UPDATE", "YIELD_TO_LOCAL_PEERS", "PeerSync", "is_live_update"]
+__all__ = ["F_UPDATE", "YIELD_TO_LOCAL_PEERS", "PeerSync", "content_blocks", "is_live_update"]
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +196,15 @@ def _pack(frame: Any) -> bytes:
 async def _raise_after(pending: Awaitable[None], exc: Exception) -> None:
     await pending
     raise exc
+
+
+def content_blocks(ns: str, update: bytes) -> list[tuple[int, int, int]]:
+    """The blocks of content ``update`` holds for ``ns`` (empty: nothing to hold, a
+    namespace is not created for it); ``ProtocolError`` if it is no Yjs update."""
+    try:
+        return read_update(update, "").blocks
+    except UpdateDecodeError as exc:
+        raise ProtocolError(f"invalid Yjs update for {ns!r}: {exc}") from exc
 
 
 class PeerSync:
@@ -872,10 +881,7 @@ class PeerSync:
             self._warn_once("adopt", "creates no more namespaces for it (limit reached)")
             return False
         if blocks is None:
-            try:
-                blocks = read_update(update, "").blocks
-            except UpdateDecodeError as exc:
-                raise ProtocolError(f"invalid Yjs update for {ns!r}: {exc}") from exc
+            blocks = content_blocks(ns, update)
         if not blocks:
             return False  # nothing to hold
         try:
