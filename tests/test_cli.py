@@ -214,7 +214,7 @@ def test_a_capture_no_peer_confirmed_fails_without_a_data_dir(mesh: Mesh) -> Non
     assert r.returncode == 1
     assert r.stdout == ""
     assert r.stderr == (
-        "subcog-crdt: error: not stored anywhere: no peer reachable; "
+        "subcog-crdt: error: not stored anywhere: no peer reachable (that keeps it); "
         "pass --data-dir to keep it locally\n"
     )
 

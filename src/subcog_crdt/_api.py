@@ -87,6 +87,9 @@ class PeerInfo:
     namespaces: tuple[str, ...]
     """Namespaces this node syncs with it, as this node sees them: the peer may keep some
     of them private (it never names those) and then ignores what it gets for them."""
+    transient: bool = False
+    """The peer was opened with ``transient=True`` (a one-shot command): a write it
+    confirms (``settle``) leaves with it, so it does not count as kept."""
 
 
 def _check_relay(relay: object, secret: str | bytes | None) -> None:
@@ -208,6 +211,9 @@ class ConversationsApi:
             ``$XDG_RUNTIME_DIR``).
         ssl: a TLS context for the server (peers then dial ``wss://``).
         client_ssl: a TLS context for dialling ``wss://`` peers.
+        transient: this node lives for one short command (the CLI's one-shot nodes):
+            its peers learn it from the hello (``PeerInfo.transient``), so a write that
+            only such a node confirmed is not taken for kept.
     """
 
     def __init__(
@@ -234,6 +240,7 @@ class ConversationsApi:
         discovery_dir: str | os.PathLike[str] | None = None,
         ssl: SSLContext | None = None,
         client_ssl: SSLContext | None = None,
+        transient: bool = False,
     ) -> None:
         if durability not in ("process", "fsync"):
             raise InvalidArgument(f"durability must be 'process' or 'fsync', not {durability!r}")
@@ -295,6 +302,8 @@ class ConversationsApi:
         if relay is not None:
             _check_relay(relay, mesh_secret)
         self._relay = relay
+        check_bool("transient", transient)
+        self._transient = transient
         self._close_requested = False
         self._open_done: asyncio.Event | None = None
         self._closing: asyncio.Task[None] | None = None
@@ -1213,7 +1222,9 @@ class ConversationsApi:
 
     @staticmethod
     def _peer_info(p: PeerSync) -> PeerInfo:
-        return PeerInfo(p.node_id, p.url, p.link.peer.user_id, tuple(sorted(p.shared)))
+        return PeerInfo(
+            p.node_id, p.url, p.link.peer.user_id, tuple(sorted(p.shared)), p.peer_transient
+        )
 
     # -- reading -----------------------------------------------------------------------
 

@@ -219,6 +219,9 @@ class PeerSync:
         self.peer_peers: frozenset[str] = frozenset()
         self.peer_max_frame = DEFAULT_MAX_FRAME
         """The largest frame the peer accepts (its hello says; the default if it does not)."""
+        self.peer_transient = False
+        """The peer lives for one short command (its hello says): what it holds goes
+        with it."""
         self.shared: set[str] = set()
         """Namespaces synced with this peer: this node holds them and both sides sync them."""
         self.offered: set[str] = set()
@@ -517,8 +520,10 @@ class PeerSync:
             sessions,
             linked,
         ]
-        if api._max_frame != DEFAULT_MAX_FRAME:
+        if api._max_frame != DEFAULT_MAX_FRAME or api._transient:
             hello.append(api._max_frame)  # absent: the default
+        if api._transient:
+            hello.append(True)  # absent: false
         if len(_pack(hello)) <= _SMALL_FRAME:
             self.send(hello)
             return
@@ -817,6 +822,10 @@ class PeerSync:
             if type(peer_max) is not int or peer_max < 1:
                 raise ProtocolError("bad hello max_frame")
             self.peer_max_frame = peer_max
+        transient = frame[6] if len(frame) > 6 else False
+        if not isinstance(transient, bool):
+            raise ProtocolError("bad hello transient flag")
+        self.peer_transient = transient
         self._hello_seen = True
         # Never above ours (the transport refuses to send more); a peer claiming less than
         # a chunk plus its frame header gets what it asked for anyway.

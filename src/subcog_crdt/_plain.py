@@ -7,7 +7,7 @@ shapes. Datetimes are ISO 8601 strings in UTC; tuples are lists.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from subcog_crdt._core.events import Captured, Conflict, Event, Lagged, Updated
@@ -31,7 +31,7 @@ __all__ = [
 
 
 def _iso(at: datetime | None) -> str | None:
-    return None if at is None else at.isoformat()
+    return None if at is None else at.astimezone(UTC).isoformat()
 
 
 def _values(changes: Any) -> Any:
@@ -39,7 +39,7 @@ def _values(changes: Any) -> Any:
     out = copy_json(dict(changes))
     for name, value in out.items():
         if isinstance(value, datetime):
-            out[name] = value.isoformat()
+            out[name] = _iso(value)
         elif isinstance(value, tuple):
             out[name] = list(value)
     return out

@@ -131,7 +131,9 @@ def _discovery(args: argparse.Namespace) -> tuple[str, ...]:
     return ("local",) if args.no_mdns else ("local", "mdns")
 
 
-def _node(args: argparse.Namespace) -> ConversationsApi:
+def _node(args: argparse.Namespace, *, transient: bool = True) -> ConversationsApi:
+    """The command's node: ``transient`` unless it serves for as long as it runs
+    (``run``, ``mcp``)."""
     return ConversationsApi(
         data_dir=args.data_dir,
         user_id=args.user_id,
@@ -142,6 +144,7 @@ def _node(args: argparse.Namespace) -> ConversationsApi:
         discovery=_discovery(args),
         durability=args.durability,
         discovery_dir=args.discovery_dir,
+        transient=transient,
     )
 
 
@@ -166,11 +169,13 @@ async def _capture(args: argparse.Namespace) -> int:
         session = await api.register_session(args.session)
         mem = await session.capture(args.namespace, args.content, tags=args.tag)
         # The capture is in this node only until a peer confirms it: an in-memory node
-        # about to exit must not report success for a memory nobody keeps.
-        confirmed = await _settle(api, args)
+        # about to exit must not report success for a memory nobody keeps. Another
+        # one-shot command's node confirms too, but exits as this one does.
+        confirmed = [p for p in await _settle(api, args) if not p.transient]
         if api.data_dir is None and not confirmed:
             raise CliError(
-                "not stored anywhere: no peer reachable; pass --data-dir to keep it locally"
+                "not stored anywhere: no peer reachable (that keeps it); pass --data-dir "
+                "to keep it locally"
             )
         if not confirmed:
             _err(f"stored in {api.data_dir} only: no peer reachable")
@@ -291,7 +296,7 @@ async def _watch_events(session: Session, as_json: bool) -> None:
 
 async def _run(args: argparse.Namespace) -> int:
     stop = _stop_on_signals()
-    async with _node(args) as api:
+    async with _node(args, transient=False) as api:
         # A session only when asked for: each one registered on a durable node is kept
         # there (its cursor), and a node without subscriptions has no events to show.
         session = None
@@ -342,18 +347,23 @@ async def _mcp(args: argparse.Namespace) -> int:
             return _missing_mcp()
         raise
     stop = _stop_on_signals()
-    async with _node(args) as api:
+    async with _node(args, transient=False) as api:
         server = asyncio.create_task(
             serve_stdio(api, session_id=args.session, subscribe=args.subscribe or None)
         )
         done, _ = await _first(stop.wait(), server)
-        if not done:  # a signal: the client did not close stdin, end the server anyway
-            server.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await server
-        else:
-            server.result()
-    return 0
+        if done:
+            server.result()  # the client closed stdin
+            return 0
+        # A signal while the client keeps stdin open. The SDK reads stdin in a thread
+        # that no cancellation stops (nor would the interpreter's exit: it joins that
+        # thread), so: close the node (its writes stored, its registry entry gone), then
+        # leave at once.
+        server.cancel()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(0)
 
 
 def _missing_mcp() -> int:

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
@@ -64,13 +64,14 @@ def _tool_errors() -> Iterator[None]:
 def _since(value: str | int) -> str | int | datetime:
     if isinstance(value, int) or value == "last":
         return value
-    if value.isdigit():
-        return int(value)
     try:
+        if value.isascii() and value.isdigit():
+            return int(value)  # (ValueError past Python's digit limit)
         return datetime.fromisoformat(value)
     except ValueError:
         raise ToolError(
-            f"since must be 'last', a cursor (an integer) or an ISO 8601 datetime, not {value!r}"
+            "since must be 'last', a cursor (an integer) or an ISO 8601 datetime, "
+            f"not {value[:40]!r}"
         ) from None
 
 
@@ -220,11 +221,14 @@ def build_server(api: ConversationsApi, *, default_session: str | None = None) -
         status: str | None = None,
         source: str | None = None,
         expires_at: str | None = None,
+        clear: list[Literal["domain", "status", "source", "expires_at"]] | None = None,
         expected_version: int | None = None,
         session_id: str | None = None,
     ) -> dict[str, Any]:
-        """Change fields of a memory (only those given). With ``expected_version``, a
-        memory changed since that version is refused (ConflictError) and left as it is."""
+        """Change fields of a memory (only those given; null means "not given"), and
+        remove the optional ones named in ``clear`` (``expires_at``: it no longer
+        expires). With ``expected_version``, a memory changed since that version is
+        refused (ConflictError) and left as it is."""
         s = tools.session(session_id)
         given = {
             "content": content,
@@ -235,9 +239,13 @@ def build_server(api: ConversationsApi, *, default_session: str | None = None) -
             "source": source,
             "expires_at": expires_at,
         }
-        fields = {k: v for k, v in given.items() if v is not None}
+        fields: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+        for name in clear or ():
+            if fields.get(name) is not None:
+                raise ToolError(f"{name} is both given and cleared")
+            fields[name] = None
         if not fields:
-            raise ToolError("nothing to update: give at least one field")
+            raise ToolError("nothing to update: give at least one field, or clear one")
         with _tool_errors():
             m = await s.update(memory_id, expected_version=expected_version, **fields)
         return memory_plain(m)
