@@ -221,6 +221,13 @@ hostile_frames = st.one_of(
         st.sampled_from(["d", "other"]),
         st.binary(max_size=200),
     ),
+    # Barriers and their answers (frames 8 and 9), well-formed or not: a node answers a
+    # barrier, ignores an answer to none of its own, and refuses a bad one.
+    st.builds(
+        lambda kind, token: msgpack.packb([kind, token], use_bin_type=True),
+        st.sampled_from([8, 9]),
+        st.one_of(st.integers(-(2**63), 2**64 - 1), st.text(max_size=5), st.none()),
+    ),
 )
 
 
