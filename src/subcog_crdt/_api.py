@@ -922,7 +922,8 @@ class ConversationsApi:
                     continue
                 for u in updates:
                     peer.push_update(ns, origin, u)
-        if updates and self._yjs_rooms:
+        if updates and source is not None and self._yjs_rooms:
+            # A peer's update (a local write went to Yjs clients already, _push_local).
             self._to_yjs_clients(ns, updates)
         self._bus.publish(events)
         return doc, updates, records

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from mcp.server.mcpserver import MCPServer
@@ -67,12 +67,14 @@ def _since(value: str | int) -> str | int | datetime:
     try:
         if value.isascii() and value.isdigit():
             return int(value)  # (ValueError past Python's digit limit)
-        return datetime.fromisoformat(value)
+        at = datetime.fromisoformat(value)
     except ValueError:
         raise ToolError(
             "since must be 'last', a cursor (an integer) or an ISO 8601 datetime, "
             f"not {value[:40]!r}"
         ) from None
+    # Without an offset: UTC, as every time these tools return.
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 class _Tools:
