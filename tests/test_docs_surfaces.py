@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from subcog_crdt._core.ydecode import varuint_bytes
 from subcog_crdt._relay import MAX_ROOMS
 from subcog_crdt._yjs import _CLOSE_WITHIN, _QUEUE_BYTES, STEP2, UPDATE, sync_message
 from subcog_crdt.cli import SECRET_ENV, build_parser
+from support.mcpclient import call, call_error, mcp_server
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -331,37 +332,11 @@ def test_cli_one_shot_interrupted_exits_130_with_its_node_closed(tmp_path: Path)
 # -- MCP ---------------------------------------------------------------------------------
 
 
-@asynccontextmanager
-async def mcp_agent(tmp: Path, *args: str, env: dict[str, str] | None = None) -> AsyncIterator[Any]:
-    from mcp.client.session import ClientSession
-    from mcp.client.stdio import StdioServerParameters, stdio_client
-
+def mcp_agent(
+    tmp: Path, *args: str, env: dict[str, str] | None = None
+) -> AbstractAsyncContextManager[Any]:
     (tmp / "cwd").mkdir(exist_ok=True)
-    params = StdioServerParameters(
-        command=sys.executable,
-        args=["-m", "subcog_crdt", "mcp", "--no-discovery", *args],
-        env=env,
-        cwd=tmp / "cwd",
-    )
-    with open(tmp / "mcp-server.log", "a") as errlog:
-        async with (
-            stdio_client(params, errlog=errlog) as (read, write),
-            ClientSession(read, write) as session,
-        ):
-            await session.initialize()
-            yield session
-
-
-async def call(client: Any, tool: str, **arguments: Any) -> Any:
-    result = await client.call_tool(tool, arguments)
-    assert not result.is_error, f"{tool} failed: {result.content}"
-    return result.structured_content
-
-
-async def call_error(client: Any, tool: str, **arguments: Any) -> str:
-    result = await client.call_tool(tool, arguments)
-    assert result.is_error, f"{tool} succeeded: {result.structured_content}"
-    return " ".join(getattr(c, "text", "") for c in result.content)
+    return mcp_server(["--no-discovery", *args], tmp / "mcp-server.log", env=env, cwd=tmp / "cwd")
 
 
 MEMORY_KEYS = {

@@ -13,17 +13,15 @@ server's ``since="last"`` resumes exactly once across a restart."""
 from __future__ import annotations
 
 import contextlib
-import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 pytest.importorskip("mcp")  # the dev extra installs it; `make test` always has it
 
 from mcp.client.session import ClientSession
-from mcp.client.stdio import StdioServerParameters, stdio_client
+
+from support.mcpclient import call, call_error, mcp_server
 
 DESIGN_TOOLS = {
     "subcog_session_register",
@@ -37,34 +35,9 @@ DESIGN_TOOLS = {
 }
 
 
-@contextlib.asynccontextmanager
-async def agent(registry: Path, *args: str) -> AsyncIterator[ClientSession]:
+def agent(registry: Path, *args: str) -> contextlib.AbstractAsyncContextManager[ClientSession]:
     """An MCP client connected to a fresh ``subcog-crdt mcp`` server process."""
-    params = StdioServerParameters(
-        command=sys.executable,
-        args=["-m", "subcog_crdt", "mcp", "--discovery-dir", str(registry), *args],
-    )
-    with open(registry.parent / "mcp-server.log", "a") as errlog:
-        async with (
-            stdio_client(params, errlog=errlog) as (read, write),
-            ClientSession(read, write) as session,
-        ):
-            await session.initialize()
-            yield session
-
-
-async def call(client: ClientSession, tool: str, **arguments: Any) -> Any:
-    """A tool's structured result; fails the test on a tool error."""
-    result = await client.call_tool(tool, arguments)
-    assert not result.is_error, f"{tool} failed: {result.content}"
-    return result.structured_content
-
-
-async def call_error(client: ClientSession, tool: str, **arguments: Any) -> str:
-    """The text of a tool error (fails the test if the call succeeded)."""
-    result = await client.call_tool(tool, arguments)
-    assert result.is_error, f"{tool} succeeded: {result.structured_content}"
-    return " ".join(getattr(c, "text", "") for c in result.content)
+    return mcp_server(["--discovery-dir", str(registry), *args], registry.parent / "mcp-server.log")
 
 
 async def test_two_agents_share_one_memory_live(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,11 @@ import pytest
 pytest.importorskip("mcp")
 
 from mcp.client.session import ClientSession
-from mcp.client.stdio import StdioServerParameters, stdio_client
 
 from subcog_crdt.cli import SECRET_ENV
+from support.mcpclient import call as ok
+from support.mcpclient import call_error as error_text
+from support.mcpclient import mcp_server
 
 NS = "d"
 
@@ -83,33 +85,11 @@ def procs() -> Iterator[list[subprocess.Popen[str]]]:
                     f.close()
 
 
-@contextlib.asynccontextmanager
-async def agent(registry: Path, *args: str) -> AsyncIterator[ClientSession]:
+def agent(registry: Path, *args: str) -> contextlib.AbstractAsyncContextManager[ClientSession]:
     """The official MCP client on a fresh ``subcog-crdt mcp`` process."""
-    params = StdioServerParameters(
-        command=sys.executable,
-        args=["-m", "subcog_crdt", "mcp", "--discovery-dir", str(registry), *args],
-        env=_env(),
+    return mcp_server(
+        ["--discovery-dir", str(registry), *args], registry.parent / "mcp-server.log", env=_env()
     )
-    with open(registry.parent / "mcp-server.log", "a") as errlog:
-        async with (
-            stdio_client(params, errlog=errlog) as (read, write),
-            ClientSession(read, write) as session,
-        ):
-            await session.initialize()
-            yield session
-
-
-async def ok(client: ClientSession, tool: str, **arguments: Any) -> Any:
-    result = await client.call_tool(tool, arguments)
-    assert not result.is_error, f"{tool} failed: {result.content}"
-    return result.structured_content
-
-
-async def error_text(client: ClientSession, tool: str, **arguments: Any) -> str:
-    result = await client.call_tool(tool, arguments)
-    assert result.is_error, f"{tool} succeeded: {result.structured_content}"
-    return " ".join(getattr(c, "text", "") for c in result.content)
 
 
 # -- MCP: bugs ---------------------------------------------------------------------------
