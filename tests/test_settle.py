@@ -15,7 +15,7 @@ import pytest
 
 from helpers import hand_driven_peer, pack, url_of, wait_for
 from subcog_crdt import ConversationsApi, InvalidArgument, _peering
-from subcog_crdt._peering import F_BARRIER, F_BARRIER_ACK, F_RESYNC
+from subcog_crdt._peering import F_BARRIER, F_BARRIER_ACK, F_RESYNC, F_SESSIONS
 from support.nodeproc import NodeProc, stop_all
 from test_processes import free_port
 
@@ -191,3 +191,44 @@ async def test_a_pending_overflow_resync_is_asked_before_the_barrier() -> None:
         await wait_for(lambda: [F_BARRIER, 2] in frames(), 10, "round two's barrier")
         await theirs.send(pack([F_BARRIER_ACK, 2]))
         assert [p.node_id for p in await call] == ["hostile"]
+
+
+async def test_settle_confirms_a_discovered_peer_that_dialled_this_node_first() -> None:
+    """Found in review: discovery reports a node whose link is already up (it dialled this
+    node first, the usual case when both discover each other). The redial loop then made
+    no dial, so ``first_dials`` waited out the whole timeout and settle confirmed
+    nobody."""
+    async with (
+        ConversationsApi(**LOOPBACK) as b,
+        ConversationsApi(peers=[url_of(b)], **LOOPBACK) as a,
+    ):
+        await wait_for(lambda: a.node_id in b._links, 10, "a linked to b")
+        # What discovery's on_found does for a node it found (src/subcog_crdt/_network.py).
+        b._transport.add_peer(url_of(a), node_id=a.node_id)
+        confirmed = await b.settle(timeout=3)
+        assert [p.node_id for p in confirmed] == [a.node_id]
+
+
+async def test_a_closing_node_answers_no_barrier() -> None:
+    """Found in review: closing, a node drops the updates peers send (they stay with the
+    peer), but it still answered their barriers, telling a one-shot writer its write was
+    stored here."""
+    a = ConversationsApi(listen=False, discovery=())
+    await a.open()
+    ours, theirs = await hand_driven_peer(a)
+    peer = a._links["hostile"]
+    a._state = type(a._state)("closed")  # what aclose() sets first, links still up
+    try:
+        x = {"id": "x", "user_id": "u", "subscriptions": []}
+        await theirs.send(pack([F_BARRIER, 77]) + pack([F_SESSIONS, [x]]))
+        await wait_for(lambda: any(s.id == "x" for s in a.sessions.list()), 10, "handled")
+        await wait_for(lambda: not peer._queue and not peer._busy, 10, "the queue sent")
+        frames = []
+        for message in ours.sent_frames:
+            unpacker = msgpack.Unpacker(raw=False)
+            unpacker.feed(message)
+            frames.extend(unpacker)
+        assert [F_BARRIER_ACK, 77] not in frames
+    finally:
+        a._state = type(a._state)("open")
+        await a.aclose()

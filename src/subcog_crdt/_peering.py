@@ -785,7 +785,10 @@ class PeerSync:
             if kind == F_BARRIER:
                 if len(self._acks_owed) >= _MAX_ACKS_OWED:
                     raise ProtocolError("too many barriers in one message")
-                self._acks_owed.append(frame[1])
+                # Closing, this node drops what peers send (_apply_remote): an answer
+                # would tell the peer its writes are stored here.
+                if self.api._state.value == "open":
+                    self._acks_owed.append(frame[1])
             elif self._large:
                 self._late_acks.append(frame[1])  # behind a large update still to apply
             else:

@@ -1707,6 +1707,9 @@ class WebSocketTransport:
                     delay = min(delay * 2, BACKOFF_CAP)
                     continue
             node_id = link.peer.node_id
+            # Linked (maybe by the peer's own dial, with no dial of ours): as good as a
+            # first dial for whoever waits on first_dials.
+            self._first_dial_done()
             await link.wait_closed()
             if time.monotonic() - link.opened_at >= STABLE_LINK:
                 delay = BACKOFF_START
