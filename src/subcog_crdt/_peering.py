@@ -486,6 +486,8 @@ class PeerSync:
                 fut.set_result(True)
 
     def _send_acks(self, tokens: list[int]) -> None:
+        if self.api._state.value != "open":
+            return  # closing: what came before may have been dropped (_apply_remote)
         for token in tokens:
             self.send([F_BARRIER_ACK, token])
 

@@ -131,4 +131,5 @@ def peer_plain(peer: PeerInfo) -> dict[str, Any]:
         "url": peer.url,
         "user_id": peer.user_id,
         "namespaces": list(peer.namespaces),
+        "transient": peer.transient,
     }

@@ -466,6 +466,7 @@ class LocalDiscovery(AsyncClosing):
             try:
                 live = await asyncio.to_thread(self._scan)
             except Exception as exc:
+                self._scanned.set()  # a settle() waiting on the first scan goes on
                 if repr(exc) != last_error:  # log each new problem once, not every poll
                     last_error = repr(exc)
                     log.warning(
