@@ -286,13 +286,14 @@ async def test_line_topology_converges_through_middle_node():
         ev = await events.next(5)
         assert isinstance(ev, Captured) and ev.source_session == "a1" and ev.memory.id == m.id
         await wait_for(lambda: converged([a, b, c], "d"))
-        # c lists its own session and those of its connected peer b (none: b hosts none
-        # yet); a's session is two hops away and not a connected peer's.
+        # c lists its own session, its linked peer b's and a's, two hops away (named
+        # with a's node id: a's record reached c through b).
         await b.register_session("b1")
-        await wait_for(lambda: len(c.sessions.list()) == 2, what="c sees b1")
+        await wait_for(lambda: len(c.sessions.list()) == 3, what="c sees b1 and a1")
         assert {(x.id, x.node_id, x.is_local) for x in c.sessions.list()} == {
             ("c1", c.node_id, True),
             ("b1", b.node_id, False),
+            ("a1", a.node_id, False),
         }
         assert {(x.id, x.node_id, x.is_local) for x in b.sessions.list()} == {
             ("b1", b.node_id, True),

@@ -641,9 +641,9 @@ async def test_session_limits() -> None:
 
 
 async def test_sessions_of_linked_peers_are_listed_and_go_with_the_link() -> None:
-    """index.md: api.sessions lists local sessions and those of directly linked peers
-    (is_local=False, their node_id); a session two hops away is not listed though its
-    events name it; a peer's sessions go when its link does."""
+    """index.md: api.sessions lists local sessions and those of the other nodes it
+    reaches (is_local=False, their node_id), two hops away too; its events name it; a
+    node's sessions go when the last way to it does."""
     a, b, c = (ConversationsApi(listen=False, discovery=()) for _ in range(3))
     async with a, b, c:
         sa = await a.register_session("sa", subscribe=["d"])
@@ -652,17 +652,21 @@ async def test_sessions_of_linked_peers_are_listed_and_go_with_the_link() -> Non
         stream = sa.events()
         la, _ = link(a, b)
         link(b, c)
-        await wait_for(lambda: len(a.sessions.list()) == 2, 10, "b's session listed on a")
+        await wait_for(lambda: len(a.sessions.list()) == 3, 10, "b's and c's sessions on a")
         remote = a.sessions.get("sb")
         assert (remote.is_local, remote.node_id) == (False, b.node_id)
         assert a.sessions.get("sa").is_local
+        assert (a.sessions.get("far").is_local, a.sessions.get("far").node_id) == (
+            False,
+            c.node_id,
+        )
         await far.capture("d", "from two hops away")
         ev = await stream.next(10)
         assert isinstance(ev, Captured)
         assert (ev.source_session, ev.node_id) == ("far", c.node_id)
-        assert [i.id for i in a.sessions.list()] == ["sa", "sb"]
+        assert [i.id for i in a.sessions.list()] == ["sa", "sb", "far"]
         await la.close()
-        await wait_for(lambda: len(a.sessions.list()) == 1, 10, "b's session gone")
+        await wait_for(lambda: len(a.sessions.list()) == 1, 10, "b's and c's sessions gone")
 
 
 async def test_events_filter_by_subscription_and_leave_out_own() -> None:

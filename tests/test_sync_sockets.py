@@ -228,6 +228,22 @@ hostile_frames = st.one_of(
         st.sampled_from([8, 9]),
         st.one_of(st.integers(-(2**63), 2**64 - 1), st.text(max_size=5), st.none()),
     ),
+    # Node records (frame 10), well-formed or not: a node keeps a valid one (it changes
+    # no document) and refuses a bad one.
+    st.builds(
+        lambda origin, seq, peers, sessions: msgpack.packb(
+            [10, origin, seq, peers, sessions], use_bin_type=True
+        ),
+        st.one_of(st.sampled_from(["far", "", "x" * 300]), st.integers(-5, 5), st.none()),
+        st.one_of(st.integers(-(2**63), 2**64 - 1), st.floats(), st.text(max_size=3)),
+        st.one_of(st.lists(st.sampled_from(["ffffffffffffffff", "far", ""]), max_size=3)),
+        st.lists(
+            st.fixed_dictionaries(
+                {"id": st.sampled_from(["s1", "", "a/b"]), "subscriptions": st.just(["d"])}
+            ),
+            max_size=3,
+        ),
+    ),
 )
 
 

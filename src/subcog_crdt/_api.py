@@ -43,9 +43,10 @@ from subcog_crdt._errors import (
     SubcogError,
 )
 from subcog_crdt._lifecycle import Resume, cancel_and_wait, start_now
-from subcog_crdt._peering import F_PEERS, PeerSync, content_blocks
+from subcog_crdt._mesh import MAX_FAR_NODES, MAX_FAR_SESSIONS, MeshMap
+from subcog_crdt._peering import F_PEERS, F_RECORD, PeerSync, content_blocks
 from subcog_crdt._session import Session, SyncBatch
-from subcog_crdt._sessions import SessionRegistry
+from subcog_crdt._sessions import SessionInfo, SessionRegistry
 from subcog_crdt._storage.base import Durability, JournalRecord, Retention, Storage
 from subcog_crdt._storage.memory import MemoryStorage
 from subcog_crdt._transport.auth import push_token
@@ -340,8 +341,14 @@ class ConversationsApi:
         self._sessions_sent_at = -_SESSIONS_EVERY
         self._bus = EventBus()
         self.sessions = SessionRegistry()
-        """The sessions this node knows: its own and those of connected peers
-        (``list()``, ``get(id)``)."""
+        """The sessions this node knows: its own, those of its peers and those of the nodes
+        it reaches through them (``list()``, ``get(id)``)."""
+        self._mesh = MeshMap(self.node_id)
+        # This node's record (frame 10) is numbered from the clock, so a restarted node's
+        # records are newer than any of its previous run still travelling the mesh.
+        self._record_seq = time.time_ns()
+        self._record_due = False
+        self._mesh_warned = False
         self._links: dict[str, PeerSync] = {}
         self._yjs_rooms: dict[str, set[UpdateSink]] = {}
         """Where each namespace's changes go besides peers: Yjs clients of
@@ -408,6 +415,7 @@ class ConversationsApi:
         stored = await self._storage.open(self.node_id)
         if stored.node_id:
             self.node_id = stored.node_id
+            self._mesh = MeshMap(self.node_id)
         self._cursor = self._committed_cursor = stored.last_cursor
         self._saved_cursors = dict(stored.cursors)
         self._saved_subs = {}
@@ -764,6 +772,66 @@ class ConversationsApi:
         wire = self._sessions_wire()
         for peer in self._links.values():
             peer.send_sessions(wire)
+        self._announce()
+
+    # -- the mesh beyond this node's links (frame 10, _mesh) ----------------------------
+
+    def _announce(self) -> None:
+        """Flood this node's record (its links and sessions) soon: nodes beyond its links
+        learn its sessions from it. Debounced like the session list: a burst of link
+        changes sends one record."""
+        if self._record_due or self._state is not _State.OPEN:
+            return
+        self._record_due = True
+        asyncio.get_running_loop().call_later(_SESSIONS_EVERY, self._send_record)
+
+    def _send_record(self) -> None:
+        self._record_due = False
+        if self._state is not _State.OPEN:
+            return
+        self._record_seq += 1
+        links = sorted(self._links)
+        frame = [F_RECORD, self.node_id, self._record_seq, links, self._sessions_wire()]
+        for peer in self._links.values():
+            peer.send_record(frame)
+
+    def _on_record(
+        self,
+        source: PeerSync,
+        origin: str,
+        seq: int,
+        peers: frozenset[str],
+        sessions: tuple[SessionInfo, ...],
+    ) -> None:
+        """A node's record from ``source``: kept and forwarded to the other links if it
+        is newer than the one held."""
+        record = self._mesh.offer(origin, seq, peers, sessions)
+        if self._mesh.refused and not self._mesh_warned:
+            self._mesh_warned = True
+            log.warning(
+                "the mesh beyond this node's links passes its bounds (%d nodes, %d sessions):"
+                " some of its nodes or sessions are not listed",
+                MAX_FAR_NODES,
+                MAX_FAR_SESSIONS,
+            )
+        if record is None:
+            return
+        frame = record.frame(origin, F_RECORD)
+        for peer in self._links.values():
+            if peer is not source and peer.node_id != origin:
+                peer.send_record(frame)
+        self._remap()
+
+    def _send_records_to(self, peer: PeerSync) -> None:
+        """Every held record, to a new link (its other end may know none of them)."""
+        for origin, record in self._mesh.records():
+            if origin != peer.node_id:
+                peer.send_record(record.frame(origin, F_RECORD))
+
+    def _remap(self) -> None:
+        """Recompute which nodes beyond the links are reachable, and so their sessions."""
+        links = {node_id: peer.peer_peers for node_id, peer in self._links.items()}
+        self.sessions._set_far(self._mesh.walk(links))
 
     # -- writes ------------------------------------------------------------------------
 
@@ -1063,6 +1131,7 @@ class ConversationsApi:
             peer.send_hello()
             self._links[peer.node_id] = peer
             self._broadcast_peers()
+            self._send_records_to(peer)
         finally:
             waiter = self._link_waiters.pop(link, None)  # a connect() waiting for it
             if waiter is not None and not waiter.done():
@@ -1075,11 +1144,13 @@ class ConversationsApi:
                 self.sessions._drop_remote(peer.node_id)
                 if self._state is _State.OPEN:
                     self._broadcast_peers()
+                self._remap()
 
     def _broadcast_peers(self) -> None:
         ids = sorted(self._links)
         for peer in self._links.values():
             peer.send([F_PEERS, ids])
+        self._announce()
 
     def _write_behind(self, coro: Any) -> None:
         """Start a storage write now, in this call (its log append is ordered before any

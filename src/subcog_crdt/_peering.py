@@ -14,6 +14,8 @@ send is in flight, queued frames go out together in the next message). Frame typ
 ``[7, ns]``                                     send me your state vector (resync)
 ``[8, token]``                                  barrier: answer once everything before it is handled
 ``[9, token]``                                  the barrier's answer
+``[10, origin, seq, peers, sessions]``          a node's record: its links and sessions
+                                                (flooded: forwarded once if new here)
 
 Live updates are never echoed to the link they came from, and forwarded to a linked peer
 only when that peer is not itself linked to the update's origin; anti-entropy (step 1/2 on
@@ -58,6 +60,7 @@ from subcog_crdt._errors import (
     SubcogError,
 )
 from subcog_crdt._lifecycle import Resume, cancel_and_wait, start_now
+from subcog_crdt._mesh import check_record
 from subcog_crdt._sessions import (
     MAX_SESSIONS,
     MAX_SUBSCRIPTIONS,
@@ -69,7 +72,15 @@ from subcog_crdt._transport.base import DEFAULT_MAX_FRAME, Link
 if TYPE_CHECKING:
     from subcog_crdt._api import ConversationsApi
 
-__all__ = ["F_UPDATE", "YIELD_TO_LOCAL_PEERS", "PeerSync", "content_blocks", "is_live_update"]
+__all__ = [
+    "F_PEERS",
+    "F_RECORD",
+    "F_UPDATE",
+    "YIELD_TO_LOCAL_PEERS",
+    "PeerSync",
+    "content_blocks",
+    "is_live_update",
+]
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +95,8 @@ log = logging.getLogger(__name__)
     F_RESYNC,
     F_BARRIER,
     F_BARRIER_ACK,
-) = range(10)
+    F_RECORD,
+) = range(11)
 _MAX_ACKS_OWED = 1024  # barriers one message may ask this node to answer
 _MAX_DIFF = 1 << 30
 """Step-2 bytes being reassembled, all links and namespaces of a node together: a peer's
@@ -564,6 +576,17 @@ class PeerSync:
             self.send([F_SESSIONS, part, True])
         self.send([F_SESSIONS, parts[-1]])
 
+    def send_record(self, frame: list[Any]) -> None:
+        """Send a node's record (frame 10). One too large for the link goes without its
+        sessions (they are advisory; the link and reachability must not fail over them);
+        until the peer's hello has said its limit, only a small one goes whole."""
+        limit = (self._limit if self._hello_seen else _SMALL_FRAME) - 64
+        if len(_pack(frame)) > limit:
+            frame = [*frame[:4], []]
+            if len(_pack(frame)) > limit:
+                return  # its links alone pass the limit: this peer cannot learn of it
+        self.send(frame)
+
     def _fit(self, entry: dict[str, Any], bound: int) -> tuple[dict[str, Any], int]:
         """A session entry cut to the subscriptions that fit in ``bound`` bytes."""
         subs = entry["subscriptions"]
@@ -795,6 +818,8 @@ class PeerSync:
                 self._late_acks.append(frame[1])  # behind a large update still to apply
             else:
                 self._answered([frame[1]])
+        elif kind == F_RECORD:
+            self.api._on_record(self, *check_record(frame))
         else:
             raise ProtocolError(f"unknown frame type {kind}")
 
@@ -839,6 +864,7 @@ class PeerSync:
         self.peer_peers = frozenset(x for x in peers if isinstance(x, str))
         offered = [self._check_ns(x) for x in names]
         self._on_sessions(sessions, False)
+        self.api._remap()
         api = self.api
         for ns in sorted(api._shareable_namespaces()):
             if ns not in api._docs and self._exchanges(ns):
@@ -938,6 +964,7 @@ class PeerSync:
     def _on_peers(self, peers: frozenset[str]) -> None:
         lost = self.peer_peers - peers - {self.api.node_id}
         self.peer_peers = peers
+        self.api._remap()
         if lost:
             # While it listed them, live updates from them were not forwarded to it (it
             # was to get them directly). The link may have broken before they arrived:

@@ -45,33 +45,39 @@ class SessionInfo:
 
 
 class SessionRegistry:
-    """``api.sessions``: local sessions and those of the peers this node is linked to directly."""
+    """``api.sessions``: local sessions, those of the peers this node is linked to, and
+    those of the nodes it reaches through them (``_mesh``)."""
 
     def __init__(self) -> None:
         self._local: dict[str, Session] = {}
         self._remote: dict[str, tuple[SessionInfo, ...]] = {}
+        self._far: dict[str, tuple[SessionInfo, ...]] = {}
         self._subscriptions = 0
         """Subscriptions of the local sessions, together (bounded by MAX_SUBSCRIPTIONS)."""
 
     def list(self) -> builtins.list[SessionInfo]:
-        """Every known session: local ones first, then those of connected peers."""
+        """Every known session: local ones first, then those of linked peers, then those
+        of nodes reached through them."""
         out = [s.info() for s in self._local.values()]
         for infos in self._remote.values():
+            out.extend(infos)
+        for infos in self._far.values():
             out.extend(infos)
         return out
 
     def get(self, session_id: str) -> SessionInfo:
         """A session by id: the local one if this node hosts it, else one of a linked
-        peer (sessions of the same id on two peers are two sessions: ``list()`` shows
-        both). NotFound if none."""
+        peer, else one of a node reached through them (sessions of the same id on two
+        nodes are two sessions: ``list()`` shows both). NotFound if none."""
         _check_str(session_id)
         s = self._local.get(session_id)
         if s is not None:
             return s.info()
-        for infos in self._remote.values():
-            for info in infos:
-                if info.id == session_id:
-                    return info
+        for group in (self._remote, self._far):
+            for infos in group.values():
+                for info in infos:
+                    if info.id == session_id:
+                        return info
         raise NotFound(f"no session {session_id!r}")
 
     def local(self, session_id: str) -> Session:
@@ -116,6 +122,9 @@ class SessionRegistry:
 
     def _drop_remote(self, node_id: str) -> None:
         self._remote.pop(node_id, None)
+
+    def _set_far(self, far: dict[str, tuple[SessionInfo, ...]]) -> None:
+        self._far = far
 
     def __len__(self) -> int:
         return len(self.list())

@@ -276,7 +276,7 @@ def build_server(api: ConversationsApi, *, default_session: str | None = None) -
 
     @server.tool()
     async def subcog_sessions() -> dict[str, Any]:
-        """The sessions of this node and of its connected peers."""
+        """The sessions of this node and of every node it reaches."""
         with _tool_errors():
             return {"sessions": [session_plain(i) for i in api.sessions.list()]}
 

@@ -25,7 +25,7 @@ __all__ = [
     "LinkHandler",
 ]
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 
 
