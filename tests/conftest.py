@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from support.netns import netns_lan
 from support.nodejs import node_js
+from support.noderelay import relay
 from support.zeroconf_guard import zeroconf_guard
 
-__all__ = ["netns_lan", "node_js", "zeroconf_guard"]
+__all__ = ["netns_lan", "node_js", "relay", "zeroconf_guard"]

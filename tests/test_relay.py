@@ -11,14 +11,8 @@ was down arrives."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-from collections.abc import Iterator
-from pathlib import Path
 
 import aiohttp
-import pytest
 from pycrdt import Doc, Map
 
 from helpers import wait_for
@@ -26,44 +20,9 @@ from subcog_crdt import Captured, ConversationsApi, Updated
 from subcog_crdt._core.ydecode import ByteReader
 from subcog_crdt._relay import room_name
 from subcog_crdt._yjs import STEP1, sync_message
-from test_processes import free_port
+from support.noderelay import NodeRelay
 
-ROOT = Path(__file__).resolve().parents[1]
-SERVER = ROOT / "benchmarks" / "node" / "node_modules" / "@y" / "websocket-server" / "src"
 SECRET = "correct horse battery staple, long enough"
-
-
-class NodeRelay:
-    def __init__(self, node_js: str, port: int) -> None:
-        self.port = port
-        self.url = f"ws://127.0.0.1:{port}"
-        self.proc = subprocess.Popen(
-            [node_js, str(SERVER / "server.js")],
-            env={**os.environ, "HOST": "127.0.0.1", "PORT": str(port)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()  # the server's first line; bounded by pytest-timeout
-        assert "running at" in line, line
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-
-@pytest.fixture
-def relay(node_js: str) -> Iterator[NodeRelay]:
-    r = NodeRelay(node_js, free_port())
-    try:
-        yield r
-    finally:
-        r.stop()
 
 
 def node(relay_url: str, secret: str = SECRET, **kw: object) -> ConversationsApi:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,8 @@ from subcog_crdt._transport.base import Hello
 from subcog_crdt._transport.memory import MemoryLink
 from subcog_crdt._yjs import STEP1, UPDATE, sync_message
 from support.mcpclient import call, mcp_server
-from test_processes import free_port
-from test_relay import SECRET, NodeRelay, room_contents
+from support.noderelay import NodeRelay
+from test_relay import SECRET, room_contents
 
 LOOPBACK = {"host": "127.0.0.1", "discovery": ()}
 
@@ -164,15 +163,6 @@ async def test_settle_under_way_when_the_node_closes_raises_closed_not_an_empty_
 
 def _holds(node: ConversationsApi, memory_id: str) -> bool:
     return memory_id in {m.id for m in node.memories("d")}
-
-
-@pytest.fixture
-def relay(node_js: str) -> Iterator[NodeRelay]:
-    r = NodeRelay(node_js, free_port())
-    try:
-        yield r
-    finally:
-        r.stop()
 
 
 async def test_a_yjs_client_write_with_a_link_and_a_relay_is_one_event_per_node(

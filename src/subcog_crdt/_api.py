@@ -772,6 +772,8 @@ class ConversationsApi:
         wire = self._sessions_wire()
         for peer in self._links.values():
             peer.send_sessions(wire)
+        for relay in self._relays:
+            relay.announce()
         self._announce()
 
     # -- the mesh beyond this node's links (frame 10, _mesh) ----------------------------
@@ -831,7 +833,12 @@ class ConversationsApi:
     def _remap(self) -> None:
         """Recompute which nodes beyond the links are reachable, and so their sessions."""
         links = {node_id: peer.peer_peers for node_id, peer in self._links.items()}
-        self.sessions._set_far(self._mesh.walk(links))
+        far = self._mesh.walk(links)
+        for relay in self._relays:  # nodes met at a relay, unless reached by links
+            for node_id, sessions in relay.presence.sessions().items():
+                if node_id not in links and node_id not in far:
+                    far[node_id] = sessions
+        self.sessions._set_far(far)
 
     # -- writes ------------------------------------------------------------------------
 

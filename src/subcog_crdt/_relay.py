@@ -6,7 +6,8 @@ shares, kept connected (redialled with backoff and jitter), through the same cod
 ``/yjs/<ns>`` clients (what changes the namespace here goes to the room; what the room
 sends is applied like a Yjs client's update, so it reaches this node's peers and
 sessions). A directory room (a Yjs map of namespace names) tells the nodes of the mesh
-which rooms exist, so a namespace created on one of them is joined by the others.
+which rooms exist, so a namespace created on one of them is joined by the others; each
+node's awareness state there lists its sessions (``_presence``).
 
 With a mesh secret, room names are derived from it (nobody without the secret finds the
 rooms); the relay itself sees everything written to them, as it does for any Yjs client.
@@ -18,6 +19,7 @@ import asyncio
 import hmac
 import logging
 import random
+import secrets
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -26,9 +28,11 @@ from pycrdt import Doc, Map
 from subcog_crdt._core.schema import check_namespace
 from subcog_crdt._core.ydecode import ByteReader, UpdateDecodeError
 from subcog_crdt._errors import InvalidArgument, InvalidNamespace, ProtocolError
+from subcog_crdt._presence import RENEW_EVERY, Presence, encode_state, node_state
 from subcog_crdt._transport.auth import mesh_key
 from subcog_crdt._transport.websocket import BACKOFF_CAP, BACKOFF_START
 from subcog_crdt._yjs import (
+    MSG_AWARENESS,
     MSG_SYNC,
     STEP1,
     STEP2,
@@ -76,6 +80,11 @@ class Relay:
         self._names: Map[bool] = self._directory.get("namespaces", type=Map)
         self._directory_ws: YjsClient | None = None
         self._closed = False
+        # This node's awareness client in the directory room (53-bit, as Yjs' are).
+        self._client_id = secrets.randbits(53)
+        self._clock = 0
+        self.presence = Presence(self._client_id, api.node_id)
+        """Other nodes' sessions, as their states in the directory room say."""
         self.connected: set[str] = set()
         """Rooms (namespaces, and ``directory``) whose connection is up."""
 
@@ -153,10 +162,12 @@ class Relay:
             client = YjsClient(ws, label, abort)
             client.start()
             sinks = None
+            renew = None
             try:
                 if label == _DIRECTORY:
                     self._directory_ws = client
                     client.send(sync_message(STEP1, self._directory.get_state()))
+                    renew = asyncio.create_task(self._renew(client))
                 else:
                     sinks = api._yjs_rooms.setdefault(label, set())
                     sinks.add(client)
@@ -177,19 +188,50 @@ class Relay:
                         break
             finally:
                 self.connected.discard(label)
+                if renew is not None:
+                    renew.cancel()
+                    await asyncio.gather(renew, return_exceptions=True)
                 if label == _DIRECTORY:
                     self._directory_ws = None
+                    if self.presence.clear():  # not known any more, not gone either
+                        api._remap()
                 elif sinks is not None:
                     sinks.discard(client)
                     if not sinks and api._yjs_rooms.get(label) is sinks:
                         del api._yjs_rooms[label]
                 await client.stop()
 
+    def announce(self) -> None:
+        """Send this node's sessions to the directory room (they changed)."""
+        if self._directory_ws is not None:
+            self._send_state(self._directory_ws)
+
+    def _send_state(self, client: YjsClient) -> None:
+        self._clock += 1
+        api = self.api
+        state = node_state(api.node_id, api._sessions_wire())
+        client.send(bytes((MSG_AWARENESS,)) + encode_state(self._client_id, self._clock, state))
+
+    async def _renew(self, client: YjsClient) -> None:
+        """Keep this node's state fresh (Yjs clients and relays drop one after 30 s) and
+        drop others' that were not."""
+        loop = asyncio.get_running_loop()
+        while True:
+            self._send_state(client)
+            await asyncio.sleep(RENEW_EVERY)  # a period, not a synchronisation
+            if self.presence.expire(loop.time()):
+                self.api._remap()
+
     def _on_directory(self, client: YjsClient, data: bytes) -> None:
         r = ByteReader(data)
         try:
-            if r.varuint() != MSG_SYNC:
-                return  # awareness and the rest: not used here
+            kind = r.varuint()
+            if kind == MSG_AWARENESS:
+                if self.presence.apply(data[r.pos :], asyncio.get_running_loop().time()):
+                    self.api._remap()
+                return
+            if kind != MSG_SYNC:
+                return  # the rest: not used here
             step = r.varuint()
             payload = r.raw(r.varuint())
         except UpdateDecodeError as exc:

@@ -59,6 +59,8 @@ async def main(ns: argparse.Namespace) -> None:
         kw["mdns_interfaces"] = ns.mdns_interfaces.split(",")
     if ns.peer:
         kw["peers"] = ns.peer
+    if ns.relay:
+        kw["relay"] = ns.relay
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -247,6 +249,7 @@ if __name__ == "__main__":
     ap.add_argument("--advertise-host", default="")
     ap.add_argument("--mdns-interfaces", default="")
     ap.add_argument("--peer", action="append", default=[])
+    ap.add_argument("--relay", default="")
     ap.add_argument("--session", default="s1")
     ap.add_argument("--subscribe", default="d")
     ap.add_argument("--include-own", action="store_true")
