@@ -347,7 +347,7 @@ class ConversationsApi:
         # This node's record (frame 10) is numbered from the clock, so a restarted node's
         # records are newer than any of its previous run still travelling the mesh.
         self._record_seq = time.time_ns()
-        self._record_due = False
+        self._record_timer: asyncio.TimerHandle | None = None
         self._mesh_warned = False
         self._links: dict[str, PeerSync] = {}
         self._yjs_rooms: dict[str, set[UpdateSink]] = {}
@@ -490,6 +490,9 @@ class ConversationsApi:
 
     async def _shutdown(self) -> None:
         self._state = _State.CLOSED
+        if self._record_timer is not None:
+            self._record_timer.cancel()  # it holds this node alive until it fires
+            self._record_timer = None
         index_task = getattr(self, "_index_task", None)
         if index_task is not None:
             index_task.cancel()  # first: nothing may interrupt this before it
@@ -782,13 +785,13 @@ class ConversationsApi:
         """Flood this node's record (its links and sessions) soon: nodes beyond its links
         learn its sessions from it. Debounced like the session list: a burst of link
         changes sends one record."""
-        if self._record_due or self._state is not _State.OPEN:
-            return
-        self._record_due = True
-        asyncio.get_running_loop().call_later(_SESSIONS_EVERY, self._send_record)
+        if self._record_timer is not None or self._state is not _State.OPEN or not self._links:
+            return  # (no links: a new one's frame 5 announces this node anyway)
+        loop = asyncio.get_running_loop()
+        self._record_timer = loop.call_later(_SESSIONS_EVERY, self._send_record)
 
     def _send_record(self) -> None:
-        self._record_due = False
+        self._record_timer = None
         if self._state is not _State.OPEN:
             return
         self._record_seq += 1
