@@ -56,6 +56,16 @@ def drain(stream: Any) -> list[Any]:
     return out
 
 
+def frames_of(messages: list[bytes]) -> list[list[Any]]:
+    """Every sync frame in ``messages`` (a message may carry several)."""
+    out: list[list[Any]] = []
+    for m in messages:
+        unpacker = msgpack.Unpacker(raw=False)
+        unpacker.feed(m)
+        out.extend(unpacker)
+    return out
+
+
 def pack(frame: list[Any]) -> bytes:
     """A sync frame as a peer sends it."""
     out: bytes = msgpack.packb(frame, use_bin_type=True)

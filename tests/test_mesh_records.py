@@ -16,10 +16,9 @@ import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import msgpack
 import pytest
 
-from helpers import hand_driven_peer, link, pack, wait_for
+from helpers import frames_of, hand_driven_peer, link, pack, wait_for
 from subcog_crdt import ConversationsApi
 from subcog_crdt._mesh import MAX_FAR_NODES, MAX_FAR_SESSIONS, MeshMap
 from subcog_crdt._peering import F_RECORD
@@ -40,15 +39,6 @@ def memory_node(**kw: Any) -> ConversationsApi:
 def listed(api: ConversationsApi) -> set[tuple[str, str]]:
     """(session id, node id) of every session ``api`` lists, its own included."""
     return {(s.id, s.node_id) for s in api.sessions.list()}
-
-
-def frames(messages: list[bytes]) -> list[list[Any]]:
-    out: list[list[Any]] = []
-    for message in messages:
-        unpacker = msgpack.Unpacker(raw=False)
-        unpacker.feed(message)
-        out.extend(unpacker)
-    return out
 
 
 @pytest.fixture
@@ -289,7 +279,7 @@ async def test_records_are_forwarded_as_checked_never_as_received() -> None:
             await theirs1.send(record("far", 3, ["hostile"], [entry]))
             await theirs1.send(record("later", 1, [], []))
             await wait_for(lambda: len(b._mesh) >= 3, 10, "the later record reached b")
-            sent = [f for f in frames(lab.sent_frames) if f[0] == F_RECORD and f[1] == "far"]
+            sent = [f for f in frames_of(lab.sent_frames) if f[0] == F_RECORD and f[1] == "far"]
             assert len(sent) == 1
             assert sent[0] == [F_RECORD, "far", 3, ["hostile"], [_session("f1")]]
         assert not ours1.closed
@@ -315,7 +305,7 @@ async def test_a_record_too_large_for_a_peer_goes_without_its_sessions() -> None
         await wait_for(lambda: len(api._mesh) == 1, 10, "tiny's record is in")
 
         def got() -> list[list[Any]]:
-            return [f for f in frames(ours.sent_frames) if f[0] == F_RECORD]
+            return [f for f in frames_of(ours.sent_frames) if f[0] == F_RECORD]
 
         await wait_for(lambda: any(f[1] == far_node.node_id for f in got()), 10, "record sent")
         rec = next(f for f in got() if f[1] == far_node.node_id)

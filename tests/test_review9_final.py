@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import msgpack
 import pytest
 from pycrdt import Map
 
-from helpers import hand_driven_peer, pack, url_of, wait_for
+from helpers import frames_of, hand_driven_peer, pack, url_of, wait_for
 from subcog_crdt import Captured, ClosedError, ConversationsApi, PeerInfo, _peering
 from subcog_crdt._peering import F_BARRIER, F_BARRIER_ACK, F_HELLO, F_SESSIONS, F_UPDATE
 from subcog_crdt._relay import room_name
@@ -58,15 +57,6 @@ async def test_settle_on_a_node_that_discovered_a_peer_which_dialled_it(tmp_path
             await wait_for(lambda: url_of(a) in b._transport._redialers, 10, "b found a")
             confirmed = await b.settle(timeout=3)
             assert [(p.node_id, p.transient) for p in confirmed] == [(a.node_id, True)]
-
-
-def _frames(messages: list[bytes]) -> list[list[Any]]:
-    out: list[list[Any]] = []
-    for message in messages:
-        unpacker = msgpack.Unpacker(raw=False)
-        unpacker.feed(message)
-        out.extend(unpacker)
-    return out
 
 
 class _SlowToClose:
@@ -121,7 +111,7 @@ async def test_a_closing_node_does_not_answer_a_barrier_for_an_update_it_dropped
             lambda: any(x.id == "later" for x in a.sessions.list()), 10, "the message handled"
         )
         await wait_for(lambda: not a._links["hostile"]._queue, 10, "the link's queue sent")
-        answered = [F_BARRIER_ACK, 77] in _frames(ours.sent_frames)
+        answered = [F_BARRIER_ACK, 77] in frames_of(ours.sent_frames)
     finally:
         slow.release.set()
         if closing is not None:
@@ -400,7 +390,7 @@ async def test_a_barrier_behind_a_large_update_is_not_answered_if_closing_cut_th
         peer = a._links["hostile"]
         await wait_for(lambda: not peer._large and not peer._tasks, 30, "the update handled")
         await wait_for(lambda: not peer._queue and not peer._busy, 10, "the queue sent")
-        answered = [F_BARRIER_ACK, 9] in _frames(ours.sent_frames)
+        answered = [F_BARRIER_ACK, 9] in frames_of(ours.sent_frames)
     finally:
         slow.release.set()
         for c in closing:

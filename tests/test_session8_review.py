@@ -9,11 +9,10 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import pytest
 from pycrdt import Doc
 
-from helpers import hand_driven_peer, link, pack, wait_for
+from helpers import frames_of, hand_driven_peer, link, pack, wait_for
 from subcog_crdt import ConversationsApi, Lagged, StorageError
 from subcog_crdt._core.recall import tokenize
 from subcog_crdt._core.ydecode import decode_state_vector
@@ -23,16 +22,6 @@ from subcog_crdt._storage.sqlite import SqliteStorage
 
 def memory_node(**kw: Any) -> ConversationsApi:
     return ConversationsApi(listen=False, discovery=(), **kw)
-
-
-def frames_of(messages: list[bytes]) -> list[list[Any]]:
-    """Every sync frame in ``messages`` (a message may carry several)."""
-    out: list[list[Any]] = []
-    for m in messages:
-        unpacker = msgpack.Unpacker(raw=False)
-        unpacker.feed(m)
-        out.extend(unpacker)
-    return out
 
 
 # -- a queued step 2 moved forward by what the peer sent ----------------------------------
