@@ -187,6 +187,14 @@ def test_run_shows_peers_joining_and_leaving_and_stops_cleanly(mesh: Mesh) -> No
     a = mesh.run()
     b = mesh.run("--session", "agent-b", "--subscribe", NS)
     a.expect(lambda m: m.get("type") == "peer_joined" and m["node_id"] == b.node_id, 15, "b joined")
+    joined = a.expect(
+        lambda m: m.get("type") == "session_joined" and m["id"] == "agent-b", 15, "agent-b"
+    )
+    assert (joined["node_id"], joined["subscriptions"], joined["is_local"]) == (
+        b.node_id,
+        [NS],
+        False,
+    )
 
     # The one-shot commands list what the mesh holds.
     peers = json.loads(ok(mesh.call("peers", "--json")))
@@ -204,6 +212,11 @@ def test_run_shows_peers_joining_and_leaving_and_stops_cleanly(mesh: Mesh) -> No
     assert b.terminate(signal.SIGINT) == 0, b.stderr()
     assert "stopped" in b.stderr()
     a.expect(lambda m: m.get("type") == "peer_left" and m["node_id"] == b.node_id, 15, "b left")
+    a.expect(
+        lambda m: m == {"type": "session_left", "id": "agent-b", "node_id": b.node_id},
+        15,
+        "agent-b left",
+    )
     assert b.node_id not in registered(mesh)
     assert a.terminate(signal.SIGTERM) == 0, a.stderr()
     assert registered(mesh) == []

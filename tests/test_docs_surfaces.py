@@ -206,9 +206,18 @@ def test_cli_run_text_lines_as_documented(hub: tuple[Cli, Lines]) -> None:
     joined = run.expect(lambda s: s.startswith(f"peer joined\t{other_id}"), 15, "joined")
     assert joined.split("\t")[:3] == ["peer joined", other_id, other_url]
     assert len(joined.split("\t")) == 5  # then user and namespaces
+    # Its session: "session joined" with the columns of `sessions`, "session left" after.
+    sess = run.expect(
+        lambda s: s.startswith("session joined\t") and f"\t{other_id}\t" in s, 15, "session"
+    )
+    assert sess.split("\t")[1].startswith("cli-")
+    assert sess.split("\t")[3:] == [other_id, "remote", "e"]
     other.send_signal(signal.SIGTERM)
     assert other.wait(30) == 0
     run.expect(lambda s: s == f"peer left\t{other_id}", 15, "the peer left line")
+    run.expect(
+        lambda s: s == f"session left\t{sess.split(chr(9))[1]}\t{other_id}", 15, "session left"
+    )
 
 
 def test_cli_sync_since_a_datetime_without_offset_is_local_time(hub: tuple[Cli, Lines]) -> None:

@@ -261,8 +261,10 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
-async def _watch_peers(api: ConversationsApi, as_json: bool) -> None:
+async def _watch_mesh(api: ConversationsApi, as_json: bool) -> None:
+    """Show peers and other nodes' sessions as they come and go."""
     known: dict[str, PeerInfo] = {}
+    sessions: dict[tuple[str, str], SessionInfo] = {}
     while True:
         now = {p.node_id: p for p in api.peers()}
         for node_id in sorted(now.keys() - known.keys()):
@@ -278,6 +280,20 @@ async def _watch_peers(api: ConversationsApi, as_json: bool) -> None:
             else:
                 _out(f"peer left\t{p.node_id}")
         known = now
+        listed = {(s.node_id, s.id): s for s in api.sessions.list() if not s.is_local}
+        for key in sorted(listed.keys() - sessions.keys()):
+            s = listed[key]
+            if as_json:
+                _out_json({"type": "session_joined", **session_plain(s)})
+            else:
+                _out(f"session joined\t{_session_line(s)}")
+        for key in sorted(sessions.keys() - listed.keys()):
+            s = sessions[key]
+            if as_json:
+                _out_json({"type": "session_left", "id": s.id, "node_id": s.node_id})
+            else:
+                _out(f"session left\t{s.id}\t{s.node_id}")
+        sessions = listed
         await asyncio.sleep(_PEER_POLL)
 
 
@@ -309,7 +325,7 @@ async def _run(args: argparse.Namespace) -> int:
             _out_json({"type": "node", "node_id": api.node_id, "url": api.url})
         else:
             _out(f"node\t{api.node_id}\t{api.url}")
-        tasks = [asyncio.create_task(_watch_peers(api, args.json))]
+        tasks = [asyncio.create_task(_watch_mesh(api, args.json))]
         if session is not None:
             tasks.append(asyncio.create_task(_watch_events(session, args.json)))
         _err("running; Ctrl-C to stop")
