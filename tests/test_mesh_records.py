@@ -347,3 +347,46 @@ def test_past_max_far_sessions_a_record_is_kept_without_sessions() -> None:
     assert again is not None and [s.id for s in again.sessions] == ["x"]
     far = m.walk({"b": frozenset({"a"})})
     assert set(far) == {"a"} and len(far["a"]) == 10  # b is a link: its own list counts
+
+
+async def test_a_node_restarted_with_its_clock_behind_is_not_ignored(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records are numbered from the clock at startup. A durable node restarted with its
+    clock behind (same node id) hears its previous run's record back from its neighbour
+    and numbers past it, so the far side lists this run's sessions, not the old run's."""
+    async with memory_node() as a, memory_node() as b:
+        link(a, b)
+        c = memory_node(data_dir=tmp_path / "c")
+        async with c:
+            await c.register_session("first-run")
+            link(b, c)
+            await wait_for(lambda: ("first-run", c.node_id) in listed(a), 10, "a sees c")
+            c_id = c.node_id
+        await wait_for(lambda: ("first-run", c_id) not in listed(a), DEAD_AFTER, "c gone")
+        import subcog_crdt._api as api_module
+
+        behind = api_module.time.time_ns() - 3_600 * 10**9  # an hour back
+        monkeypatch.setattr(api_module.time, "time_ns", lambda: behind)
+        again = memory_node(data_dir=tmp_path / "c")
+        monkeypatch.undo()
+        async with again:
+            assert again.node_id == c_id
+            await again.register_session("second-run")
+            link(b, again)
+            await wait_for(lambda: ("second-run", c_id) in listed(a), 10, "this run's session")
+            assert ("first-run", c_id) not in listed(a)
+
+
+async def test_a_record_of_this_node_with_a_huge_number_is_not_followed(
+    hostile: tuple[ConversationsApi, MemoryLink, MemoryLink],
+) -> None:
+    """A peer claiming this node's own record with a number near the top cannot push
+    this node's numbering past what its peers accept (their links would close)."""
+    api, ours, theirs = hostile
+    before = api._record_seq
+    await theirs.send(record(api.node_id, (1 << 63) - 2, [], []))
+    await theirs.send(record("later", 1, [], []))  # handled after the one above
+    await wait_for(lambda: len(api._mesh) == 1, 10, "the later record is in")
+    assert api._record_seq == before
+    assert not ours.closed

@@ -43,7 +43,7 @@ from subcog_crdt._errors import (
     SubcogError,
 )
 from subcog_crdt._lifecycle import Resume, cancel_and_wait, start_now
-from subcog_crdt._mesh import MAX_FAR_NODES, MAX_FAR_SESSIONS, MeshMap
+from subcog_crdt._mesh import MAX_FAR_NODES, MAX_FAR_SESSIONS, MAX_SEQ, MeshMap
 from subcog_crdt._peering import F_PEERS, F_RECORD, PeerSync, content_blocks
 from subcog_crdt._session import Session, SyncBatch
 from subcog_crdt._sessions import SessionInfo, SessionRegistry
@@ -810,6 +810,14 @@ class ConversationsApi:
     ) -> None:
         """A node's record from ``source``: kept and forwarded to the other links if it
         is newer than the one held."""
+        if origin == self.node_id:
+            # This node's own, from an earlier run (or come back round a loop). Newer
+            # than this run's (the clock went back since): number from past it, or the
+            # mesh would keep the old one and ignore this run's.
+            if self._record_seq <= seq < MAX_SEQ - (1 << 32):
+                self._record_seq = seq
+                self._announce()
+            return
         record = self._mesh.offer(origin, seq, peers, sessions)
         if self._mesh.refused and not self._mesh_warned:
             self._mesh_warned = True
@@ -828,10 +836,10 @@ class ConversationsApi:
         self._remap()
 
     def _send_records_to(self, peer: PeerSync) -> None:
-        """Every held record, to a new link (its other end may know none of them)."""
+        """Every held record, to a new link (its other end may know none of them; its
+        own, from an earlier run, tells it where to number its records from)."""
         for origin, record in self._mesh.records():
-            if origin != peer.node_id:
-                peer.send_record(record.frame(origin, F_RECORD))
+            peer.send_record(record.frame(origin, F_RECORD))
 
     def _remap(self) -> None:
         """Recompute which nodes beyond the links are reachable, and so their sessions."""

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 from subcog_crdt._errors import ProtocolError
 from subcog_crdt._sessions import MAX_SESSIONS, SessionInfo, sessions_from_wire
 
-__all__ = ["MAX_FAR_NODES", "MAX_FAR_SESSIONS", "MeshMap", "NodeRecord"]
+__all__ = ["MAX_FAR_NODES", "MAX_FAR_SESSIONS", "MAX_SEQ", "MeshMap", "NodeRecord"]
 
 MAX_FAR_NODES = 1024
 """Records a node holds of nodes beyond its links; one more is taken only in place of a
@@ -27,7 +27,7 @@ MAX_FAR_SESSIONS = 4 * MAX_SESSIONS
 """Sessions of all held records together: past it a record is kept without its sessions
 (they are advisory; reachability still counts it)."""
 _MAX_RECORD_PEERS = 4096
-_MAX_SEQ = (1 << 63) - 1
+MAX_SEQ = (1 << 63) - 1
 _MAX_NODE_ID = 256
 
 
@@ -50,7 +50,7 @@ def check_record(frame: list[Any]) -> tuple[str, int, frozenset[str], tuple[Sess
     _, origin, seq, peers, sessions = frame
     if not isinstance(origin, str) or not 0 < len(origin) <= _MAX_NODE_ID:
         raise ProtocolError("bad node record: origin")
-    if type(seq) is not int or not 0 <= seq <= _MAX_SEQ:
+    if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
         raise ProtocolError("bad node record: sequence number")
     if not isinstance(peers, list) or len(peers) > _MAX_RECORD_PEERS:
         raise ProtocolError("bad node record: peers")
