@@ -831,15 +831,20 @@ class ConversationsApi:
             return
         frame = record.frame(origin, F_RECORD)
         for peer in self._links.values():
-            if peer is not source and peer.node_id != origin:
+            # The origin too: a forged or earlier-run record that reaches it makes it
+            # number its own past it (above).
+            if peer is not source:
                 peer.send_record(frame)
         self._remap()
 
     def _send_records_to(self, peer: PeerSync) -> None:
-        """Every held record, to a new link (its other end may know none of them; its
-        own, from an earlier run, tells it where to number its records from)."""
+        """Every held record, to a new link once its hello is in (its frame limit known:
+        a record cut to fit 3 KiB would be kept cut under its number), and this node's
+        own soon. Its other end may know none of them; its own, from an earlier run,
+        tells it where to number its records from."""
         for origin, record in self._mesh.records():
             peer.send_record(record.frame(origin, F_RECORD))
+        self._announce()
 
     def _remap(self) -> None:
         """Recompute which nodes beyond the links are reachable, and so their sessions."""
@@ -1149,7 +1154,6 @@ class ConversationsApi:
             peer.send_hello()
             self._links[peer.node_id] = peer
             self._broadcast_peers()
-            self._send_records_to(peer)
         finally:
             waiter = self._link_waiters.pop(link, None)  # a connect() waiting for it
             if waiter is not None and not waiter.done():

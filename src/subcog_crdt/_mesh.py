@@ -16,7 +16,12 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from subcog_crdt._errors import ProtocolError
-from subcog_crdt._sessions import MAX_SESSIONS, SessionInfo, sessions_from_wire
+from subcog_crdt._sessions import (
+    MAX_SESSIONS,
+    MAX_SUBSCRIPTIONS,
+    SessionInfo,
+    sessions_from_wire,
+)
 
 __all__ = ["MAX_FAR_NODES", "MAX_FAR_SESSIONS", "MAX_SEQ", "MeshMap", "NodeRecord"]
 
@@ -26,6 +31,9 @@ node it cannot reach."""
 MAX_FAR_SESSIONS = 4 * MAX_SESSIONS
 """Sessions of all held records together: past it a record is kept without its sessions
 (they are advisory; reachability still counts it)."""
+MAX_FAR_NAMES = 4 * MAX_SUBSCRIPTIONS
+"""Subscriptions and peer ids of all held records together (the same way; a record whose
+peer ids alone do not fit is not kept)."""
 _MAX_RECORD_PEERS = 4096
 MAX_SEQ = (1 << 63) - 1
 _MAX_NODE_ID = 256
@@ -58,7 +66,14 @@ def check_record(frame: list[Any]) -> tuple[str, int, frozenset[str], tuple[Sess
         raise ProtocolError("bad node record: peer id")
     if not isinstance(sessions, list):
         raise ProtocolError("bad node record: sessions")
-    return origin, seq, frozenset(peers), sessions_from_wire(origin, sessions)
+    infos = sessions_from_wire(origin, sessions)
+    if sum(len(s.subscriptions) for s in infos) > MAX_SUBSCRIPTIONS:
+        raise ProtocolError(f"bad node record: more than {MAX_SUBSCRIPTIONS} subscriptions")
+    return origin, seq, frozenset(peers), infos
+
+
+def _names(sessions: tuple[SessionInfo, ...]) -> int:
+    return sum(len(s.subscriptions) for s in sessions)
 
 
 class MeshMap:
@@ -68,6 +83,7 @@ class MeshMap:
         self._me = node_id
         self._records: dict[str, NodeRecord] = {}
         self._held_sessions = 0
+        self._held_names = 0  # subscriptions and peer ids
         self._reachable: frozenset[str] = frozenset()
         self.refused = False
         """A record was dropped or stripped for the bounds (for a one-time warning)."""
@@ -88,18 +104,30 @@ class MeshMap:
         if old is None and len(self._records) >= MAX_FAR_NODES and not self._evict():
             self.refused = True
             return None
-        held = self._held_sessions - (len(old.sessions) if old is not None else 0)
-        if held + len(sessions) > MAX_FAR_SESSIONS:
+        held = self._held_sessions
+        names = self._held_names
+        if old is not None:
+            held -= len(old.sessions)
+            names -= len(old.peers) + _names(old.sessions)
+        if names + len(peers) > MAX_FAR_NAMES:
+            self.refused = True
+            return None
+        if held + len(sessions) > MAX_FAR_SESSIONS or (
+            names + len(peers) + _names(sessions) > MAX_FAR_NAMES
+        ):
             self.refused = True
             sessions = ()
         record = self._records[origin] = NodeRecord(seq, peers, sessions)
         self._held_sessions = held + len(sessions)
+        self._held_names = names + len(peers) + _names(sessions)
         return record
 
     def _evict(self) -> bool:
         for node_id in self._records:
             if node_id not in self._reachable:
-                self._held_sessions -= len(self._records.pop(node_id).sessions)
+                old = self._records.pop(node_id)
+                self._held_sessions -= len(old.sessions)
+                self._held_names -= len(old.peers) + _names(old.sessions)
                 return True
         return False
 

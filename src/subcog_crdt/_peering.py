@@ -578,9 +578,12 @@ class PeerSync:
 
     def send_record(self, frame: list[Any]) -> None:
         """Send a node's record (frame 10). One too large for the link goes without its
-        sessions (they are advisory; the link and reachability must not fail over them);
-        until the peer's hello has said its limit, only a small one goes whole."""
-        limit = (self._limit if self._hello_seen else _SMALL_FRAME) - 64
+        sessions (they are advisory; the link and reachability must not fail over them).
+        None goes before the peer's hello (it gets them all then: ``_send_records_to``):
+        cut to fit 3 KiB, a record would be kept cut under its number."""
+        if not self._hello_seen:
+            return
+        limit = self._limit - 64
         if len(_pack(frame)) > limit:
             frame = [*frame[:4], []]
             if len(_pack(frame)) > limit:
@@ -865,6 +868,7 @@ class PeerSync:
         offered = [self._check_ns(x) for x in names]
         self._on_sessions(sessions, False)
         self.api._remap()
+        self.api._send_records_to(self)
         api = self.api
         for ns in sorted(api._shareable_namespaces()):
             if ns not in api._docs and self._exchanges(ns):

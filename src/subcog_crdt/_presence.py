@@ -56,7 +56,7 @@ class Presence:
     """The states of other nodes in one directory room, by awareness client id."""
 
     def __init__(self, own_client: int, own_node: str) -> None:
-        self._own_client = own_client
+        self.own_client = own_client
         self._own_node = own_node
         self._states: dict[int, tuple[int, str, tuple[SessionInfo, ...], float]] = {}
 
@@ -70,7 +70,7 @@ class Presence:
             body = ByteReader(r.raw(r.varuint()))
             for _ in range(body.varuint()):
                 client, clock, text = body.varuint(), body.varuint(), body.string()
-                if client == self._own_client:
+                if client == self.own_client:
                     continue
                 old = self._states.get(client)
                 if old is not None and clock < old[0]:

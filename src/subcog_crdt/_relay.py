@@ -165,6 +165,10 @@ class Relay:
             renew = None
             try:
                 if label == _DIRECTORY:
+                    # A fresh awareness id per connection: a relay that saw an id before
+                    # takes it as "updated", not as this connection's, and would not
+                    # remove it when this connection ends.
+                    self._client_id = self.presence.own_client = secrets.randbits(53)
                     self._directory_ws = client
                     client.send(sync_message(STEP1, self._directory.get_state()))
                     renew = asyncio.create_task(self._renew(client))
