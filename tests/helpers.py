@@ -4,7 +4,8 @@ synchronisation), and wiring in-memory nodes."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgpack
@@ -26,6 +27,24 @@ async def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "
         if loop.time() > deadline:
             raise AssertionError(f"timed out waiting for {what or cond}")
         await asyncio.sleep(0.005)
+
+
+@contextlib.asynccontextmanager
+async def memory_nodes(count: int) -> AsyncIterator[list[ConversationsApi]]:
+    """``count`` open in-memory nodes (no listening, no discovery), closed at the end."""
+    nodes = [ConversationsApi(listen=False, discovery=()) for _ in range(count)]
+    try:
+        for n in nodes:
+            await n.open()
+        yield nodes
+    finally:
+        for n in nodes:
+            await n.aclose()
+
+
+def listed(api: ConversationsApi) -> set[tuple[str, str]]:
+    """(session id, node id) of every session ``api`` lists, its own included."""
+    return {(s.id, s.node_id) for s in api.sessions.list()}
 
 
 def link(a: ConversationsApi, b: ConversationsApi) -> tuple[MemoryLink, MemoryLink]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from helpers import frames_of, hand_driven_peer, link, pack, wait_for
+from helpers import frames_of, hand_driven_peer, link, listed, memory_nodes, pack, wait_for
 from subcog_crdt import ConversationsApi
 from subcog_crdt._mesh import MAX_FAR_NODES, MAX_FAR_SESSIONS, MeshMap
 from subcog_crdt._peering import F_RECORD
@@ -36,21 +36,10 @@ def memory_node(**kw: Any) -> ConversationsApi:
     return ConversationsApi(listen=False, discovery=(), **kw)
 
 
-def listed(api: ConversationsApi) -> set[tuple[str, str]]:
-    """(session id, node id) of every session ``api`` lists, its own included."""
-    return {(s.id, s.node_id) for s in api.sessions.list()}
-
-
 @pytest.fixture
 async def five() -> AsyncIterator[list[ConversationsApi]]:
-    nodes = [memory_node() for _ in range(5)]
-    for n in nodes:
-        await n.open()
-    try:
+    async with memory_nodes(5) as nodes:
         yield nodes
-    finally:
-        for n in nodes:
-            await n.aclose()
 
 
 # -- shapes -----------------------------------------------------------------------------------

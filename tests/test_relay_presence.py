@@ -12,8 +12,8 @@ import json
 
 import pytest
 
-from helpers import url_of, wait_for
-from subcog_crdt import ConversationsApi, ProtocolError
+from helpers import listed, url_of, wait_for
+from subcog_crdt import ProtocolError
 from subcog_crdt._core.ydecode import varuint_bytes
 from subcog_crdt._presence import MAX_STATE_BYTES, STALE_AFTER, Presence, encode_state, node_state
 from support.nodeproc import NodeProc, stop_all
@@ -25,10 +25,6 @@ GONE = 10.0
 within it was announced when it happened, and a drop came from the relay saying the
 connection ended, not from expiry."""
 START = 30.0
-
-
-def listed(api: ConversationsApi) -> set[tuple[str, str]]:
-    return {(s.id, s.node_id) for s in api.sessions.list()}
 
 
 async def test_nodes_met_at_the_relay_list_each_others_sessions(relay: NodeRelay) -> None:

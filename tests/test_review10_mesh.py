@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from helpers import frames_of, hand_driven_peer, link, pack, wait_for
+from helpers import frames_of, hand_driven_peer, link, listed, memory_nodes, pack, wait_for
 from subcog_crdt import ConversationsApi
 from subcog_crdt._peering import F_RECORD
 from subcog_crdt._sessions import MAX_SUBSCRIPTIONS
@@ -34,10 +34,6 @@ def memory_node(**kw: Any) -> ConversationsApi:
     return ConversationsApi(listen=False, discovery=(), **kw)
 
 
-def listed(api: ConversationsApi) -> set[tuple[str, str]]:
-    return {(s.id, s.node_id) for s in api.sessions.list()}
-
-
 def entry(sid: str, subs: list[str] | None = None) -> dict[str, Any]:
     return {"id": sid, "user_id": "u", "subscriptions": ["d"] if subs is None else subs}
 
@@ -48,14 +44,8 @@ def record(origin: str, seq: int, peers: list[str], sessions: list[dict[str, Any
 
 @pytest.fixture
 async def three() -> AsyncIterator[list[ConversationsApi]]:
-    nodes = [memory_node() for _ in range(3)]
-    for n in nodes:
-        await n.open()
-    try:
+    async with memory_nodes(3) as nodes:
         yield nodes
-    finally:
-        for n in nodes:
-            await n.aclose()
 
 
 # -- a new link's records ------------------------------------------------------------------
