@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from subcog_crdt.cli import SECRET_ENV
-from support.nodeproc import NodeProc
+from support.nodeproc import NodeProc, kill_groups
 
 NS = "d"
 MEMORY_ID = re.compile(r"[0-9a-f]{20}")
@@ -118,15 +118,7 @@ class Mesh:
 
     def kill_all(self) -> None:
         """SIGKILL every process group started (a no-op for those that ended)."""
-        for proc in self.popens:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            proc.wait(10)
-            if proc.stdout is not None:
-                proc.stdout.close()
+        kill_groups(self.popens)
 
 
 @pytest.fixture

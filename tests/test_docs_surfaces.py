@@ -42,6 +42,7 @@ from subcog_crdt._relay import MAX_ROOMS
 from subcog_crdt._yjs import _CLOSE_WITHIN, _QUEUE_BYTES, STEP2, UPDATE, sync_message
 from subcog_crdt.cli import SECRET_ENV, build_parser
 from support.mcpclient import call, call_error, mcp_server
+from support.nodeproc import kill_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -117,15 +118,7 @@ class Cli:
         return proc
 
     def kill_all(self) -> None:
-        for proc in self.popens:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            proc.wait(10)
-            if proc.stdout is not None:
-                proc.stdout.close()
+        kill_groups(self.popens)
 
 
 class Lines:

@@ -261,38 +261,33 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
+def _show(as_json: bool, obj: dict[str, Any], line: str) -> None:
+    """One line of the live view: ``obj`` with ``--json``, else ``line``."""
+    if as_json:
+        _out_json(obj)
+    else:
+        _out(line)
+
+
 async def _watch_mesh(api: ConversationsApi, as_json: bool) -> None:
     """Show peers and other nodes' sessions as they come and go."""
-    known: dict[str, PeerInfo] = {}
+    peers: dict[str, PeerInfo] = {}
     sessions: dict[tuple[str, str], SessionInfo] = {}
     while True:
         now = {p.node_id: p for p in api.peers()}
-        for node_id in sorted(now.keys() - known.keys()):
-            p = now[node_id]
-            if as_json:
-                _out_json({"type": "peer_joined", **peer_plain(p)})
-            else:
-                _out(f"peer joined\t{_peer_line(p)}")
-        for node_id in sorted(known.keys() - now.keys()):
-            p = known[node_id]
-            if as_json:
-                _out_json({"type": "peer_left", **peer_plain(p)})
-            else:
-                _out(f"peer left\t{p.node_id}")
-        known = now
+        for p in (now[k] for k in sorted(now.keys() - peers.keys())):
+            joined = {"type": "peer_joined", **peer_plain(p)}
+            _show(as_json, joined, f"peer joined\t{_peer_line(p)}")
+        for p in (peers[k] for k in sorted(peers.keys() - now.keys())):
+            _show(as_json, {"type": "peer_left", **peer_plain(p)}, f"peer left\t{p.node_id}")
+        peers = now
         listed = {(s.node_id, s.id): s for s in api.sessions.list() if not s.is_local}
-        for key in sorted(listed.keys() - sessions.keys()):
-            s = listed[key]
-            if as_json:
-                _out_json({"type": "session_joined", **session_plain(s)})
-            else:
-                _out(f"session joined\t{_session_line(s)}")
-        for key in sorted(sessions.keys() - listed.keys()):
-            s = sessions[key]
-            if as_json:
-                _out_json({"type": "session_left", "id": s.id, "node_id": s.node_id})
-            else:
-                _out(f"session left\t{s.id}\t{s.node_id}")
+        for s in (listed[k] for k in sorted(listed.keys() - sessions.keys())):
+            joined = {"type": "session_joined", **session_plain(s)}
+            _show(as_json, joined, f"session joined\t{_session_line(s)}")
+        for s in (sessions[k] for k in sorted(sessions.keys() - listed.keys())):
+            left = {"type": "session_left", "id": s.id, "node_id": s.node_id}
+            _show(as_json, left, f"session left\t{s.id}\t{s.node_id}")
         sessions = listed
         await asyncio.sleep(_PEER_POLL)
 

@@ -157,6 +157,20 @@ class NodeProc:
                 stream.close()
 
 
+def kill_groups(popens: Sequence[subprocess.Popen[str]]) -> None:
+    """SIGKILL the process group of each (started with ``start_new_session``; a no-op
+    for those that ended), reap it and close its stdout."""
+    for proc in popens:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
 def stop_all(nodes: Sequence[NodeProc]) -> None:
     for n in nodes:
         try:
