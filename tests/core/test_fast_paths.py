@@ -309,6 +309,7 @@ def test_memories_written_once_cost_the_cyclic_gc_no_object_each() -> None:
 
     # A restart: loaded lazily, resolved in the background, compact again.
     other = NamespaceDoc("n", node_id="00000000000000bb", hlc=Hlc(), next_cursor=lambda: 1)
+
     def restart() -> None:
         other.load([doc.diff()])
         other.resolve_all()
