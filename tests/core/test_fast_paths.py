@@ -321,3 +321,44 @@ def test_memories_written_once_cost_the_cyclic_gc_no_object_each() -> None:
     for mid in ids[:6]:
         assert other.get(mid) == doc.get(mid)
     assert set(other.memory_ids()) == set(doc.memory_ids())
+
+
+_batch_items = st.lists(
+    st.tuples(
+        st.sampled_from(["We chose WAL", "we  chose wal", "Tests next to code", "A", "b", "B "]),
+        st.sampled_from([{}, {"tags": []}, {"tags": ["x"]}, {"status": "draft"}]),
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@given(st.lists(st.sampled_from(["capture", "delete", "move"]), max_size=4), _batch_items)
+def test_capture_many_is_captures_one_by_one(before: list[str], items: list[Any]) -> None:
+    """The batch's inline path for new content agrees with ``capture`` in everything: ids,
+    dedupe (within the batch, and with live, deleted and moved memories), memories, events
+    and the entries written."""
+    from support.coredocs import NOW, core_doc
+
+    def prepared() -> NamespaceDoc:
+        ticks = iter(range(NOW, NOW + 10_000))
+        doc = core_doc("00000000000000aa", lambda: next(ticks))
+        last = None
+        for i, op in enumerate(before):
+            if op == "capture" or last is None:
+                last, _ = doc.capture("s", ["We chose WAL", "b", f"other {i}"][i % 3], {})
+            elif op == "delete" and not last.deleted:
+                last, _ = doc.delete("s", last.id)
+            elif op == "move" and not last.deleted:
+                last, _ = doc.update("s", last.id, {"content": "Tests next to code"})
+        return doc
+
+    one, many = prepared(), prepared()
+    singles = [one.capture("t", content, dict(fields)) for content, fields in items]
+    mems, events = many.capture_many("t", [(c, dict(f)) for c, f in items])
+    assert mems == [m for m, _ in singles]
+    assert events == [e for _, evs in singles for e in evs]
+    assert dict(many.entries.items()) == dict(one.entries.items())
+    assert sorted(many.memory_ids(True)) == sorted(one.memory_ids(True))
+    for mid in one.memory_ids(True):
+        assert many.get(mid) == one.get(mid)

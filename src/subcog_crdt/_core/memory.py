@@ -270,28 +270,34 @@ def fold_state(writes: Iterable[Write]) -> FoldState:
 
 def first_capture(namespace: str, w: Write) -> Memory:
     """``fold(namespace, [w])`` for a single capture, without the general machinery."""
-    v = w.changes
-    at = stamp_datetime(w.at)
+    return captured_memory(namespace, w.memory_id, w.at, w.session, w.changes)
+
+
+def captured_memory(
+    namespace: str, memory_id: str, at: str, session: str, v: dict[str, Any]
+) -> Memory:
+    """The memory that one capture (stamped ``at``, setting ``v``) makes."""
+    when = stamp_datetime(at)
     meta = v.get("metadata")
     expires = v.get("expires_at")
     return _new_memory(
-        w.memory_id,
+        memory_id,
         namespace,
         v["content"],
         tuple(v.get("tags", ())),
         MappingProxyType(meta) if meta else _EMPTY,
-        w.session,
-        (w.session,),
-        at,
-        at,
-        w.session,
+        session,
+        (session,),
+        when,
+        when,
+        session,
         1,
         False,
         v.get("domain"),
         v.get("status"),
         v.get("source"),
         datetime.fromisoformat(expires) if expires else None,
-        w.at,
+        at,
     )
 
 
