@@ -387,10 +387,46 @@ async def test_compaction_runs_in_the_background_and_keeps_everything(tmp_path, 
         assert {m.id for m in api.memories("d")} == ids
 
 
+async def test_compaction_waits_for_writes_to_pause_unless_the_tail_runs_away(
+    tmp_path, monkeypatch
+):
+    """A compaction due while local writes keep coming waits (a snapshot holds the loop),
+    but not past ``_COMPACT_LATEST`` times its threshold: then it runs anyway."""
+    import subcog_crdt._api as api_module
+    from helpers import wait_for
+
+    monkeypatch.setattr(api_module, "_COMPACT_BYTES", 4_000)
+    monkeypatch.setattr(api_module, "_COMPACT_QUIET", 3600.0)  # writes never pause here
+    latest = 8 * 4_000  # the floor of the bound (no snapshot yet)
+    async with durable(tmp_path) as api:
+        s = await api.register_session("s", subscribe=["d"])
+        i = 0
+        while api._storage.tail_bytes("d") <= 4_000:
+            await s.capture("d", f"fact {i} " + "y" * 100)
+            i += 1
+        assert "d" in api._compact_waiting and "d" in api._compacting
+        waiting = api._compacting["d"]
+        for _ in range(20):  # the loop gets turns: still waiting, nothing compacted
+            await asyncio.sleep(0)
+        assert "d" in api._compact_waiting and "d" not in api._snapshot_bytes
+        while api._storage.tail_bytes("d") <= latest:
+            await s.capture("d", f"fact {i} " + "y" * 100)
+            i += 1
+        assert "d" not in api._compact_waiting
+        await wait_for(lambda: "d" in api._snapshot_bytes, what="the forced compaction")
+        assert waiting.cancelled()
+        assert api._storage.tail_bytes("d") < latest
+        ids = {m.id for m in api.memories("d")}
+    assert len(ids) == i
+    async with durable(tmp_path) as api:
+        assert {m.id for m in api.memories("d")} == ids
+
+
 async def test_closing_while_compacting_loses_nothing(tmp_path, monkeypatch):
     import subcog_crdt._api as api_module
 
     monkeypatch.setattr(api_module, "_COMPACT_BYTES", 4_000)
+    monkeypatch.setattr(api_module, "_COMPACT_QUIET", 0.0)  # at once, not after the writes
     async with durable(tmp_path) as api:
         s = await api.register_session("s", subscribe=["d"])
         mems = await s.capture_many("d", [f"fact {i} " + "y" * 100 for i in range(100)])

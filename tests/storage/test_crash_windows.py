@@ -29,6 +29,7 @@ import subcog_crdt._api as api_module
 from subcog_crdt import ConversationsApi, Retention, StorageError, StorageLocked
 from subcog_crdt._storage import sqlite as sqlite_mod
 from subcog_crdt._storage.base import JournalRecord
+from subcog_crdt._storage.gilwrite import KEEP_GIL_UP_TO
 from subcog_crdt._storage.sqlite import LOG_NAME, SNAP_DIR, SqliteStorage
 
 NS = "d"
@@ -317,8 +318,8 @@ def _embedded_frame() -> bytes:
 
 
 async def _child_torn_large(data_dir: str) -> None:
-    """Commit two small frames, then a frame over 64 KiB (written with ``os.write`` in a
-    loop) whose update bytes hold something that looks like a log frame; die after the
+    """Commit two small frames, then a frame over ``KEEP_GIL_UP_TO`` (written with
+    ``os.write`` in a loop) whose update bytes hold something that looks like a log frame; die after the
     first half of it reached the file: a write torn by kill -9."""
     s = SqliteStorage(data_dir)
     await s.open("child")
@@ -334,7 +335,7 @@ async def _child_torn_large(data_dir: str) -> None:
         return real_write(fd, data)
 
     os.write = half
-    big = b"x" * 1000 + _embedded_frame() + b"y" * 100_000
+    big = b"x" * 1000 + _embedded_frame() + b"y" * (KEEP_GIL_UP_TO + 1000)
     await s.commit([(NS, big)], [_rec(3)])
     print("not killed", flush=True)
     sys.exit(3)
@@ -641,7 +642,7 @@ async def test_fsync_restart_syncs_the_log_before_applying_what_it_holds(
 async def test_a_torn_large_frame_holding_frame_like_bytes_is_a_torn_tail(
     tmp_path: Path,
 ) -> None:
-    """A frame over 64 KiB is written with ``os.write`` in a loop; kill -9 between two
+    """A frame over ``KEEP_GIL_UP_TO`` is written with ``os.write`` in a loop; kill -9 between two
     writes leaves half of it. If the half written holds bytes that look like a complete
     frame (update bytes are arbitrary: a peer's content), the open must still see a torn
     tail (drop it, keep the acknowledged frames), not refuse the log as damaged."""
