@@ -319,8 +319,8 @@ def _embedded_frame() -> bytes:
 
 async def _child_torn_large(data_dir: str) -> None:
     """Commit two small frames, then a frame over ``KEEP_GIL_UP_TO`` (written with
-    ``os.write`` in a loop) whose update bytes hold something that looks like a log frame; die after the
-    first half of it reached the file: a write torn by kill -9."""
+    ``os.write`` in a loop) whose update bytes hold something that looks like a log frame;
+    die after the first half of it reached the file: a write torn by kill -9."""
     s = SqliteStorage(data_dir)
     await s.open("child")
     for i in (1, 2):
