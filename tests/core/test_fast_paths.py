@@ -107,6 +107,12 @@ def test_decode_write_reads_what_encode_write_wrote(op: str, changes: dict[str, 
 # exactly as the general parser decides them.
 _MIDDLES = [
     '"a"',
+    ' "a"',
+    '"a" ',
+    '"a\\"b"',
+    '"a\\ud800"',
+    '"a\tb"',
+    '"a',
     '""',
     '" "',
     '"a\\u0000"',

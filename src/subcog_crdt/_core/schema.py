@@ -425,6 +425,8 @@ def encode_write(
 _CAPTURE_HEAD = f'{{"v":{SCHEMA_VERSION},"op":"capture","set":{{"content":'
 _TAGS_TAIL = ',"tags":[]}}'
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+# (json.decoder's string scanner, C where available; not in typeshed)
+_scan_string: Callable[[str, int, bool], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
 _encode_str: Callable[[str], str] = (
     getattr(json.encoder, "c_encode_basestring", None) or json.encoder.py_encode_basestring
 )
@@ -461,11 +463,16 @@ def _plain_capture(value: str) -> dict[str, Any] | None:
         end, tags = len(value) - 2, False
     else:
         return None
-    try:
-        content = json.loads(value[len(_CAPTURE_HEAD) : end])
-    except (ValueError, RecursionError):  # deep nesting raises RecursionError
+    start = len(_CAPTURE_HEAD)
+    if value[start : start + 1] != '"':
         return None
-    if type(content) is not str:
+    try:
+        # The string's own scanner (json.loads' wrapper, two regex passes and a slice
+        # copy cost as much again); it must end exactly where the tail begins.
+        content, stop = _scan_string(value, start + 1, True)
+    except ValueError:
+        return None
+    if stop != end:
         return None
     try:
         check_content(content)
