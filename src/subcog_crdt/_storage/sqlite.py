@@ -1029,6 +1029,8 @@ class SqliteStorage(AsyncClosing):
                         last_seq[name] = seq
                 for rec in frame.journal:
                     journal.extend(rec)
+                    if not rec[6]:
+                        journal[-1] = None  # no other write: NULL, as "" was never stored
                     if rec[0] > last_cursor:
                         last_cursor = rec[0]
                 for session, cursor in frame.cursors:
@@ -1594,10 +1596,9 @@ class SqliteStorage(AsyncClosing):
             blob = data if type(data) is bytes else bytes(data)
             ups.append((ns, seq, blob))
             added[ns] = added.get(ns, 0) + len(blob)
-        jrn = [
-            (r.cursor, r.at_ms, r.namespace, r.kind, r.write_id, r.session, r.other or None)
-            for r in journal
-        ]
+        # The records as they are (msgpack packs a named tuple as an array); "" for no
+        # ``other`` becomes NULL on the storage thread (_apply), not here on the loop.
+        jrn: list[Any] = journal if type(journal) is list else list(journal)
         cur = [(s, int(c)) for s, c in cursors]
         with self._wlock:
             lsn = self._lsn + 1
