@@ -438,6 +438,7 @@ class ConversationsApi:
         gc.disable()
         try:
             self._load_docs(stored.docs)
+            self._snapshot_bytes.update(stored.snapshot_bytes)
         finally:
             if gc_was_on:
                 gc.enable()

@@ -27,13 +27,12 @@ def test_writes_every_byte_at_the_end_of_the_file(tmp_path: Path) -> None:
     try:
         gilwrite.write_all(fd, b"first|\x00nul|")
         gilwrite.write_all(fd, bytes(range(256)) * 200)  # several pages, keeping the GIL
-        gilwrite.write_all(fd, bytes(range(256)) * 1000)  # over KEEP_GIL_UP_TO: os.write
+        over = bytes(range(256)) * (gilwrite.KEEP_GIL_UP_TO // 256 + 1)
+        gilwrite.write_all(fd, over)  # over KEEP_GIL_UP_TO: os.write
         gilwrite.write_all(fd, b"")
     finally:
         os.close(fd)
-    assert path.read_bytes() == (
-        b"first|\x00nul|" + bytes(range(256)) * 200 + bytes(range(256)) * 1000
-    )
+    assert path.read_bytes() == (b"first|\x00nul|" + bytes(range(256)) * 200 + over)
 
 
 def test_an_error_is_an_oserror_with_its_errno(tmp_path: Path) -> None:

@@ -66,6 +66,9 @@ class StoredState:
     """Per session id, its ``last_sync`` cursor."""
     subscriptions: dict[str, frozenset[str]] = field(default_factory=dict)
     """Per session id, the namespaces it last subscribed to."""
+    snapshot_bytes: dict[str, int] = field(default_factory=dict)
+    """Per compacted namespace, the size of its snapshot (the first of its ``docs``): the
+    node's next compaction threshold grows with it, across restarts too."""
 
 
 class Storage(Protocol):

@@ -44,6 +44,7 @@ class MemoryStorage:
         self._pruned_max_at_ms = 0
         self._last_cursor = 0
         self._in_order = True
+        self._snapshot_bytes: dict[str, int] = {}
         """Whether the journal's cursors increase (they do when commits come in cursor
         order, as the node makes them): then a read starts by bisection."""
 
@@ -56,6 +57,7 @@ class MemoryStorage:
             last_cursor=self._last_cursor,
             cursors=dict(self._cursors),
             subscriptions=dict(self._subscriptions),
+            snapshot_bytes=dict(self._snapshot_bytes),
         )
 
     async def commit(
@@ -110,6 +112,7 @@ class MemoryStorage:
         keep = self._seq.get(namespace, 0) - upto_seq
         tail = docs[len(docs) - keep :] if keep > 0 else []
         self._docs[namespace] = [snapshot, *tail]
+        self._snapshot_bytes[namespace] = len(snapshot)
         self._tail_bytes[namespace] = sum(len(u) for u in tail)
 
     async def save_cursor(self, session_id: str, cursor: int) -> None:

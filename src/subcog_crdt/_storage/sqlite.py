@@ -859,6 +859,7 @@ class SqliteStorage(AsyncClosing):
         docs: dict[str, list[bytes]] = {}
         seqs: dict[str, int] = {}
         tail_bytes: dict[str, int] = {}
+        snapshot_bytes: dict[str, int] = {}
         by_id: dict[int, tuple[str, int, int]] = {}
         referenced: set[str] = set()
         for id_, name, last_seq, snap_seq, gen, snap_len, snap_crc in db.execute(
@@ -873,6 +874,7 @@ class SqliteStorage(AsyncClosing):
                 snap_path = self._snap_path(id_, gen)
                 referenced.add(snap_path.name)
                 docs[name].append(self._read_snapshot(snap_path, snap_len, snap_crc))
+                snapshot_bytes[name] = snap_len
         # Per namespace: the retired tail from SQLite (one key range, in seq order), then
         # the updates only the log holds (higher seqs), minus any a compaction covered.
         live: dict[str, list[bytes]] = {}
@@ -920,6 +922,7 @@ class SqliteStorage(AsyncClosing):
             last_cursor=last_cursor,
             cursors=cursors,
             subscriptions=subscriptions,
+            snapshot_bytes=snapshot_bytes,
         )
         return _Loaded(
             state=state,
@@ -1249,7 +1252,9 @@ class SqliteStorage(AsyncClosing):
     def _drain_job(self) -> None:
         if len(self._pending) < _DRAIN_NOW and self.durability == "process":
             self._wake.clear()
-            if self._jobs.empty():  # (a job queued after the clear sets it again)
+            # Nothing else queued, no commit waiting for the backlog (one that starts
+            # waiting after this check sets the event again, after the clear).
+            if self._jobs.empty() and not self._backlog_waiters:
                 self._wake.wait(_DRAIN_DELAY)
         # Clear the flag before taking frames: a frame queued after this point either is
         # taken below or schedules a new job; none is left behind.
