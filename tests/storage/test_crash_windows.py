@@ -193,7 +193,8 @@ async def _child_writes(point: str, data_dir: str, durability: str) -> None:
     session ``sync()`` now and then (printing ``synced CURSOR IDS...`` once it returned),
     compact small tails in the background; die at ``point``."""
     api_module._COMPACT_BYTES = 3_000  # type: ignore[attr-defined]
-    api_module._COMPACT_QUIET = 0.0  # type: ignore[attr-defined]  (writes never pause here)
+    # (writes never pause here: compact at once, as the kill points expect)
+    api_module._COMPACT_QUIET = 0.0  # type: ignore[attr-defined]
     retention = Retention(max_events=PRUNE_MAX_EVENTS) if point.startswith("prune") else None
     pad = "p" * 200
     async with ConversationsApi(
