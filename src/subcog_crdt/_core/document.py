@@ -793,7 +793,9 @@ class NamespaceDoc:
         whose entries it overwrote or removed."""
         events: list[Event] = []
         replaced = []
-        for key, action in changed.items():
+        # In fold order, not pycrdt's (hash) order: the events' memory snapshots must not
+        # depend on it (and most entries then fold onto what is folded already).
+        for key, action in sorted(changed.items(), key=lambda kv: (_arrival_order(kv[0]), kv[0])):
             if action == "add":  # one already integrated is a duplicate to _absorb_one
                 n = self._n_writes
                 events.extend(self._absorb_one(key, self._entry(key)))
