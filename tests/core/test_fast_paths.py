@@ -300,6 +300,12 @@ def test_memories_written_once_cost_the_cyclic_gc_no_object_each() -> None:
 
     growth, ids = _tracked_growth(load)
     assert growth < 100, growth  # the 2000-item id list is one
+
+    def read_all() -> int:
+        return sum(doc.get(mid) is not None and len(doc.writes(mid)) for mid in ids)
+
+    growth, read = _tracked_growth(read_all)
+    assert read == 2000 and growth < 100, growth  # reading does not bring the objects back
     assert len(set(ids)) == 2000 and all(doc.has(mid) for mid in ids)
     assert set(ids) < set(doc.memory_ids()) and len(list(doc.memory_ids())) == 2001
     # Read, updated, deleted, captured again: as any memory.

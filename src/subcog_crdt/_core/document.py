@@ -133,6 +133,15 @@ bulk load runs several passes). Thawed into a ``_Mem`` when anything reads or ch
 (``NamespaceDoc._mem``)."""
 
 
+def _unpack(once: _Once) -> _Mem:
+    key, doc, normh = once
+    m = _Mem(doc)
+    m.keys = (key,)
+    m.exists = True
+    m.normh = normh
+    return m
+
+
 def _once(m: _Mem) -> bool:
     """Whether ``m`` can be kept as a ``_Once``: resolved, live, one write (so a capture:
     an update or delete alone leaves a memory that does not exist), nothing folded."""
@@ -290,12 +299,16 @@ class NamespaceDoc:
         return m
 
     def _thaw(self, memory_id: str, once: _Once) -> _Mem:
-        key, doc, normh = once
-        m = self._mems[memory_id] = _Mem(doc)
-        m.keys = (key,)
-        m.exists = True
-        m.normh = normh
+        m = self._mems[memory_id] = _unpack(once)
         return m
+
+    def _view(self, memory_id: str) -> _Mem | None:
+        """``_mem`` for reading only: a memory kept as a ``_Once`` stays one (reading
+        every memory must not bring back an object per memory for the GC to walk)."""
+        m = self._mems.get(memory_id)
+        if isinstance(m, tuple):
+            return _unpack(m)
+        return self._mem(memory_id)
 
     def has(self, memory_id: str) -> bool:
         if isinstance(self._mems.get(memory_id), tuple):
@@ -446,7 +459,7 @@ class NamespaceDoc:
         return bool(self._to_index) or self._resolve_cursor < len(self._by_doc)
 
     def writes(self, memory_id: str) -> list[Write]:
-        m = self._mem(memory_id)
+        m = self._view(memory_id)
         if m is None:
             return []
         out = []
@@ -457,7 +470,7 @@ class NamespaceDoc:
         return out
 
     def get(self, memory_id: str) -> Memory | None:
-        m = self._mem(memory_id)
+        m = self._view(memory_id)
         if m is None or not m.exists:
             return None
         if m.folded is not None:
@@ -466,7 +479,7 @@ class NamespaceDoc:
 
     def write(self, key: str) -> Write | None:
         """One write of a memory, by its key (None if the memory has no such write)."""
-        m = self._mem(key[:20]) if isinstance(key, str) else None
+        m = self._view(key[:20]) if isinstance(key, str) else None
         if m is None or _position(m, key) < 0:
             return None
         return self._read(key)
@@ -475,7 +488,7 @@ class NamespaceDoc:
         """The memory as it was once write ``key`` was folded (None if it has no such
         write, or was not captured then). From the nearest checkpoint: a sync that
         rebuilds the events of a long history must not refold it per event."""
-        m = self._mem(key[:20]) if isinstance(key, str) else None
+        m = self._view(key[:20]) if isinstance(key, str) else None
         i = -1 if m is None else _position(m, key)
         if m is None or i < 0:
             return None
