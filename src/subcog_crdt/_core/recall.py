@@ -318,13 +318,14 @@ class RecallIndex:
                 scores[d] = scores.get(d, 0.0) + idf * f * k1_plus_1 / (f + norm)
         if accept is not None:
             return _accepted(scores, limit, accept, tie_key)
-        top = list(scores.items())
-        if len(top) > limit:
+        if len(scores) > limit:
             # The cut-off score by a C sort of the floats; everything above it is in, and
             # of the (often many: equal lengths give equal scores) documents at it, the
             # first by tie_key. ~3x faster than nlargest with a key over every document.
+            # Pairs are made only for those at or above it: a query of common words scores
+            # tens of thousands, and a pair each kept the cyclic GC busy.
             cut = sorted(scores.values(), reverse=True)[limit - 1]
-            top = [kv for kv in top if kv[1] >= cut]
+            top = [(d, sc) for d, sc in scores.items() if sc >= cut]
             if len(top) > limit:
                 above = [kv for kv in top if kv[1] > cut]
                 at_cut = [d for d, sc in top if sc == cut]
@@ -334,6 +335,8 @@ class RecallIndex:
                 else:
                     chosen = heapq.nsmallest(need, at_cut, key=tie_key)
                 top = above + [(d, cut) for d in chosen]
+        else:
+            top = list(scores.items())
         _rank(top, tie_key)
         best = top[:limit]
         return [(score, d) for d, score in best]
