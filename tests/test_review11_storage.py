@@ -11,7 +11,6 @@ import asyncio
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -27,7 +26,7 @@ from subcog_crdt import ConversationsApi
 from subcog_crdt._storage import gilwrite
 from subcog_crdt._storage import sqlite as sqlite_mod
 from subcog_crdt._storage.base import JournalRecord
-from subcog_crdt._storage.sqlite import LOG_NAME, SNAP_DIR, STORE_NAME, SqliteStorage
+from subcog_crdt._storage.sqlite import LOG_NAME, SNAP_DIR, SqliteStorage
 
 NS = "d"
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -87,13 +86,9 @@ def _block_thread(st: SqliteStorage) -> tuple[threading.Event, asyncio.Future[An
 
 def _journal_rows(data: Path) -> tuple[int, int]:
     """(journal rows, applied_lsn) as SQLite holds them (the node is closed)."""
-    con = sqlite3.connect(data / STORE_NAME)
-    try:
-        rows = con.execute("SELECT count(*) FROM journal").fetchone()[0]
-        lsn = con.execute("SELECT value FROM meta WHERE key='applied_lsn'").fetchone()[0]
-    finally:
-        con.close()
-    return int(rows), int(lsn)
+    from storage.test_sqlite import stored_journal
+
+    return stored_journal(data, "applied_lsn")
 
 
 # -- the drain's wait ------------------------------------------------------------------------

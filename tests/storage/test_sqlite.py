@@ -183,15 +183,16 @@ async def test_compaction_reclaims_space(tmp_path: Path) -> None:
 # -- retention ---------------------------------------------------------------------------
 
 
-def stored_journal(d: Path) -> tuple[int, int]:
-    """(rows in the journal table, the journal_count stored next to them)."""
+def stored_journal(d: Path, meta: str = "journal_count") -> tuple[int, int]:
+    """(rows in the journal table, the ``meta`` value stored next to them: by default the
+    journal_count)."""
     conn = sqlite3.connect(d / STORE_NAME)
     try:
         rows = conn.execute("SELECT count(*) FROM journal").fetchone()[0]
-        count = conn.execute("SELECT value FROM meta WHERE key='journal_count'").fetchone()[0]
+        value = conn.execute("SELECT value FROM meta WHERE key=?", (meta,)).fetchone()[0]
     finally:
         conn.close()
-    return rows, count
+    return int(rows), int(value)
 
 
 async def test_a_prune_by_a_read_stores_the_journal_count(tmp_path: Path) -> None:
