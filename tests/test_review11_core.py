@@ -18,57 +18,19 @@ from hypothesis import strategies as st
 from helpers import wait_for
 from subcog_crdt import ConversationsApi, NotFound
 from subcog_crdt._core.document import NamespaceDoc
-from subcog_crdt._core.hlc import Hlc
 from subcog_crdt._core.schema import _CAPTURE_HEAD, _decode_json, decode_write, first_memory_id
 from subcog_crdt._core.schema import normalise as norm
-from support.coredocs import NOW, foreign_update
+from support.coredocs import Counter, compact, doc_state, foreign_update, restarted, still_doc
 
 END_OF_TIME = "9999999999999ffffff"
 
 
-class Counter:
-    """A shared event cursor, so cursors are compared too (core_doc's is constant)."""
-
-    def __init__(self) -> None:
-        self.n = 0
-
-    def __call__(self) -> int:
-        self.n += 1
-        return self.n
-
-
 def make_doc(node: str = "00000000000000aa", cursor: Counter | None = None) -> NamespaceDoc:
-    # A wall clock that never moves: every stamp is NOW plus a counter, so two documents
-    # driven alike stamp alike however often they read the clock.
-    return NamespaceDoc(
-        "ns", node_id=node, hlc=Hlc(clock=lambda: NOW), next_cursor=cursor or Counter()
-    )
-
-
-def restarted(src: NamespaceDoc, cursor: Counter | None = None) -> NamespaceDoc:
-    doc = make_doc(src.node_id, cursor)
-    doc.load([src.diff()])
-    if doc.max_stamp:
-        doc._hlc.observe(doc.max_stamp)
-    return doc
-
-
-def tuples(doc: NamespaceDoc) -> set[str]:
-    """The memories held in the written-once form (to know the tests reach it)."""
-    return {mid for mid, m in doc._mems.items() if isinstance(m, tuple)}
+    return still_doc(node, cursor)
 
 
 def state(doc: NamespaceDoc) -> Any:
-    ids = sorted(doc.memory_ids(True))
-    return (
-        dict(doc.entries.items()),
-        ids,
-        sorted(doc.memory_ids()),
-        [doc.get(mid) for mid in ids],
-        [doc.writes(mid) for mid in ids],
-        [doc.has(mid) for mid in ids],
-        doc.search_ids("we chose wal tests code zeta gamma b a", 50),
-    )
+    return doc_state(doc, "we chose wal tests code zeta gamma b a")
 
 
 POOL = ["We chose WAL", "we  chose wal", "Tests next to code", "A", "b", "B ", "zeta one"]
@@ -183,7 +145,7 @@ def test_a_batch_never_joins_a_memory_stamped_at_the_end_of_time() -> None:
     mid = first_memory_id("ns", norm("Pinned fact"))
     hostile = '{"v":1,"op":"capture","set":{"content":"Pinned fact"}}'
     doc.apply_update(foreign_update(doc, {f"{mid}/{END_OF_TIME}/h/cc": hostile}))
-    assert mid in tuples(doc)  # a brand-new remote capture: the written-once form
+    assert mid in compact(doc)  # a brand-new remote capture: the written-once form
     mems, _ = doc.capture_many("t", [("Pinned fact", {}), ("pinned FACT", {})])
     assert mems[0].id != mid and mems[1].id == mems[0].id
     assert mems[1].captured_by == ("t",)
@@ -200,7 +162,7 @@ def test_written_once_memories_after_restart_behave_like_any_other() -> None:
     a, b, c = (m.id for m in mems)
     doc = restarted(src)
     assert doc.resolve_some(None)
-    assert {a, b, c} <= tuples(doc)
+    assert {a, b, c} <= compact(doc)
     assert doc.has(a) and sorted(doc.memory_ids(True)) == sorted([a, b, c])
     assert [m.id for _, m in doc.search("fact", 10)] and doc.get(a) == src.get(a)
     assert doc.writes(b) == src.writes(b)
@@ -234,7 +196,7 @@ def test_hostile_overwrite_of_a_written_once_memory_is_derived_as_a_restart_woul
     doc = restarted(src)
     doc.resolve_all()
     doc.flush_index()
-    assert target.id in tuples(doc)
+    assert target.id in compact(doc)
     key = src.writes(target.id)[0].key
     value = '{"v":1,"op":"capture","set":{"content":"replacement text"}}'
     assert doc.apply_update(foreign_update(doc, {key: value})) == []
@@ -254,7 +216,7 @@ def test_hostile_overwrite_of_a_written_once_memory_is_derived_as_a_restart_woul
     other_key = src.writes(other.id)[0].key
     doc = restarted(src)
     doc.resolve_all()
-    assert other.id in tuples(doc)
+    assert other.id in compact(doc)
     doc.apply_update(foreign_update_removing(doc, other_key))
     assert not doc.has(other.id) and other.id not in set(doc.memory_ids(True))
     assert doc.get(other.id) is None
@@ -340,7 +302,7 @@ async def test_api_batch_restart_get_history_and_other_namespaces(tmp_path: Path
         s = await api.register_session("s2")
         docs = api._docs
         await wait_for(lambda: not any(d.background_work for d in docs.values()), what="background")
-        assert a[2].id in tuples(docs["alpha"]) and b[1].id in tuples(docs["beta"])
+        assert a[2].id in compact(docs["alpha"]) and b[1].id in compact(docs["beta"])
         assert api.get(b[1].id).namespace == "beta" and api.get(b[1].id).tags == ("b",)
         assert api.get(a[2].id).namespace == "alpha"
         assert [w.session for w in api.history(a[0].id)] == ["s1", "s1"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 import signal
 import sqlite3
@@ -20,10 +19,11 @@ from typing import Any
 
 from pycrdt import Doc, Map
 
+from core.test_fast_paths import indexed, plain_bm25
 from subcog_crdt import ConversationsApi
 from subcog_crdt._core.document import NamespaceDoc
-from subcog_crdt._core.hlc import Hlc
 from subcog_crdt._core.schema import encode_write
+from support.coredocs import Counter, compact, doc_state, restarted, still_doc
 
 NS = "ns"
 NOW = 1_800_000_000_000
@@ -116,32 +116,12 @@ def test_search_ranks_as_the_plain_bm25_for_every_limit(
 ) -> None:
     """Ties at the cut, limit 1, limits above the matches, changed (dirty) and deleted
     documents: the top ``limit`` of the plain formula, ties by tie_key (or number)."""
-    index = RecallIndex()
-    current = [list(t) for t in docs]
-    for tokens in docs:
-        d = index.new_doc()
-        index.add(d, tokens)
-        index.set_live(d, True)
-    for i, tokens in changes:
-        i %= len(docs)
-        current[i] = list(tokens)
-        index.replace(i, list(tokens))
+    index, current = indexed(docs, changes)
     live = [True] * len(docs)
     for i in dead:
         live[i % len(docs)] = False
         index.set_live(i % len(docs), False)
-    n = max(1, sum(1 for t in current if t))
-    avg = (sum(map(len, current)) / n) or 1.0
-    expected: dict[int, float] = {}
-    for term in dict.fromkeys(query):
-        having = [d for d, t in enumerate(current) if term in t]
-        idf = math.log(1 + (n - len(having) + 0.5) / (len(having) + 0.5))
-        for d in having:
-            if not live[d]:
-                continue
-            f = current[d].count(term)
-            norm = 1.2 * (1 - 0.75 + 0.75 * len(current[d]) / avg)
-            expected[d] = expected.get(d, 0.0) + idf * f * (1.2 + 1) / (f + norm)
+    expected = plain_bm25(current, query, live)
     tie = _tie if with_tie_key else (lambda d: f"{d:03d}")
     best = sorted(expected.items(), key=lambda kv: (-kv[1], tie(kv[0])))[:limit]
     got = index.search(" ".join(query), limit, tie_key=_tie if with_tie_key else None)
@@ -165,61 +145,32 @@ def test_many_equal_scores_at_the_cut_take_the_first_by_tie_key() -> None:
 # -- 2. reads of compact memories -----------------------------------------------------------
 
 
-class Counter:
-    def __init__(self) -> None:
-        self.n = 0
-
-    def __call__(self) -> int:
-        self.n += 1
-        return self.n
-
-
 def make_doc(node: str = "00000000000000aa", cursor: Counter | None = None) -> NamespaceDoc:
-    return NamespaceDoc(
-        NS, node_id=node, hlc=Hlc(clock=lambda: NOW), next_cursor=cursor or Counter()
-    )
+    return still_doc(node, cursor)
 
 
-def restarted(src: NamespaceDoc) -> NamespaceDoc:
-    doc = make_doc(src.node_id)
-    doc.load([src.diff()])
-    if doc.max_stamp:
-        doc._hlc.observe(doc.max_stamp)
-    doc.resolve_all()
-    return doc
-
-
-def tuples(doc: NamespaceDoc) -> set[str]:
-    return {mid for mid, m in doc._mems.items() if isinstance(m, tuple)}
+def resolved(src: NamespaceDoc) -> NamespaceDoc:
+    return restarted(src, resolve=True)
 
 
 def state(doc: NamespaceDoc) -> Any:
-    ids = sorted(doc.memory_ids(True))
-    return (
-        dict(doc.entries.items()),
-        ids,
-        sorted(doc.memory_ids()),
-        [doc.get(mid) for mid in ids],
-        [doc.writes(mid) for mid in ids],
-        [[doc.memory_at(w.key) for w in doc.writes(mid)] for mid in ids],
-        doc.search_ids("alpha beta gamma fact", 50),
-    )
+    return doc_state(doc, "alpha beta gamma fact", at=True)
 
 
 def test_reads_of_compact_memories_change_nothing_and_later_writes_keep_their_changes() -> None:
     src = make_doc()
     mems, _ = src.capture_many("s", [(f"{w} fact", {}) for w in ("alpha", "beta", "gamma")])
-    doc = restarted(src)
-    plain = restarted(src)
+    doc = resolved(src)
+    plain = resolved(src)
     ids = [m.id for m in mems]
-    assert set(ids) <= tuples(doc)
+    assert set(ids) <= compact(doc)
     for _ in range(3):  # reads, over and over: the memories stay compact, and alike
         for mid in ids:
             w = doc.writes(mid)
             assert doc.get(mid) == src.get(mid) and w == src.writes(mid)
             assert doc.write(w[0].key) == w[0]
             assert doc.memory_at(w[0].key) == src.memory_at(w[0].key) == src.get(mid)
-    assert set(ids) <= tuples(doc)
+    assert set(ids) <= compact(doc)
     # Then writes: an update, a delete, a capture deduped onto a compact memory.
     for d in (doc, plain, src):
         d.update("u", ids[0], {"tags": ["x"], "content": "alpha fact two"})
@@ -230,7 +181,7 @@ def test_reads_of_compact_memories_change_nothing_and_later_writes_keep_their_ch
     assert doc.get(ids[1]).deleted and doc.get(ids[2]).version == 2
     first = src.writes(ids[0])[0].key
     assert doc.memory_at(first).content == "alpha fact"
-    assert state(restarted(doc)) == state(doc)
+    assert state(resolved(doc)) == state(doc)
 
 
 async def test_api_history_and_sync_of_compact_memories_after_a_restart(tmp_path: Path) -> None:
@@ -240,13 +191,13 @@ async def test_api_history_and_sync_of_compact_memories_after_a_restart(tmp_path
     async with ConversationsApi(data_dir=tmp_path / "a", listen=False, discovery=()) as api:
         doc = api._docs[NS]
         doc.resolve_all()
-        ids = sorted(tuples(doc))
+        ids = sorted(compact(doc))
         assert len(ids) == 5
         r = await api.register_session("r", subscribe=[NS])
         first = await r.sync(since=0)
         assert [e.memory.content for e in first.events] == [f"fact {i}" for i in range(5)]
         hist = {mid: api.history(mid) for mid in ids}
-        assert set(ids) == tuples(doc)  # read, not thawed
+        assert set(ids) == compact(doc)  # read, not thawed
         w = await api.register_session("w", subscribe=[NS])
         for mid in ids[:2]:
             await w.update(mid, tags=["k"])
@@ -305,7 +256,7 @@ def test_events_of_entries_released_by_a_watched_apply_are_the_same_every_run() 
         again = _hostile_scenario()
         assert again[:3] == (events, released, st0)
     # Converged: as a node restarted from the map, and as a peer given all of it at once.
-    assert state(restarted(dst))[:5] == st0[:5]
+    assert state(resolved(dst))[:5] == st0[:5]
     peer = make_doc("00000000000000dd")
     peer.apply_update(dst.diff())
     assert state(peer)[:5] == st0[:5]

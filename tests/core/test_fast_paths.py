@@ -216,11 +216,16 @@ def test_tokenize_is_casefold_punctuation_split(text: str) -> None:
     st.lists(st.sampled_from(["ab", "cd", "ef", "zz"]), min_size=1, max_size=3),
 )
 def test_bm25_search_matches_the_plain_formula(docs: list[list[str]], query: list[str]) -> None:
-    index = RecallIndex()
-    for tokens in docs:
-        d = index.new_doc()
-        index.add(d, tokens)
-        index.set_live(d, True)
+    index, _ = indexed(docs, [])
+    expected = plain_bm25(docs, query)
+    best = sorted(expected.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
+    assert index.search(" ".join(query), 5, lambda d: docs[d]) == [(s, d) for d, s in best]
+
+
+def plain_bm25(
+    docs: list[list[str]], query: list[str], live: list[bool] | None = None
+) -> dict[int, float]:
+    """BM25 scores by the textbook formula (k1 1.2, b 0.75) of the live documents."""
     # N counts documents with words (a restarted node holds wordless numbers for junk)
     n = max(1, sum(1 for tokens in docs if tokens))
     avg = (sum(map(len, docs)) / n) or 1.0
@@ -229,14 +234,33 @@ def test_bm25_search_matches_the_plain_formula(docs: list[list[str]], query: lis
         having = [d for d, tokens in enumerate(docs) if term in tokens]
         idf = math.log(1 + (n - len(having) + 0.5) / (len(having) + 0.5))
         for d in having:
+            if live is not None and not live[d]:
+                continue
             f = docs[d].count(term)
             norm = 1.2 * (1 - 0.75 + 0.75 * len(docs[d]) / avg)
             expected[d] = expected.get(d, 0.0) + idf * f * (1.2 + 1) / (f + norm)
-    best = sorted(expected.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
-    assert index.search(" ".join(query), 5, lambda d: docs[d]) == [(s, d) for d, s in best]
+    return expected
 
 
 _toks = st.lists(st.sampled_from(["ab", "cd", "ef", "gh"]), max_size=6)
+
+
+def indexed(
+    docs: list[list[str]], changes: list[tuple[int, list[str]]]
+) -> tuple[RecallIndex, list[list[str]]]:
+    """An index of ``docs`` (all live), then ``changes`` (document ``i % len(docs)``
+    rewritten); and the documents' current words."""
+    index = RecallIndex()
+    current = [list(t) for t in docs]
+    for tokens in docs:
+        d = index.new_doc()
+        index.add(d, tokens)
+        index.set_live(d, True)
+    for i, tokens in changes:
+        i %= len(docs)
+        current[i] = list(tokens)
+        index.replace(i, list(tokens))
+    return index, current
 
 
 @given(
@@ -250,21 +274,8 @@ def test_an_index_with_changed_documents_ranks_like_one_built_afresh(
     """Removal is lazy (a changed document's old words stay in the postings); scores and
     order must still equal those of an index holding only the current words, which is
     what a restarted node builds."""
-    live = RecallIndex()
-    current = [list(t) for t in docs]
-    for tokens in docs:
-        d = live.new_doc()
-        live.add(d, tokens)
-        live.set_live(d, True)
-    for i, tokens in changes:
-        i %= len(docs)
-        current[i] = list(tokens)
-        live.replace(i, list(tokens))
-    fresh = RecallIndex()
-    for tokens in current:
-        d = fresh.new_doc()
-        fresh.add(d, tokens)
-        fresh.set_live(d, True)
+    live, current = indexed(docs, changes)
+    fresh, _ = indexed(current, [])
     q = " ".join(query)
     assert live.search(q, 5, lambda d: current[d]) == fresh.search(q, 5, lambda d: current[d])
 

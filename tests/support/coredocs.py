@@ -39,3 +39,56 @@ def foreign_update(doc: NamespaceDoc, entries: dict[str, str]) -> bytes:
     for key, value in entries.items():
         m[key] = value
     return other.get_update(before)
+
+
+class Counter:
+    """A shared event cursor, so cursors are compared too (core_doc's is constant)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __call__(self) -> int:
+        self.n += 1
+        return self.n
+
+
+def still_doc(node: str = "00000000000000aa", cursor: Counter | None = None) -> NamespaceDoc:
+    """A document whose wall clock never moves: every stamp is NOW plus a counter, so two
+    documents driven alike stamp alike however often they read the clock."""
+    return NamespaceDoc(
+        "ns", node_id=node, hlc=Hlc(clock=lambda: NOW), next_cursor=cursor or Counter()
+    )
+
+
+def restarted(
+    src: NamespaceDoc, cursor: Counter | None = None, *, resolve: bool = False
+) -> NamespaceDoc:
+    """A node restarted from ``src``'s entries (resolved at once with ``resolve``)."""
+    doc = still_doc(src.node_id, cursor)
+    doc.load([src.diff()])
+    if doc.max_stamp:
+        doc._hlc.observe(doc.max_stamp)
+    if resolve:
+        doc.resolve_all()
+    return doc
+
+
+def compact(doc: NamespaceDoc) -> set[str]:
+    """The memories held in the written-once form (to know the tests reach it)."""
+    return {mid for mid, m in doc._mems.items() if isinstance(m, tuple)}
+
+
+def doc_state(doc: NamespaceDoc, query: str, *, at: bool = False) -> Any:
+    """What a document shows: entries, ids, memories, writes, and recall of ``query``
+    (with ``at``, also every write's ``memory_at``)."""
+    ids = sorted(doc.memory_ids(True))
+    return (
+        dict(doc.entries.items()),
+        ids,
+        sorted(doc.memory_ids()),
+        [doc.get(mid) for mid in ids],
+        [doc.writes(mid) for mid in ids],
+        [[doc.memory_at(w.key) for w in doc.writes(mid)] for mid in ids] if at else None,
+        [doc.has(mid) for mid in ids],
+        doc.search_ids(query, 50),
+    )
