@@ -16,10 +16,12 @@ from hypothesis import strategies as st
 from subcog_crdt._core.document import NamespaceDoc
 from subcog_crdt._core.events import Captured, new_captured
 from subcog_crdt._core.hlc import Hlc
+from subcog_crdt._core.memory import captured_memory, fold_state
 from subcog_crdt._core.recall import RecallIndex, tokenize
 from subcog_crdt._core.schema import (
     _CAPTURE_HEAD,
     SCHEMA_VERSION,
+    Write,
     _decode_json,
     decode_write,
     encode_write,
@@ -385,3 +387,17 @@ def test_capture_many_is_captures_one_by_one(before: list[str], items: list[Any]
     assert sorted(many.memory_ids(True)) == sorted(one.memory_ids(True))
     for mid in one.memory_ids(True):
         assert many.get(mid) == one.get(mid)
+
+
+@given(
+    st.fixed_dictionaries(
+        {"content": st.text(min_size=1, max_size=20).filter(lambda t: t.strip())},
+        optional={"tags": st.just(["x"]) | st.just([]), "status": st.just("s")},
+    )
+)
+def test_a_captured_memory_is_the_fold_of_its_capture(changes: dict[str, Any]) -> None:
+    """``captured_memory`` (and its shortcut for bare content) makes what the general fold
+    makes of the one capture."""
+    at = "1800000000000000001"
+    w = Write(f"{'a' * 20}/{at}/s/{'b' * 16}", "a" * 20, at, "s", "b" * 16, "capture", "", changes)
+    assert captured_memory("ns", w.memory_id, at, "s", changes) == fold_state([w]).memory("ns")

@@ -278,6 +278,11 @@ def captured_memory(
 ) -> Memory:
     """The memory that one capture (stamped ``at``, setting ``v``) makes."""
     when = stamp_datetime(at)
+    if len(v) == 1:  # bare content (most captures): nothing else to look up
+        return _new_memory(
+            memory_id, namespace, v["content"], (), _EMPTY, session, (session,), when, when,
+            session, 1, False, None, None, None, None, at,
+        )  # fmt: skip
     meta = v.get("metadata")
     expires = v.get("expires_at")
     return _new_memory(

@@ -150,7 +150,7 @@ def check_bool(what: str, value: object) -> bool:
 def check_content(content: object) -> str:
     if not isinstance(content, str):
         raise InvalidArgument(f"content must be a str, not {type(content).__name__}")
-    if not content.strip():
+    if not content or content.isspace():  # (strip() would copy the text to say so)
         raise InvalidArgument("content is empty")
     if len(content) > MAX_CONTENT:
         raise InvalidArgument(f"content is {len(content)} characters; the limit is {MAX_CONTENT}")
