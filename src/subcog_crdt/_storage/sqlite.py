@@ -118,7 +118,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -198,9 +198,9 @@ class _Pending:
 
     lsn: int
     size: int
-    updates: list[tuple[str, int, bytes]]
-    journal: list[tuple[int, int, str, str, str, str, str | None]]
-    cursors: list[tuple[str, int]]
+    updates: Sequence[tuple[str, int, bytes]]
+    journal: Sequence[tuple[int, int, str, str, str, str, str | None]]
+    cursors: Sequence[tuple[str, int]]
 
 
 @dataclass(slots=True)
@@ -275,6 +275,28 @@ def _decode_payload(payload: bytes | memoryview, size: int) -> _Pending:
     ]
     cur = [(str(s), int(c)) for s, c in cursors]
     return _Pending(int(lsn), size, ups, jrn, cur)
+
+
+def _journal_rows(frames: list[_Pending], last_cursor: list[int]) -> Iterator[list[Any]]:
+    """The frames' journal records as flat parameter lists of ``_JOURNAL_CHUNK`` rows;
+    ``last_cursor[0]`` ends as the largest cursor. In chunks, not one list: a bulk load
+    applies ~100k records at once, and a list that size is walked by every full GC pass
+    the event loop's thread runs meanwhile."""
+    part: list[Any] = []
+    top = last_cursor[0]
+    for frame in frames:
+        for rec in frame.journal:
+            part.extend(rec)
+            if not rec[6]:
+                part[-1] = None  # no other write: NULL, as "" was never stored
+            if rec[0] > top:
+                top = rec[0]
+            if len(part) >= _JOURNAL_CHUNK * 7:
+                yield part
+                part = []
+    last_cursor[0] = top
+    if part:
+        yield part
 
 
 def _valid_frame_after(data: bytes, start: int, first_lsns: range) -> bool:
@@ -1026,34 +1048,29 @@ class SqliteStorage(AsyncClosing):
         db.execute("BEGIN IMMEDIATE")
         try:
             last_seq: dict[str, int] = {}
-            journal: list[Any] = []
             cursors: dict[str, int] = {}
             updates: list[tuple[str, int, bytes]] = []
-            last_cursor = 0
+            journal = False
             for frame in frames:
                 if frame.updates:
                     updates.extend(frame.updates)
                     for name, seq, _ in frame.updates:
                         last_seq[name] = seq
-                for rec in frame.journal:
-                    journal.extend(rec)
-                    if not rec[6]:
-                        journal[-1] = None  # no other write: NULL, as "" was never stored
-                    if rec[0] > last_cursor:
-                        last_cursor = rec[0]
+                journal = journal or bool(frame.journal)
                 for session, cursor in frame.cursors:
                     cursors[session] = cursor
             if journal:
                 # A duplicate cursor is an upstream bug; the first record wins and the count
                 # that drives pruning stays exact.
-                self._journal_count += self._insert_chunked(
+                last_cursor = [0]
+                self._journal_count += self._insert_rows(
                     "INSERT OR IGNORE INTO journal"
                     "(cursor, at_ms, ns, kind, write_id, session, other) VALUES ",
                     7,
-                    journal,
+                    _journal_rows(frames, last_cursor),
                 )
                 db.execute(
-                    "UPDATE meta SET value=max(value, ?) WHERE key='last_cursor'", (last_cursor,)
+                    "UPDATE meta SET value=max(value, ?) WHERE key='last_cursor'", last_cursor
                 )
             if cursors:
                 db.executemany(
@@ -1125,17 +1142,23 @@ class SqliteStorage(AsyncClosing):
 
     def _insert_chunked(self, prefix: str, width: int, flat: list[Any]) -> int:
         """Multi-row INSERTs: one sqlite3_step (one GIL release) per chunk, not per row."""
-        if not flat:
-            return 0
-        per = _UPDATE_CHUNK if width <= 2 else _JOURNAL_CHUNK
-        step = per * width
-        full_sql = _values_sql(prefix, width, per)
+        step = _UPDATE_CHUNK * width
+        return self._insert_rows(
+            prefix, width, (flat[start : start + step] for start in range(0, len(flat), step))
+        )
+
+    def _insert_rows(self, prefix: str, width: int, parts: Iterable[list[Any]]) -> int:
+        """One multi-row INSERT per part (a flat list of ``width`` values a row): one
+        sqlite3_step, one GIL release, per part."""
         count = 0
         db = self._db
-        for start in range(0, len(flat), step):
-            part = flat[start : start + step]
-            sql = full_sql if len(part) == step else _values_sql(prefix, width, len(part) // width)
-            count += db.execute(sql, part).rowcount
+        sql: dict[int, str] = {}
+        for part in parts:
+            rows = len(part) // width
+            text = sql.get(rows)
+            if text is None:
+                text = sql[rows] = _values_sql(prefix, width, rows)
+            count += db.execute(text, part).rowcount
         return count
 
     def _rollback(self) -> None:
@@ -1620,12 +1643,13 @@ class SqliteStorage(AsyncClosing):
             blob = data if type(data) is bytes else bytes(data)
             ups.append((ns, seq, blob))
             added[ns] = added.get(ns, 0) + len(blob)
-        # Plain tuples (copied in C): the cyclic GC untracks a plain tuple of str and int,
-        # never a named tuple, and the frames wait here for the drain (a bulk load of 100k
-        # kept 100k records for every full GC pass to walk). "" for no ``other`` becomes
+        # Plain tuples all the way (records copied in C): the cyclic GC untracks a plain
+        # tuple of str and int, never a named tuple or a list, and the frames wait here for
+        # the drain (a bulk load of 100k kept 100k records for every full GC pass to walk;
+        # lists that live that long count towards the next full pass). "" for no ``other`` becomes
         # NULL on the storage thread (_apply), not here on the loop.
-        jrn: list[Any] = list(map(tuple, journal))
-        cur = [(s, int(c)) for s, c in cursors]
+        jrn: tuple[Any, ...] = tuple(map(tuple, journal))
+        cur = tuple([(s, int(c)) for s, c in cursors])
         with self._wlock:
             lsn = self._lsn + 1
             payload = self._packer.pack((lsn, ups, jrn, cur))
@@ -1634,7 +1658,7 @@ class SqliteStorage(AsyncClosing):
             self._write_log(header + payload)
             self._lsn = lsn
             self._log_size += size
-            self._pending.append(_Pending(lsn, size, ups, jrn, cur))
+            self._pending.append(_Pending(lsn, size, tuple(ups), jrn, cur))
         # Only now, with the frame in the log, does the loop-side view move on.
         seqs.update(new_seq)
         for ns, n in added.items():
