@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import gc
 import getpass
 import logging
 import os
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 from subcog_crdt._bus import EventBus
 from subcog_crdt._core.document import NamespaceDoc
 from subcog_crdt._core.events import Captured, Conflict, Deleted, Event, Updated
+from subcog_crdt._core.gcpause import gc_paused
 from subcog_crdt._core.hlc import Hlc, stamp_datetime
 from subcog_crdt._core.memory import Memory, find_conflicts
 from subcog_crdt._core.schema import (
@@ -439,14 +439,9 @@ class ConversationsApi:
                 self._stale_subs.add(sid)  # rewritten at its next registration
         # Loading makes ~10 objects per memory and no reference cycles: pausing the cyclic
         # collector meanwhile saves a third of a 100k-memory restart.
-        gc_was_on = gc.isenabled()
-        gc.disable()
-        try:
+        with gc_paused():
             self._load_docs(stored.docs)
             self._snapshot_bytes.update(stored.snapshot_bytes)
-        finally:
-            if gc_was_on:
-                gc.enable()
         if self._close_requested:
             return  # aclose() came meanwhile: open() undoes what opened
         self._state = _State.OPEN

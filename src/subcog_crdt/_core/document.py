@@ -12,13 +12,13 @@ from __future__ import annotations
 import bisect
 import hashlib
 import logging
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from pycrdt import Doc, Map, Subscription, TransactionEvent
 
 from subcog_crdt._core.events import Conflict, Deleted, Event, Updated, new_captured
+from subcog_crdt._core.gcpause import gc_paused
 from subcog_crdt._core.hlc import STAMP_LEN, Hlc, stamp_after, stamp_datetime, valid_stamp
 from subcog_crdt._core.memory import (
     FoldState,
@@ -206,10 +206,14 @@ class NamespaceDoc:
         self._sv: dict[int, int] | None = None
         self._hash_cache: str | None = None
         self._n_writes = 0
-        # Memories waiting to be indexed, in arrival order, each once with its latest
-        # text: a memory written many times (captured by many sessions) is tokenized once.
-        self._to_index: dict[int, tuple[str, Any]] = {}
-        self._index_queue: deque[int] = deque()
+        # Memories waiting to be indexed, each once with its latest text (a memory
+        # written many times, captured by many sessions, is tokenized once): the text, or
+        # (text, tags). Documents from _fresh_base on are in _fresh by number (None: none
+        # waiting), older ones in _to_index. A bulk load appends to a list: one object for
+        # the cyclic GC to walk per memory, where a dict by number and a queue held three.
+        self._to_index: dict[int, str | tuple[str, Any]] = {}
+        self._fresh: list[str | tuple[str, Any] | None] = []
+        self._fresh_base = 0
         self._changed_docs: set[int] = set()
         self.index = RecallIndex()
         self.on_local_update: Callable[[str, bytes], None] | None = None
@@ -456,7 +460,7 @@ class NamespaceDoc:
     @property
     def background_work(self) -> bool:
         """Whether resolving or indexing is still pending."""
-        return bool(self._to_index) or self._resolve_cursor < len(self._by_doc)
+        return bool(self._to_index) or bool(self._fresh) or self._resolve_cursor < len(self._by_doc)
 
     def writes(self, memory_id: str) -> list[Write]:
         m = self._view(memory_id)
@@ -530,15 +534,17 @@ class NamespaceDoc:
     def capture_many(
         self, session: str, items: Iterable[tuple[str, dict[str, Any]]]
     ) -> tuple[list[Memory], list[Event]]:
-        prepared = [prepare_fields({"content": c, **f}) for c, f in items]
         memories: list[Memory] = []
         events: list[Event] = []
-        self._local_txn += 1
-        try:
-            with self.doc.transaction(origin=LOCAL) as txn:
-                self._capture_batch(session, prepared, txn._txn, memories, events)
-        finally:
-            self._local_txn -= 1
+        # A batch makes a few objects per capture and no reference cycles (gcpause).
+        with gc_paused():
+            prepared = [prepare_fields({"content": c, **f}) for c, f in items]
+            self._local_txn += 1
+            try:
+                with self.doc.transaction(origin=LOCAL) as txn:
+                    self._capture_batch(session, prepared, txn._txn, memories, events)
+            finally:
+                self._local_txn -= 1
         return memories, events
 
     def _capture_batch(
@@ -561,8 +567,8 @@ class NamespaceDoc:
         homes = self._homes
         by_doc = self._by_doc
         new_doc = self.index.new_doc
-        index_queue = self._index_queue
-        to_index = self._to_index
+        fresh = self._fresh
+        fresh_base = self._fresh_base
         insert = self._ymap.insert
         now = self._hlc.now
         next_cursor = self._next_cursor
@@ -584,9 +590,11 @@ class NamespaceDoc:
             by_doc.append(mid)
             homes[mid] = self
             mems[mid] = (key, doc, normh)
-            # (_queue_index: a new document is not queued yet)
-            index_queue.append(doc)
-            to_index[doc] = (content, changes.get("tags"))
+            tags = changes.get("tags")
+            if doc - fresh_base == len(fresh):  # (_queue_index, for the next number)
+                fresh.append((content, tags) if tags else content)
+            else:
+                self._queue_index(doc, content, tags)
             mem = captured_memory(ns, mid, at, session, changes)
             memories.append(mem)
             events.append(
@@ -1072,39 +1080,60 @@ class NamespaceDoc:
         return self._events_for(w, mem, self._writes_after(m, self._unseen_after(m, w), w.key)), mem
 
     def _queue_index(self, doc: int, content: str, tags: Any) -> None:
-        pending = self._to_index
-        if doc not in pending:
-            self._index_queue.append(doc)
-        pending[doc] = (content, tags)
+        entry = (content, tags) if tags else content
+        i = doc - self._fresh_base
+        if i < 0:
+            self._to_index[doc] = entry
+            return
+        fresh = self._fresh
+        if i < len(fresh):
+            fresh[i] = entry
+        else:
+            if i > len(fresh):
+                fresh.extend([None] * (i - len(fresh)))
+            fresh.append(entry)
 
     def flush_index(self, budget: int | None = None) -> int:
-        """Index pending memories (all, or at most ``budget``); return how many remain.
+        """Index pending memories (all, or about ``budget``); return how many remain.
         Indexing is deferred so a write does not pay for it; recall flushes first, so
-        results are always current."""
+        results are always current. (The order does not matter: a ranking depends on
+        the words indexed, not on the order they went in.)"""
         pending = self._to_index
-        queue = self._index_queue
-        take = len(queue) if budget is None else min(budget, len(queue))
-        index = self.index
-        changed = self._changed_docs
-        mems = self._mems
-        by_doc = self._by_doc
+        fresh = self._fresh
+        left = len(pending) + len(fresh)
+        take = left if budget is None else min(budget, left)
+        entry: str | tuple[str, Any] | None
         for _ in range(take):
-            doc = queue.popleft()
-            content, tags = pending.pop(doc)
-            m = mems[by_doc[doc]]
-            live = isinstance(m, tuple) or (m.exists and not m.deleted)
-            index.set_live(doc, live)
-            # Only live memories' words count (N, document frequencies, mean length): a
-            # deleted one has none, so deletions do not sway the ranking.
-            tokens = tokenize(content) if live else []
-            if tags and live:
-                for tag in tags:
-                    tokens.extend(tokenize(tag))
-            if doc in changed:
-                index.replace(doc, tokens)
+            if pending:
+                doc, entry = pending.popitem()
             else:
-                index.add(doc, tokens)
-        return len(queue)
+                entry = fresh.pop()
+                if entry is None:
+                    continue
+                doc = self._fresh_base + len(fresh)
+            if type(entry) is str:
+                self._index_doc(doc, entry, None)
+            else:
+                self._index_doc(doc, *entry)
+        if not fresh:
+            self._fresh_base = len(self._by_doc)
+        return len(pending) + len(fresh)
+
+    def _index_doc(self, doc: int, content: str, tags: Any) -> None:
+        index = self.index
+        m = self._mems[self._by_doc[doc]]
+        live = isinstance(m, tuple) or (m.exists and not m.deleted)
+        index.set_live(doc, live)
+        # Only live memories' words count (N, document frequencies, mean length): a
+        # deleted one has none, so deletions do not sway the ranking.
+        tokens = tokenize(content) if live else []
+        if tags and live:
+            for tag in tags:
+                tokens.extend(tokenize(tag))
+        if doc in self._changed_docs:
+            index.replace(doc, tokens)
+        else:
+            index.add(doc, tokens)
 
     def _fold_from(self, m: _Mem, i: int) -> FoldState:
         """Fold ``m.keys`` again from the last checkpoint at or before index ``i`` (the
