@@ -401,3 +401,29 @@ def test_a_captured_memory_is_the_fold_of_its_capture(changes: dict[str, Any]) -
     at = "1800000000000000001"
     w = Write(f"{'a' * 20}/{at}/s/{'b' * 16}", "a" * 20, at, "s", "b" * 16, "capture", "", changes)
     assert captured_memory("ns", w.memory_id, at, "s", changes) == fold_state([w]).memory("ns")
+
+
+@given(
+    st.one_of(
+        _text,
+        st.text(
+            alphabet=st.sampled_from(['"', "\\", "\x01", "a", "é"]), min_size=1, max_size=9
+        ).map(lambda t: t * (200_000 // len(t) + 1)),  # past the length that needs measuring
+        st.none(),
+        st.integers(),
+    )
+)
+def test_prepare_content_is_prepare_fields_of_bare_content(content: Any) -> None:
+    """A batch's bare captures skip building their fields twice; the result (or the
+    error) must be what the general path gives."""
+    from subcog_crdt._core.schema import prepare_content, prepare_fields
+
+    try:
+        expected: Any = prepare_fields({"content": content})
+    except Exception as exc:
+        expected = (type(exc), str(exc))
+    try:
+        got: Any = prepare_content(content)
+    except Exception as exc:
+        got = (type(exc), str(exc))
+    assert got == expected

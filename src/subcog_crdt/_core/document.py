@@ -41,6 +41,7 @@ from subcog_crdt._core.schema import (
     first_memory_id,
     memory_id_chain,
     normalise,
+    prepare_content,
     prepare_fields,
     write_key,
 )
@@ -538,7 +539,9 @@ class NamespaceDoc:
         events: list[Event] = []
         # A batch makes a few objects per capture and no reference cycles (gcpause).
         with gc_paused():
-            prepared = [prepare_fields({"content": c, **f}) for c, f in items]
+            prepared = [
+                prepare_fields({"content": c, **f}) if f else prepare_content(c) for c, f in items
+            ]
             self._local_txn += 1
             try:
                 with self.doc.transaction(origin=LOCAL) as txn:

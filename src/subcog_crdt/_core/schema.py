@@ -215,6 +215,15 @@ def prepare_fields(fields: dict[str, Any], *, measure: bool = True) -> dict[str,
 _CONTENT_AND_TAGS: Final = frozenset({"content", "tags"})
 
 
+def prepare_content(content: object) -> dict[str, Any]:
+    """``prepare_fields({"content": content})``: a capture of bare content (what a batch
+    mostly holds), without building the fields twice."""
+    out = {"content": check_content(content)}
+    if len(out["content"]) > _CONTENT_FITS:
+        _measure(out)
+    return out
+
+
 def _measure(out: dict[str, Any]) -> None:
     """Refuse fields whose entry would exceed ``MAX_ENTRY`` (framed as the longest op,
     with a base): every node would ignore it."""
