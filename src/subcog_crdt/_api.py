@@ -375,7 +375,8 @@ class ConversationsApi:
         self._turn_at = 0.0
         """When local writes last gave the loop a turn (``_fair_turn``)."""
         self._last_write = 0.0
-        """When a local write last began (the background indexer waits for a pause)."""
+        """When a local write last began, or a peer's write arrived (the background indexer
+        and compactions wait for a pause)."""
         self._link_waiters: dict[Link, asyncio.Future[None]] = {}
         """connect() calls waiting for their link to be registered (``_on_link``)."""
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -1159,6 +1160,10 @@ class ConversationsApi:
         if not self._may_share(ns):
             return None
         doc = self._ensure_doc(ns)
+        # A peer's stream of writes keeps the background indexer (and compaction) waiting
+        # like local writes do: this loop's turns are for the stream, and recall finishes
+        # the rest anyway.
+        self._last_write = time.monotonic()
         released_before = doc.released
         events = doc.apply_update(update)
         if not doc.outbox and not events:

@@ -752,6 +752,10 @@ class NamespaceDoc:
     def apply_update(self, update: bytes) -> list[Event]:
         """Apply a Yjs update from a peer; return the events of the writes it brought.
         Raises ``ProtocolError`` (and changes nothing) if the bytes are not an update."""
+        with gc_paused():  # a peer's batch: like a local one (capture_many)
+            return self._apply_update(update)
+
+    def _apply_update(self, update: bytes) -> list[Event]:
         try:
             decoded = read_update(update, ENTRIES)
         except UpdateDecodeError as exc:
