@@ -131,3 +131,37 @@ def test_the_pause_restores_the_collector_as_it_was_even_on_error() -> None:
         assert not gc.isenabled()  # the caller had it off: it stays off
     finally:
         gc.enable()
+
+
+def test_a_peers_batch_is_applied_with_no_garbage_collection_in_it() -> None:
+    """A peer's update of 300 captures: applied like a local batch, the collector does
+    not run inside it (it would walk every memory the node holds, at every full pass)."""
+    a = still_doc("00000000000000aa")
+    b = still_doc("00000000000000bb")
+    a.capture_many("s", [(f"fact number {i}", {}) for i in range(300)])
+    inside = False
+    during: list[int] = []
+    real = b._apply_update
+
+    def watched(update: bytes) -> Any:
+        nonlocal inside
+        inside = True
+        try:
+            return real(update)
+        finally:
+            inside = False
+
+    def note(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and inside:
+            during.append(info["generation"])
+
+    b._apply_update = watched  # type: ignore[method-assign]
+    gc.collect()
+    gc.callbacks.append(note)
+    try:
+        events = send(a, b)
+    finally:
+        gc.callbacks.remove(note)
+    assert len(events) == 300 and len(list(b.memory_ids())) == 300
+    assert during == []
+    assert gc.isenabled()
