@@ -136,7 +136,13 @@ class Session:
         self, namespace: str, items: Iterable[str | dict[str, Any]]
     ) -> list[Memory]:
         """Capture several memories in one transaction and one durable commit. Each item
-        is a content string or a dict with ``content`` and optional fields."""
+        is a content string or a dict with ``content`` and optional fields. If one item is
+        invalid, nothing is captured.
+
+        The batch runs with Python's cyclic garbage collector paused (``gc.disable``, then
+        ``gc.enable`` if it was on; it runs as usual right after): a batch makes no
+        reference cycles, and a collection inside it walks every memory the node holds.
+        Peers' updates are applied the same way."""
         return await self._api._capture_many(self, namespace, items)
 
     async def update(
