@@ -1160,14 +1160,15 @@ class ConversationsApi:
         if not self._may_share(ns):
             return None
         doc = self._ensure_doc(ns)
-        # A peer's stream of writes keeps the background indexer (and compaction) waiting
-        # like local writes do: this loop's turns are for the stream, and recall finishes
-        # the rest anyway.
-        self._last_write = time.monotonic()
         released_before = doc.released
         events = doc.apply_update(update)
         if not doc.outbox and not events:
             return None  # nothing new: do not forward (this is what stops loops)
+        # A peer's stream of writes keeps the background indexer (and compaction) waiting
+        # like local writes do: this loop's turns are for the stream, and recall finishes
+        # the rest anyway. (Only what changed something: a peer re-sending one update must
+        # not hold them back for ever.)
+        self._last_write = time.monotonic()
         released = doc.released != released_before
         return self._propagate(doc, events, source=source, origin=origin, released=released)
 

@@ -1118,10 +1118,10 @@ class NamespaceDoc:
                 if entry is None:
                     continue
                 doc = self._fresh_base + len(fresh)
-            if type(entry) is str:
-                self._index_doc(doc, entry, None)
-            else:
+            if isinstance(entry, tuple):
                 self._index_doc(doc, *entry)
+            else:
+                self._index_doc(doc, entry, None)
         if not fresh:
             self._fresh_base = len(self._by_doc)
         return len(pending) + len(fresh)

@@ -158,7 +158,9 @@ def check_content(content: object) -> str:
         raise InvalidArgument("content contains a NUL character")
     if not content.isascii():
         check_unicode("content", content)
-    return content
+    # A str subclass (numpy.str_, Markup, a StrEnum member) is stored as the plain str it
+    # holds: what every node, and this one after a restart, reads back.
+    return content if type(content) is str else str.__str__(content)
 
 
 def check_tags(tags: object) -> list[str]:
@@ -185,7 +187,7 @@ def _check_optional_str(name: str, value: object) -> str | None:
         raise InvalidArgument(f"{name} must be a str of at most {MAX_TEXT} characters or None")
     if not value.isascii():
         check_unicode(name, value)
-    return value
+    return value if type(value) is str else str.__str__(value)
 
 
 def prepare_fields(fields: dict[str, Any], *, measure: bool = True) -> dict[str, Any]:
