@@ -110,3 +110,31 @@ async def test_frames_waiting_for_the_drain_hold_nothing_the_cyclic_gc_walks(
             assert len(rows) == 30 and last == 30
     finally:
         gate.set()
+
+
+@pytest.mark.parametrize("covered", [0, 100])
+async def test_retired_updates_reach_sqlite_once_each_past_a_chunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, covered: int
+) -> None:
+    """Retiring the log moves its updates into SQLite in chunks of 256 rows, skipping
+    those a compaction covers; after a reopen the updates are exactly the uncovered ones,
+    in order (from SQLite: the retired log is empty)."""
+    from subcog_crdt._storage import sqlite as sqlite_mod
+
+    monkeypatch.setattr(sqlite_mod, "_LOG_RETIRE_AT", 1)  # every drain retires
+    updates = [b"u%d" % i for i in range(1, 601)]
+    async with SqliteStorage(tmp_path) as s:
+        await s.open("node")
+        if covered:
+            await s.commit([(NS, u) for u in updates[:covered]], [])
+            await s.compact(NS, b"SNAP", covered)
+            rest = updates[covered:]
+        else:
+            rest = updates
+        await s.commit([(NS, u) for u in rest[:300]], [])
+        await s.commit([(NS, u) for u in rest[300:]], [])
+        await s.flush()
+    monkeypatch.undo()
+    async with SqliteStorage(tmp_path) as s:
+        state = await s.open("node")
+    assert state.docs[NS] == ([b"SNAP"] if covered else []) + rest

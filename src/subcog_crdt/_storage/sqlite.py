@@ -1106,14 +1106,25 @@ class SqliteStorage(AsyncClosing):
     def _insert_updates(self, updates: list[tuple[str, int, bytes]], lsn: int) -> None:
         """Retire updates into SQLite (inside a transaction), skipping any that a
         compaction already covers, and record that the log is no longer needed for them."""
-        flat: list[Any] = []
+        self._insert_rows(
+            "INSERT OR REPLACE INTO updates(key, data) VALUES ", 2, self._update_rows(updates)
+        )
+        self._db.execute("UPDATE meta SET value=? WHERE key='retired_lsn'", (lsn,))
+
+    def _update_rows(self, updates: list[tuple[str, int, bytes]]) -> Iterator[list[Any]]:
+        """(key, data) of the updates no compaction covers, as flat parameter lists of
+        ``_UPDATE_CHUNK`` rows."""
+        part: list[Any] = []
         for name, seq, data in updates:
             ns = self._namespace(name)
             if seq > ns.snap_seq:
-                flat.append((ns.id << _NS_SHIFT) | seq)
-                flat.append(data)
-        self._insert_chunked("INSERT OR REPLACE INTO updates(key, data) VALUES ", 2, flat)
-        self._db.execute("UPDATE meta SET value=? WHERE key='retired_lsn'", (lsn,))
+                part.append((ns.id << _NS_SHIFT) | seq)
+                part.append(data)
+                if len(part) >= _UPDATE_CHUNK * 2:
+                    yield part
+                    part = []
+        if part:
+            yield part
 
     def _reload_thread_state(self) -> None:
         """After a rollback: the namespace ids, counts and retention points changed in it
@@ -1139,13 +1150,6 @@ class SqliteStorage(AsyncClosing):
         self._journal_count = int(self._meta("journal_count") or 0)
         self._oldest = int(self._meta("oldest") or 1)
         self._pruned_max_at_ms = int(self._meta("pruned_max_at_ms") or 0)
-
-    def _insert_chunked(self, prefix: str, width: int, flat: list[Any]) -> int:
-        """Multi-row INSERTs: one sqlite3_step (one GIL release) per chunk, not per row."""
-        step = _UPDATE_CHUNK * width
-        return self._insert_rows(
-            prefix, width, (flat[start : start + step] for start in range(0, len(flat), step))
-        )
 
     def _insert_rows(self, prefix: str, width: int, parts: Iterable[list[Any]]) -> int:
         """One multi-row INSERT per part (a flat list of ``width`` values a row): one
