@@ -28,7 +28,7 @@ from subcog_crdt._core.gcpause import gc_paused
 from subcog_crdt._storage import sqlite as sqlite_mod
 from subcog_crdt._storage.base import JournalRecord
 from subcog_crdt._storage.sqlite import LOG_NAME, STORE_NAME, SqliteStorage
-from support.coredocs import Counter, foreign_update, restarted, send, still_doc
+from support.coredocs import Counter, edit, foreign_update, restarted, send, still_doc
 
 DEADLINE = 10.0
 WORDS = ["alpha", "beta", "gamma", "delta", "eps"]
@@ -86,14 +86,8 @@ def _drive(ops: list[Any]) -> NamespaceDoc:
             ids = sorted(d.memory_ids())
             if not ids:
                 continue
-            mid = ids[op[2] % len(ids)]
             try:
-                if kind == "update":
-                    d.update("s", mid, {"content": op[3]})
-                elif kind == "retag":
-                    d.update("s", mid, {"tags": op[3]})
-                else:
-                    d.delete("s", mid)
+                edit(d, kind, ids[op[2] % len(ids)], op[3] if len(op) > 3 else None)
             except Exception:  # (a memory a hostile write put at the end of time)
                 continue
         elif kind == "send":

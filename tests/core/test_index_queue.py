@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from subcog_crdt._core.document import NamespaceDoc
 from subcog_crdt._core.gcpause import gc_paused
-from support.coredocs import restarted, send, still_doc
+from support.coredocs import edit, restarted, send, still_doc
 
 WORDS = ["alpha", "beta", "gamma", "delta", "eps"]
 QUERIES = ["alpha", "beta gamma", "delta", "eps alpha", "t1", "t2"]
@@ -49,13 +49,7 @@ def _run(doc: NamespaceDoc, peer: NamespaceDoc, ops: list[Any]) -> None:
             ids = _live(doc)
             if not ids:
                 continue
-            mid = ids[op[1] % len(ids)]
-            if kind == "update":
-                doc.update("s", mid, {"content": op[2]})
-            elif kind == "retag":
-                doc.update("s", mid, {"tags": op[2]})
-            else:
-                doc.delete("s", mid)
+            edit(doc, kind, ids[op[1] % len(ids)], op[2] if len(op) > 2 else None)
 
 
 @settings(max_examples=150, deadline=None)

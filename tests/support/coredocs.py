@@ -73,6 +73,17 @@ def restarted(
     return doc
 
 
+def edit(doc: NamespaceDoc, kind: str, mid: str, value: Any = None) -> None:
+    """A write of session "s" to memory ``mid``: ``update`` (content ``value``), ``retag``
+    (tags ``value``) or ``delete``."""
+    if kind == "update":
+        doc.update("s", mid, {"content": value})
+    elif kind == "retag":
+        doc.update("s", mid, {"tags": value})
+    else:
+        doc.delete("s", mid)
+
+
 def compact(doc: NamespaceDoc) -> set[str]:
     """The memories held in the written-once form (to know the tests reach it)."""
     return {mid for mid, m in doc._mems.items() if isinstance(m, tuple)}
