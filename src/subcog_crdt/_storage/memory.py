@@ -43,8 +43,8 @@ class MemoryStorage:
         self._oldest = 1
         self._pruned_max_at_ms = 0
         self._last_cursor = 0
-        self._in_order = True
         self._snapshot_bytes: dict[str, int] = {}
+        self._in_order = True
         """Whether the journal's cursors increase (they do when commits come in cursor
         order, as the node makes them): then a read starts by bisection."""
 

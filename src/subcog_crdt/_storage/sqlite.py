@@ -1650,8 +1650,8 @@ class SqliteStorage(AsyncClosing):
         # Plain tuples all the way (records copied in C): the cyclic GC untracks a plain
         # tuple of str and int, never a named tuple or a list, and the frames wait here for
         # the drain (a bulk load of 100k kept 100k records for every full GC pass to walk;
-        # lists that live that long count towards the next full pass). "" for no ``other`` becomes
-        # NULL on the storage thread (_apply), not here on the loop.
+        # lists that live that long count towards the next full pass). "" for no ``other``
+        # becomes NULL on the storage thread (_journal_rows), not here on the loop.
         jrn: tuple[Any, ...] = tuple(map(tuple, journal))
         cur = tuple([(s, int(c)) for s, c in cursors])
         with self._wlock:
