@@ -1,6 +1,6 @@
 """Anchor measurements for the sync benchmark.
 
-Three reference figures that any sync design of ours is compared against, all on loopback
+Reference figures that any sync design of ours is compared against, all on loopback
 (127.0.0.1) with every party in its own process:
 
 * :func:`aiohttp_roundtrip_floor` - the transport floor: an aiohttp WebSocket echo server in a
@@ -9,6 +9,9 @@ Three reference figures that any sync design of ours is compared against, all on
   relay, with two pycrdt client processes A and B in one room.
 * :func:`node_relay` - the same measurement with the Node relay ``@y/websocket-server@0.1.1``
   (pinned in ``benchmarks/node``).
+* :func:`pycrdt_direct_pair` - the same client A sending straight to a bare pycrdt document
+  B behind an aiohttp server: no relay, what any node on pycrdt and aiohttp could at best
+  reach (it stores, checks and publishes nothing).
 
 Both relay measurements use the same minimal y-websocket protocol client (pycrdt's public sync
 helpers over aiohttp, one message per capture, as the standard providers do). A captures
@@ -504,35 +507,45 @@ async def _role_client_a(
                 await reader
 
 
-async def _role_client_b(url: str, warmup: int, n_lat: int, sustained_n: int) -> None:
-    """Consumer: latency per capture from the embedded timestamps, then arrival times."""
-    doc: Doc[Any] = Doc()
-    entries = doc.get("entries", type=Map)
-    lat_ns: list[int] = []
-    counts = {"w": 0, "l": 0, "s": 0}
-    sus = {"first_ns": 0, "last_ns": 0}
-    lat_done = asyncio.Event()
-    sus_done = asyncio.Event()
+class _Arrivals:
+    """B's side of a measurement: latency per capture from the embedded timestamps (in a
+    ``Map.observe`` callback), then the arrival times of the sustained phase."""
 
-    def on_change(event: Any) -> None:
+    def __init__(self, warmup: int, n_lat: int, sustained_n: int) -> None:
+        self.n_lat = n_lat
+        self.sustained_n = sustained_n
+        self.lat_ns: list[int] = []
+        self.counts = {"w": 0, "l": 0, "s": 0}
+        self.sus = {"first_ns": 0, "last_ns": 0}
+        self.lat_done = asyncio.Event()
+        self.sus_done = asyncio.Event()
+
+    def on_change(self, event: Any) -> None:
         now = time.monotonic_ns()
+        counts = self.counts
         for change in event.keys.values():
             if change.get("action") != "add":
                 continue
             kind, _, stamp, _ = str(change["newValue"]).split("|", 3)
             counts[kind] += 1
             if kind == "l":
-                lat_ns.append(now - int(stamp))
-                if counts["l"] == n_lat:
-                    lat_done.set()
+                self.lat_ns.append(now - int(stamp))
+                if counts["l"] == self.n_lat:
+                    self.lat_done.set()
             elif kind == "s":
                 if counts["s"] == 1:
-                    sus["first_ns"] = now
-                sus["last_ns"] = now
-                if counts["s"] == sustained_n:
-                    sus_done.set()
+                    self.sus["first_ns"] = now
+                self.sus["last_ns"] = now
+                if counts["s"] == self.sustained_n:
+                    self.sus_done.set()
 
-    entries.observe(on_change)
+
+async def _role_client_b(url: str, warmup: int, n_lat: int, sustained_n: int) -> None:
+    """Consumer: latency per capture from the embedded timestamps, then arrival times."""
+    doc: Doc[Any] = Doc()
+    entries = doc.get("entries", type=Map)
+    arrivals = _Arrivals(warmup, n_lat, sustained_n)
+    entries.observe(arrivals.on_change)
     timeout = aiohttp.ClientWSTimeout(ws_receive=None)
     async with aiohttp.ClientSession() as session, session.ws_connect(url, timeout=timeout) as ws:
         client = _YClient(doc, ws)
@@ -549,15 +562,55 @@ async def _role_client_b(url: str, warmup: int, n_lat: int, sustained_n: int) ->
         try:
             await asyncio.wait_for(client.synced.wait(), STARTUP_TIMEOUT_S)
             _emit("READY")
-            await until(lat_done)
-            _emit("LAT", _latency_summary(lat_ns))
-            await until(sus_done)
-            _emit("SUS", sus)
+            await until(arrivals.lat_done)
+            _emit("LAT", _latency_summary(arrivals.lat_ns))
+            await until(arrivals.sus_done)
+            _emit("SUS", arrivals.sus)
         finally:
             for task in (reader, parent_gone):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+
+
+async def _role_direct_b(warmup: int, n_lat: int, sustained_n: int) -> None:
+    """B of the direct pair: a bare pycrdt document behind an aiohttp WebSocket server,
+    answering A's sync and applying its updates (no relay, storage, events or auth)."""
+    doc: Doc[Any] = Doc()
+    entries = doc.get("entries", type=Map)
+    arrivals = _Arrivals(warmup, n_lat, sustained_n)
+    entries.observe(arrivals.on_change)
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type != aiohttp.WSMsgType.BINARY:
+                continue
+            data = bytes(msg.data)
+            if len(data) < 2 or data[0] != YMessageType.SYNC:
+                continue
+            reply = handle_sync_message(data[1:], doc)
+            if reply is not None:
+                await ws.send_bytes(reply)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/{room:.*}", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, HOST, 0)
+        await site.start()
+        _emit("PORT", str(runner.addresses[0][1]))
+        stdin = await _stdin_lines()
+        await arrivals.lat_done.wait()
+        _emit("LAT", _latency_summary(arrivals.lat_ns))
+        await arrivals.sus_done.wait()
+        _emit("SUS", arrivals.sus)
+        await _wait_stdin_eof(stdin)
+    finally:
+        await runner.cleanup()
 
 
 async def _measure_through_relay(
@@ -573,6 +626,24 @@ async def _measure_through_relay(
         )  # fmt: skip
         children.append(b)
         await b.expect("READY", STARTUP_TIMEOUT_S)
+        return await _measure_with_b(b, url, rate, seconds, sustained_n, warmup, yield_every)
+    finally:
+        await _stop_all(children)
+
+
+async def _measure_with_b(
+    b: _Child,
+    url: str,
+    rate: float,
+    seconds: float,
+    sustained_n: int,
+    warmup: int,
+    yield_every: int,
+) -> dict[str, Any]:
+    """Start client A against ``url`` and measure what B (ready, reading) receives."""
+    n_lat = max(1, round(rate * seconds))
+    children: list[_Child] = []
+    try:
         a = await _Child.python_role(
             "client-a", "client-a", url, "--rate", str(rate), "--warmup", str(warmup),
             "--n-lat", str(n_lat), "--sustained-n", str(sustained_n),
@@ -602,6 +673,33 @@ async def _measure_through_relay(
             "producer_captures_per_s": round(sustained_n / produced_s),
             "sustained_lag_ms": round((arrived["last_ns"] - sent["t1_ns"]) / 1e6, 1),
         }
+    finally:
+        await _stop_all(children)
+
+
+async def pycrdt_direct_pair(
+    rate: float = 200,
+    seconds: float = 5,
+    sustained_n: int = 20_000,
+    warmup: int = 100,
+    yield_every: int = 16,
+) -> dict[str, Any]:
+    """Propagation A -> B directly, no relay: the same client A, and B a bare pycrdt
+    document behind an aiohttp WebSocket server. What any node built on pycrdt and
+    aiohttp could at best reach between two processes (it stores nothing, publishes no
+    events, checks nothing and authenticates no one)."""
+    n_lat = max(1, round(rate * seconds))
+    children: list[_Child] = []
+    try:
+        b = await _Child.python_role(
+            "direct-b", "direct-b", "--warmup", str(warmup), "--n-lat", str(n_lat),
+            "--sustained-n", str(sustained_n),
+        )  # fmt: skip
+        children.append(b)
+        port = int(await b.expect("PORT", STARTUP_TIMEOUT_S))
+        url = f"ws://{HOST}:{port}/{ROOM}"
+        result = await _measure_with_b(b, url, rate, seconds, sustained_n, warmup, yield_every)
+        return {"relay": "none (pycrdt A -> pycrdt B direct)", **result}
     finally:
         await _stop_all(children)
 
@@ -731,6 +829,8 @@ def _run_role(ns: argparse.Namespace) -> None:
         coro = asyncio.wait_for(
             _role_client_b(ns.url, ns.warmup, ns.n_lat, ns.sustained_n), lifetime
         )
+    elif role == "direct-b":
+        coro = asyncio.wait_for(_role_direct_b(ns.warmup, ns.n_lat, ns.sustained_n), lifetime)
     else:
         raise SystemExit(f"unknown role {role!r}")
     with contextlib.suppress(KeyboardInterrupt):
@@ -767,7 +867,7 @@ def _print_table(results: dict[str, dict[str, Any]]) -> None:
             "-",
             f"n={floor['oneway_n']:,}",
         ))  # fmt: skip
-    for key in ("pycrdt_websocket", "node"):
+    for key in ("pycrdt_websocket", "node", "direct"):
         res = results.get(key)
         if res is None:
             continue
@@ -806,6 +906,7 @@ async def _run_all(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
     for key, func, relay in (
         ("pycrdt_websocket", pycrdt_websocket_relay, "pycrdt-websocket"),
         ("node", node_relay, "@y/websocket-server"),
+        ("direct", pycrdt_direct_pair, "none (pycrdt A -> pycrdt B direct)"),
     ):
         try:
             results[key] = await func(rate=ns.rate, seconds=ns.seconds, sustained_n=ns.sustained_n)

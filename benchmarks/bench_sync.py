@@ -6,7 +6,9 @@ propagated captures/s, with durable storage on both nodes (``data_dir`` set, def
 durability): first one capture per call, as the anchors do, then with ``capture_many``
 batches on A (what the link and B carry when A's per-call cost is not the limit); then the
 anchors from ``anchors.py``: the aiohttp floor (one way at the same rate, and the round
-trip), the pycrdt-websocket relay and the Node relay.
+trip), a bare pycrdt document sending straight to another (no relay: what any node on
+pycrdt and aiohttp could at best reach, storing and checking nothing), the
+pycrdt-websocket relay and the Node relay.
 
     .venv/bin/python benchmarks/bench_sync.py [--rate 200] [--seconds 5] [--sustained-n 20000]
 """
@@ -169,6 +171,9 @@ async def run_all(ns: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     out["subcog-crdt"] = await subcog_pair(ns.rate, ns.seconds, ns.sustained_n)
     out["aiohttp floor"] = await anchors.aiohttp_roundtrip_floor()
+    out["pycrdt direct pair"] = await anchors.pycrdt_direct_pair(
+        rate=ns.rate, seconds=ns.seconds, sustained_n=ns.sustained_n
+    )
     out["pycrdt-websocket relay"] = await anchors.pycrdt_websocket_relay(
         rate=ns.rate, seconds=ns.seconds, sustained_n=ns.sustained_n
     )
@@ -230,7 +235,7 @@ def main() -> int:
         f"{ours['sustained_many_captures_per_s']} captures/s arrived at B "
         f"(A produced {ours['producer_many_captures_per_s']}/s)"
     )
-    for name in ("pycrdt-websocket relay", "node relay"):
+    for name in ("pycrdt direct pair", "pycrdt-websocket relay", "node relay"):
         r = results.get(name, {})
         if "p50_ms" in r:
             print(f"subcog p50 / {name} p50 = {ours['p50_ms'] / r['p50_ms']:.2f}x")
