@@ -1054,8 +1054,11 @@ class PeerSync:
             self._handle([F_UPDATE, run.ns, run.origin, update])
 
     def _on_update(self, ns: str, origin: str, update: bytes) -> None:
-        if not self._queue_if_large(ns, origin, update, counted=False):
-            self._apply_if_accepted(ns, origin, update)
+        # _queue_if_large and _apply_if_accepted, inline: this runs for every live update.
+        if self._large or len(update) > _SLICE_BYTES:
+            self._large.append(_Queued(ns, origin, update, False))
+        elif ns in self.shared or self._accepts_content(ns, update):
+            self._apply(ns, origin, update)
 
     def _queue_if_large(self, ns: str, origin: str, update: bytes, *, counted: bool) -> bool:
         """Queue a large update (applied in pieces once the message is handled), or any
