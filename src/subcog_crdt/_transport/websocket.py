@@ -1346,7 +1346,12 @@ class WebSocketTransport:
             self._handshaking.discard(ws)
             handshake_over()
         log.info("accepted link from %s (%s)", link.peer.node_id, request.remote)
-        await self._run_link(link)
+        # In a task of its own, as a client's link is: here it would resume aiohttp's
+        # request handling and every frame above at each message. Cancelling this handler
+        # (a server shutting down) cancels the task it awaits.
+        await asyncio.get_running_loop().create_task(
+            self._run_link(link), name=f"subcog-link-pump-{link.peer.node_id}"
+        )
         return ws
 
     async def _server_handshake(self, ws: _ServerWs) -> WebSocketLink:
