@@ -46,7 +46,9 @@ async def _role_b(data_dir: str, n_lat: int, warmup: int, sustained_n: int) -> N
         seen = {"w": 0, "l": 0, "s": 0, "m": 0}
         last_ns = 0
         while seen["w"] < warmup or seen["l"] < n_lat:
-            ev = await events.next(120)
+            # As ``async for`` does (no timer per event: the parent bounds the phase and
+            # stops this process if it overruns).
+            ev = await anext(events)
             now = time.monotonic_ns()
             if isinstance(ev, Captured):
                 kind, _, stamp, _ = ev.memory.content.split("|", 3)
