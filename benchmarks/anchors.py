@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -269,18 +269,25 @@ async def _role_echo_server(lifetime: float) -> None:
     await _serve_until_stdin_eof(app, lifetime)
 
 
-async def _serve_until_stdin_eof(app: web.Application, lifetime: float) -> None:
+@contextlib.asynccontextmanager
+async def _serving(app: web.Application) -> AsyncIterator[None]:
+    """Serve ``app`` on a free loopback port (told to the parent as ``PORT``)."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, HOST, 0)
         await site.start()
         _emit("PORT", str(runner.addresses[0][1]))
+        yield
+    finally:
+        await runner.cleanup()
+
+
+async def _serve_until_stdin_eof(app: web.Application, lifetime: float) -> None:
+    async with _serving(app):
         stdin = await _stdin_lines()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(_wait_stdin_eof(stdin), lifetime)
-    finally:
-        await runner.cleanup()
 
 
 async def aiohttp_roundtrip_floor(
@@ -597,20 +604,13 @@ async def _role_direct_b(warmup: int, n_lat: int, sustained_n: int) -> None:
 
     app = web.Application()
     app.router.add_get("/{room:.*}", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, HOST, 0)
-        await site.start()
-        _emit("PORT", str(runner.addresses[0][1]))
+    async with _serving(app):
         stdin = await _stdin_lines()
         await arrivals.lat_done.wait()
         _emit("LAT", _latency_summary(arrivals.lat_ns))
         await arrivals.sus_done.wait()
         _emit("SUS", arrivals.sus)
         await _wait_stdin_eof(stdin)
-    finally:
-        await runner.cleanup()
 
 
 async def _measure_through_relay(
