@@ -86,7 +86,7 @@ def test_a_stream_dropped_without_close_is_forgotten() -> None:
 
     del dropped
     gc.collect()
-    Subscription._push = spy  # type: ignore[method-assign]
+    Subscription._push = spy  # type: ignore[method-assign,assignment]
     try:
         bus.publish([ev("a", 2)])
     finally:

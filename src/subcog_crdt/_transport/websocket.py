@@ -1349,9 +1349,16 @@ class WebSocketTransport:
         # In a task of its own, as a client's link is: here it would resume aiohttp's
         # request handling and every frame above at each message. Cancelling this handler
         # (a server shutting down) cancels the task it awaits.
-        await asyncio.get_running_loop().create_task(
+        pump = asyncio.get_running_loop().create_task(
             self._run_link(link), name=f"subcog-link-pump-{link.peer.node_id}"
         )
+        try:
+            await pump
+        except asyncio.CancelledError:
+            # Cancelled just as the pump failed: its error would reach no one.
+            if pump.done() and not pump.cancelled() and (failed := pump.exception()):
+                log.error("link pump for %s failed", link.peer.node_id, exc_info=failed)
+            raise
         return ws
 
     async def _server_handshake(self, ws: _ServerWs) -> WebSocketLink:
