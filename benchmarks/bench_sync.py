@@ -11,6 +11,10 @@ pycrdt and aiohttp could at best reach, storing and checking nothing), the
 pycrdt-websocket relay and the Node relay.
 
     .venv/bin/python benchmarks/bench_sync.py [--rate 200] [--seconds 5] [--sustained-n 20000]
+        [--repeat N]
+
+A run's p50 moves with the machine by up to 2.5x here, the relays' with it: the ratios
+are taken within each run, and ``--repeat`` gives their medians.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -199,6 +204,12 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--sustained-n", type=int, default=20_000)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="whole runs; prints each run's ratios and their medians",
+    )
     ns = ap.parse_args()
     if ns.role == "b":
         asyncio.run(_role_b(ns.dir, ns.n_lat, ns.warmup, ns.sustained_n))
@@ -206,10 +217,44 @@ def main() -> int:
     if ns.role == "a":
         asyncio.run(_role_a(ns.url, ns.dir, ns.rate, ns.n_lat, ns.warmup, ns.sustained_n))
         return 0
-    results = asyncio.run(run_all(ns))
+    runs = []
+    for i in range(ns.repeat):
+        runs.append(asyncio.run(run_all(ns)))
+        if ns.repeat > 1 and not ns.json:
+            print(f"run {i + 1}/{ns.repeat}: {_ratio_line(runs[-1])}", flush=True)
     if ns.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(runs[0] if ns.repeat == 1 else runs, indent=2))
         return 0
+    _print_run(runs[-1])
+    if ns.repeat > 1:
+        print(f"medians over {ns.repeat} runs (each ratio within its own run):")
+        for name in RELATIVE_TO:
+            ratios = [
+                r["subcog-crdt"]["p50_ms"] / r[name]["p50_ms"] for r in runs if "p50_ms" in r[name]
+            ]
+            if ratios:
+                print(
+                    f"  subcog p50 / {name} p50 = {statistics.median(ratios):.2f}x "
+                    f"({min(ratios):.2f}-{max(ratios):.2f})"
+                )
+    return 0
+
+
+RELATIVE_TO = ("pycrdt direct pair", "pycrdt-websocket relay", "node relay")
+
+
+def _ratio_line(results: dict[str, Any]) -> str:
+    ours = results["subcog-crdt"]["p50_ms"]
+    parts = [f"subcog p50 {ours:.3f} ms"]
+    for name in RELATIVE_TO:
+        r = results.get(name, {})
+        if "p50_ms" in r:
+            parts.append(f"{name} {r['p50_ms']:.3f} ({ours / r['p50_ms']:.2f}x)")
+    return "; ".join(parts)
+
+
+def _print_run(results: dict[str, Any]) -> None:
+    """The table of one run (the last, with ``--repeat``)."""
     ours = results["subcog-crdt"]
     floor = results["aiohttp floor"]
     rows = {
@@ -237,11 +282,10 @@ def main() -> int:
         f"{ours['sustained_many_captures_per_s']} captures/s arrived at B "
         f"(A produced {ours['producer_many_captures_per_s']}/s)"
     )
-    for name in ("pycrdt direct pair", "pycrdt-websocket relay", "node relay"):
+    for name in RELATIVE_TO:
         r = results.get(name, {})
         if "p50_ms" in r:
             print(f"subcog p50 / {name} p50 = {ours['p50_ms'] / r['p50_ms']:.2f}x")
-    return 0
 
 
 if __name__ == "__main__":
