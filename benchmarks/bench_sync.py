@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,16 +72,34 @@ async def _role_b(data_dir: str, n_lat: int, warmup: int, sustained_n: int) -> N
         await _wait_stdin_eof(stdin)
 
 
+async def link_to_b(api: ConversationsApi, url: str) -> None:
+    """A's setup: link to B, wait until the link shares "bench", then say READY."""
+    await api.connect(url)
+    while not api.peers() or "bench" not in api.peers()[0].namespaces:
+        await asyncio.sleep(0.01)  # bench setup: wait for the link's namespace exchange
+    _emit("READY")
+
+
+async def start_pair(
+    children: list[_Child], b_argv: list[str], a_argv: Callable[[str], list[str]]
+) -> tuple[_Child, _Child]:
+    """Start B (which prints its URL), then A with that URL; return once A is READY."""
+    b = await _Child.start("subcog-b", b_argv)
+    children.append(b)
+    url = await b.expect("URL", 60)
+    a = await _Child.start("subcog-a", a_argv(url))
+    children.append(a)
+    await a.expect("READY", 60)
+    return a, b
+
+
 async def _role_a(
     url: str, data_dir: str, rate: float, n_lat: int, warmup: int, sustained_n: int
 ) -> None:
     stdin = await _stdin_lines()
     async with ConversationsApi(data_dir=data_dir, discovery=()) as api:
         s = await api.register_session("bench-a", subscribe=["bench"])
-        await api.connect(url)
-        while not api.peers() or "bench" not in api.peers()[0].namespaces:
-            await asyncio.sleep(0.01)  # bench setup: wait for the link's namespace exchange
-        _emit("READY")
+        await link_to_b(api, url)
         if (await stdin.readline()).strip() != b"GO_LAT":
             return
 
@@ -129,21 +148,14 @@ async def subcog_pair(
     children: list[_Child] = []
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            b = await _Child.start(
-                "subcog-b",
+            a, b = await start_pair(
+                children,
                 [sys.executable, me, "--role", "b", "--dir", f"{tmp}/b", "--n-lat", str(n_lat),
                  "--warmup", str(warmup), "--sustained-n", str(sustained_n)],
+                lambda url: [sys.executable, me, "--role", "a", "--url", url, "--dir",
+                             f"{tmp}/a", "--rate", str(rate), "--n-lat", str(n_lat),
+                             "--warmup", str(warmup), "--sustained-n", str(sustained_n)],
             )  # fmt: skip
-            children.append(b)
-            url = await b.expect("URL", 60)
-            a = await _Child.start(
-                "subcog-a",
-                [sys.executable, me, "--role", "a", "--url", url, "--dir", f"{tmp}/a",
-                 "--rate", str(rate), "--n-lat", str(n_lat), "--warmup", str(warmup),
-                 "--sustained-n", str(sustained_n)],
-            )  # fmt: skip
-            children.append(a)
-            await a.expect("READY", 60)
             a.send_line("GO_LAT")
             lat = json.loads(await b.expect("LAT", (warmup + n_lat) / rate + 60))
             calls = json.loads(await a.expect("LAT_SENT", 30))

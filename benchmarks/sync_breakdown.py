@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import anchors
 from anchors import _Child, _emit, _stdin_lines, _wait_stdin_eof
+from bench_sync import link_to_b, start_pair
 from subcog_crdt import Captured, ConversationsApi, _api, _bus, _peering, _session
 from subcog_crdt._core import document
 from subcog_crdt._storage import sqlite
@@ -135,10 +136,7 @@ async def _role_a(url: str, data_dir: str, rate: float, n: int, out: str) -> Non
     stdin = await _stdin_lines()
     async with ConversationsApi(data_dir=data_dir, discovery=()) as api:
         s = await api.register_session("breakdown-a", subscribe=["bench"])
-        await api.connect(url)
-        while not api.peers() or "bench" not in api.peers()[0].namespaces:
-            await asyncio.sleep(0.01)  # setup: wait for the link's namespace exchange
-        _emit("READY")
+        await link_to_b(api, url)
         if (await stdin.readline()).strip() != b"GO":
             return
         start = time.monotonic()
@@ -217,20 +215,14 @@ async def run(
     children: list[_Child] = []
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            b = await _Child.start(
-                "breakdown-b",
+            a, b = await start_pair(
+                children,
                 [sys.executable, me, "--role", "b", "--dir", f"{tmp}/b", "--n", str(n),
                  "--out", f"{tmp}/b.json"],
+                lambda url: [sys.executable, me, "--role", "a", "--url", url, "--dir",
+                             f"{tmp}/a", "--rate", str(rate), "--n", str(n), "--out",
+                             f"{tmp}/a.json"],
             )  # fmt: skip
-            children.append(b)
-            url = await b.expect("URL", 60)
-            a = await _Child.start(
-                "breakdown-a",
-                [sys.executable, me, "--role", "a", "--url", url, "--dir", f"{tmp}/a",
-                 "--rate", str(rate), "--n", str(n), "--out", f"{tmp}/a.json"],
-            )  # fmt: skip
-            children.append(a)
-            await a.expect("READY", 60)
             a.send_line("GO")
             await a.expect("DONE", n / rate + 60)
             await b.expect("DONE", 60)
