@@ -105,7 +105,11 @@ def free_port() -> int:
 
 def test_offline_node_catches_up_after_restart(nodes: list[NodeProc], tmp_path: Path) -> None:
     """B dies; A keeps capturing; B restarts on its data dir and on the same port (the
-    static peer A keeps redialling), and gets everything it missed and nothing it had."""
+    static peer A keeps redialling), and gets everything it missed and nothing it had.
+
+    What B had is what B stored: it stores a peer's update at the end of the loop turn
+    that applied it, after its subscribers heard of it (docs/storage.md), so A's settle
+    (B's answer promises it stored what A sent) comes before the kill."""
     port = free_port()
     b_args = ["--data-dir", str(tmp_path / "b"), "--port", str(port), "--session", "b1"]
     b = NodeProc.start(*b_args, name="b")
@@ -116,6 +120,8 @@ def test_offline_node_catches_up_after_restart(nodes: list[NodeProc], tmp_path: 
     nodes += [a, b]
     a.send(cmd="capture", ns="d", content="before the outage")
     b.expect(lambda m: m.get("content") == "before the outage", DEADLINE, "first capture on b")
+    a.send(cmd="settle")
+    a.expect(lambda m: m.get("settled") == [b.node_id], DEADLINE, "b stored it")
     b.kill()
     a.wait_until(lambda: a.state("d")["peers"] == [], DEADLINE, "b gone")
     for i in range(3):

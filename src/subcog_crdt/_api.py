@@ -344,6 +344,9 @@ class ConversationsApi:
         self._cursor = 0
         self._committed_cursor = 0
         self._in_flight = 0  # commits started and not finished (_persist)
+        # Peers' applied updates waiting for the end of this loop turn (_persist_soon).
+        self._later: list[tuple[NamespaceDoc, list[bytes], list[JournalRecord]]] = []
+        self._later_from: list[PeerSync] = []
         self._commit_waiters: list[asyncio.Future[None]] = []
         self._docs: dict[str, NamespaceDoc] = {}
         self._homes: dict[str, NamespaceDoc] = {}  # memory id -> its namespace (_doc_of)
@@ -510,7 +513,7 @@ class ConversationsApi:
             ("transport", self._close_transport),
             ("links", self._close_links),
             ("compaction", self._stop_compactions),
-            ("storage", self._storage.aclose),
+            ("storage", self._close_storage),
         ):
             try:
                 await fn()
@@ -558,6 +561,12 @@ class ConversationsApi:
         if self._transport is not None:
             await self._transport.aclose()
             self._transport = None
+
+    async def _close_storage(self) -> None:
+        self._flush_later()  # (normally done in the turn that deferred it)
+        for t in list(self._tasks):
+            await cancel_and_wait(t)
+        await self._storage.aclose()
 
     async def _close_links(self) -> None:
         for peer in list(self._links.values()):
@@ -1028,10 +1037,52 @@ class ConversationsApi:
         self._bus.publish(events)
         return doc, updates, records
 
+    def _persist_soon(
+        self, batch: list[tuple[NamespaceDoc, list[bytes], list[JournalRecord]]], peer: PeerSync
+    ) -> None:
+        """Persist what a peer's message applied at the end of this loop turn.
+
+        Its events are out already: the subscribers they woke run first, instead of
+        waiting for the log append (~25 us of a propagated capture's ~0.2 ms). Nobody was
+        promised this copy (the writer acknowledged its own), and ``_commits_done`` counts
+        it as in flight until it is in the log. Any other commit appends it first
+        (``_persist``), so the log keeps the order in which writes reached the documents;
+        close appends it before the storage closes."""
+        if not self._later:
+            self._in_flight += 1
+            asyncio.get_running_loop().call_soon(self._flush_later)
+        self._later.extend(batch)
+        if peer not in self._later_from:
+            self._later_from.append(peer)
+
+    def _flush_later(self) -> None:
+        """Start the commit of what ``_persist_soon`` holds (nothing if it is empty). A
+        commit that must wait (an fsync, a storage backlog) holds the links whose updates
+        it stores until it is done: they hand over no further message meanwhile, as when
+        the link waited itself. A failed one closes those links."""
+        if not self._later:
+            return
+        batch, self._later = self._later, []
+        peers, self._later_from = self._later_from, []
+        self._in_flight -= 1
+        try:
+            rest = start_now(self._persist(batch))
+        except Exception as exc:
+            self._wake_commit_waiters()
+            for peer in peers:
+                peer.persist_failed(exc)
+            return
+        if rest is not None:
+            task = self._spawn(_finish(rest))
+            for peer in peers:
+                peer.hold_until(task)
+
     async def _persist(
         self, batches: list[tuple[NamespaceDoc, list[bytes], list[JournalRecord]]]
     ) -> None:
         """One durable commit for everything propagated (several updates, namespaces)."""
+        if self._later:
+            self._flush_later()  # peers' updates applied before this write, logged first
         if len(batches) == 1:  # the common case: one write
             doc, us, records = batches[0]
             updates = [(doc.namespace, u) for u in us]
@@ -1599,6 +1650,10 @@ class ConversationsApi:
             at=stamp_datetime(winner.at), source_session=winner.session, node_id=winner.node
         )
         return Conflict(winner=winner.public(), loser=w.public(), fields=fields, **common)
+
+
+async def _finish(rest: Resume) -> None:
+    await rest
 
 
 def _items(items: object) -> list[Any]:

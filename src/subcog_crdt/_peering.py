@@ -262,6 +262,9 @@ class PeerSync:
         self._sessions_owed = False
         """This node's session list waits for the peer's hello (its frame limit)."""
         self._to_persist: list[Any] = []
+        self._hold: asyncio.Task[None] | None = None
+        """A commit of updates this link applied that must finish before the next
+        message is handed over (``hold_until``)."""
         self._large: list[_Queued] = []
         """Large updates of the message being handled, applied in pieces after it (and
         every update after one of them, to keep their order)."""
@@ -635,6 +638,11 @@ class PeerSync:
     def on_message(self, message: bytes) -> Awaitable[None] | None:
         """Handle one received message (the link's consumer: called in the turn that
         received it). Returns the durable commit still under way, if it had to wait."""
+        hold = self._hold
+        if hold is not None:
+            if not hold.done():
+                return self._after_hold(hold, message)
+            self._hold = None
         try:
             # The common case: one frame per message, decoded without a streaming unpacker.
             frames = [msgpack.unpackb(message, raw=False, use_list=True, strict_map_key=True)]
@@ -670,6 +678,12 @@ class PeerSync:
             late, self._late_acks = self._late_acks, []
             pending = self._persist_applied() if self._to_persist else None
             result = self._apply_large(pending, large, late)
+        elif self._to_persist and not self._acks_owed:
+            # The common case: stored at the end of this turn, after the subscribers
+            # its events woke (ConversationsApi._persist_soon).
+            batch, self._to_persist = self._to_persist, []
+            self.api._persist_soon(batch, self)
+            result = None
         else:
             result = self._persist_applied() if self._to_persist else None
         if self._acks_owed:
@@ -1113,16 +1127,44 @@ class PeerSync:
             if start <= clocks.get(client, 0) < end:
                 clocks[client] = end
 
+    def hold_until(self, commit: asyncio.Task[None]) -> None:
+        """Hand over no further message until ``commit``, which stores updates this
+        link applied, is done (a storage that must wait: an fsync, a backlog). Its
+        failure closes the link."""
+        self._hold = commit
+        commit.add_done_callback(self._commit_done)
+
+    def _commit_done(self, commit: asyncio.Task[None]) -> None:
+        if not commit.cancelled() and (exc := commit.exception()) is not None:
+            self.persist_failed(exc)
+
+    async def _after_hold(self, hold: asyncio.Task[None], message: bytes) -> None:
+        await asyncio.wait((hold,))  # a failure closes the link (_commit_done)
+        if self._hold is hold:
+            self._hold = None
+        if hold.cancelled() or hold.exception() is not None:
+            return  # the node is closing, or its storage failed: the peer keeps it
+        pending = self.on_message(message)
+        if pending is not None:
+            await pending
+
+    def persist_failed(self, exc: BaseException) -> None:
+        """What this link's messages applied could not be stored: close the link, as
+        when a commit failed in the turn that applied it (the peer still holds it)."""
+        self._close_for(1011, "cannot store its updates", exc)
+
     def _cannot_send(self, exc: BaseException) -> None:
         """A frame could not be sent (a control frame over the frame limit: those are not
         split): close the link with a logged reason rather than fail the caller whose
         write queued it, or leave a link up that no longer sends."""
+        self._close_for(4009 if isinstance(exc, FrameTooLarge) else 1011, "cannot send", exc)
+
+    def _close_for(self, code: int, what: str, exc: BaseException) -> None:
         if self._closed:
             return
-        log.warning("closing link to %s: cannot send: %s", self.node_id, exc)
+        log.warning("closing link to %s: %s: %s", self.node_id, what, exc)
         self._closed = True
         self._wake.set()
-        code = 4009 if isinstance(exc, FrameTooLarge) else 1011
         task = asyncio.get_running_loop().create_task(self.link.close(code, str(exc)[:120]))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

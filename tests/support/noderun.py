@@ -14,7 +14,8 @@ Commands on stdin (one JSON object per line): ``{"cmd": "capture", "ns": .., "co
 ``{"cmd": "hashes", "ns": [..]}`` (state hashes and peers: cheap to poll),
 ``{"cmd": "dump", "ns": ..}`` (every memory: id, captured_by, status, deleted, version),
 ``{"cmd": "missing", "ids": [..]}`` (those of the ids not live here),
-``{"cmd": "stop-loop"}`` (the chaos loop ends after the write in flight; ``loop_stopped``).
+``{"cmd": "stop-loop"}`` (the chaos loop ends after the write in flight; ``loop_stopped``),
+``{"cmd": "settle"}`` (``api.settle()``: the peers that confirmed, ``settled``).
 Events for the session's subscriptions are printed as ``{"event": ...}`` lines.
 """
 
@@ -219,6 +220,8 @@ async def main(ns: argparse.Namespace) -> None:
             elif kind == "sync":
                 batch = await session.sync(since=cmd.get("since", "last"))
                 emit({"synced": [e.write_id for e in batch.events], "complete": batch.complete})
+            elif kind == "settle":
+                emit({"settled": sorted(p.node_id for p in await api.settle())})
             elif kind == "quit":
                 stop.set()
 
