@@ -58,6 +58,8 @@ surviving link is never touched.
 Liveness uses aiohttp's heartbeat: a ping after ``heartbeat`` seconds without traffic, and
 the link is declared dead if no pong arrives within half that interval. The interval is
 lowered if needed so that a frozen peer is detected within ``dead_after`` seconds.
+Received data only notes the time; the timers look at it when they fire
+(``_LazyHeartbeat``), instead of aiohttp's callback in every turn that receives data.
 
 Received frames are read eagerly by one pump task per link. With a consumer
 (``WebSocketLink.consume``, the node's hot path) the pump hands each frame over in the
@@ -358,6 +360,60 @@ class _GuardedParser:
         self._guard = self._guarded = guard
 
 
+class _LazyHeartbeat:
+    """Mixin for aiohttp's WebSocket classes: the heartbeat reset without a callback per
+    turn that receives data.
+
+    aiohttp re-arms the heartbeat through ``loop.call_soon`` in every turn that receives
+    data, and that callback runs before the pump reads the message: ~5 us on the path of
+    every message a link receives. Here receiving data only notes the time; the timers
+    look at it when they fire. The heartbeat timer, with data since it was armed, re-arms
+    itself for ``heartbeat`` after that data (aiohttp's schedule: a ping goes out
+    ``heartbeat`` after the last traffic); an unanswered ping's deadline, with data since
+    the ping (its pong, say), counts the peer as alive and re-arms the same way. Without
+    data, aiohttp's own code runs (its ping, its "No PONG received" close).
+    """
+
+    _heartbeat: float | None
+    _heartbeat_cb: asyncio.TimerHandle | None
+    _heartbeat_when: float
+    _pong_response_cb: asyncio.TimerHandle | None
+    _need_heartbeat_reset: bool
+    _loop: Any  # the server's is None until it is prepared
+    _data_at = 0.0
+
+    def _on_data_received(self) -> None:
+        loop = self._loop
+        if self._heartbeat is None or loop is None:
+            return
+        self._data_at = loop.time()
+        self._need_heartbeat_reset = True
+
+    def _send_heartbeat(self) -> None:
+        if not self._rearm_after_data():
+            super()._send_heartbeat()  # type: ignore[misc]
+
+    def _pong_not_received(self) -> None:
+        if not self._rearm_after_data():
+            super()._pong_not_received()  # type: ignore[misc]
+
+    def _rearm_after_data(self) -> bool:
+        """With data received since the last arming: arm the next ping for ``heartbeat``
+        after it (dropping any pong deadline) and say so."""
+        loop = self._loop
+        if not self._need_heartbeat_reset or self._heartbeat is None or loop is None:
+            return False
+        self._need_heartbeat_reset = False
+        if self._pong_response_cb is not None:
+            self._pong_response_cb.cancel()
+            self._pong_response_cb = None
+        if self._heartbeat_cb is not None:
+            self._heartbeat_cb.cancel()
+        self._heartbeat_when = when = max(self._data_at + self._heartbeat, loop.time())
+        self._heartbeat_cb = loop.call_at(when, self._send_heartbeat)
+        return True
+
+
 async def _refuse_redirects(
     request: aiohttp.ClientRequest, handler: ClientHandlerType
 ) -> aiohttp.ClientResponse:
@@ -398,7 +454,7 @@ async def _close_bounded(close: Awaitable[bool], transport: Any) -> bool:
         _cut(transport, at_once=False)
 
 
-class _ServerWs(_GuardedParser, web.WebSocketResponse):
+class _ServerWs(_LazyHeartbeat, _GuardedParser, web.WebSocketResponse):
     """aiohttp's server WebSocket, reporting parser faults with the mesh's close codes, and
     cutting connections that a peer would otherwise hold open by not reading."""
 
@@ -423,7 +479,7 @@ class _ServerWs(_GuardedParser, web.WebSocketResponse):
         _cut(transport, at_once=True)  # no pong: the peer is gone or not reading
 
 
-class _ClientWs(_GuardedParser, aiohttp.ClientWebSocketResponse):
+class _ClientWs(_LazyHeartbeat, _GuardedParser, aiohttp.ClientWebSocketResponse):
     """aiohttp's client WebSocket, reporting parser faults with the mesh's close codes, and
     cutting connections that a peer would otherwise hold open by not reading."""
 
