@@ -151,6 +151,15 @@ async def test_a_tls_node_refuses_plaintext_off_this_machine_only() -> None:
             b._check_url(url)  # no error
 
 
+def take_turn(api: ConversationsApi) -> None:
+    """Make the next write yield in ``_fair_turn``: the loop has had no turn (its mark is
+    pending) for longer than ``_TURN_EVERY``."""
+    if api._turn_mark is not None:
+        api._turn_mark.cancel()  # it would clear the mark below
+    api._turn_at = 0.0
+    api._turn_mark = asyncio.get_running_loop().call_soon(lambda: None)
+
+
 async def test_a_write_parked_in_its_fair_turn_when_the_node_closes_changes_nothing(
     tmp_path: Path,
 ) -> None:
@@ -160,7 +169,7 @@ async def test_a_write_parked_in_its_fair_turn_when_the_node_closes_changes_noth
     async with ConversationsApi(data_dir=tmp_path, user_id="u", listen=False, discovery=()) as a:
         s = await a.register_session("s", subscribe=["d"])
         await s.capture("d", "before")
-        a._turn_at = 0.0  # the next write takes its turn
+        take_turn(a)
         t = asyncio.create_task(s.capture("d", "parked during the close"))
         await asyncio.sleep(0)  # the capture runs up to its yield (a loop turn, no timing)
         assert not t.done()
@@ -176,7 +185,7 @@ async def test_a_capture_cancelled_in_its_fair_turn_writes_nothing() -> None:
     memory, no event, and the next capture of the same content is new."""
     async with ConversationsApi(user_id="u", listen=False, discovery=()) as a:
         s = await a.register_session("s", subscribe=["d"])
-        a._turn_at = 0.0
+        take_turn(a)
         t = asyncio.create_task(s.capture("d", "cancelled"))
         await asyncio.sleep(0)  # parked in its turn
         t.cancel()
