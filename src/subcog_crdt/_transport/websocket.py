@@ -213,6 +213,7 @@ class _HandshakeGuard:
         "_head",
         "_in_message",
         "_limit",
+        "_link",
         "_open",
         "_open_after",
         "_payload_left",
@@ -235,6 +236,8 @@ class _HandshakeGuard:
         self._fin = False
         self._in_message = False
         self._size = 0  # bytes of the current data message so far
+        self._link: WebSocketLink | None = None
+        """Once released, the link that takes messages as they are parsed (``_take``)."""
 
     @property
     def released(self) -> bool:
@@ -249,7 +252,16 @@ class _HandshakeGuard:
 
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
         if self._open:
-            result: tuple[bool, bytes] = self._reader.feed_data(data)
+            link = self._link
+            if link is None:
+                result: tuple[bool, bytes] = self._reader.feed_data(data)
+                return result
+            # aiohttp's queue: its buffer holds (message, size) pairs not read yet.
+            buffer = self._queue._buffer
+            start = len(buffer)
+            result = self._reader.feed_data(data)
+            if len(buffer) > start and start == len(link._taken):
+                link._take(buffer, start)
             return result
         if self._failed:
             return True, b""
@@ -784,6 +796,12 @@ class WebSocketLink:
         peername = ws.get_extra_info("peername")
         self.same_host = isinstance(peername, tuple) and is_loopback(str(peername[0]))
         """True if the peer connected over loopback (it runs on this machine)."""
+        self._taken: deque[Any] = deque()
+        """Messages still in aiohttp's reader that ``_take`` handed over already."""
+        self._reading = False
+        """The pump waits in aiohttp's receive (it holds no frame it read)."""
+        if ws._guard is not None:
+            ws._guard._link = self
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
@@ -855,6 +873,41 @@ class WebSocketLink:
             self._consumer = None  # cancelled or failed: hand nothing over any more
             if self._drainer is not None:
                 await cancel_and_wait(self._drainer)
+
+    def _take(self, buffer: deque[tuple[Any, int]], start: int) -> None:
+        """Hand over the binary messages aiohttp's reader just parsed, from ``start`` on,
+        in the turn that received them: the pump's read wakes one loop iteration later
+        (~10 us on the path of every message), and then skips them (``_taken``). Only
+        while the pump would hand them over itself (it waits to read, holding no frame; a
+        consumer; nothing buffered or being drained) and every message before them was
+        taken: the order is kept. Anything
+        else (another kind of message, a failed tag, a busy consumer) is left to the pump,
+        with what follows it."""
+        if (
+            not self._reading  # it holds a frame (waiting for room in the inbox, say)
+            or self._consumer is None
+            or self._drainer is not None
+            or self._inbox
+            or self.closed
+            or self._ws.closed
+            or self._ws._closing  # the peer's close came: aiohttp reads the rest
+        ):
+            return
+        mac = self._mac
+        for i in range(start, len(buffer)):
+            msg = buffer[i][0]
+            if msg.type is not WSMsgType.BINARY:
+                return
+            data: bytes = msg.data
+            if mac is not None:
+                opened = mac.open(data)
+                if opened is None:
+                    return  # the pump finds the same and refuses it (open changed nothing)
+                data = opened
+            self._taken.append(msg)
+            self._hand_over(data)
+            if self._consumer is None or self._drainer is not None:
+                return
 
     def _hand_over(self, frame: bytes) -> None:
         """Give one frame to the consumer now (the pump's fast path)."""
@@ -930,14 +983,21 @@ class WebSocketLink:
         self._pump_started = True
         try:
             while True:
+                self._reading = True  # holding no frame: _take may hand over the next
                 try:
                     msg = await self._ws.receive()
                 except (ConnectionError, aiohttp.ClientError) as lost:
                     # Cut while answering a ping (a peer that did not read): gone.
                     self._record(CLOSE_ABNORMAL, f"connection lost: {lost}")
                     return
+                finally:
+                    self._reading = False
                 kind = msg.type
                 if kind is WSMsgType.BINARY:
+                    taken = self._taken
+                    if taken and taken[0] is msg:
+                        taken.popleft()  # handed over as it was parsed (_take)
+                        continue
                     data: bytes = msg.data
                     if self._mac is not None:
                         opened = self._mac.open(data)
