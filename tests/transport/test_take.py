@@ -74,12 +74,13 @@ async def test_a_frame_is_handed_over_in_the_turn_it_is_parsed() -> None:
     async with t.linked() as link:
         for i in range(20):
             await link.send(b"frame %d" % i)
-            await wait_for(lambda i=i: len(t.seen) == i + 1, DEADLINE, f"frame {i}")
+            await wait_for(lambda: len(t.seen) == i + 1, DEADLINE, f"frame {i}")  # noqa: B023
         assert t.seen == [b"frame %d" % i for i in range(20)]
         # Each was handed over while aiohttp's reader still held it (the pump read it later).
         assert all(t.taken), t.taken
-        assert t.link is not None
-        await wait_for(lambda: not t.link._taken, DEADLINE, "the pump skipped them")  # type: ignore[union-attr]
+        b_end = t.link
+        assert b_end is not None
+        await wait_for(lambda: not b_end._taken, DEADLINE, "the pump skipped them")
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
