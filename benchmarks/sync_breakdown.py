@@ -6,7 +6,8 @@ B's session receives the events. Probes (wrappers installed in each process befo
 node opens) take ``time.monotonic_ns()`` (system-wide, so A's and B's agree) at each step,
 and the parent joins them capture by capture: A's capture call until the update reaches
 the link and the socket, the wire until B's event loop wakes, B's hand-over, decode,
-apply, derivation, publication, log write, and the consumer receiving the event. The
+apply, derivation, publication, the consumer receiving the event, and the log write that
+follows it in the same turn (not part of the total). The
 probes cost a few microseconds each, so the total runs ~10 % above ``bench_sync.py``'s.
 
     .venv/bin/python benchmarks/sync_breakdown.py [--rate 200] [--seconds 5]
@@ -164,11 +165,13 @@ STEPS = [
     ("B: pycrdt apply", "apply", "applied"),
     ("B: derive memory and event", "applied", "derived"),
     ("B: journal record, publish", "derived", "published"),
-    ("B: -> log frame", "published", "log_frame"),
-    ("B: log frame built", "log_frame", "log_write"),
-    ("B: log write", "log_write", "log_written"),
-    ("B: -> consumer has the event", "log_written", "event"),
+    ("B: -> consumer has the event", "published", "event"),
+    # Stored at the end of the turn, after the consumer ran (ConversationsApi._persist_soon).
+    ("B, after it: -> log frame", "event", "log_frame"),
+    ("B, after it: log frame built", "log_frame", "log_write"),
+    ("B, after it: log write", "log_write", "log_written"),
 ]
+TOTAL = ("total: A's call -> B's consumer", "call", "event")
 
 
 def _join(a: Probes, b: Probes, warmup: int) -> list[dict[str, int]]:
@@ -200,7 +203,7 @@ def _join(a: Probes, b: Probes, warmup: int) -> list[dict[str, int]]:
 
 def _summary(rows: list[dict[str, int]]) -> list[tuple[str, float, float, float]]:
     out = []
-    for name, first, second in [*STEPS, ("total: A's call -> B's consumer", "call", "event")]:
+    for name, first, second in [*STEPS, TOTAL]:
         values = sorted((r[second] - r[first]) / 1000 for r in rows)
         p = anchors._percentile
         out.append((name, p(values, 10), p(values, 50), p(values, 90)))

@@ -62,8 +62,9 @@ Received data only notes the time; the timers look at it when they fire
 (``_LazyHeartbeat``), instead of aiohttp's callback in every turn that receives data.
 
 Received frames are read eagerly by one pump task per link. With a consumer
-(``WebSocketLink.consume``, the node's hot path) the pump hands each frame over in the
-same turn of the event loop that parsed it: no queue, no wake-up of another task. Frames
+(``WebSocketLink.consume``, the node's hot path) each frame is handed over in the turn of
+the event loop that received its bytes, as aiohttp's parser queues it (``_take``; the
+pump, woken a turn later, skips it): no wake-up of another task before the consumer. Frames
 that arrive while the consumer is still finishing an awaitable (a durable commit that must
 wait for an fsync), or before it is attached, go to a byte-bounded inbox, as they do for
 links that are iterated; pings are answered meanwhile. When the inbox is full the pump
