@@ -208,3 +208,55 @@ def test_a_value_in_an_unusual_shape_is_read_alike_running_and_restarted(shape):
         m.content for m in map(running.get, ids)
     ]
     assert [type(e).__name__ for e in events] == ["Captured"]
+
+
+@st.composite
+def _one_entry_updates(draw: st.DrawFn) -> tuple[bytes, bool]:
+    """A one-entry update (one string set under a new key, as the node writes them), from
+    a document at a random clock, then possibly damaged: truncated, one byte replaced,
+    one inserted, bytes appended. (The update; whether it is intact and of "entries".)"""
+    d = Doc(client_id=draw(st.integers(0, 2**53 - 1)))
+    root = draw(st.sampled_from(["entries", "entries", "other"]))
+    m = d.get(root, type=Map)
+    for i in range(draw(st.integers(0, 200))):
+        m[f"before {i}"] = "x"
+    updates: list[bytes] = []
+    d.observe(lambda e: updates.append(e.update))
+    m[draw(st.text(max_size=140))] = draw(st.text(max_size=400))
+    u = updates[-1]
+    kind = draw(st.sampled_from(["intact", "truncated", "flipped", "inserted", "appended"]))
+    i = draw(st.integers(0, len(u) - 1))
+    b = draw(st.integers(0, 255))
+    damaged = {
+        "intact": u,
+        "truncated": u[:i],
+        "flipped": u[:i] + bytes([b]) + u[i + 1 :],
+        "inserted": u[:i] + bytes([b]) + u[i:],
+        "appended": u + bytes([b]),
+    }[kind]
+    return damaged, kind == "intact" and root == "entries"
+
+
+@given(_one_entry_updates())
+@settings(max_examples=600, deadline=None)
+def test_the_one_entry_reader_agrees_with_the_general_one(case: tuple[bytes, bool]) -> None:
+    """``read_update``'s one-pass reader for the common update returns exactly what the
+    general reader returns, or leaves the update to it (None): then the general reader's
+    answer, or its error, is what callers get."""
+    data, intact = case
+    from subcog_crdt._core import ydecode
+
+    try:
+        general: Any = ydecode._read_any(data, "entries")
+    except UpdateDecodeError as exc:
+        general = exc
+    one = ydecode._read_one_entry(data, "entries")
+    if one is not None:
+        assert one == general
+    if intact:
+        assert one is not None  # the common case does take the one-pass reader
+    try:
+        got: Any = read_update(data, "entries")
+    except UpdateDecodeError as exc:
+        got = exc
+    assert got == general if not isinstance(general, Exception) else str(got) == str(general)

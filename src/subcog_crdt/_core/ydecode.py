@@ -218,8 +218,73 @@ def read_map_inserts(update: bytes, root: str) -> tuple[list[MapInsert], bool]:
     return d.inserts, d.unknown
 
 
+def _varuint_at(buf: bytes, pos: int) -> tuple[int, int]:
+    """The varuint at ``pos`` and the position after it (IndexError past the end)."""
+    b = buf[pos]
+    if b < 0x80:
+        return b, pos + 1
+    n = b & 0x7F
+    shift = 7
+    while True:
+        pos += 1
+        b = buf[pos]
+        n |= (b & 0x7F) << shift
+        if b < 0x80:
+            return n, pos + 1
+        shift += 7
+        if shift > 70:
+            raise IndexError("varuint too long")
+
+
+def _read_one_entry(buf: bytes, root: str) -> Decoded | None:
+    """The common update, one string value set under a new key of root map ``root`` (a
+    conforming writer's capture, update or delete), read in one pass over local
+    positions: ~2x faster than the general reader, on the path of every live update.
+    None for anything else or anything odd (the general reader then reads it, and
+    reports what is wrong): what this returns is what the general reader returns."""
+    try:
+        # one client, one struct; the client id and the clock as varuints
+        if buf[0] != 1 or buf[1] != 1:
+            return None
+        client, pos = _varuint_at(buf, 2)
+        clock, pos = _varuint_at(buf, pos)
+        # an item with content "any", no neighbours, a parent key, under a named root
+        if buf[pos] != 0x28 or buf[pos + 1] != 1:
+            return None
+        n, pos = _varuint_at(buf, pos + 2)
+        if str(buf[pos : pos + n], "utf-8") != root:
+            return None
+        pos += n
+        n, pos = _varuint_at(buf, pos)
+        end = pos + n
+        if end > len(buf):
+            return None
+        key = str(buf[pos:end], "utf-8")
+        # one value, a string; then an empty delete set, and nothing after it
+        if buf[end] != 1 or buf[end + 1] != 119:
+            return None
+        n, pos = _varuint_at(buf, end + 2)
+        end = pos + n
+        if end + 1 != len(buf) or buf[end] != 0:
+            return None
+        value = str(buf[pos:end], "utf-8")
+    except (IndexError, UnicodeDecodeError):
+        return None
+    return Decoded(
+        [MapInsert(client, clock, root, key, value)], False, True, [(client, clock, clock + 1)]
+    )
+
+
 def read_update(update: bytes, root: str) -> Decoded:
     """Decode ``update`` (Yjs v1) far enough to list its insertions under root map ``root``."""
+    if root:
+        one = _read_one_entry(update, root)
+        if one is not None:
+            return one
+    return _read_any(update, root)
+
+
+def _read_any(update: bytes, root: str) -> Decoded:
     r = _Reader(update)
     buf = r.buf
     n = len(buf)
