@@ -210,6 +210,11 @@ async def _raise_after(pending: Awaitable[None], exc: Exception) -> None:
     raise exc
 
 
+async def _settled(task: asyncio.Task[None]) -> None:
+    """Wait until ``task`` is done, whatever its outcome (its owner handles that)."""
+    await asyncio.wait((task,))
+
+
 def content_blocks(ns: str, update: bytes) -> list[tuple[int, int, int]]:
     """The blocks of content ``update`` holds for ``ns`` (empty: nothing to hold, a
     namespace is not created for it); ``ProtocolError`` if it is no Yjs update."""
@@ -638,6 +643,8 @@ class PeerSync:
     def on_message(self, message: bytes) -> Awaitable[None] | None:
         """Handle one received message (the link's consumer: called in the turn that
         received it). Returns the durable commit still under way, if it had to wait."""
+        if self._closed:
+            return None  # closing (a failed commit, say): nothing more is applied
         hold = self._hold
         if hold is not None:
             if not hold.done():
@@ -688,8 +695,15 @@ class PeerSync:
             result = self._persist_applied() if self._to_persist else None
         if self._acks_owed:
             # A barrier is answered after the commit of everything the message applied
-            # before it: the answer promises the peer its frames are stored here.
+            # before it: the answer promises the peer its frames are stored here. That
+            # includes earlier messages' commits still deferred to the end of the turn,
+            # or still waiting (an fsync): a failed one closes the link, unanswered.
             acks, self._acks_owed = self._acks_owed, []
+            if self in self.api._later_from:
+                self.api._flush_later()
+            hold = self._hold
+            if result is None and hold is not None and not hold.done():
+                result = _settled(hold)
             if result is None:
                 self._send_acks(acks)
             else:
