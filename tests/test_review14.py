@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,7 +23,13 @@ from subcog_crdt._transport.websocket import WebSocketTransport
 from test_review11_storage import _block_thread
 from transport.test_link_security import client_frame, frame_header, relay
 from transport.test_take import Taker
-from transport.test_websocket import CLOSE_ABNORMAL, PEER_SCRIPT, SRC, Recorder, make
+from transport.test_websocket import (
+    CLOSE_ABNORMAL,
+    Recorder,
+    echo_peer_process,
+    frozen_until_dropped,
+    make,
+)
 
 DEADLINE = 20.0
 LOOPBACK: dict[str, Any] = {"host": "127.0.0.1", "discovery": ()}
@@ -504,56 +507,36 @@ async def test_a_peer_frozen_after_steady_traffic_is_dropped_by_the_heartbeat() 
     re-arms from that data) for several intervals without dropping the live peer; once
     the peer is frozen (SIGSTOP: no FIN), the re-armed timer still pings and the missing
     pong drops it."""
-    env = {**os.environ, "PYTHONPATH": SRC}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        PEER_SCRIPT,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    assert proc.stdout is not None
     rec = Recorder()
-    try:
-        async with asyncio.timeout(DEADLINE):
-            url = (await proc.stdout.readline()).decode().strip()
-        async with make("a", rec, heartbeat=0.3, dead_after=3.0) as a:
-            link = await a.connect(url)
-            ws: Any = link._ws
-            assert ws._heartbeat == 0.3
-            rearms: list[bool] = []
-            inner = ws._rearm_after_data
+    async with (
+        echo_peer_process() as (proc, url),
+        make("a", rec, heartbeat=0.3, dead_after=3.0) as a,
+    ):
+        link = await a.connect(url)
+        ws: Any = link._ws
+        assert ws._heartbeat == 0.3
+        rearms: list[bool] = []
+        inner = ws._rearm_after_data
 
-            def rearm() -> bool:
-                done: bool = inner()
-                rearms.append(done)
-                return done
+        def rearm() -> bool:
+            done: bool = inner()
+            rearms.append(done)
+            return done
 
-            ws._rearm_after_data = rearm
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + DEADLINE
-            i = 0
-            # Steady echoes until the timer has fired three times with data since.
-            while rearms.count(True) < 3:
-                assert loop.time() < deadline, rearms
-                await link.send(b"%d" % i)
-                assert await rec.next_frame("frozen") == b"%d" % i
-                i += 1
-            assert not link.closed, link.close_reason
-            os.kill(proc.pid, signal.SIGSTOP)
-            try:
-                async with asyncio.timeout(DEADLINE):
-                    await rec.ended["frozen"].wait()
-            finally:
-                os.kill(proc.pid, signal.SIGCONT)
-            assert link.close_code == CLOSE_ABNORMAL
-            assert "No PONG received" in link.close_reason, link.close_reason
-    finally:
-        if proc.returncode is None:
-            os.kill(proc.pid, signal.SIGCONT)
-            proc.kill()
-        await proc.communicate()
+        ws._rearm_after_data = rearm
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DEADLINE
+        i = 0
+        # Steady echoes until the timer has fired three times with data since.
+        while rearms.count(True) < 3:
+            assert loop.time() < deadline, rearms
+            await link.send(b"%d" % i)
+            assert await rec.next_frame("frozen") == b"%d" % i
+            i += 1
+        assert not link.closed, link.close_reason
+        await frozen_until_dropped(proc, rec)
+        assert link.close_code == CLOSE_ABNORMAL
+        assert "No PONG received" in link.close_reason, link.close_reason
 
 
 # -- the fair turn -------------------------------------------------------------------------

@@ -553,10 +553,11 @@ PEER_SCRIPT = textwrap.dedent(
 )
 
 
-async def test_frozen_peer_is_dropped_by_the_heartbeat() -> None:
-    """A peer that stops answering (SIGSTOP: its TCP socket stays open, so no FIN ever
-    comes) is dropped by the heartbeat, and the heartbeat is set up so that it fires within
-    ``dead_after``: the interval is lowered to fit (``heartbeat=5`` would be 7.5 s)."""
+@asynccontextmanager
+async def echo_peer_process() -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """A node "frozen" in a child process that echoes every frame (``PEER_SCRIPT``):
+    (the process, its url). Left running (SIGCONT first, if a test stopped it) and then
+    killed at the end."""
     env = {**os.environ, "PYTHONPATH": SRC}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -567,39 +568,54 @@ async def test_frozen_peer_is_dropped_by_the_heartbeat() -> None:
         env=env,
     )
     assert proc.stdout is not None
-    assert proc.stdin is not None
-    rec = Recorder()
     try:
         async with asyncio.timeout(15):
             url = (await proc.stdout.readline()).decode().strip()
         assert url.startswith("ws://127.0.0.1:")
-        async with make("a", rec, heartbeat=5.0, dead_after=3.0) as a:
-            link = await a.connect(url)
-            # The schedule aiohttp runs: a ping `heartbeat` after the last traffic, dead
-            # `heartbeat / 2` after an unanswered ping; together within dead_after.
-            ws: Any = link._ws
-            assert ws._heartbeat is not None
-            assert ws._heartbeat + ws._pong_heartbeat <= 3.0, (ws._heartbeat, ws._pong_heartbeat)
-            await link.send(b"alive?")
-            assert await rec.next_frame("frozen") == b"alive?"
-
-            os.kill(proc.pid, signal.SIGSTOP)
-            try:
-                async with asyncio.timeout(DEADLINE):
-                    await rec.ended["frozen"].wait()
-            finally:
-                os.kill(proc.pid, signal.SIGCONT)
-            assert link.closed
-            assert link.close_code == CLOSE_ABNORMAL
-            # aiohttp's heartbeat timeout ("No PONG received after ...") closed it, not a
-            # broken connection or a close frame.
-            assert "No PONG received" in link.close_reason, link.close_reason
-            assert "frozen" not in a.links
+        yield proc, url
     finally:
         if proc.returncode is None:
             os.kill(proc.pid, signal.SIGCONT)
             proc.kill()
         await proc.communicate()
+
+
+async def frozen_until_dropped(proc: asyncio.subprocess.Process, rec: Recorder) -> None:
+    """Freeze the peer process (SIGSTOP: its socket stays open, no FIN ever comes) until
+    its link has ended at ``rec``'s node; then let it run again."""
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        async with asyncio.timeout(DEADLINE):
+            await rec.ended["frozen"].wait()
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+
+
+async def test_frozen_peer_is_dropped_by_the_heartbeat() -> None:
+    """A peer that stops answering (SIGSTOP: its TCP socket stays open, so no FIN ever
+    comes) is dropped by the heartbeat, and the heartbeat is set up so that it fires within
+    ``dead_after``: the interval is lowered to fit (``heartbeat=5`` would be 7.5 s)."""
+    rec = Recorder()
+    async with (
+        echo_peer_process() as (proc, url),
+        make("a", rec, heartbeat=5.0, dead_after=3.0) as a,
+    ):
+        link = await a.connect(url)
+        # The schedule aiohttp runs: a ping `heartbeat` after the last traffic, dead
+        # `heartbeat / 2` after an unanswered ping; together within dead_after.
+        ws: Any = link._ws
+        assert ws._heartbeat is not None
+        assert ws._heartbeat + ws._pong_heartbeat <= 3.0, (ws._heartbeat, ws._pong_heartbeat)
+        await link.send(b"alive?")
+        assert await rec.next_frame("frozen") == b"alive?"
+
+        await frozen_until_dropped(proc, rec)
+        assert link.closed
+        assert link.close_code == CLOSE_ABNORMAL
+        # aiohttp's heartbeat timeout ("No PONG received after ...") closed it, not a
+        # broken connection or a close frame.
+        assert "No PONG received" in link.close_reason, link.close_reason
+        assert "frozen" not in a.links
 
 
 async def test_add_peer_redials_after_restart() -> None:
