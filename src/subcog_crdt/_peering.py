@@ -1153,7 +1153,7 @@ class PeerSync:
             self.persist_failed(exc)
 
     async def _after_hold(self, hold: asyncio.Task[None], message: bytes) -> None:
-        await asyncio.wait((hold,))  # a failure closes the link (_commit_done)
+        await _settled(hold)  # a failure closes the link (_commit_done)
         if self._hold is hold:
             self._hold = None
         if hold.cancelled() or hold.exception() is not None:
