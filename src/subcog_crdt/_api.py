@@ -566,8 +566,8 @@ class ConversationsApi:
 
     async def _close_storage(self) -> None:
         self._flush_later()  # (normally done in the turn that deferred it)
-        for t in list(self._tasks):
-            await cancel_and_wait(t)
+        for t in list(self._tasks):  # an fsync wait the flush started (_close_links
+            await cancel_and_wait(t)  # ended the others): its frame is in the log
         await self._storage.aclose()
 
     async def _close_links(self) -> None:

@@ -201,7 +201,8 @@ class _HandshakeGuard:
     data message may be at most ``limit`` bytes, and at most ``messages`` of them may
     arrive. A header announcing more is refused before any of its payload is buffered
     (the chunk carrying it never reaches the reader): the WebSocket then fails with
-    ``code``, as if aiohttp's own reader had refused it. After release it only forwards.
+    ``code``, as if aiohttp's own reader had refused it. After release it only forwards,
+    then lets the link take the messages that chunk completed (``WebSocketLink._take``).
 
     Installed through ``_GuardedParser``; aiohttp calls ``feed_data``/``feed_eof``.
     """
