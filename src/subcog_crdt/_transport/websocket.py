@@ -90,6 +90,7 @@ from typing import Any, Final
 import aiohttp
 import msgpack
 from aiohttp import WSMsgType, web
+from aiohttp._websocket.helpers import websocket_mask  # the reader's own (C) unmasking
 from aiohttp.client_middlewares import ClientHandlerType
 from yarl import URL
 
@@ -190,6 +191,10 @@ _AIOHTTP_CODE_MAP: Final[dict[int, int]] = {
 # PeerUnreachable lives in the exception tree (_errors); re-exported here for callers.
 
 
+_FED: Final = (False, b"")
+"""What a reader's ``feed_data`` returns for bytes it consumed (no EOF, no tail)."""
+
+
 class _HandshakeGuard:
     """Sits between aiohttp's connection protocol and its WebSocket reader, and bounds what
     an unauthenticated peer can make us buffer.
@@ -201,13 +206,20 @@ class _HandshakeGuard:
     data message may be at most ``limit`` bytes, and at most ``messages`` of them may
     arrive. A header announcing more is refused before any of its payload is buffered
     (the chunk carrying it never reaches the reader): the WebSocket then fails with
-    ``code``, as if aiohttp's own reader had refused it. After release it only forwards,
-    then lets the link take the messages that chunk completed (``WebSocketLink._take``).
+    ``code``, as if aiohttp's own reader had refused it.
+
+    After release it still follows the frame headers (never refusing: the reader does),
+    to know when the reader holds no partial frame or message. Then the link may take
+    whole binary messages straight from a chunk (``_take_whole``): the reader would
+    parse them, and wake the pump for each, only for the link to hand them over. What
+    it does not take goes to the reader, after which the link may take the messages
+    that chunk completed (``WebSocketLink._take``).
 
     Installed through ``_GuardedParser``; aiohttp calls ``feed_data``/``feed_eof``.
     """
 
     __slots__ = (
+        "_broken",
         "_budget",
         "_data_frame",
         "_failed",
@@ -232,6 +244,8 @@ class _HandshakeGuard:
         self._open = False
         self._open_after = 0
         self._failed = False
+        self._broken = False
+        """The stream broke the framing rules after release (the reader fails it)."""
         self._head = b""  # an incomplete frame header
         self._payload_left = 0  # payload bytes of the current frame still to come
         self._data_frame = False
@@ -255,6 +269,17 @@ class _HandshakeGuard:
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
         if self._open:
             link = self._link
+            if (
+                link is not None
+                and not self._payload_left
+                and not self._head
+                and not self._in_message
+                and not self._broken
+            ):
+                data = self._take_whole(link, data)
+                if not data:
+                    return _FED
+            self._scan(data)
             if link is None:
                 result: tuple[bool, bytes] = self._reader.feed_data(data)
                 return result
@@ -278,9 +303,45 @@ class _HandshakeGuard:
     def feed_eof(self) -> None:
         self._reader.feed_eof()
 
+    def _take_whole(self, link: WebSocketLink, data: bytes) -> bytes:
+        """Hand the link the whole binary messages ``data`` starts with, while it may take
+        them (``WebSocketLink._may_take``) and the reader holds nothing (no partial frame,
+        as the caller checked; no message the pump has not read); return the rest.
+
+        Only unfragmented messages without extension bits, each under the reader's size
+        limit and under 64 KiB: anything else (a control frame, a partial or larger frame,
+        a message failing authentication) goes to the reader with all that follows it,
+        which refuses what it must as before."""
+        pos, end = 0, len(data)
+        buffer = self._queue._buffer
+        limit = link._take_max
+        while pos + 2 <= end and data[pos] == 0x82:  # FIN, no RSV bits, binary
+            second = data[pos + 1]
+            length = second & 0x7F
+            head = pos + 2
+            if length == 126:
+                length = int.from_bytes(data[head : head + 2])
+                head += 2
+            elif length == 127:
+                break
+            masked = second & 0x80
+            stop = head + (4 if masked else 0) + length
+            if stop > end or length > limit or buffer or not link._may_take():
+                break
+            if masked:
+                payload = bytearray(data[head + 4 : stop])
+                websocket_mask(data[head : head + 4], payload)
+                message = bytes(payload)
+            else:
+                message = data[head:stop]
+            if not link._take_one(message):
+                break
+            pos = stop
+        return data[pos:] if pos else data
+
     def _scan(self, data: bytes) -> tuple[int, str] | None:
         pos, end = 0, len(data)
-        while pos < end and not self._open:
+        while pos < end:
             if self._payload_left:
                 step = min(self._payload_left, end - pos)
                 self._payload_left -= step
@@ -314,25 +375,37 @@ class _HandshakeGuard:
         if opcode >= 0x8:  # control frame (aiohttp validates it further)
             self._data_frame = False
             if length > 125:
-                return CLOSE_PROTOCOL, "control frame over 125 bytes"
+                return self._fault(CLOSE_PROTOCOL, "control frame over 125 bytes")
             return None
         self._data_frame, self._fin = True, fin
         if opcode == 0x0:
             if not self._in_message:
-                return CLOSE_PROTOCOL, "continuation frame without a message"
+                return self._fault(CLOSE_PROTOCOL, "continuation frame without a message")
         elif opcode in (0x1, 0x2):
             if self._in_message:
-                return CLOSE_PROTOCOL, "new message inside a fragmented one"
+                return self._fault(CLOSE_PROTOCOL, "new message inside a fragmented one")
+            self._in_message, self._size = True, 0
+            if self._open:
+                return None
             if self._budget <= 0:
                 return CLOSE_PROTOCOL, "unexpected message during the handshake"
             self._budget -= 1
-            self._in_message, self._size = True, 0
         else:
-            return CLOSE_PROTOCOL, f"unexpected opcode {opcode}"
+            return self._fault(CLOSE_PROTOCOL, f"unexpected opcode {opcode}")
+        if self._open:
+            return None
         self._size += length
         if self._size > self._limit:
             return CLOSE_TOO_LARGE, f"handshake message over {self._limit} bytes"
         return None
+
+    def _fault(self, code: int, reason: str) -> tuple[int, str] | None:
+        """Before release: refuse. After: the reader refuses it, and no message may be
+        taken past it any more."""
+        if self._open:
+            self._broken = True
+            return None
+        return code, reason
 
     def _frame_done(self) -> None:
         if self._data_frame and self._fin:
@@ -802,6 +875,9 @@ class WebSocketLink:
         """Messages still in aiohttp's reader that ``_take`` handed over already."""
         self._reading = False
         """The pump waits in aiohttp's receive (it holds no frame it read)."""
+        self._take_max = min(0xFFFF, max_frame + (auth.TAG_SIZE if mac is not None else 0))
+        """The largest message the guard takes (``_take_whole``): the reader refuses
+        more, and takes larger ones itself."""
         if ws._guard is not None:
             ws._guard._link = self
 
@@ -885,15 +961,7 @@ class WebSocketLink:
         taken: the order is kept. Anything
         else (another kind of message, a failed tag, a busy consumer) is left to the pump,
         with what follows it."""
-        if (
-            not self._reading  # it holds a frame (waiting for room in the inbox, say)
-            or self._consumer is None
-            or self._drainer is not None
-            or self._inbox
-            or self.closed
-            or self._ws.closed
-            or self._ws._closing  # the peer's close came: aiohttp reads the rest
-        ):
+        if not self._may_take():
             return
         mac = self._mac
         for i in range(start, len(buffer)):
@@ -910,6 +978,32 @@ class WebSocketLink:
             self._hand_over(data)
             if self._consumer is None or self._drainer is not None:
                 return
+
+    def _may_take(self) -> bool:
+        """Whether the pump would hand over the next message itself (the conditions of
+        ``_take`` and ``_HandshakeGuard._take_whole``)."""
+        return not (
+            not self._reading  # it holds a frame (waiting for room in the inbox, say)
+            or self._consumer is None
+            or self._drainer is not None
+            or self._inbox
+            or self.closed
+            or self._ws.closed
+            or self._ws._closing  # the peer's close came: aiohttp reads the rest
+        )
+
+    def _take_one(self, message: bytes) -> bool:
+        """Hand over one message the guard parsed (``_take_whole``); False (and nothing
+        done) if it fails authentication: the reader then gets it, and the pump refuses
+        it."""
+        mac = self._mac
+        if mac is not None:
+            opened = mac.open(message)
+            if opened is None:
+                return False
+            message = opened
+        self._hand_over(message)
+        return True
 
     def _hand_over(self, frame: bytes) -> None:
         """Give one frame to the consumer now (the pump's fast path)."""
