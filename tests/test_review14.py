@@ -22,7 +22,7 @@ from subcog_crdt._transport.base import Hello
 from subcog_crdt._transport.websocket import WebSocketTransport
 from test_review11_storage import _block_thread
 from transport.test_link_security import client_frame, frame_header, relay
-from transport.test_take import Taker
+from transport.test_take import GUARD, Taker, handed_over_by
 from transport.test_websocket import (
     CLOSE_ABNORMAL,
     Recorder,
@@ -437,18 +437,19 @@ async def test_a_bad_message_between_updates_in_one_read_ends_the_link_after_the
             b"\xc1 not msgpack",
             pack([F_UPDATE, "d", *third]),
         ]
-        taken: list[tuple[int, bool]] = []
+        taken: list[tuple[int, str]] = []
         watch_consumer(
             link_b,
             seen=lambda f: (
-                taken.append((messages.index(f), bool(link_b._taken))) if f in messages else None
+                taken.append((messages.index(f), handed_over_by())) if f in messages else None
             ),
         )
         with caplog.at_level(logging.WARNING, logger="subcog_crdt"):
             await send_back_to_back(pa.link, messages)
             async with asyncio.timeout(DEADLINE):
                 await link_b.wait_closed()
-        assert taken == [(0, True), (1, True)]  # handed over as parsed; the third never
+        # Taken from the read (by the guard); the third never handed over.
+        assert taken == [(0, GUARD), (1, GUARD)]
         assert link_b.close_code == 4000, link_b.close_reason
         assert "malformed msgpack" in caplog.text
         assert [m.content for m in b.memories("d")] == ["before the bad message"]
@@ -494,7 +495,9 @@ async def test_a_close_in_the_same_read_as_binary_frames_comes_after_them() -> N
         async with asyncio.timeout(DEADLINE):
             await t.link.wait_closed()
         assert t.seen == [b"m0", b"m1", b"x1", b"x2"]
-        assert t.taken == [True, True, True, True]
+        # m0 alone in its read (the guard's); then one read: m1, x1 and x2 (the guard's),
+        # and the close, which the guard leaves to the reader.
+        assert t.how == [GUARD] * 4, t.how
         assert t.link.close_code == 4321, t.link.close_reason
         assert not t.link._taken
 

@@ -40,6 +40,17 @@ GUARD, TAKE = "_take_one", "_take"
 the reader parsed it. (The others: ``_pump`` and ``_drain``.)"""
 
 
+def handed_over_by() -> str:
+    """Called inside a link's consumer: the step that handed the message over (the
+    nearest caller among the link's four)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name in (GUARD, TAKE, "_pump", "_drain"):
+            return frame.f_code.co_name
+        frame = frame.f_back  # type: ignore[assignment]
+    raise AssertionError("not called by a link")
+
+
 class Taker:
     """Node "b"'s link consumer: records each frame, which step handed it over (see
     GUARD), and returns a pending commit for the frames ``busy`` picks (finished a few
@@ -54,9 +65,7 @@ class Taker:
     def __call__(self, frame: bytes) -> Any:
         assert self.link is not None
         self.seen.append(frame)
-        caller = sys._getframe(1).f_code.co_name
-        if caller == "_hand_over":
-            caller = sys._getframe(2).f_code.co_name
+        caller = handed_over_by()
         if caller == TAKE:
             assert self.link._taken, "_take hands over what the reader still holds"
         self.how.append(caller)
