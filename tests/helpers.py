@@ -14,6 +14,7 @@ from subcog_crdt import ConversationsApi
 from subcog_crdt._peering import F_HELLO
 from subcog_crdt._transport.base import Hello
 from subcog_crdt._transport.memory import MemoryLink, memory_link_pair
+from subcog_crdt._transport.websocket import WebSocketLink
 
 
 async def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
@@ -113,3 +114,22 @@ def url_of(api: ConversationsApi) -> str:
     """The url a listening node's peers dial (asserted to be there)."""
     assert api.url is not None, "the node does not listen"
     return api.url
+
+
+def record_link_sends(monkeypatch: Any, record: Callable[[WebSocketLink, bytes], None]) -> None:
+    """Have ``record`` see every message any WebSocketLink sends, through ``send`` (as it
+    starts) or ``send_now`` (once written)."""
+    send, send_now = WebSocketLink.send, WebSocketLink.send_now
+
+    async def watched_send(self: WebSocketLink, frame: bytes) -> None:
+        record(self, frame)
+        await send(self, frame)
+
+    def watched_send_now(self: WebSocketLink, frame: bytes) -> bool:
+        if not send_now(self, frame):
+            return False
+        record(self, frame)
+        return True
+
+    monkeypatch.setattr(WebSocketLink, "send", watched_send)
+    monkeypatch.setattr(WebSocketLink, "send_now", watched_send_now)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import converged, wait_for
+from helpers import converged, record_link_sends, wait_for
 from subcog_crdt import AuthError, Captured, ConversationsApi, Deleted, InvalidArgument, Updated
 from subcog_crdt._transport.base import Hello
 from subcog_crdt._transport.websocket import WebSocketLink, WebSocketTransport
@@ -27,13 +27,7 @@ def node(**kw) -> ConversationsApi:
 def wire(monkeypatch):
     """Every frame any node sends, as (sender node id, bytes)."""
     sent: list[tuple[str, bytes]] = []
-    original = WebSocketLink.send
-
-    async def send(self, frame: bytes) -> None:
-        sent.append((self.peer.node_id, frame))
-        await original(self, frame)
-
-    monkeypatch.setattr(WebSocketLink, "send", send)
+    record_link_sends(monkeypatch, lambda link, frame: sent.append((link.peer.node_id, frame)))
     return sent
 
 

@@ -3,14 +3,14 @@ forwarding and loops", "Which namespaces flow", "Catch-up"; DESIGN items 1, 3, 5
 
 Star, ring, full mesh and line of real loopback nodes (``host="127.0.0.1"``,
 ``discovery=()``, links made with ``api.connect``); the frames each node sends are
-recorded by wrapping ``WebSocketLink.send``. Cases that need frames held in a precise order
-use in-memory links. What is asserted: each write crosses each link at most once (so a
-write costs a linear number of frames, never one that grows with the square of the mesh),
-is never sent back to its writer, traffic stops once converged; namespaces flow only
-between nodes that both sync them; a node rejoining a line gets what it missed, not the
-state; a ring whose links drop and come back while every node writes converges with the
-same history and the same ``Conflict`` events everywhere; and nothing a node received is
-sent back to the node it came from."""
+recorded by wrapping ``WebSocketLink.send`` and ``send_now``. Cases that need frames
+held in a precise order use in-memory links. What is asserted: each write crosses each
+link at most once (so a write costs a linear number of frames, never one that grows with
+the square of the mesh), is never sent back to its writer, traffic stops once converged;
+namespaces flow only between nodes that both sync them; a node rejoining a line gets
+what it missed, not the state; a ring whose links drop and come back while every node
+writes converges with the same history and the same ``Conflict`` events everywhere; and
+nothing a node received is sent back to the node it came from."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from helpers import converged, drain, link, peer_lists_known, wait_for
+from helpers import converged, drain, link, peer_lists_known, record_link_sends, wait_for
 from subcog_crdt import (
     Captured,
     Conflict,
@@ -76,13 +76,7 @@ def quiet(nodes: list[ConversationsApi]) -> bool:
 def wire(monkeypatch: pytest.MonkeyPatch) -> Wire:
     """Every message any node sends over a WebSocket, as (the sender's link, bytes)."""
     sent: Wire = []
-    original = WebSocketLink.send
-
-    async def send(self: WebSocketLink, frame: bytes) -> None:
-        sent.append((self, frame))
-        await original(self, frame)
-
-    monkeypatch.setattr(WebSocketLink, "send", send)
+    record_link_sends(monkeypatch, lambda link, frame: sent.append((link, frame)))
     return sent
 
 

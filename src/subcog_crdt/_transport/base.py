@@ -61,6 +61,12 @@ class Link(Protocol):
         ``ClosedError`` when the link is closed, ``FrameTooLarge`` over the limit."""
         ...
 
+    def send_now(self, frame: bytes) -> bool:
+        """Send one frame within this call if ``send`` would not wait (no send under
+        way, no backpressure, open, within the limit): True. Otherwise nothing is done
+        and False is returned: use ``send``, which waits or raises as it must."""
+        ...
+
     def __aiter__(self) -> AsyncIterator[bytes]:
         """Frames received, in order, until the link closes."""
         ...

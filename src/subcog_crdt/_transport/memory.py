@@ -43,6 +43,11 @@ class MemoryLink:
     def closed(self) -> bool:
         return self._closed
 
+    def send_now(self, frame: bytes) -> bool:
+        # Never here: ``send`` does not wait anyway, and tests subclass this link to gate
+        # or watch what goes through ``send``.
+        return False
+
     async def send(self, frame: bytes) -> None:
         if self._closed:
             raise ClosedError("link is closed")
