@@ -1,4 +1,4 @@
-"""``_fair_turn``: a writer that never suspends still gives the loop turns; one that gives
+"""``_turn_due``: a writer that never suspends still gives the loop turns; one that gives
 the loop turns anyway (awaiting something else between writes) never waits for one."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Review of the changes since 9f1eb9b (Origin refusal, mDNS scheme, TLS-only dialling,
-self-claims that no longer end a kept peer, scrypt mesh key, ``_fair_turn``, connect()
+self-claims that no longer end a kept peer, scrypt mesh key, ``_turn_due``, connect()
 after close). Each failing test names the bug in its docstring; the others guard what
 the change got right (each was seen to fail against a broken copy).
 
@@ -152,7 +152,7 @@ async def test_a_tls_node_refuses_plaintext_off_this_machine_only() -> None:
 
 
 def take_turn(api: ConversationsApi) -> None:
-    """Make the next write yield in ``_fair_turn``: the loop has had no turn (its mark is
+    """Make the next write yield (``_turn_due``): the loop has had no turn (its mark is
     pending) for longer than ``_TURN_EVERY``."""
     if api._turn_mark is not None:
         api._turn_mark.cancel()  # it would clear the mark below
@@ -163,7 +163,7 @@ def take_turn(api: ConversationsApi) -> None:
 async def test_a_write_parked_in_its_fair_turn_when_the_node_closes_changes_nothing(
     tmp_path: Path,
 ) -> None:
-    """``_fair_turn`` yields before the write; ``close()`` called meanwhile (it marks the
+    """A write yields before it writes (``_turn_due``); ``close()`` called meanwhile (it marks the
     node closed synchronously) must make the parked capture raise ``ClosedError`` and
     leave nothing on disk (the checks come after the yield)."""
     async with ConversationsApi(data_dir=tmp_path, user_id="u", listen=False, discovery=()) as a:
@@ -181,7 +181,7 @@ async def test_a_write_parked_in_its_fair_turn_when_the_node_closes_changes_noth
 
 
 async def test_a_capture_cancelled_in_its_fair_turn_writes_nothing() -> None:
-    """A capture cancelled while it yields (``_fair_turn``) has written nothing: no
+    """A capture cancelled while it yields (``_turn_due`` said to) has written nothing: no
     memory, no event, and the next capture of the same content is new."""
     async with ConversationsApi(user_id="u", listen=False, discovery=()) as a:
         s = await a.register_session("s", subscribe=["d"])

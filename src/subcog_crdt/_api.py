@@ -378,7 +378,7 @@ class ConversationsApi:
         self._turn_at = 0.0
         self._turn_mark: asyncio.Handle | None = None
         """Since ``_turn_at`` the loop has not run this callback: it has not had a turn
-        (``_fair_turn``)."""
+        (``_turn_due``)."""
         self._last_write = 0.0
         """When a local write last began, or a peer's write arrived (the background indexer
         and compactions wait for a pause)."""
@@ -881,7 +881,8 @@ class ConversationsApi:
     async def _capture(
         self, session: Session, namespace: str, content: str, fields: dict[str, Any]
     ) -> Memory:
-        await self._fair_turn()
+        if self._turn_due():
+            await asyncio.sleep(0)  # (not in a coroutine: this is every write's path)
         session._check_active()
         doc = self._doc_for_writes(namespace, [(content, fields)])
         mem, events = doc.capture(session.id, content, fields)
@@ -891,7 +892,8 @@ class ConversationsApi:
     async def _capture_many(
         self, session: Session, namespace: str, items: Iterable[str | dict[str, Any]]
     ) -> list[Memory]:
-        await self._fair_turn()
+        if self._turn_due():
+            await asyncio.sleep(0)  # (not in a coroutine: this is every write's path)
         session._check_active()
         pairs: list[tuple[str, dict[str, Any]]] = []
         for item in _items(items):
@@ -951,7 +953,8 @@ class ConversationsApi:
         fields: dict[str, Any],
         expected_version: int | None,
     ) -> Memory:
-        await self._fair_turn()
+        if self._turn_due():
+            await asyncio.sleep(0)  # (not in a coroutine: this is every write's path)
         session._check_active()
         _check_version(expected_version)
         doc = self._doc_of(memory_id)
@@ -962,7 +965,8 @@ class ConversationsApi:
     async def _delete(
         self, session: Session, memory_id: str, expected_version: int | None
     ) -> Memory:
-        await self._fair_turn()
+        if self._turn_due():
+            await asyncio.sleep(0)  # (not in a coroutine: this is every write's path)
         session._check_active()
         _check_version(expected_version)
         doc = self._doc_of(memory_id)
@@ -970,15 +974,16 @@ class ConversationsApi:
         await self._commit(doc, events)
         return mem
 
-    async def _fair_turn(self) -> None:
-        """Give the event loop a turn if it has had none for ``_TURN_EVERY`` seconds of
-        this node's writes. A durable write (``durability="process"``) or an in-memory one
-        never waits: a caller writing in a loop would keep the loop from its links
-        (updates, pings) for as long as it writes, and peers would drop the node as dead.
-        A caller that awaits something else between writes (a pacing sleep, a request)
-        gives the loop its turns already: its writes do not yield (that cost a loop
-        iteration before the update left, at 200 writes/s most of them). Before the
-        write, so a cancellation here changes nothing."""
+    def _turn_due(self) -> bool:
+        """Whether to give the event loop a turn (``await asyncio.sleep(0)``) before this
+        write: if it has had none for ``_TURN_EVERY`` seconds of this node's writes. A
+        durable write (``durability="process"``) or an in-memory one never waits: a
+        caller writing in a loop would keep the loop from its links (updates, pings) for
+        as long as it writes, and peers would drop the node as dead. A caller that awaits
+        something else between writes (a pacing sleep, a request) gives the loop its
+        turns already: its writes do not yield (that cost a loop iteration before the
+        update left, at 200 writes/s most of them). Before the write, so a cancellation
+        there changes nothing."""
         now = self._last_write = time.monotonic()
         mark = self._turn_mark
         if mark is None:  # the loop ran it: a turn since the last check
@@ -987,7 +992,8 @@ class ConversationsApi:
         elif now - self._turn_at >= _TURN_EVERY:
             mark.cancel()
             self._turn_mark = None
-            await asyncio.sleep(0)
+            return True
+        return False
 
     def _turned(self) -> None:
         self._turn_mark = None

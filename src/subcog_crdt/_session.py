@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Session", "SyncBatch"]
 
+_TAGS_AS_GIVEN = (str, dict, list, tuple, set, frozenset)
+"""Tags of these types go to ``check_tags`` as they are (a tuple: ``isinstance`` with a
+``X | Y`` union builds the union at every call)."""
+
 
 @dataclass(frozen=True, slots=True)
 class SyncBatch:
@@ -112,24 +116,24 @@ class Session:
             # What check_tags judges goes as it is (it refuses a str or a dict, and orders
             # a set); any other iterable (a generator) becomes a list.
             fields: dict[str, Any] = {
-                "tags": tags
-                if isinstance(tags, str | dict | list | tuple | set | frozenset)
-                else list(tags)
+                "tags": tags if isinstance(tags, _TAGS_AS_GIVEN) else list(tags)
             }
         except TypeError:  # None, a number...
             raise InvalidArgument(
                 f"tags must be a list of strings, not {type(tags).__name__}"
             ) from None
+        # (One test per field, not a loop over pairs built per call: this is the path of
+        # every capture.)
         if metadata is not None:  # a falsy non-dict is refused as update refuses it
             fields["metadata"] = metadata
-        for name, value in (
-            ("domain", domain),
-            ("status", status),
-            ("source", source),
-            ("expires_at", expires_at),
-        ):
-            if value is not None:
-                fields[name] = value
+        if domain is not None:
+            fields["domain"] = domain
+        if status is not None:
+            fields["status"] = status
+        if source is not None:
+            fields["source"] = source
+        if expires_at is not None:
+            fields["expires_at"] = expires_at
         return await self._api._capture(self, namespace, content, fields)
 
     async def capture_many(

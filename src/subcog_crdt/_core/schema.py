@@ -164,7 +164,7 @@ def check_content(content: object) -> str:
 
 
 def check_tags(tags: object) -> list[str]:
-    if isinstance(tags, str) or not isinstance(tags, list | tuple | set | frozenset):
+    if isinstance(tags, str) or not isinstance(tags, _TAG_COLLECTIONS):
         raise InvalidArgument(f"tags must be a list of strings, not {type(tags).__name__}")
     out: list[str] = []
     for tag in tags:
@@ -177,7 +177,11 @@ def check_tags(tags: object) -> list[str]:
             out.append(tag)
     if len(out) > MAX_TAGS:
         raise InvalidArgument(f"{len(out)} tags; the limit is {MAX_TAGS}")
-    return sorted(out) if isinstance(tags, set | frozenset) else out
+    return sorted(out) if isinstance(tags, _SETS) else out
+
+
+_TAG_COLLECTIONS: Final = (list, tuple, set, frozenset)  # tuples: no union built per call
+_SETS: Final = (set, frozenset)
 
 
 def _check_optional_str(name: str, value: object) -> str | None:
