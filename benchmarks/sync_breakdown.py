@@ -87,6 +87,7 @@ def _probe_a() -> Probes:
 
     _session.Session.capture = capture  # type: ignore[method-assign]
     _wrap(_peering.PeerSync, "push_update", probes, before="push")
+    _wrap(websocket.WebSocketLink, "send_now", probes, before="link_send")
     _wrap(websocket.WebSocketLink, "send", probes, before="link_send")
     transport = selector_events._SelectorSocketTransport  # type: ignore[attr-defined]
     _wrap(transport, "write", probes, before="socket_write")
@@ -155,8 +156,8 @@ async def _role_a(url: str, data_dir: str, rate: float, n: int, out: str) -> Non
 # of its kind after the step's start; "wake" as the last one before B's hand-over.
 STEPS = [
     ("A: capture call -> update to the link", "call", "push"),
-    ("A: -> link.send", "push", "link_send"),
-    ("A: link.send -> socket write", "link_send", "socket_write"),
+    ("A: -> link.send_now", "push", "link_send"),
+    ("A: link.send_now -> socket write", "link_send", "socket_write"),
     ("wire: A's write -> B's loop wakes", "socket_write", "wake"),
     ("B: wake -> frame handed over", "wake", "hand_over"),
     ("B: msgpack, dispatch -> decode", "hand_over", "decode"),
