@@ -277,7 +277,10 @@ class _HandshakeGuard:
                 and not self._head
                 and not self._in_message
                 and not self._broken
+                and self._queue.exception() is None  # the reader failed the stream
             ):
+                if type(data) is not bytes:  # (asyncio passes bytes; the reader copies)
+                    data = bytes(data)
                 data = self._take_whole(link, data)
                 if not data:
                     return _FED
@@ -858,6 +861,9 @@ class WebSocketLink:
         self._max_frame = max_frame
         self._inbox = _Inbox(recv_buffer)
         self._send_lock = asyncio.Lock()
+        self._sending = 0
+        """Calls of ``send`` not finished (``send_now`` must not overtake them: the lock
+        alone does not say so between its release and the next waiter's turn)."""
         self._ready = asyncio.Event()
         if ready:
             self._ready.set()
@@ -910,20 +916,24 @@ class WebSocketLink:
         size = len(frame)
         if size > self._max_frame:
             raise FrameTooLarge(f"frame of {size} bytes exceeds max_frame={self._max_frame}")
-        if not self._ready.is_set():
-            await self._ready.wait()
-        async with self._send_lock:
-            if self.closed:
-                raise ClosedError(f"link to {self._peer.node_id} is closed")
-            data = bytes(frame)
-            if self._mac is not None:
-                data = self._mac.seal(data)  # under the lock: tags follow the send order
-            try:
-                # aiohttp writes, then awaits the socket's drain once its buffer passes
-                # the writer limit: that await is the backpressure.
-                await self._ws.send_bytes(data)
-            except (ConnectionError, aiohttp.ClientError, RuntimeError) as exc:
-                raise ClosedError(f"link to {self._peer.node_id} broke: {exc}") from exc
+        self._sending += 1  # until it is written: send_now must not overtake it
+        try:
+            if not self._ready.is_set():
+                await self._ready.wait()
+            async with self._send_lock:
+                if self.closed:
+                    raise ClosedError(f"link to {self._peer.node_id} is closed")
+                data = bytes(frame)
+                if self._mac is not None:
+                    data = self._mac.seal(data)  # under the lock: tags follow send order
+                try:
+                    # aiohttp writes, then awaits the socket's drain once its buffer
+                    # passes the writer limit: that await is the backpressure.
+                    await self._ws.send_bytes(data)
+                except (ConnectionError, aiohttp.ClientError, RuntimeError) as exc:
+                    raise ClosedError(f"link to {self._peer.node_id} broke: {exc}") from exc
+        finally:
+            self._sending -= 1
 
     def send_now(self, frame: bytes) -> bool:
         """See ``base.Link.send_now``: aiohttp's own frame write, without the coroutines
@@ -934,7 +944,8 @@ class WebSocketLink:
         writer = self._ws._writer
         if (
             writer is None
-            or self._send_lock.locked()  # a send waits: this one must follow it
+            or self._sending  # a send is under way (waiting for the lock, say): it goes first
+            or self._send_lock.locked()  # (the handshake's last message)
             or not self._ready.is_set()
             or self.closed
             or len(frame) > self._max_frame
