@@ -116,19 +116,21 @@ def url_of(api: ConversationsApi) -> str:
     return api.url
 
 
-def record_link_sends(monkeypatch: Any, record: Callable[[WebSocketLink, bytes], None]) -> None:
-    """Have ``record`` see every message any WebSocketLink sends, through ``send`` (as it
-    starts) or ``send_now`` (once written)."""
+def record_link_sends(
+    monkeypatch: Any, record: Callable[[WebSocketLink, bytes, str], None]
+) -> None:
+    """Have ``record`` see every message any WebSocketLink sends, with the method that
+    sent it: ``"send"`` (as it starts) or ``"send_now"`` (once written)."""
     send, send_now = WebSocketLink.send, WebSocketLink.send_now
 
     async def watched_send(self: WebSocketLink, frame: bytes) -> None:
-        record(self, frame)
+        record(self, frame, "send")
         await send(self, frame)
 
     def watched_send_now(self: WebSocketLink, frame: bytes) -> bool:
         if not send_now(self, frame):
             return False
-        record(self, frame)
+        record(self, frame, "send_now")
         return True
 
     monkeypatch.setattr(WebSocketLink, "send", watched_send)

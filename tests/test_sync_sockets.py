@@ -27,7 +27,9 @@ def node(**kw) -> ConversationsApi:
 def wire(monkeypatch):
     """Every frame any node sends, as (sender node id, bytes)."""
     sent: list[tuple[str, bytes]] = []
-    record_link_sends(monkeypatch, lambda link, frame: sent.append((link.peer.node_id, frame)))
+    record_link_sends(
+        monkeypatch, lambda link, frame, _how: sent.append((link.peer.node_id, frame))
+    )
     return sent
 
 

@@ -76,7 +76,7 @@ def quiet(nodes: list[ConversationsApi]) -> bool:
 def wire(monkeypatch: pytest.MonkeyPatch) -> Wire:
     """Every message any node sends over a WebSocket, as (the sender's link, bytes)."""
     sent: Wire = []
-    record_link_sends(monkeypatch, lambda link, frame: sent.append((link, frame)))
+    record_link_sends(monkeypatch, lambda link, frame, _how: sent.append((link, frame)))
     return sent
 
 

@@ -882,7 +882,7 @@ class ConversationsApi:
         self, session: Session, namespace: str, content: str, fields: dict[str, Any]
     ) -> Memory:
         if self._turn_due():
-            await asyncio.sleep(0)  # (not in a coroutine: this is every write's path)
+            await asyncio.sleep(0)
         session._check_active()
         doc = self._doc_for_writes(namespace, [(content, fields)])
         mem, events = doc.capture(session.id, content, fields)
@@ -893,7 +893,7 @@ class ConversationsApi:
         self, session: Session, namespace: str, items: Iterable[str | dict[str, Any]]
     ) -> list[Memory]:
         if self._turn_due():
-            await asyncio.sleep(0)  # (not in a coroutine: this is every write's path)
+            await asyncio.sleep(0)
         session._check_active()
         pairs: list[tuple[str, dict[str, Any]]] = []
         for item in _items(items):
@@ -954,7 +954,7 @@ class ConversationsApi:
         expected_version: int | None,
     ) -> Memory:
         if self._turn_due():
-            await asyncio.sleep(0)  # (not in a coroutine: this is every write's path)
+            await asyncio.sleep(0)
         session._check_active()
         _check_version(expected_version)
         doc = self._doc_of(memory_id)
@@ -966,7 +966,7 @@ class ConversationsApi:
         self, session: Session, memory_id: str, expected_version: int | None
     ) -> Memory:
         if self._turn_due():
-            await asyncio.sleep(0)  # (not in a coroutine: this is every write's path)
+            await asyncio.sleep(0)
         session._check_active()
         _check_version(expected_version)
         doc = self._doc_of(memory_id)
@@ -983,7 +983,8 @@ class ConversationsApi:
         something else between writes (a pacing sleep, a request) gives the loop its
         turns already: its writes do not yield (that cost a loop iteration before the
         update left, at 200 writes/s most of them). Before the write, so a cancellation
-        there changes nothing."""
+        there changes nothing. A plain check, not a coroutine the writes await: it is on
+        every write's path."""
         now = self._last_write = time.monotonic()
         mark = self._turn_mark
         if mark is None:  # the loop ran it: a turn since the last check

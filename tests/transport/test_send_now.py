@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from helpers import wait_for
+from helpers import record_link_sends, wait_for
 from subcog_crdt import ConversationsApi
 from subcog_crdt._transport.websocket import WebSocketLink
 from transport.test_link_security import SECRET
@@ -107,20 +107,7 @@ async def test_a_write_to_an_idle_link_goes_out_through_send_now(
     """Two nodes on loopback: the update of a capture made on an idle link is written by
     ``send_now`` (no coroutine), and the peer gets the memory."""
     how: list[tuple[str, bytes]] = []
-    send, send_now = WebSocketLink.send, WebSocketLink.send_now
-
-    async def watched_send(self: WebSocketLink, frame: bytes) -> None:
-        how.append(("send", frame))
-        await send(self, frame)
-
-    def watched_send_now(self: WebSocketLink, frame: bytes) -> bool:
-        done = send_now(self, frame)
-        if done:
-            how.append(("send_now", frame))
-        return done
-
-    monkeypatch.setattr(WebSocketLink, "send", watched_send)
-    monkeypatch.setattr(WebSocketLink, "send_now", watched_send_now)
+    record_link_sends(monkeypatch, lambda _link, frame, method: how.append((method, frame)))
     async with (
         ConversationsApi(host="127.0.0.1", discovery=()) as a,
         ConversationsApi(host="127.0.0.1", discovery=()) as b,
