@@ -99,7 +99,7 @@ def _probe_b() -> Probes:
     _probe_wakes(probes)
     _wrap(websocket.WebSocketLink, "_hand_over", probes, before="hand_over")
     _wrap(document, "read_update", probes, before="decode", after="decoded")
-    _wrap(document.NamespaceDoc, "_native_txn", probes, before="apply", after="applied")
+    _wrap(document.NamespaceDoc, "catch_up", probes, before="apply", after="applied")
     _wrap(document.NamespaceDoc, "_absorb", probes, after="derived")
     _wrap(_api.ConversationsApi, "_propagate", probes, after="published")
     _wrap(sqlite.SqliteStorage, "_append", probes, before="log_frame")
@@ -162,13 +162,14 @@ STEPS = [
     ("B: wake -> frame handed over", "wake", "hand_over"),
     ("B: msgpack, dispatch -> decode", "hand_over", "decode"),
     ("B: decode the Yjs update", "decode", "decoded"),
-    ("B: -> pycrdt apply", "decoded", "apply"),
-    ("B: pycrdt apply", "apply", "applied"),
-    ("B: derive memory and event", "applied", "derived"),
+    ("B: derive memory and event", "decoded", "derived"),
     ("B: journal record, publish", "derived", "published"),
     ("B: -> consumer has the event", "published", "event"),
-    # Stored at the end of the turn, after the consumer ran (ConversationsApi._persist_soon).
-    ("B, after it: -> log frame", "event", "log_frame"),
+    # Given to pycrdt, then stored, at the end of the turn, after the consumer ran
+    # (NamespaceDoc.apply_update's defer, ConversationsApi._persist_soon).
+    ("B, after it: -> pycrdt apply", "event", "apply"),
+    ("B, after it: pycrdt apply", "apply", "applied"),
+    ("B, after it: -> log frame", "applied", "log_frame"),
     ("B, after it: log frame built", "log_frame", "log_write"),
     ("B, after it: log write", "log_write", "log_written"),
 ]

@@ -341,9 +341,9 @@ async def test_a_message_of_live_updates_is_applied_as_one_with_an_event_for_eac
     applies: list[int] = []
     real_apply = NamespaceDoc.apply_update
 
-    def counting(self: NamespaceDoc, update: bytes) -> Any:
+    def counting(self: NamespaceDoc, update: bytes, defer: bool = False) -> Any:
         applies.append(len(update))
-        return real_apply(self, update)
+        return real_apply(self, update, defer)
 
     monkeypatch.setattr(NamespaceDoc, "apply_update", counting)
     async with memory_node() as a:

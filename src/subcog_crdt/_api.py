@@ -347,6 +347,9 @@ class ConversationsApi:
         # Peers' applied updates waiting for the end of this loop turn (_persist_soon).
         self._later: list[tuple[NamespaceDoc, list[bytes], list[JournalRecord]]] = []
         self._later_from: list[PeerSync] = []
+        # Documents holding peers' updates not yet given to pycrdt (apply_update(defer=True)):
+        # caught up at the start of the next loop turn, after the subscribers their events woke.
+        self._behind: list[NamespaceDoc] = []
         self._commit_waiters: list[asyncio.Future[None]] = []
         self._docs: dict[str, NamespaceDoc] = {}
         self._homes: dict[str, NamespaceDoc] = {}  # memory id -> its namespace (_doc_of)
@@ -1232,7 +1235,7 @@ class ConversationsApi:
             return None
         doc = self._ensure_doc(ns)
         released_before = doc.released
-        events = doc.apply_update(update)
+        events = doc.apply_update(update, defer=True)
         if not doc.outbox and not events:
             return None  # nothing new: do not forward (this is what stops loops)
         # A peer's stream of writes keeps the background indexer (and compaction) waiting
@@ -1241,7 +1244,18 @@ class ConversationsApi:
         # not hold them back for ever.)
         self._last_write = time.monotonic()
         released = doc.released != released_before
-        return self._propagate(doc, events, source=source, origin=origin, released=released)
+        out = self._propagate(doc, events, source=source, origin=origin, released=released)
+        if doc.unapplied and doc not in self._behind:
+            if not self._behind:
+                # After _propagate's publication, so the subscribers it woke run first.
+                asyncio.get_running_loop().call_soon(self._catch_up)
+            self._behind.append(doc)
+        return out
+
+    def _catch_up(self) -> None:
+        behind, self._behind = self._behind, []
+        for doc in behind:
+            doc.catch_up()
 
     # -- links -------------------------------------------------------------------------
 

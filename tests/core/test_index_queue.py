@@ -137,11 +137,11 @@ def test_a_peers_batch_is_applied_with_no_garbage_collection_in_it() -> None:
     during: list[int] = []
     real = b._apply_update
 
-    def watched(update: bytes) -> Any:
+    def watched(update: bytes, defer: bool = False) -> Any:
         nonlocal inside
         inside = True
         try:
-            return real(update)
+            return real(update, defer)
         finally:
             inside = False
 

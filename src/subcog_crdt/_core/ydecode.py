@@ -209,6 +209,9 @@ class Decoded(NamedTuple):
     sender holds (a skip, over clocks it lacks, ends a run)."""
     deletes: bool = False
     """The update carries a delete set (a conforming writer never removes anything)."""
+    canonical: bool = False
+    """In exactly the one form ``_read_one_entry`` reads (one string under a new key, every
+    byte accounted for): nothing in it that yrs could read differently."""
 
 
 def read_map_inserts(update: bytes, root: str) -> tuple[list[MapInsert], bool]:
@@ -219,7 +222,9 @@ def read_map_inserts(update: bytes, root: str) -> tuple[list[MapInsert], bool]:
 
 
 def _varuint_at(buf: bytes, pos: int) -> tuple[int, int]:
-    """The varuint at ``pos`` and the position after it (IndexError past the end)."""
+    """The varuint at ``pos`` and the position after it; IndexError past the end, and
+    for what the one-entry form does not take: a value beyond 53 bits (a JS number) or
+    a needlessly long encoding, which not every Yjs reader may read as this one does."""
     b = buf[pos]
     if b < 0x80:
         return b, pos + 1
@@ -230,9 +235,11 @@ def _varuint_at(buf: bytes, pos: int) -> tuple[int, int]:
         b = buf[pos]
         n |= (b & 0x7F) << shift
         if b < 0x80:
+            if b == 0 or n >> 53:
+                raise IndexError("not a minimal varuint below 2**53")
             return n, pos + 1
         shift += 7
-        if shift > 70:
+        if shift > 49:
             raise IndexError("varuint too long")
 
 
@@ -271,7 +278,12 @@ def _read_one_entry(buf: bytes, root: str) -> Decoded | None:
     except (IndexError, UnicodeDecodeError):
         return None
     return Decoded(
-        [MapInsert(client, clock, root, key, value)], False, True, [(client, clock, clock + 1)]
+        [MapInsert(client, clock, root, key, value)],
+        False,
+        True,
+        [(client, clock, clock + 1)],
+        False,
+        True,
     )
 
 
