@@ -287,6 +287,30 @@ def _read_one_entry(buf: bytes, root: str) -> Decoded | None:
     )
 
 
+def one_entry_update(client: int, clock: int, root: str, key: str, value: str) -> bytes:
+    """The update yrs makes for one string set under a new key of root map ``root`` by
+    ``client`` at ``clock``: the form ``_read_one_entry`` reads."""
+    r = root.encode()
+    k = key.encode()
+    v = value.encode()
+    return b"".join(
+        (
+            b"\x01\x01",
+            varuint_bytes(client),
+            varuint_bytes(clock),
+            b"\x28\x01",
+            varuint_bytes(len(r)),
+            r,
+            varuint_bytes(len(k)),
+            k,
+            b"\x01\x77",
+            varuint_bytes(len(v)),
+            v,
+            b"\x00",
+        )
+    )
+
+
 def read_update(update: bytes, root: str) -> Decoded:
     """Decode ``update`` (Yjs v1) far enough to list its insertions under root map ``root``."""
     if root:
