@@ -79,15 +79,15 @@ def test_what_is_sent_ahead_is_always_pycrdts_update(steps: list[tuple[str, Any]
         ids = sorted(d.memory_ids())
         before = len(d.outbox)
         if op == "capture":
-            d.capture("s", arg or "x", {})
+            d.capture("s", arg if arg.strip() else "x", {})
         elif op == "update" and ids:
-            d.update("s", ids[len(arg) % len(ids)], {"content": arg or "y"})
+            d.update("s", ids[len(arg) % len(ids)], {"content": arg if arg.strip() else "y"})
         elif op == "delete" and ids:
             d.delete("s", ids[0])
         elif op == "batch" and arg:
-            d.capture_many("s", [(t or "z", {}) for t in arg])
+            d.capture_many("s", [(t if t.strip() else "z", {}) for t in arg])
         elif op in ("remote", "deferred"):
-            other.capture("t", arg or "w", {})
+            other.capture("t", arg if arg.strip() else "w", {})
             d.apply_update(from_other[-1], defer=op == "deferred")
             peer.apply_update(from_other[-1])
             d.take_outbox()

@@ -51,7 +51,8 @@ def _build(ops: list[tuple[str, int, int, str]], clients: int) -> list[Doc[Any]]
         elif op == "del" and len(m):
             del m[sorted(m.keys())[n % len(m)]]
         elif op == "text":
-            t.insert(min(n, len(t)), s or "x")
+            # (pycrdt's text length counts bytes: never an index inside a character)
+            t.insert(min(n, len(t)) if str(t).isascii() else len(t), s or "x")
         elif op == "untext" and len(t) and str(t).isascii():
             # (pycrdt's text length counts bytes, not characters)
             i = n % len(t)

@@ -194,6 +194,10 @@ class NamespaceDoc:
         # with defer=True); every read of the pycrdt document applies them first.
         self._unapplied: list[bytes] = []
         self._replaying = False
+        # Per remote client, a clock pycrdt may be holding items back below (see
+        # _note_held); and keys in the map that derive nothing (junk, overwritten).
+        self._held: dict[int, int] = {}
+        self._ignored: set[str] = set()
         self.outbox: list[bytes] = []
         self._mems: dict[str, _Mem | _Once] = {}
         self._by_doc: list[str] = []
@@ -366,6 +370,8 @@ class NamespaceDoc:
             w = decode_write(key, self._entry(key))
             if w is not None:
                 writes.append(w)
+            else:
+                self._ignored.add(key)
         if len(writes) == 1 and writes[0].op == "capture":
             # Most memories: one capture, so live, with its own content and tags (what
             # fold would say, without building the Memory).
@@ -739,7 +745,12 @@ class NamespaceDoc:
             value = encode_write(op, base, changes)
         self._local_txn += 1
         try:
-            if self.on_local_update is not None and self._pdoc._txn is None:
+            if (
+                self.on_local_update is not None
+                and self._pdoc._txn is None
+                # (pycrdt would insert after the item there: other bytes, same item id)
+                and not self._holds_key(key)
+            ):
                 self._send_ahead(key, value)
             self._insert(key, value)
         finally:
@@ -765,7 +776,12 @@ class NamespaceDoc:
             return  # (a lone surrogate): pycrdt's own update goes, as for any write
         assert self.on_local_update is not None
         self._ahead = update
-        self.on_local_update(self.namespace, update)
+        try:
+            self.on_local_update(self.namespace, update)
+        except Exception:
+            # Some peer may have it: the write must now be made as sent. (Before, the
+            # commit ran the hand-over; its error is not the writer's either.)
+            log.exception("handing a local write of %s to peers failed", self.namespace)
 
     def _seen(self, m: _Mem) -> dict[str, str]:
         """Per node, the newest stamp of the memory's updates and deletes folded here
@@ -870,6 +886,7 @@ class NamespaceDoc:
             decoded.simple
             and not self._tainted  # pycrdt may hold a hostile item back: apply it watched
             and not self._pending
+            and not self._held
             and sv is not None
             # The tracked clocks are remote ones: items claiming this node's own client id
             # (at clocks it used: pycrdt ignores them) need the real state vector.
@@ -885,13 +902,18 @@ class NamespaceDoc:
             before = {client: sv.get(client, 0) for client, _, _ in decoded.blocks}
         else:
             before = decode_state_vector(self.doc.get_state())
-        # An update that may overwrite or remove entries (a conforming writer never does;
-        # a hostile one can), or any update once one did (pycrdt may have held items back
-        # that this one releases): watch which keys change, so the memories they belong to
-        # are derived from what the map now holds, as on a node restarted from it.
+        fresh = [i for i in decoded.inserts if i.clock >= before.get(i.client, 0)]
+        # New items under keys the map holds: Yjs keeps one of them by client id, not the
+        # one we derived (a conforming writer never reuses a key; a hostile one can).
+        overwrite = self._overwrites(fresh)
+        fast = fast and not overwrite
+        # An update that may overwrite or remove entries, or any update once one did
+        # (pycrdt may have held items back that this one releases): watch which keys
+        # change, so the memories they belong to are derived from what the map now holds,
+        # as on a node restarted from it.
         changed: dict[str, str] = {}
         watch = None
-        if decoded.unknown or decoded.deletes or self._tainted:
+        if decoded.unknown or decoded.deletes or overwrite or self._tainted:
 
             def on_change(event: Any) -> None:
                 for key, change in event.keys.items():
@@ -905,7 +927,6 @@ class NamespaceDoc:
         finally:
             if watch is not None:
                 self.entries.unobserve(watch)
-        fresh = [i for i in decoded.inserts if i.clock >= before.get(i.client, 0)]
         if fast:
             # Every struct continues what we had and depends on nothing else, so all of it
             # was integrated: no need to ask pycrdt for the state vector.
@@ -915,10 +936,53 @@ class NamespaceDoc:
                     sv[client] = end
             return self._absorb(fresh, False, known_integrated=True)
         self._sv = None
-        events = self._absorb(fresh, decoded.unknown or decoded.deletes)
+        events = self._absorb(fresh, decoded.unknown or decoded.deletes or overwrite)
         if changed:
             events.extend(self._settle(changed))
+        self._note_held(decoded.blocks)
         return events
+
+    def _overwrites(self, fresh: list[MapInsert]) -> bool:
+        """Whether new items set keys the map holds, or one key twice."""
+        if len(fresh) == 1:
+            return self._holds_key(fresh[0].key)
+        keys = {i.key for i in fresh}
+        return len(keys) != len(fresh) or any(self._holds_key(k) for k in keys)
+
+    def _holds_key(self, key: str) -> bool:
+        """Whether the map holds ``key``, as far as the derived state tells (the writes
+        of every memory, and the entries ignored)."""
+        return self._holds_write(key) or key in self._ignored
+
+    def _holds_write(self, key: str) -> bool:
+        """Whether ``key`` is one of a memory's writes here."""
+        m = self._mems.get(key[:20])
+        if m is None:
+            return False
+        if isinstance(m, tuple):
+            return m[0] == key
+        if not m.resolved:  # its keys may hold junk, not in key order
+            return key in m.keys
+        return _position(m, key) >= 0
+
+    def _note_held(self, blocks: list[tuple[int, int, int]]) -> None:
+        """After an update pycrdt applied itself: note the clocks it may be holding back
+        (items waiting for others), and forget those it now has. While it holds any, no
+        update takes the fast path or is deferred: one could release them, and the
+        outbox must then get pycrdt's account of what changed, not the bytes received."""
+        sv = self._sv
+        held = self._held
+        if not held and sv is not None and all(end <= sv.get(c, 0) for c, _, end in blocks):
+            return  # everything integrated (sv was just read from pycrdt)
+        sv = decode_state_vector(self._pdoc.get_state())
+        for client, _, end in blocks:
+            if end > sv.get(client, 0):
+                held[client] = max(held.get(client, 0), end)
+        for client, end in list(held.items()):
+            if sv.get(client, 0) >= end:
+                del held[client]
+        if not held and not self._pending:
+            self._sv = dict(sv)
 
     def _defers(self, decoded: Decoded, sv: dict[int, int] | None) -> bool:
         """Whether pycrdt will integrate all of a canonical one-entry update, as it is:
@@ -930,8 +994,10 @@ class NamespaceDoc:
             sv is not None
             and not self._tainted
             and not self._pending
+            and not self._held
             and client != self._own_client
             and sv.get(client, 0) == start
+            and not self._holds_key(decoded.inserts[0].key)
         )
 
     def _settle(self, changed: dict[str, str]) -> list[Event]:
@@ -948,9 +1014,13 @@ class NamespaceDoc:
                 events.extend(self._absorb_one(key, self._entry(key)))
                 if self._n_writes != n:  # pycrdt held it back: it came earlier, from elsewhere
                     self.released += 1
-            else:
-                self._tainted = True
+                continue
+            self._tainted = True
+            if self._holds_write(key):
                 replaced.append(key)
+            else:
+                # It held no write (junk): what it holds now is new here, as if added.
+                events.extend(self._absorb_one(key, self._entry(key)))
         if replaced:
             self._rederive(replaced)
         return events
@@ -1007,11 +1077,13 @@ class NamespaceDoc:
         if w is None:
             if isinstance(key, str):
                 log.debug("ignoring non-conforming entry %r in %s", key[:80], self.namespace)
+                self._ignored.add(key)
             return []
         m = self._mem(w.memory_id)
         if m is not None and _position(m, key) >= 0:
             return []  # duplicate delivery
         if (verify or self._tainted) and self._entry(key) != value:
+            self._ignored.add(key)
             return []  # overwritten, removed or never this value: not a write to trust
         self._hlc.observe(w.at)
         events, _ = self._integrate(w, value)

@@ -221,6 +221,11 @@ def read_map_inserts(update: bytes, root: str) -> tuple[list[MapInsert], bool]:
     return d.inserts, d.unknown
 
 
+MAX_CLOCK = 1 << 31
+"""Clocks at or past this are refused: yrs keeps them in 32 bits, and its arithmetic near
+the top of that range (wrapping, panics) is not to be relied on. No writer gets near it."""
+
+
 def _varuint_at(buf: bytes, pos: int) -> tuple[int, int]:
     """The varuint at ``pos`` and the position after it; IndexError past the end, and
     for what the one-entry form does not take: a value beyond 53 bits (a JS number) or
@@ -255,6 +260,8 @@ def _read_one_entry(buf: bytes, root: str) -> Decoded | None:
             return None
         client, pos = _varuint_at(buf, 2)
         clock, pos = _varuint_at(buf, pos)
+        if clock + 1 >= MAX_CLOCK:
+            return None  # (the general reader refuses it)
         # an item with content "any", no neighbours, a parent key, under a named root
         if buf[pos] != 0x28 or buf[pos + 1] != 1:
             return None
@@ -398,6 +405,8 @@ def _read_any(update: bytes, root: str) -> Decoded:
                 # pycrdt may still read it as a value, so the caller must check the map.
                 unknown = True
             clock += skip_content(r, ref)
+        if clock >= MAX_CLOCK:
+            raise UpdateDecodeError(f"clock {clock} beyond what Yjs documents hold")
         if clock > start:
             blocks.append((client, start, clock))
     # the delete set
