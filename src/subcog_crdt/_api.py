@@ -610,8 +610,13 @@ class ConversationsApi:
         )
         if self._may_share(ns):
             doc.on_local_update = self._push_local
+            doc.has_audience = self._has_audience
         self._docs[ns] = doc
         return doc
+
+    def _has_audience(self) -> bool:
+        """Whether a local write has anyone to go to now (a peer, a Yjs client)."""
+        return bool(self._links) or bool(self._yjs_rooms)
 
     def _push_local(self, ns: str, update: bytes) -> None:
         for peer in self._links.values():

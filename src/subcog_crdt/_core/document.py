@@ -62,6 +62,10 @@ log = logging.getLogger(__name__)
 LOCAL = "local"
 
 
+def _always() -> bool:
+    return True
+
+
 def _key_order(key: str) -> tuple[str, str, str]:
     """A write key's ``(stamp, session, node)``: the order writes are folded in. Keys are
     kept sorted by it, so a memory needs no second list."""
@@ -228,6 +232,9 @@ class NamespaceDoc:
         self._changed_docs: set[int] = set()
         self.index = RecallIndex()
         self.on_local_update: Callable[[str, bytes], None] | None = None
+        self.has_audience: Callable[[], bool] = _always
+        """Whether ``on_local_update`` has anyone to hand a write to now (if not, a write
+        is not encoded ahead of pycrdt for nobody)."""
         """Called with every local transaction's update (during its commit: it must not
         touch the document)."""
         self._local_txn = 0
@@ -748,6 +755,7 @@ class NamespaceDoc:
             if (
                 self.on_local_update is not None
                 and self._pdoc._txn is None
+                and self.has_audience()
                 # (pycrdt would insert after the item there: other bytes, same item id)
                 and not self._holds_key(key)
             ):
