@@ -232,11 +232,11 @@ class NamespaceDoc:
         self._changed_docs: set[int] = set()
         self.index = RecallIndex()
         self.on_local_update: Callable[[str, bytes], None] | None = None
+        """Called with every local transaction's update (during its commit: it must not
+        touch the document), or a single write's just before it (``_send_ahead``)."""
         self.has_audience: Callable[[], bool] = _always
         """Whether ``on_local_update`` has anyone to hand a write to now (if not, a write
         is not encoded ahead of pycrdt for nobody)."""
-        """Called with every local transaction's update (during its commit: it must not
-        touch the document)."""
         self._local_txn = 0
         # This document's own next clock, while known exactly (None: ask pycrdt), and the
         # update a local write handed to peers before pycrdt made it (see _send_ahead).
@@ -282,8 +282,8 @@ class NamespaceDoc:
                     assert self._own_clock is not None
                     self._own_clock += 1
                     return  # peers have it
-                # Not what pycrdt made (its map held the key, say): peers get pycrdt's too,
-                # which carries the same item and what differs.
+                # Not expected (the key was free, the clock counted exactly): peers get
+                # pycrdt's update too, and the clock is asked for again.
                 log.warning("a local write of %s was sent ahead as other bytes", self.namespace)
             self._own_clock = None  # another transaction: count again
             if self._local_txn and self.on_local_update is not None:
