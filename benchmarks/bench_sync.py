@@ -1,7 +1,10 @@
 """Sync benchmark: two subcog-crdt node processes on loopback, next to the anchors.
 
 Measures, in one run: propagation latency p50/p99 at 200 captures/s from a session on node
-A to an event on node B (and how long A's capture call took meanwhile), and the sustained
+A to an event on node B (and how long A's capture call took meanwhile), twice: received by
+a listener (``Session.listen``, called as the event is published: where the anchors'
+clients take theirs, in a ``Map.observe`` callback), and by an ``async for`` over
+``Session.events()`` (one loop iteration later); and the sustained
 propagated captures/s, with durable storage on both nodes (``data_dir`` set, default
 durability): first one capture per call, as the anchors do, then with ``capture_many``
 batches on A (what the link and B carry when A's per-call cost is not the limit); then the
@@ -34,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import anchors
 from anchors import _Child, _emit, _latency_summary, _stdin_lines, _wait_stdin_eof
-from subcog_crdt import Captured, ConversationsApi
+from subcog_crdt import Captured, ConversationsApi, Event
 
 PAD = "x" * 240
 MANY = 64
@@ -46,6 +49,24 @@ async def _role_b(data_dir: str, n_lat: int, warmup: int, sustained_n: int) -> N
     async with ConversationsApi(data_dir=data_dir, discovery=()) as api:
         s = await api.register_session("bench-b", subscribe=["bench"])
         events = s.events(maxsize=1_000_000)
+        # A second session takes the other half of the latency phase's captures (in their
+        # own namespace) by a listener (Session.listen): called as the event is published,
+        # where the anchors' clients take theirs (a Map.observe callback). Interleaved
+        # capture by capture, so the machine's drift touches both alike.
+        s2 = await api.register_session("bench-b-listen", subscribe=["bench-listen"])
+        cb_lat: list[int] = []
+        cb_done = asyncio.get_running_loop().create_future()
+
+        def on_event(ev: Event) -> None:
+            now = time.monotonic_ns()
+            if isinstance(ev, Captured):
+                kind, _, stamp, _ = ev.memory.content.split("|", 3)
+                if kind == "k":
+                    cb_lat.append(now - int(stamp))
+                    if len(cb_lat) == n_lat:
+                        cb_done.set_result(None)
+
+        listener = s2.listen(on_event)
         _emit("URL", api.url or "")
         stdin = await _stdin_lines()
         lat: list[int] = []
@@ -61,7 +82,9 @@ async def _role_b(data_dir: str, n_lat: int, warmup: int, sustained_n: int) -> N
                 seen[kind] += 1
                 if kind == "l":
                     lat.append(now - int(stamp))
-        _emit("LAT", _latency_summary(lat))
+        await cb_done
+        listener.close()
+        _emit("LAT", {**_latency_summary(lat), "listen": _latency_summary(cb_lat)})
         for kind, tag in (("s", "SUS"), ("m", "SUS_MANY")):  # one per call, then batched
             while seen[kind] < sustained_n:
                 ev = await events.next(300)
@@ -105,19 +128,24 @@ async def _role_a(
 
         call_ns: list[int] = []
 
-        async def paced(kind: str, count: int) -> None:
+        async def paced(kind: str, listened: str, count: int) -> None:
+            """``count`` captures of each kind, alternating: ``kind`` for B's stream,
+            ``listened`` for its listener."""
             start = time.monotonic()
-            for i in range(count):
+            for i in range(2 * count):
                 delay = start + i / rate - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)  # pacing, not synchronisation
                 t0 = time.monotonic_ns()
-                await s.capture("bench", f"{kind}|{i}|{t0}|{PAD}")
+                if i % 2:
+                    await s.capture("bench-listen", f"{listened}|{i}|{t0}|{PAD}")
+                else:
+                    await s.capture("bench", f"{kind}|{i}|{t0}|{PAD}")
                 call_ns.append(time.monotonic_ns() - t0)
 
-        await paced("w", warmup)
+        await paced("w", "v", warmup)
         call_ns.clear()
-        await paced("l", n_lat)
+        await paced("l", "k", n_lat)
         _emit("LAT_SENT", _latency_summary(call_ns))
         if (await stdin.readline()).strip() != b"GO_SUS":
             return
@@ -157,7 +185,7 @@ async def subcog_pair(
                              "--warmup", str(warmup), "--sustained-n", str(sustained_n)],
             )  # fmt: skip
             a.send_line("GO_LAT")
-            lat = json.loads(await b.expect("LAT", (warmup + n_lat) / rate + 60))
+            lat = json.loads(await b.expect("LAT", 2 * (warmup + n_lat) / rate + 60))
             calls = json.loads(await a.expect("LAT_SENT", 30))
             a.send_line("GO_SUS")
             sent = json.loads(await a.expect("SUS_SENT", 600))
@@ -240,29 +268,46 @@ def main() -> int:
     _print_run(runs[-1])
     if ns.repeat > 1:
         print(f"medians over {ns.repeat} runs (each ratio within its own run):")
-        for name in RELATIVE_TO:
-            ratios = [
-                r["subcog-crdt"]["p50_ms"] / r[name]["p50_ms"] for r in runs if "p50_ms" in r[name]
-            ]
-            if ratios:
-                print(
-                    f"  subcog p50 / {name} p50 = {statistics.median(ratios):.2f}x "
-                    f"({min(ratios):.2f}-{max(ratios):.2f})"
-                )
+        for how in RECEIVED_BY:
+            for name in RELATIVE_TO:
+                ratios = [_p50(r, how) / r[name]["p50_ms"] for r in runs if "p50_ms" in r[name]]
+                if ratios:
+                    print(
+                        f"  subcog p50 ({how}) / {name} p50 = {statistics.median(ratios):.2f}x "
+                        f"({min(ratios):.2f}-{max(ratios):.2f})"
+                    )
     return 0
 
 
 RELATIVE_TO = ("pycrdt direct pair", "pycrdt-websocket relay", "node relay")
+RECEIVED_BY = ("listen()", "events()")
+"""How B's session takes the events: a listener (called as the event is published, as the
+anchors' Map.observe callbacks are), or an ``async for`` over a stream (one loop
+iteration later)."""
+
+
+def _p50(results: dict[str, Any], how: str) -> float:
+    ours = results["subcog-crdt"]
+    p50: float = ours["listen"]["p50_ms"] if how == "listen()" else ours["p50_ms"]
+    return p50
 
 
 def _ratio_line(results: dict[str, Any]) -> str:
-    ours = results["subcog-crdt"]["p50_ms"]
-    parts = [f"subcog p50 {ours:.3f} ms"]
-    for name in RELATIVE_TO:
-        r = results.get(name, {})
-        if "p50_ms" in r:
-            parts.append(f"{name} {r['p50_ms']:.3f} ({ours / r['p50_ms']:.2f}x)")
-    return "; ".join(parts)
+    parts = []
+    for how in RECEIVED_BY:
+        ours = _p50(results, how)
+        ratios = [
+            f"{ours / results[name]['p50_ms']:.2f}"
+            for name in RELATIVE_TO
+            if "p50_ms" in results.get(name, {})
+        ]
+        parts.append(f"subcog p50 {how} {ours:.3f} ms ({'/'.join(ratios)}x)")
+    anchors_p50 = [
+        f"{name} {results[name]['p50_ms']:.3f}"
+        for name in RELATIVE_TO
+        if "p50_ms" in results.get(name, {})
+    ]
+    return "; ".join(parts + anchors_p50)
 
 
 def _print_run(results: dict[str, Any]) -> None:
@@ -270,7 +315,9 @@ def _print_run(results: dict[str, Any]) -> None:
     ours = results["subcog-crdt"]
     floor = results["aiohttp floor"]
     rows = {
-        **results,
+        "subcog-crdt, listen()": ours["listen"],
+        "subcog-crdt, events()": ours,
+        **{k: v for k, v in results.items() if k != "subcog-crdt"},
         "aiohttp floor": {  # one way at the same rate; throughput: a one-way stream
             "p50_ms": floor["oneway_p50_ms"],
             "p99_ms": floor["oneway_p99_ms"],
@@ -294,10 +341,11 @@ def _print_run(results: dict[str, Any]) -> None:
         f"{ours['sustained_many_captures_per_s']} captures/s arrived at B "
         f"(A produced {ours['producer_many_captures_per_s']}/s)"
     )
-    for name in RELATIVE_TO:
-        r = results.get(name, {})
-        if "p50_ms" in r:
-            print(f"subcog p50 / {name} p50 = {ours['p50_ms'] / r['p50_ms']:.2f}x")
+    for how in RECEIVED_BY:
+        for name in RELATIVE_TO:
+            r = results.get(name, {})
+            if "p50_ms" in r:
+                print(f"subcog p50 ({how}) / {name} p50 = {_p50(results, how) / r['p50_ms']:.2f}x")
 
 
 if __name__ == "__main__":

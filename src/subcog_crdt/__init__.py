@@ -1,7 +1,7 @@
 """subcog-crdt: real-time, serverless memory sync for parallel AI-agent sessions."""
 
 from subcog_crdt._api import ConversationsApi, PeerInfo
-from subcog_crdt._bus import Subscription
+from subcog_crdt._bus import Listener, Subscription
 from subcog_crdt._core.events import Captured, Conflict, Deleted, Event, Lagged, Updated
 from subcog_crdt._core.memory import Memory
 from subcog_crdt._core.schema import Write
@@ -40,6 +40,7 @@ __all__ = [
     "InvalidArgument",
     "InvalidNamespace",
     "Lagged",
+    "Listener",
     "Memory",
     "NotFound",
     "PeerInfo",

@@ -9,6 +9,7 @@ to resync from.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import weakref
 from collections import deque
@@ -17,7 +18,7 @@ from collections.abc import Callable, Iterable
 from subcog_crdt._core.events import Event, Lagged
 from subcog_crdt._errors import InvalidArgument
 
-__all__ = ["EventBus", "Subscription"]
+__all__ = ["EventBus", "Listener", "Subscription"]
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,53 @@ class Subscription:
         self.close()
 
 
+class Listener:
+    """A callback called with each event as the node publishes it (``Session.listen``):
+    on the event loop, inside the write or the receive that made the event, before the
+    next one. No queue, so it never lags; ``close()`` (or leaving its ``with`` block)
+    stops it. Unlike a ``Subscription`` the bus holds it until closed."""
+
+    def __init__(
+        self, bus: EventBus, accept: Callable[[Event], bool], callback: Callable[[Event], object]
+    ) -> None:
+        if not callable(callback):
+            raise InvalidArgument(f"callback must be callable, not {callback!r}")
+        if inspect.iscoroutinefunction(callback):
+            # Its coroutine would be made and never awaited: the event lost, silently.
+            raise InvalidArgument(
+                "callback must be a plain function: for async work, iterate "
+                "session.events() or start a task from the callback"
+            )
+        self._bus = bus
+        self._namespaces: frozenset[str] | None = None
+        self._accept = accept
+        self._callback = callback
+        self._closed = False
+
+    def _push(self, event: Event) -> None:
+        # Closed by an earlier callback of the same publish: the bus's snapshot still
+        # names it.
+        if not self._closed and self._accept(event):
+            self._callback(event)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._bus._subs.discard(self)
+            self._bus._listeners.discard(self)
+            self._bus._unindex(self)
+
+    def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class EventBus:
     """Delivers each published event to every subscription that accepts it. Subscriptions
     are indexed by the namespaces they follow, so an event is offered only to those that
@@ -127,12 +175,15 @@ class EventBus:
     def __init__(self) -> None:
         # Weakly: a stream its caller dropped without close() (``async for ...: break``)
         # must not stay subscribed, queueing events, for the node's lifetime.
-        self._subs: weakref.WeakSet[Subscription] = weakref.WeakSet()
-        self._any: weakref.WeakSet[Subscription] = weakref.WeakSet()
-        self._by_ns: dict[str, weakref.WeakSet[Subscription]] = {}
+        self._subs: weakref.WeakSet[Subscription | Listener] = weakref.WeakSet()
+        self._any: weakref.WeakSet[Subscription | Listener] = weakref.WeakSet()
+        self._by_ns: dict[str, weakref.WeakSet[Subscription | Listener]] = {}
         self._waiting: set[Subscription] = set()
+        self._listeners: set[Listener] = set()
+        """Held until closed: a callback is handed over, not iterated, so a caller that
+        keeps no reference to its ``Listener`` still means it to run."""
         self._closed = False
-        self._targets: dict[str, tuple[weakref.ref[Subscription], ...]] = {}
+        self._targets: dict[str, tuple[weakref.ref[Subscription | Listener], ...]] = {}
         """Per namespace, references to the subscriptions offered its events: built on
         first use, dropped whenever the index changes. Publishing runs inside every write,
         and iterating WeakSets costs a dozen Python calls each time."""
@@ -153,14 +204,31 @@ class EventBus:
             self._index(sub, namespaces)
         return sub
 
-    def retarget(self, sub: Subscription, namespaces: frozenset[str] | None) -> None:
+    def listen(
+        self,
+        accept: Callable[[Event], bool],
+        callback: Callable[[Event], object],
+        namespaces: frozenset[str] | None = None,
+    ) -> Listener:
+        """A new listener calling ``callback`` with the events of ``namespaces`` (None:
+        every one) that ``accept`` takes; a closed one if the bus is closed."""
+        listener = Listener(self, accept, callback)
+        if self._closed:
+            listener.close()
+        else:
+            self._subs.add(listener)
+            self._listeners.add(listener)
+            self._index(listener, namespaces)
+        return listener
+
+    def retarget(self, sub: Subscription | Listener, namespaces: frozenset[str] | None) -> None:
         """Offer ``sub`` the events of other namespaces from now on."""
         if sub._closed:
             return
         self._unindex(sub)
         self._index(sub, namespaces)
 
-    def _index(self, sub: Subscription, namespaces: frozenset[str] | None) -> None:
+    def _index(self, sub: Subscription | Listener, namespaces: frozenset[str] | None) -> None:
         self._targets.clear()
         sub._namespaces = namespaces
         if namespaces is None:
@@ -173,7 +241,7 @@ class EventBus:
                 subs = by_ns[ns] = weakref.WeakSet()
             subs.add(sub)
 
-    def _unindex(self, sub: Subscription) -> None:
+    def _unindex(self, sub: Subscription | Listener) -> None:
         self._targets.clear()
         if sub._namespaces is None:
             self._any.discard(sub)
@@ -207,7 +275,7 @@ class EventBus:
                         ev.cursor,
                     )
 
-    def _refs_for(self, namespace: str) -> tuple[weakref.ref[Subscription], ...]:
+    def _refs_for(self, namespace: str) -> tuple[weakref.ref[Subscription | Listener], ...]:
         these = self._by_ns.get(namespace)
         return tuple(weakref.ref(sub) for sub in (*(these or ()), *self._any))
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from subcog_crdt._bus import Subscription
+from subcog_crdt._bus import Listener, Subscription
 from subcog_crdt._core.events import Conflict, Event
 from subcog_crdt._core.memory import Memory
 from subcog_crdt._core.schema import check_bool
@@ -60,7 +60,7 @@ class Session:
         self.last_sync: datetime | None = None
         self._sync_lock = asyncio.Lock()
         self._active = True
-        self._streams: weakref.WeakSet[Subscription] = weakref.WeakSet()
+        self._streams: weakref.WeakSet[Subscription | Listener] = weakref.WeakSet()
 
     @property
     def subscriptions(self) -> frozenset[str]:
@@ -201,6 +201,27 @@ class Session:
         queue (see ``Lagged``)."""
         self._check_active()
         check_bool("include_own", include_own)  # (maxsize: checked by the Subscription)
+        stream = self._api._bus.subscribe(self._accepts(include_own), maxsize, self.subscriptions)
+        self._streams.add(stream)
+        return stream
+
+    def listen(self, callback: Callable[[Event], object], *, include_own: bool = False) -> Listener:
+        """Call ``callback(event)`` with each event ``events()`` would deliver, as the node
+        publishes it: on the event loop, inside the write or the receive that made it,
+        one loop iteration before an ``async for`` over ``events()`` would have it.
+
+        The callback must return quickly and not block: the node's links wait for it.
+        For async work, start a task from it. An exception it raises is logged and the
+        event skipped for it alone. Until ``close()`` (or the end of a ``with`` block),
+        or until the session is unregistered."""
+        self._check_active()
+        check_bool("include_own", include_own)
+        listener = self._api._bus.listen(self._accepts(include_own), callback, self.subscriptions)
+        self._streams.add(listener)
+        return listener
+
+    def _accepts(self, include_own: bool) -> Callable[[Event], bool]:
+        """What a stream or listener of this session takes."""
         me = self.id
         node = self._api.node_id
 
@@ -219,9 +240,7 @@ class Session:
                 or isinstance(ev, Conflict)
             )
 
-        stream = self._api._bus.subscribe(accept, maxsize, self.subscriptions)
-        self._streams.add(stream)
-        return stream
+        return accept
 
     def __repr__(self) -> str:
         subs = sorted(self.subscriptions)
