@@ -6,9 +6,10 @@ B's session receives the events. Probes (wrappers installed in each process befo
 node opens) take ``time.monotonic_ns()`` (system-wide, so A's and B's agree) at each step,
 and the parent joins them capture by capture: A's capture call until the update reaches
 the link and the socket, the wire until B's event loop wakes, B's hand-over, decode,
-apply, derivation, publication, the consumer receiving the event, and the log write that
-follows it in the same turn (not part of the total). The
-probes cost a few microseconds each, so the total runs ~10 % above ``bench_sync.py``'s.
+derivation, a listener (``Session.listen``) receiving the event, then a stream's consumer
+(``async for``, a loop iteration later), and pycrdt's apply and the log write that follow
+(not part of the totals). The probes cost a few microseconds each, so the totals run
+~10 % above ``bench_sync.py``'s.
 
     .venv/bin/python benchmarks/sync_breakdown.py [--rate 200] [--seconds 5]
 
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import anchors
 from anchors import _Child, _emit, _stdin_lines, _wait_stdin_eof
 from bench_sync import link_to_b, start_pair
-from subcog_crdt import Captured, ConversationsApi, _api, _bus, _peering, _session
+from subcog_crdt import Captured, ConversationsApi, _bus, _peering, _session
 from subcog_crdt._core import document
 from subcog_crdt._storage import sqlite
 from subcog_crdt._transport import websocket
@@ -101,7 +102,6 @@ def _probe_b() -> Probes:
     _wrap(document, "read_update", probes, before="decode", after="decoded")
     _wrap(document.NamespaceDoc, "catch_up", probes, before="apply", after="applied")
     _wrap(document.NamespaceDoc, "_absorb", probes, after="derived")
-    _wrap(_api.ConversationsApi, "_propagate", probes, after="published")
     _wrap(sqlite.SqliteStorage, "_append", probes, before="log_frame")
     _wrap(sqlite, "write_all", probes, before="log_write", after="log_written")
     inner = _bus.Subscription.get_nowait
@@ -119,9 +119,11 @@ def _probe_b() -> Probes:
 
 async def _role_b(data_dir: str, n: int, out: str) -> None:
     probes = _probe_b()
+    listened = probes.setdefault("listened", [])
     async with ConversationsApi(data_dir=data_dir, discovery=()) as api:
         s = await api.register_session("breakdown-b", subscribe=["bench"])
         events = s.events(maxsize=1_000_000)
+        s.listen(lambda ev: listened.append(time.monotonic_ns()))
         _emit("URL", api.url or "")
         stdin = await _stdin_lines()
         seen = 0
@@ -163,8 +165,8 @@ STEPS = [
     ("B: msgpack, dispatch -> decode", "hand_over", "decode"),
     ("B: decode the Yjs update", "decode", "decoded"),
     ("B: derive memory and event", "decoded", "derived"),
-    ("B: journal record, publish", "derived", "published"),
-    ("B: -> consumer has the event", "published", "event"),
+    ("B: -> a listener has the event", "derived", "listened"),
+    ("B: -> a stream's consumer has it", "listened", "event"),
     # Given to pycrdt, then stored, at the end of the turn, after the consumer ran
     # (NamespaceDoc.apply_update's defer, ConversationsApi._persist_soon).
     ("B, after it: -> pycrdt apply", "event", "apply"),
@@ -173,7 +175,10 @@ STEPS = [
     ("B, after it: log frame built", "log_frame", "log_write"),
     ("B, after it: log write", "log_write", "log_written"),
 ]
-TOTAL = ("total: A's call -> B's consumer", "call", "event")
+TOTALS = [
+    ("total: A's call -> B's listener", "call", "listened"),
+    ("total: A's call -> B's stream consumer", "call", "event"),
+]
 
 
 def _join(a: Probes, b: Probes, warmup: int) -> list[dict[str, int]]:
@@ -205,7 +210,7 @@ def _join(a: Probes, b: Probes, warmup: int) -> list[dict[str, int]]:
 
 def _summary(rows: list[dict[str, int]]) -> list[tuple[str, float, float, float]]:
     out = []
-    for name, first, second in [*STEPS, TOTAL]:
+    for name, first, second in [*STEPS, *TOTALS]:
         values = sorted((r[second] - r[first]) / 1000 for r in rows)
         p = anchors._percentile
         out.append((name, p(values, 10), p(values, 50), p(values, 90)))

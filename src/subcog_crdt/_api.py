@@ -1029,10 +1029,13 @@ class ConversationsApi:
         origin: str | None = None,
         released: bool = False,
     ) -> tuple[NamespaceDoc, list[bytes], list[JournalRecord]]:
-        """Forward a remote update and publish events; return what must be persisted.
+        """Publish events and forward a remote update; return what must be persisted.
 
-        Nothing here may raise once the outbox is taken (the caller persists what this
-        returns): publishing cannot (``EventBus.publish``), and comes last anyway."""
+        Publishing first: a listener (``Session.listen``) gets the event before the
+        forwarding work; a stream's consumer runs after this turn either way. Publishing
+        cannot raise (``EventBus.publish``), nor may anything after it once the outbox is
+        taken (the caller persists what this returns)."""
+        self._bus.publish(events)
         ns = doc.namespace
         updates = doc.take_outbox()
         records = [_journal_record(ns, ev) for ev in events]
@@ -1062,7 +1065,6 @@ class ConversationsApi:
         if updates and source is not None and self._yjs_rooms:
             # A peer's update (a local write went to Yjs clients already, _push_local).
             self._to_yjs_clients(ns, updates)
-        self._bus.publish(events)
         return doc, updates, records
 
     def _persist_soon(

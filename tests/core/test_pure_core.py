@@ -49,6 +49,7 @@ def test_exported_members_are_the_public_api():
         "InvalidArgument",
         "InvalidNamespace",
         "Lagged",
+        "Listener",
         "Memory",
         "NotFound",
         "PeerInfo",

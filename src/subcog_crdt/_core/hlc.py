@@ -68,8 +68,11 @@ class Hlc:
         ``MAX_DRIFT_MS`` ahead of our wall clock is not followed: one bad clock (or a
         hostile peer) must not drag every node's clock into the far future, where its
         stamps would stop fitting the fixed width."""
-        if not valid_stamp(stamp):
-            return
+        if valid_stamp(stamp):
+            self.observe_valid(stamp)
+
+    def observe_valid(self, stamp: str) -> None:
+        """``observe`` for a stamp already known to be valid (a decoded write's)."""
         wall = int(stamp[:13])
         if wall < self._wall or wall > self._clock() + MAX_DRIFT_MS:
             return  # from the past (the common case), or too far ahead

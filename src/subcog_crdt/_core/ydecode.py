@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 __all__ = [
@@ -248,6 +249,21 @@ def _varuint_at(buf: bytes, pos: int) -> tuple[int, int]:
             raise IndexError("varuint too long")
 
 
+@lru_cache(maxsize=64)
+def _item_head(root: str) -> bytes:
+    """What follows the clock in a one-entry update under root map ``root``: an item with
+    content "any", no neighbours, a parent key, and the root's name."""
+    r = root.encode()
+    return b"\x28\x01" + varuint_bytes(len(r)) + r
+
+
+@lru_cache(maxsize=64)
+def _client_head(client: int) -> bytes:
+    """How a one-entry update by ``client`` begins: one client, one struct, the client id
+    (a node writes under one id: encoded once, not per write)."""
+    return b"\x01\x01" + varuint_bytes(client)
+
+
 def _read_one_entry(buf: bytes, root: str) -> Decoded | None:
     """The common update, one string value set under a new key of root map ``root`` (a
     conforming writer's capture, update or delete), read in one pass over local
@@ -262,14 +278,15 @@ def _read_one_entry(buf: bytes, root: str) -> Decoded | None:
         clock, pos = _varuint_at(buf, pos)
         if clock + 1 >= MAX_CLOCK:
             return None  # (the general reader refuses it)
-        # an item with content "any", no neighbours, a parent key, under a named root
-        if buf[pos] != 0x28 or buf[pos + 1] != 1:
+        head = _item_head(root)
+        if not buf.startswith(head, pos):
             return None
-        n, pos = _varuint_at(buf, pos + 2)
-        if str(buf[pos : pos + n], "utf-8") != root:
-            return None
-        pos += n
-        n, pos = _varuint_at(buf, pos)
+        pos += len(head)
+        n = buf[pos]
+        if n < 0x80:  # (most keys are shorter than 128 bytes)
+            pos += 1
+        else:
+            n, pos = _varuint_at(buf, pos)
         end = pos + n
         if end > len(buf):
             return None
@@ -297,17 +314,13 @@ def _read_one_entry(buf: bytes, root: str) -> Decoded | None:
 def one_entry_update(client: int, clock: int, root: str, key: str, value: str) -> bytes:
     """The update yrs makes for one string set under a new key of root map ``root`` by
     ``client`` at ``clock``: the form ``_read_one_entry`` reads."""
-    r = root.encode()
     k = key.encode()
     v = value.encode()
     return b"".join(
         (
-            b"\x01\x01",
-            varuint_bytes(client),
+            _client_head(client),
             varuint_bytes(clock),
-            b"\x28\x01",
-            varuint_bytes(len(r)),
-            r,
+            _item_head(root),
             varuint_bytes(len(k)),
             k,
             b"\x01\x77",
