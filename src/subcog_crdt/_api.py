@@ -382,6 +382,9 @@ class ConversationsApi:
         self._turn_mark: asyncio.Handle | None = None
         """Since ``_turn_at`` the loop has not run this callback: it has not had a turn
         (``_turn_due``)."""
+        self._turn_armed = False
+        """A write since the loop's last turn: ``_turn_mark`` is (or is about to be, at
+        the write's commit) scheduled."""
         self._last_write = 0.0
         """When a local write last began, or a peer's write arrived (the background indexer
         and compactions wait for a pause)."""
@@ -992,20 +995,29 @@ class ConversationsApi:
         turns already: its writes do not yield (that cost a loop iteration before the
         update left, at 200 writes/s most of them). Before the write, so a cancellation
         there changes nothing. A plain check, not a coroutine the writes await: it is on
-        every write's path."""
+        every write's path. The callback that tells a turn came is scheduled by
+        ``_commit``, after the write's update left (``_arm_turn``)."""
         now = self._last_write = time.monotonic()
-        mark = self._turn_mark
-        if mark is None:  # the loop ran it: a turn since the last check
+        if self._turn_mark is None and not self._turn_armed:
+            # The loop ran the callback: a turn since the last check.
             self._turn_at = now
-            self._turn_mark = asyncio.get_running_loop().call_soon(self._turned)
-        elif now - self._turn_at >= _TURN_EVERY:
-            mark.cancel()
-            self._turn_mark = None
+            self._turn_armed = True
+            return False
+        if now - self._turn_at >= _TURN_EVERY:
+            if self._turn_mark is not None:
+                self._turn_mark.cancel()
+                self._turn_mark = None
+            self._turn_armed = False
             return True
         return False
 
+    def _arm_turn(self) -> None:
+        if self._turn_armed and self._turn_mark is None:
+            self._turn_mark = asyncio.get_running_loop().call_soon(self._turned)
+
     def _turned(self) -> None:
         self._turn_mark = None
+        self._turn_armed = False
 
     async def _commit(
         self,
@@ -1019,6 +1031,7 @@ class ConversationsApi:
         Peers get the update before the local commit finishes: their copy does not depend on
         ours, and a peer that has it can only help us recover it. The caller returns only
         after the commit, so an acknowledged write is durable here."""
+        self._arm_turn()
         await self._persist([self._propagate(doc, events, source, origin)])
 
     def _propagate(
