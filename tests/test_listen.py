@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -247,3 +250,71 @@ async def test_a_listener_closed_by_another_for_the_same_event_is_not_called() -
         await w.capture("d", "one event, two listeners")
         # Whichever ran first closed the other before its turn.
         assert len(calls) == 1, calls
+
+
+_EXITING_LISTENER = """
+import asyncio, sys
+from subcog_crdt import ConversationsApi
+
+async def main() -> None:
+    async with ConversationsApi(data_dir=sys.argv[1], discovery=(), listen=False) as api:
+        s = await api.register_session("s1", subscribe=["d"])
+        def leave(ev):
+            raise SystemExit(3)
+        s.listen(leave, include_own=True)
+        await s.capture("d", "the write that made the listener exit")
+        print("the capture returned", flush=True)
+        await asyncio.sleep(30)  # (not reached: the loop gets the SystemExit first)
+
+asyncio.run(main())
+"""
+
+
+def test_a_listener_exiting_the_process_exits_it_after_the_write_is_stored(
+    tmp_path: Path,
+) -> None:
+    """SystemExit from a callback is not raised inside the write (the write would then
+    be in memory and not stored): the loop gets it right after, and the process ends
+    with it, the write on disk."""
+    out = subprocess.run(
+        [sys.executable, "-c", _EXITING_LISTENER, str(tmp_path / "n")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 3, out.stderr
+
+    async def reopened() -> list[str]:
+        async with node(data_dir=tmp_path / "n", listen=False) as api:
+            return [m.content for m in api.memories("d")]
+
+    assert asyncio.run(reopened()) == ["the write that made the listener exit"]
+
+
+async def test_a_callback_returning_a_coroutine_is_reported_and_the_coroutine_closed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A plain callable that returns a coroutine (a lambda around an async function)
+    passes the registration check; its coroutine would never run. It is closed (no
+    "never awaited" warning later) and the mistake logged, for every such event."""
+    async with node() as api:
+        s = await api.register_session("s1", subscribe=["d"])
+        w = await api.register_session("w", subscribe=[])
+        ran: list[Event] = []
+        made: list[Any] = []
+
+        async def handle(ev: Event) -> None:
+            ran.append(ev)
+
+        def wrapper(ev: Event) -> Any:
+            made.append(handle(ev))
+            return made[-1]
+
+        s.listen(wrapper)
+        with caplog.at_level(logging.ERROR, logger="subcog_crdt._bus"):
+            await w.capture("d", "one")
+            await w.capture("d", "two")
+        assert len(made) == 2 and ran == []
+        assert all(c.cr_frame is None for c in made)  # closed, not left pending
+        reported = [r for r in caplog.records if "returned a coroutine" in r.getMessage()]
+        assert len(reported) == 2

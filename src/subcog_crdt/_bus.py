@@ -44,7 +44,8 @@ class Subscription:
         self._closed = False
 
     def _push(self, event: Event) -> None:
-        if not self._accept(event):
+        # Closed by a listener of the same publish: the bus's snapshot still names it.
+        if self._closed or not self._accept(event):
             return
         if self._dropped or len(self._queue) >= self._maxsize:
             if not self._dropped:
@@ -120,6 +121,10 @@ class Subscription:
         self.close()
 
 
+def _reraise(exc: BaseException) -> None:
+    raise exc
+
+
 class Listener:
     """A callback called with each event as the node publishes it (``Session.listen``):
     on the event loop, inside the write or the receive that made the event, before the
@@ -131,7 +136,9 @@ class Listener:
     ) -> None:
         if not callable(callback):
             raise InvalidArgument(f"callback must be callable, not {callback!r}")
-        if inspect.iscoroutinefunction(callback):
+        if inspect.iscoroutinefunction(callback) or inspect.iscoroutinefunction(
+            type(callback).__call__
+        ):
             # Its coroutine would be made and never awaited: the event lost, silently.
             raise InvalidArgument(
                 "callback must be a plain function: for async work, iterate "
@@ -146,8 +153,36 @@ class Listener:
     def _push(self, event: Event) -> None:
         # Closed by an earlier callback of the same publish: the bus's snapshot still
         # names it.
-        if not self._closed and self._accept(event):
-            self._callback(event)
+        if self._closed or not self._accept(event):
+            return
+        try:
+            result = self._callback(event)
+        except Exception:
+            raise  # logged by the bus, as any subscriber's
+        except (KeyboardInterrupt, SystemExit) as exc:
+            # Not in the middle of a write or a receive (what the node took would not be
+            # stored): the loop gets it right after this turn's step.
+            asyncio.get_running_loop().call_soon(_reraise, exc)
+            return
+        except BaseException:
+            # CancelledError (from a future the callback touched), say: it must not pass
+            # for a cancellation of the write or the receive that published the event.
+            log.exception(
+                "a listener failed on %s event %d; skipped for it",
+                type(event).__name__,
+                event.cursor,
+            )
+            return
+        if inspect.iscoroutine(result):
+            # A callable returning a coroutine (a lambda around an async function): it
+            # would never run.
+            result.close()
+            log.error(
+                "a listener returned a coroutine for %s event %d; it was not run: "
+                "listen() takes a plain function (start a task from it for async work)",
+                type(event).__name__,
+                event.cursor,
+            )
 
     @property
     def closed(self) -> bool:
