@@ -173,7 +173,7 @@ class Listener:
                 event.cursor,
             )
             return
-        if inspect.iscoroutine(result):
+        if result is not None and inspect.iscoroutine(result):
             # A callable returning a coroutine (a lambda around an async function): it
             # would never run.
             result.close()
