@@ -894,7 +894,8 @@ class NamespaceDoc:
             self._unapplied.append(update)
             self.outbox.append(update)  # what pycrdt's transaction would have put there
             self._hash_cache = None
-            return self._absorb(decoded.inserts, False, known_integrated=True)
+            ins = decoded.inserts[0]
+            return self._absorb_one(ins.key, ins.value)  # (what _absorb does with one)
         fast = (
             decoded.simple
             and not self._tainted  # pycrdt may hold a hostile item back: apply it watched
@@ -1192,10 +1193,15 @@ class NamespaceDoc:
                     content = w.changes["content"]
                     self._mems[mid] = (w.key, doc, normh or hash(normalise(content)))
                     self._queue_index(doc, content, w.changes.get("tags"))
-                    new = first_capture(self.namespace, w)
+                    ns = self.namespace
+                    new = captured_memory(ns, mid, w.at, w.session, w.changes)
                     if not emit:
                         return [], new
-                    return self._events_for(w, new, []), new
+                    # What _events_for makes of it (no later write to show it before).
+                    at = new.updated_at
+                    cursor = self._next_cursor()
+                    ev = new_captured(ns, cursor, at, w.session, w.node, w.key, mid, new)
+                    return [ev], new
                 m = self._mems[mid] = _Mem(doc)
             else:
                 m.deleted = False
