@@ -101,7 +101,7 @@ def _probe_b() -> Probes:
     _wrap(websocket.WebSocketLink, "_hand_over", probes, before="hand_over")
     _wrap(document, "read_update", probes, before="decode", after="decoded")
     _wrap(document.NamespaceDoc, "catch_up", probes, before="apply", after="applied")
-    _wrap(document.NamespaceDoc, "_absorb", probes, after="derived")
+    _wrap(document.NamespaceDoc, "_absorb_one", probes, after="derived")
     _wrap(sqlite.SqliteStorage, "_append", probes, before="log_frame")
     _wrap(sqlite, "write_all", probes, before="log_write", after="log_written")
     inner = _bus.Subscription.get_nowait
