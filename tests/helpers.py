@@ -43,6 +43,11 @@ async def memory_nodes(count: int) -> AsyncIterator[list[ConversationsApi]]:
             await n.aclose()
 
 
+def node(**kw: object) -> ConversationsApi:
+    """A node with discovery off (on loopback unless told otherwise)."""
+    return ConversationsApi(discovery=(), **kw)  # type: ignore[arg-type]
+
+
 def listed(api: ConversationsApi) -> set[tuple[str, str]]:
     """(session id, node id) of every session ``api`` lists, its own included."""
     return {(s.id, s.node_id) for s in api.sessions.list()}

@@ -8,13 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import converged, wait_for
-from subcog_crdt import Captured, ConversationsApi
+from helpers import converged, node, wait_for
+from subcog_crdt import Captured
 from subcog_crdt._core.document import NamespaceDoc
-
-
-def node(**kw: object) -> ConversationsApi:
-    return ConversationsApi(discovery=(), **kw)  # type: ignore[arg-type]
 
 
 async def test_subscribers_get_a_peers_capture_before_pycrdt_and_the_node_catches_up(

@@ -14,20 +14,15 @@ from typing import Any
 
 import pytest
 
-from helpers import drain, wait_for
+from helpers import drain, node, wait_for
 from subcog_crdt import (
     Captured,
     ClosedError,
-    ConversationsApi,
     Deleted,
     Event,
     InvalidArgument,
     Updated,
 )
-
-
-def node(**kw: object) -> ConversationsApi:
-    return ConversationsApi(discovery=(), **kw)  # type: ignore[arg-type]
 
 
 def holds(items: list[Any], n: int) -> Callable[[], bool]:

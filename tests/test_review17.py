@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from pycrdt import Doc, Map
 
-from helpers import converged, drain, wait_for
+from helpers import converged, drain, node, wait_for
 from subcog_crdt import (
     Captured,
     Conflict,
@@ -25,10 +25,6 @@ from subcog_crdt import (
 )
 from subcog_crdt._core import ydecode
 from subcog_crdt._core.ydecode import one_entry_update, read_update
-
-
-def node(**kw: object) -> ConversationsApi:
-    return ConversationsApi(discovery=(), **kw)  # type: ignore[arg-type]
 
 
 def has_length(items: list[Any], n: int) -> bool:
