@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -484,18 +484,24 @@ async def _role_client_a(
                     entries[key] = value
                 await client.flush()
 
-            async def paced(kind: str, count: int) -> None:
+            async def paced(kind: str, count: int, first: int = 0) -> None:
                 start = time.monotonic()
                 for i in range(count):
                     delay = start + i / rate - time.monotonic()
                     if delay > 0:
                         await asyncio.sleep(delay)  # pacing, not synchronisation
-                    await capture(kind, i)
+                    await capture(kind, first + i)
 
-            if (await stdin.readline()).strip() != b"GO_LAT":
+            command = (await stdin.readline()).strip()
+            if command == b"GO_LAT":
+                await paced("w", warmup)
+                await paced("l", n_lat)
+            elif command == b"GO_WARM":
+                await paced("w", warmup)
+                if not await _paced_in_chunks(stdin, n_lat, paced):
+                    return
+            else:
                 return
-            await paced("w", warmup)
-            await paced("l", n_lat)
             _emit("LAT_SENT")
 
             if (await stdin.readline()).strip() != b"GO_SUS":
@@ -512,6 +518,25 @@ async def _role_client_a(
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
+
+
+async def _paced_in_chunks(
+    stdin: asyncio.StreamReader, n_lat: int, paced: Callable[[str, int, int], Awaitable[None]]
+) -> bool:
+    """The latency phase in chunks the parent asks for (``GO_CHUNK n``, answered with
+    ``CHUNK_SENT``), so that it can interleave several systems' phases; False if the
+    parent asked for something else."""
+    _emit("WARM_SENT")
+    sent = 0
+    while sent < n_lat:
+        command = (await stdin.readline()).strip().split()
+        if len(command) != 2 or command[0] != b"GO_CHUNK":
+            return False
+        count = min(int(command[1]), n_lat - sent)
+        await paced("l", count, sent)
+        sent += count
+        _emit("CHUNK_SENT")
+    return True
 
 
 class _Arrivals:
@@ -764,6 +789,39 @@ def ensure_node_deps(node_dir: Path = NODE_DIR, timeout: float = 600.0) -> str |
     return f"after npm {verb}, unexpected versions: {wrong}" if wrong else None
 
 
+async def _start_node_relay(children: list[_Child]) -> str:
+    """Start ``@y/websocket-server`` (Node) and return its URL; raise ``_Skipped`` (with
+    the reason) for a missing Node toolchain or packages."""
+    reason = await asyncio.to_thread(ensure_node_deps)
+    npx = shutil.which("npx")
+    if reason is None and npx is None:
+        reason = "npx not found on PATH"
+    if reason is not None or npx is None:
+        raise _Skipped(reason)
+    port = _free_port()
+    env = {
+        **os.environ,
+        "HOST": HOST,
+        "PORT": str(port),
+        "npm_config_update_notifier": "false",
+    }
+    # `timeout` keeps the group bounded even if this process dies without its finally.
+    argv = ["timeout", "-k", "5", str(int(CHILD_LIFETIME_S)), npx, "--no", "y-websocket"]
+    if shutil.which("timeout") is None:
+        argv = argv[4:]
+    try:
+        relay = await _Child.start("node-relay", argv, cwd=NODE_DIR, env=env)
+    except OSError as exc:
+        raise _Skipped(f"cannot start: {exc}") from exc
+    children.append(relay)
+    await relay.expect("running at", STARTUP_TIMEOUT_S)
+    return f"ws://{HOST}:{port}/{ROOM}"
+
+
+class _Skipped(Exception):
+    """A system that cannot run here (the reason is its message)."""
+
+
 async def node_relay(
     rate: float = 200,
     seconds: float = 5,
@@ -773,39 +831,49 @@ async def node_relay(
 ) -> dict[str, Any]:
     """The same measurement through ``@y/websocket-server`` (Node). Never raises for a
     missing Node toolchain or packages: returns ``{"skipped": reason}`` instead."""
-    reason = await asyncio.to_thread(ensure_node_deps)
-    npx = shutil.which("npx")
-    if reason is None and npx is None:
-        reason = "npx not found on PATH"
-    if reason is not None or npx is None:
-        return {"relay": "@y/websocket-server", "skipped": reason}
-
     children: list[_Child] = []
     try:
-        port = _free_port()
-        env = {
-            **os.environ,
-            "HOST": HOST,
-            "PORT": str(port),
-            "npm_config_update_notifier": "false",
-        }
-        # `timeout` keeps the group bounded even if this process dies without its finally.
-        argv = ["timeout", "-k", "5", str(int(CHILD_LIFETIME_S)), npx, "--no", "y-websocket"]
-        if shutil.which("timeout") is None:
-            argv = argv[4:]
         try:
-            relay = await _Child.start("node-relay", argv, cwd=NODE_DIR, env=env)
-        except OSError as exc:
-            return {"relay": "@y/websocket-server", "skipped": f"cannot start: {exc}"}
-        children.append(relay)
-        await relay.expect("running at", STARTUP_TIMEOUT_S)
-        result = await _measure_through_relay(
-            f"ws://{HOST}:{port}/{ROOM}", rate, seconds, sustained_n, warmup, yield_every
-        )
+            url = await _start_node_relay(children)
+        except _Skipped as exc:
+            return {"relay": "@y/websocket-server", "skipped": str(exc)}
+        result = await _measure_through_relay(url, rate, seconds, sustained_n, warmup, yield_every)
         version = NODE_PINS["@y/websocket-server"]
         return {"relay": f"@y/websocket-server {version} (node)", **result}
     finally:
         await _stop_all(children)
+
+
+ANCHOR_PAIRS = ("pycrdt direct pair", "pycrdt-websocket relay", "node relay")
+
+
+async def start_anchor_pair(
+    name: str, children: list[_Child], rate: float, n_lat: int, warmup: int
+) -> tuple[_Child, _Child]:
+    """Start one of ``ANCHOR_PAIRS`` (its relay, then B, then A, both READY) for a latency
+    phase in chunks (``GO_WARM``, then ``GO_CHUNK n``: see ``_paced_in_chunks``); the
+    children go to ``children``. Raises ``_Skipped`` for a Node relay that cannot run."""
+    lat = ("--warmup", str(warmup), "--n-lat", str(n_lat), "--sustained-n", "1")
+    if name == "pycrdt direct pair":
+        b = await _Child.python_role("direct-b", "direct-b", *lat)
+        children.append(b)
+        url = f"ws://{HOST}:{int(await b.expect('PORT', STARTUP_TIMEOUT_S))}/{ROOM}"
+    else:
+        if name == "node relay":
+            url = await _start_node_relay(children)
+        else:
+            relay = await _Child.python_role("py-relay", "py-relay")
+            children.append(relay)
+            url = f"ws://{HOST}:{int(await relay.expect('PORT', STARTUP_TIMEOUT_S))}/{ROOM}"
+        b = await _Child.python_role("client-b", "client-b", url, *lat)
+        children.append(b)
+        await b.expect("READY", STARTUP_TIMEOUT_S)
+    a = await _Child.python_role(
+        "client-a", "client-a", url, "--rate", str(rate), *lat, "--yield-every", "16"
+    )
+    children.append(a)
+    await a.expect("READY", STARTUP_TIMEOUT_S)
+    return a, b
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,11 @@ pycrdt and aiohttp could at best reach, storing and checking nothing), the
 pycrdt-websocket relay and the Node relay.
 
     .venv/bin/python benchmarks/bench_sync.py [--rate 200] [--seconds 5] [--sustained-n 20000]
-        [--repeat N]
+        [--repeat N] [--interleave ROUNDS]
+
+``--interleave ROUNDS`` measures latency only, with every system's processes started
+first and their latency phases cut into ROUNDS chunks taken in turn (the order rotating),
+so that the machine's drift over the run meets every system alike.
 
 A run's p50 moves with the machine by up to 2.5x here, the relays' with it: the ratios
 are taken within each run, and ``--repeat`` gives their medians.
@@ -123,7 +127,8 @@ async def _role_a(
     async with ConversationsApi(data_dir=data_dir, discovery=()) as api:
         s = await api.register_session("bench-a", subscribe=["bench"])
         await link_to_b(api, url)
-        if (await stdin.readline()).strip() != b"GO_LAT":
+        command = (await stdin.readline()).strip()
+        if command not in (b"GO_LAT", b"GO_WARM"):
             return
 
         call_ns: list[int] = []
@@ -145,7 +150,15 @@ async def _role_a(
 
         await paced("w", "v", warmup)
         call_ns.clear()
-        await paced("l", "k", n_lat)
+        if command == b"GO_LAT":
+            await paced("l", "k", n_lat)
+        else:  # interleaved with the anchors' (``--interleave``)
+
+            async def chunk(kind: str, count: int, first: int) -> None:
+                await paced("l", "k", count)
+
+            if not await anchors._paced_in_chunks(stdin, n_lat, chunk):
+                return
         _emit("LAT_SENT", _latency_summary(call_ns))
         if (await stdin.readline()).strip() != b"GO_SUS":
             return
@@ -214,6 +227,53 @@ async def subcog_pair(
             await anchors._stop_all(children)
 
 
+async def interleaved(
+    rate: float, seconds: float, rounds: int, warmup: int = 100
+) -> dict[str, Any]:
+    """The latency phases of subcog-crdt and the anchors, interleaved: every system's
+    processes start first; then, round after round, each system in turn makes its share
+    of the captures (the order rotating each round). The machine's drift then meets all
+    of them alike, and a run's ratios compare like with like. Latency only."""
+    n_lat = max(1, round(rate * seconds))
+    me = str(Path(__file__).resolve())
+    children: list[_Child] = []
+    pairs: dict[str, tuple[_Child, _Child]] = {}
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            a, b = await start_pair(
+                children,
+                [sys.executable, me, "--role", "b", "--dir", f"{tmp}/b", "--n-lat", str(n_lat),
+                 "--warmup", str(warmup), "--sustained-n", "1"],
+                lambda url: [sys.executable, me, "--role", "a", "--url", url, "--dir",
+                             f"{tmp}/a", "--rate", str(rate), "--n-lat", str(n_lat),
+                             "--warmup", str(warmup), "--sustained-n", "1"],
+            )  # fmt: skip
+            pairs["subcog-crdt"] = (a, b)
+            for name in anchors.ANCHOR_PAIRS:
+                try:
+                    pairs[name] = await anchors.start_anchor_pair(
+                        name, children, rate, n_lat, warmup
+                    )
+                except anchors._Skipped as exc:
+                    out[name] = {"skipped": str(exc)}
+            for a, _ in pairs.values():
+                a.send_line("GO_WARM")
+                await a.expect("WARM_SENT", 2 * warmup / rate + 60)
+            names = list(pairs)
+            for r in range(rounds):
+                size = n_lat // rounds + (1 if r < n_lat % rounds else 0)
+                for name in names[r % len(names) :] + names[: r % len(names)]:
+                    a, _ = pairs[name]
+                    a.send_line(f"GO_CHUNK {size}")
+                    await a.expect("CHUNK_SENT", 2 * size / rate + 60)
+            for name, (_, b) in pairs.items():
+                out[name] = json.loads(await b.expect("LAT", 60))
+        finally:
+            await anchors._stop_all(children)
+    return out
+
+
 async def run_all(ns: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     out["subcog-crdt"] = await subcog_pair(ns.rate, ns.seconds, ns.sustained_n)
@@ -245,6 +305,13 @@ def main() -> int:
     ap.add_argument("--sustained-n", type=int, default=20_000)
     ap.add_argument("--json", action="store_true")
     ap.add_argument(
+        "--interleave",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="latency only, every system's phase interleaved in ROUNDS rounds",
+    )
+    ap.add_argument(
         "--repeat",
         type=int,
         default=1,
@@ -259,13 +326,19 @@ def main() -> int:
         return 0
     runs = []
     for i in range(ns.repeat):
-        runs.append(asyncio.run(run_all(ns)))
+        if ns.interleave:
+            runs.append(asyncio.run(interleaved(ns.rate, ns.seconds, ns.interleave)))
+        else:
+            runs.append(asyncio.run(run_all(ns)))
         if ns.repeat > 1 and not ns.json:
             print(f"run {i + 1}/{ns.repeat}: {_ratio_line(runs[-1])}", flush=True)
     if ns.json:
         print(json.dumps(runs[0] if ns.repeat == 1 else runs, indent=2))
         return 0
-    _print_run(runs[-1])
+    if ns.interleave:
+        print(f"last run: {_ratio_line(runs[-1])}")
+    else:
+        _print_run(runs[-1])
     if ns.repeat > 1:
         print(f"medians over {ns.repeat} runs (each ratio within its own run):")
         for how in RECEIVED_BY:
