@@ -181,22 +181,28 @@ async def _role_a(
         await _wait_stdin_eof(stdin)
 
 
+async def _start_nodes(
+    children: list[_Child], tmp: str, rate: float, n_lat: int, warmup: int, sustained_n: int
+) -> tuple[_Child, _Child]:
+    """This program's roles B and A as two node processes, durable under ``tmp``."""
+    me = str(Path(__file__).resolve())
+    phases = ["--n-lat", str(n_lat), "--warmup", str(warmup), "--sustained-n", str(sustained_n)]
+    return await start_pair(
+        children,
+        [sys.executable, me, "--role", "b", "--dir", f"{tmp}/b", *phases],
+        lambda url: [sys.executable, me, "--role", "a", "--url", url, "--dir", f"{tmp}/a",
+                     "--rate", str(rate), *phases],
+    )  # fmt: skip
+
+
 async def subcog_pair(
     rate: float, seconds: float, sustained_n: int, warmup: int = 100
 ) -> dict[str, Any]:
     n_lat = max(1, round(rate * seconds))
-    me = str(Path(__file__).resolve())
     children: list[_Child] = []
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            a, b = await start_pair(
-                children,
-                [sys.executable, me, "--role", "b", "--dir", f"{tmp}/b", "--n-lat", str(n_lat),
-                 "--warmup", str(warmup), "--sustained-n", str(sustained_n)],
-                lambda url: [sys.executable, me, "--role", "a", "--url", url, "--dir",
-                             f"{tmp}/a", "--rate", str(rate), "--n-lat", str(n_lat),
-                             "--warmup", str(warmup), "--sustained-n", str(sustained_n)],
-            )  # fmt: skip
+            a, b = await _start_nodes(children, tmp, rate, n_lat, warmup, sustained_n)
             a.send_line("GO_LAT")
             lat = json.loads(await b.expect("LAT", 2 * (warmup + n_lat) / rate + 60))
             calls = json.loads(await a.expect("LAT_SENT", 30))
@@ -235,20 +241,12 @@ async def interleaved(
     of the captures (the order rotating each round). The machine's drift then meets all
     of them alike, and a run's ratios compare like with like. Latency only."""
     n_lat = max(1, round(rate * seconds))
-    me = str(Path(__file__).resolve())
     children: list[_Child] = []
     pairs: dict[str, tuple[_Child, _Child]] = {}
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            a, b = await start_pair(
-                children,
-                [sys.executable, me, "--role", "b", "--dir", f"{tmp}/b", "--n-lat", str(n_lat),
-                 "--warmup", str(warmup), "--sustained-n", "1"],
-                lambda url: [sys.executable, me, "--role", "a", "--url", url, "--dir",
-                             f"{tmp}/a", "--rate", str(rate), "--n-lat", str(n_lat),
-                             "--warmup", str(warmup), "--sustained-n", "1"],
-            )  # fmt: skip
+            a, b = await _start_nodes(children, tmp, rate, n_lat, warmup, 1)
             pairs["subcog-crdt"] = (a, b)
             for name in anchors.ANCHOR_PAIRS:
                 try:

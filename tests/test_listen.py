@@ -259,7 +259,7 @@ async def main() -> None:
         s.listen(leave, include_own=True)
         await s.capture("d", "the write that made the listener exit")
         print("the capture returned", flush=True)
-        await asyncio.sleep(30)  # (not reached: the loop gets the SystemExit first)
+        await asyncio.Event().wait()  # for ever, unless the SystemExit reaches the loop
 
 asyncio.run(main())
 """
